@@ -1,0 +1,40 @@
+//! replog's storage engine: named, append-only, segmented logs with io_uring group-commit writes,
+//! zero-copy mmap reads and crc32c-checked recovery.
+//!
+//! The crate knows nothing of networking or replication policy. A [`Log`] lives on one
+//! tokio-uring thread (it is `!Send` by design: thread-per-core, share-nothing); a [`Store`] holds
+//! the logs of one shard. See `docs/log-format.md` for the byte layouts and the recovery decision
+//! table, and ARCHITECTURE.md for the invariants.
+//!
+//! Calling contract, in short:
+//! - [`Log::try_append`] / [`Log::append`] assign offsets synchronously, in call order, and queue
+//!   the batch; [`Log::wait_written`] and [`Log::wait_flushed`] await the two horizons
+//!   [`Log::end_offset`] (in the page cache, readable) and [`Log::flush_offset`] (fdatasync'd).
+//! - Offsets are positions between records: a record at offset `o` is durable iff
+//!   `o < flush_offset()`.
+//! - [`Log::read`] returns whole batches as slices of the segment mappings.
+//! - Any write or fdatasync error fails the log for good ([`Error::Failed`]); reopen it to
+//!   re-validate from disk.
+
+pub mod batch;
+mod config;
+mod epochs;
+mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+mod fsutil;
+mod index;
+mod log;
+mod recovery;
+mod segment;
+mod store;
+mod types;
+
+pub use batch::{BatchHeader, BatchView, Record, BATCH_HEADER_LEN};
+pub use config::{LogConfig, RetentionPolicy};
+pub use epochs::EpochEntry;
+pub use error::{CorruptionKind, Error, Result};
+pub use log::{Appended, BatchRef, Log, ReadBatches};
+pub use recovery::RecoveryReport;
+pub use store::{validate_log_name, Store, LOG_NAME_BYTES_MAX};
+pub use types::{Epoch, Offset};

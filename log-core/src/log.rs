@@ -1,0 +1,1131 @@
+//! A single log: offset assignment, the io_uring writer and syncer tasks (group commit), segment
+//! rolling with background preparation, mmap reads, truncation and retention.
+//!
+//! Two tasks run on the log's tokio-uring thread. The **writer** takes everything queued since its
+//! last write and writes it with one io_uring write per segment (resubmitting short writes); that
+//! advances `end_offset`. The **syncer** fdatasyncs the active segment whenever `end_offset` is
+//! ahead of `flush_offset`, and advances `flush_offset` to the `end_offset` it saw *before* the
+//! fdatasync was submitted (R12: an fdatasync covers only writes whose completions arrived).
+//! Appends that arrive while an fdatasync is in flight are written meanwhile and covered by the
+//! next one: that is the group commit.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use memmap2::Mmap;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio_uring::buf::BoundedBuf;
+
+use crate::batch::{self, BatchView};
+use crate::config::{LogConfig, RetentionPolicy};
+use crate::epochs::{EpochEntry, EpochHistory};
+use crate::error::{CorruptionKind, Error, Result};
+use crate::fsutil;
+use crate::index::{self, SealedMeta, SparseIndex};
+use crate::recovery::{self, RecoveryReport, MANIFEST_FILE, PREPARED_FILE};
+use crate::segment::{self, Segment};
+use crate::types::{Epoch, Offset};
+
+/// Offsets assigned to one append: records `first..next`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub first: Offset,
+    pub next: Offset,
+}
+
+/// A handle to an open log. Cloning gives another handle to the same log; the log closes (after
+/// writing and flushing everything queued) when the last handle is dropped or [`Log::close`] is
+/// awaited. `!Send`: a log belongs to the thread that opened it.
+#[derive(Clone)]
+pub struct Log {
+    inner: Rc<Inner>,
+    _handle: Rc<Handle>,
+}
+
+/// Marks the log closed when the last user handle goes away; the tasks then drain and exit.
+struct Handle(Rc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.st.borrow_mut().closed = true;
+        self.0.writer_wake.notify_one();
+        self.0.syncer_wake.notify_one();
+    }
+}
+
+struct Inner {
+    dir: PathBuf,
+    config: LogConfig,
+    st: RefCell<State>,
+    writer_wake: Notify,
+    syncer_wake: Notify,
+    /// Woken when the writer takes the queue, so `append` can retry after `Backpressure`.
+    room: Notify,
+    _lock: std::fs::File,
+}
+
+struct State {
+    sealed: BTreeMap<Offset, Segment>,
+    active: Segment,
+    active_file: Rc<tokio_uring::fs::File>,
+    /// Encoded batches queued for the writer, and their metadata.
+    pending: Vec<u8>,
+    pending_batches: Vec<PendingBatch>,
+    spare: Vec<u8>,
+    next_offset: Offset,
+    written: Offset,
+    flushed: Offset,
+    /// Bumped by every truncation, so an fdatasync that started before it cannot advance
+    /// `flushed` past the new end when it completes.
+    generation: u64,
+    failure: Option<Arc<Error>>,
+    closed: bool,
+    truncating: bool,
+    written_waiters: Waiters,
+    flushed_waiters: Waiters,
+    epochs: EpochHistory,
+    pins: BTreeMap<String, Offset>,
+    preparing: Option<JoinHandle<Result<Prepared>>>,
+    tasks: Vec<JoinHandle<()>>,
+    recovery: RecoveryReport,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PendingBatch {
+    len: usize,
+    next: Offset,
+    base: Offset,
+    timestamp_us: u64,
+}
+
+/// A zero-filled, synced segment file waiting to become the active segment.
+struct Prepared {
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+}
+
+#[derive(Debug)]
+enum Wake {
+    Reached,
+    Failed(Arc<Error>),
+    Truncated,
+}
+
+#[derive(Default)]
+struct Waiters(BTreeMap<Offset, Vec<oneshot::Sender<Wake>>>);
+
+impl Waiters {
+    fn add(&mut self, offset: Offset) -> oneshot::Receiver<Wake> {
+        let (tx, rx) = oneshot::channel();
+        self.0.entry(offset).or_default().push(tx);
+        rx
+    }
+    /// Wake every waiter for an offset at or below `horizon`.
+    fn reach(&mut self, horizon: Offset) {
+        let later = self.0.split_off(&horizon.plus(1));
+        for tx in std::mem::replace(&mut self.0, later)
+            .into_values()
+            .flatten()
+        {
+            let _ = tx.send(Wake::Reached);
+        }
+    }
+    fn fail_all(&mut self, err: &Arc<Error>) {
+        for tx in std::mem::take(&mut self.0).into_values().flatten() {
+            let _ = tx.send(Wake::Failed(err.clone()));
+        }
+    }
+    fn truncate(&mut self, end: Offset) {
+        for tx in self.0.split_off(&end.plus(1)).into_values().flatten() {
+            let _ = tx.send(Wake::Truncated);
+        }
+    }
+}
+
+/// A whole batch read from a segment mapping: no copy. Derefs to the batch's bytes.
+#[derive(Clone)]
+pub struct BatchRef {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl Deref for BatchRef {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl AsRef<[u8]> for BatchRef {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for BatchRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchRef")
+            .field("base_offset", &self.view().header().base_offset())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl BatchRef {
+    /// The decoded batch. It was verified before it was returned, so this cannot fail.
+    pub fn view(&self) -> BatchView<'_> {
+        batch::decode(self).expect("a BatchRef holds a verified batch")
+    }
+    /// The bytes as a `bytes::Bytes` that keeps the mapping alive: hand it to the network
+    /// layer without copying.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+/// The result of [`Log::read`]: whole batches in offset order.
+#[derive(Debug, Default)]
+pub struct ReadBatches {
+    pub batches: Vec<BatchRef>,
+    /// The offset after the last returned batch (`from` if none).
+    pub next_offset: Offset,
+}
+
+impl ReadBatches {
+    pub fn bytes(&self) -> usize {
+        self.batches.iter().map(|b| b.len()).sum()
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+const MANIFEST_MAGIC: &[u8; 4] = b"RPLM";
+const MANIFEST_VERSION: u32 = 1;
+
+fn check_or_write_manifest(dir: &Path, fresh: bool) -> Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            if bytes.len() != 12
+                || &bytes[..4] != MANIFEST_MAGIC
+                || crc32c::crc32c(&bytes[..8]).to_le_bytes() != bytes[8..12]
+            {
+                return Err(Error::Corruption {
+                    segment: path,
+                    position: 0,
+                    kind: CorruptionKind::DamagedFile("manifest"),
+                });
+            }
+            let version = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+            if version != MANIFEST_VERSION {
+                return Err(Error::UnknownVersion {
+                    path,
+                    found: version,
+                    supported: MANIFEST_VERSION,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Written for a new log, and rewritten for a directory whose manifest was lost: the
+            // segments say everything else.
+            if !fresh {
+                tracing::warn!(dir = %dir.display(), "manifest missing; rewriting it");
+            }
+            let mut out = Vec::with_capacity(12);
+            out.extend_from_slice(MANIFEST_MAGIC);
+            out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+            out.extend_from_slice(&crc32c::crc32c(&out).to_le_bytes());
+            fsutil::write_atomic(&path, &out, true)
+        }
+        Err(e) => Err(Error::io("read", &path)(e)),
+    }
+}
+
+/// Create and zero-fill the next segment file, then sync it. Runs as a background task.
+async fn prepare_segment(dir: PathBuf, len: u64) -> Result<Prepared> {
+    const CHUNK: usize = 1 << 20;
+    let path = dir.join(PREPARED_FILE);
+    let std_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(Error::io("create segment", &path))?;
+    let dup = std_file
+        .try_clone()
+        .map_err(Error::io("dup segment", &path))?;
+    let file = tokio_uring::fs::File::from_std(dup);
+    let mut zeros = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = CHUNK.min((len - pos) as usize);
+        let (res, slice) = file.write_all_at(zeros.slice(..n), pos).await;
+        zeros = slice.into_inner();
+        res.map_err(Error::io("zero-fill segment", &path))?;
+        pos += n as u64;
+    }
+    file.sync_all()
+        .await
+        .map_err(Error::io("fsync segment", &path))?;
+    file.close().await.map_err(Error::io("close", &path))?;
+    Ok(Prepared {
+        path,
+        file: std_file,
+        len,
+    })
+}
+
+/// Rename a prepared file into place as the segment starting at `base` (R6: rename, then fsync
+/// the directory) and map it.
+fn install_segment(
+    dir: &Path,
+    prepared: Prepared,
+    base: Offset,
+) -> Result<(Segment, tokio_uring::fs::File)> {
+    let path = dir.join(segment::segment_name(base));
+    std::fs::rename(&prepared.path, &path).map_err(Error::io("rename", &path))?;
+    fsutil::sync_dir(dir)?;
+    let map = segment::map_file(&prepared.file, &path)?;
+    let seg = Segment {
+        base,
+        path,
+        map,
+        capacity: prepared.len,
+        data_len: 0,
+        next_offset: base,
+        max_timestamp_us: 0,
+        index: SparseIndex::default(),
+        verified_len: Cell::new(0),
+    };
+    Ok((seg, tokio_uring::fs::File::from_std(prepared.file)))
+}
+
+impl Log {
+    /// Open the log in `dir`, creating it (starting at offset 0) if the directory holds no
+    /// segments. Runs recovery (see `docs/log-format.md`) and starts the writer and syncer tasks.
+    /// Must be called inside a tokio-uring runtime; the log lives on this thread.
+    pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
+        Log::open_at(dir, config, Offset(0)).await
+    }
+
+    /// Like [`Log::open`], but a new log's first offset is `start` (a replica that bootstraps
+    /// from another's snapshot starts where the snapshot ends). Ignored for an existing log.
+    pub async fn open_at(dir: impl AsRef<Path>, config: LogConfig, start: Offset) -> Result<Log> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fsutil::create_private_dir(&dir)?;
+        let lock = fsutil::lock_dir(&dir)?;
+        let rec = recovery::recover(&dir, &config)?;
+        check_or_write_manifest(&dir, rec.report.segments == 0)?;
+        let (active, active_file) = match rec.active {
+            Some((seg, file)) => (seg, tokio_uring::fs::File::from_std(file)),
+            None => {
+                let prepared = prepare_segment(dir.clone(), config.segment_bytes_max).await?;
+                install_segment(&dir, prepared, start)?
+            }
+        };
+        let end = active.next_offset;
+        let sealed: BTreeMap<Offset, Segment> =
+            rec.sealed.into_iter().map(|s| (s.base, s)).collect();
+        let inner = Rc::new(Inner {
+            dir: dir.clone(),
+            config,
+            st: RefCell::new(State {
+                sealed,
+                active,
+                active_file: Rc::new(active_file),
+                pending: Vec::new(),
+                pending_batches: Vec::new(),
+                spare: Vec::new(),
+                next_offset: end,
+                written: end,
+                flushed: end,
+                generation: 0,
+                failure: None,
+                closed: false,
+                truncating: false,
+                written_waiters: Waiters::default(),
+                flushed_waiters: Waiters::default(),
+                epochs: rec.epochs,
+                pins: BTreeMap::new(),
+                preparing: None,
+                tasks: Vec::new(),
+                recovery: rec.report,
+            }),
+            writer_wake: Notify::new(),
+            syncer_wake: Notify::new(),
+            room: Notify::new(),
+            _lock: lock,
+        });
+        inner.start_preparing();
+        let writer = tokio_uring::spawn(writer_task(inner.clone()));
+        let syncer = tokio_uring::spawn(syncer_task(inner.clone()));
+        inner.st.borrow_mut().tasks = vec![writer, syncer];
+        Ok(Log {
+            _handle: Rc::new(Handle(inner.clone())),
+            inner,
+        })
+    }
+
+    /// Write and flush everything queued, stop the tasks and release the directory.
+    pub async fn close(self) -> Result<()> {
+        let tasks = std::mem::take(&mut self.inner.st.borrow_mut().tasks);
+        let preparing = self.inner.st.borrow_mut().preparing.take();
+        let inner = self.inner.clone();
+        drop(self);
+        for t in tasks {
+            t.await.expect("log task panicked");
+        }
+        if let Some(p) = preparing {
+            let _ = p.await;
+        }
+        let st = inner.st.borrow();
+        match &st.failure {
+            Some(e) => Err(inner.failed(e)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.config
+    }
+
+    /// The first offset still stored (retention moves it forward).
+    pub fn start_offset(&self) -> Offset {
+        let st = self.inner.st.borrow();
+        st.sealed.values().next().map_or(st.active.base, |s| s.base)
+    }
+
+    /// The offset the next append gets. Ahead of [`Log::end_offset`] while appends are queued.
+    pub fn next_offset(&self) -> Offset {
+        self.inner.st.borrow().next_offset
+    }
+
+    /// Written horizon: every record below it is in the page cache and readable.
+    pub fn end_offset(&self) -> Offset {
+        self.inner.st.borrow().written
+    }
+
+    /// Durable horizon: every record below it has been fdatasync'd.
+    pub fn flush_offset(&self) -> Offset {
+        self.inner.st.borrow().flushed
+    }
+
+    /// The newest epoch in the log, if any batch or `begin_epoch` recorded one.
+    pub fn last_epoch(&self) -> Option<Epoch> {
+        self.inner.st.borrow().epochs.last_epoch()
+    }
+
+    /// The epoch history: each epoch with the offset of its first record.
+    pub fn epoch_history(&self) -> Vec<EpochEntry> {
+        self.inner.st.borrow().epochs.entries().to_vec()
+    }
+
+    /// For divergence detection (KIP-101): the largest epoch `<= epoch` in this log and the
+    /// offset where it ends here. `None` if this log has nothing that old.
+    pub fn end_offset_for_epoch(&self, epoch: Epoch) -> Option<(Epoch, Offset)> {
+        let st = self.inner.st.borrow();
+        st.epochs.end_offset_for(epoch, st.next_offset)
+    }
+
+    /// Record that `epoch` begins at the current next offset, durably, before any batch of it.
+    pub fn begin_epoch(&self, epoch: Epoch) -> Result<()> {
+        let mut st = self.inner.st.borrow_mut();
+        self.inner.check_accepting(&st)?;
+        self.inner.observe_epoch(&mut st, epoch)
+    }
+
+    /// What recovery found when the log was opened.
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.st.borrow().recovery.clone()
+    }
+
+    /// Number of segments (sealed and active).
+    pub fn segment_count(&self) -> usize {
+        self.inner.st.borrow().sealed.len() + 1
+    }
+
+    /// Bytes of segment files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        let st = self.inner.st.borrow();
+        st.sealed.values().map(Segment::disk_bytes).sum::<u64>() + st.active.disk_bytes()
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn pending_bytes(&self) -> usize {
+        self.inner.st.borrow().pending.len()
+    }
+
+    /// Assign offsets to `records` and queue them as one batch in `epoch`, timestamped now.
+    /// Returns at once; await [`Log::wait_written`] or [`Log::wait_flushed`] with
+    /// `Appended::next` for the horizon you need.
+    pub fn try_append<R: AsRef<[u8]>>(&self, epoch: Epoch, records: &[R]) -> Result<Appended> {
+        self.try_append_at(epoch, now_us(), records)
+    }
+
+    /// [`Log::try_append`] with an explicit timestamp (microseconds since the Unix epoch).
+    pub fn try_append_at<R: AsRef<[u8]>>(
+        &self,
+        epoch: Epoch,
+        timestamp_us: u64,
+        records: &[R],
+    ) -> Result<Appended> {
+        let cfg = &self.inner.config;
+        if records.is_empty() {
+            return Err(Error::EmptyBatch);
+        }
+        if records.len() > cfg.batch_records_max {
+            return Err(Error::TooManyRecords {
+                count: records.len(),
+                max: cfg.batch_records_max,
+            });
+        }
+        let len = batch::encoded_len(records);
+        if len > cfg.batch_bytes_max {
+            return Err(Error::BatchTooLarge {
+                len,
+                max: cfg.batch_bytes_max,
+            });
+        }
+        let mut st = self.inner.st.borrow_mut();
+        self.inner.check_room(&st, len)?;
+        self.inner.observe_epoch(&mut st, epoch)?;
+        let base = st.next_offset;
+        batch::encode_into(&mut st.pending, base, epoch, timestamp_us, records);
+        Ok(self
+            .inner
+            .queued(&mut st, base, records.len() as u64, len, timestamp_us))
+    }
+
+    /// Queue a batch that is already encoded (a follower storing the leader's bytes verbatim).
+    /// The batch is fully validated, and must start at [`Log::next_offset`].
+    pub fn try_append_batch(&self, bytes: &[u8]) -> Result<Appended> {
+        let view = batch::decode(bytes)?;
+        if view.len() != bytes.len() {
+            return Err(Error::InvalidBatch(batch::BatchError::LengthOutOfBounds {
+                len: bytes.len() as u64,
+                available: view.len() as u64,
+                max: view.len() as u64,
+            }));
+        }
+        let cfg = &self.inner.config;
+        if view.len() > cfg.batch_bytes_max {
+            return Err(Error::BatchTooLarge {
+                len: view.len(),
+                max: cfg.batch_bytes_max,
+            });
+        }
+        let h = view.header();
+        let mut st = self.inner.st.borrow_mut();
+        self.inner.check_room(&st, view.len())?;
+        if h.base_offset() != st.next_offset {
+            return Err(Error::UnexpectedOffset {
+                expected: st.next_offset,
+                found: h.base_offset(),
+            });
+        }
+        self.inner.observe_epoch(&mut st, h.epoch())?;
+        st.pending.extend_from_slice(bytes);
+        let count = u64::from(h.record_count());
+        Ok(self.inner.queued(
+            &mut st,
+            h.base_offset(),
+            count,
+            view.len(),
+            h.timestamp_us.get(),
+        ))
+    }
+
+    /// [`Log::try_append`], waiting for room while the write queue is over `pending_bytes_max`.
+    pub async fn append<R: AsRef<[u8]>>(&self, epoch: Epoch, records: &[R]) -> Result<Appended> {
+        loop {
+            match self.try_append(epoch, records) {
+                Err(Error::Backpressure { .. }) => self.inner.room.notified().await,
+                other => return other,
+            }
+        }
+    }
+
+    /// Wait until `end_offset() >= offset`.
+    pub async fn wait_written(&self, offset: Offset) -> Result<()> {
+        let rx = {
+            let mut st = self.inner.st.borrow_mut();
+            if st.written >= offset {
+                return Ok(());
+            }
+            self.inner.check_waitable(&st, offset)?;
+            st.written_waiters.add(offset)
+        };
+        self.inner.wake_result(rx.await, offset)
+    }
+
+    /// Wait until `flush_offset() >= offset`: every record below `offset` is durable.
+    pub async fn wait_flushed(&self, offset: Offset) -> Result<()> {
+        let rx = {
+            let mut st = self.inner.st.borrow_mut();
+            if st.flushed >= offset {
+                return Ok(());
+            }
+            self.inner.check_waitable(&st, offset)?;
+            st.flushed_waiters.add(offset)
+        };
+        self.inner.wake_result(rx.await, offset)
+    }
+
+    /// Whole batches holding records from `from` on, none reaching past `until` (capped at
+    /// `end_offset()`), at most `bytes_max` bytes in total but always at least one batch if any
+    /// is available. The first batch may start before `from`. Slices of the mappings: no copy.
+    pub fn read(&self, from: Offset, until: Offset, bytes_max: usize) -> Result<ReadBatches> {
+        let st = self.inner.st.borrow();
+        let start = st.sealed.values().next().map_or(st.active.base, |s| s.base);
+        if from < start || from > st.next_offset {
+            return Err(Error::OffsetOutOfRange {
+                offset: from,
+                start,
+                end: st.next_offset,
+            });
+        }
+        let until = until.min(st.written);
+        let mut out = ReadBatches {
+            batches: Vec::new(),
+            next_offset: from,
+        };
+        let mut total = 0usize;
+        let mut seg = if from >= st.active.base {
+            Some(&st.active)
+        } else {
+            st.sealed.range(..=from).next_back().map(|(_, s)| s)
+        };
+        while let Some(s) = seg {
+            if out.next_offset >= until {
+                break;
+            }
+            let mut pos = s.position_for(out.next_offset)?;
+            // The active segment's data_len may lag `written` by nothing: both advance together.
+            while pos < s.data_len {
+                let h = s.header_at(pos)?;
+                let len = h.batch_len();
+                if h.next_offset() > until || (!out.batches.is_empty() && total + len > bytes_max) {
+                    return Ok(out);
+                }
+                s.verify_until(pos + len as u64)?;
+                out.batches.push(BatchRef {
+                    map: s.map.clone(),
+                    start: pos as usize,
+                    len,
+                });
+                total += len;
+                out.next_offset = h.next_offset();
+                pos += len as u64;
+            }
+            seg = if s.base == st.active.base {
+                None
+            } else {
+                st.sealed
+                    .range(s.base.plus(1)..)
+                    .next()
+                    .map(|(_, s)| s)
+                    .or(Some(&st.active))
+            };
+        }
+        Ok(out)
+    }
+
+    /// Remove every record at or after `end`, so that `end_offset() == end` (a batch boundary).
+    /// Waits for queued appends to be written first and refuses new ones meanwhile. Crash-safe:
+    /// a durable intent is written first and redone by the next open if the process dies.
+    /// Awaiters of offsets beyond `end` get [`Error::Truncated`].
+    pub async fn truncate_after(&self, end: Offset) -> Result<()> {
+        let target = {
+            let mut st = self.inner.st.borrow_mut();
+            self.inner.check_accepting(&st)?;
+            let start = st.sealed.values().next().map_or(st.active.base, |s| s.base);
+            if end < start || end > st.next_offset {
+                return Err(Error::OffsetOutOfRange {
+                    offset: end,
+                    start,
+                    end: st.next_offset,
+                });
+            }
+            st.truncating = true;
+            st.next_offset
+        };
+        let quiesced = self.wait_written(target).await;
+        let result = quiesced.and_then(|()| self.inner.truncate_quiesced(end));
+        self.inner.st.borrow_mut().truncating = false;
+        result
+    }
+
+    /// Keep every record at or after `offset` from being deleted by retention.
+    pub fn pin(&self, name: &str, offset: Offset) {
+        self.inner
+            .st
+            .borrow_mut()
+            .pins
+            .insert(name.to_owned(), offset);
+    }
+
+    pub fn unpin(&self, name: &str) {
+        self.inner.st.borrow_mut().pins.remove(name);
+    }
+
+    /// Delete whole sealed segments whose records are all below `offset`, never past a pinned
+    /// offset and never the active segment. Returns the new start offset.
+    pub fn purge_before(&self, offset: Offset) -> Result<Offset> {
+        let mut st = self.inner.st.borrow_mut();
+        let limit = st.pins.values().copied().fold(offset, Offset::min);
+        while let Some(entry) = st.sealed.first_entry() {
+            if entry.get().next_offset > limit {
+                break;
+            }
+            let seg = entry.remove();
+            // Oldest first, each unlink made durable before the next: a crash leaves a suffix of
+            // the segments, never a gap.
+            let idx = seg.index_path();
+            std::fs::remove_file(&seg.path).map_err(Error::io("remove", &seg.path))?;
+            if idx.exists() {
+                std::fs::remove_file(&idx).map_err(Error::io("remove", &idx))?;
+            }
+            fsutil::sync_dir(&self.inner.dir)?;
+            tracing::info!(segment = %seg.path.display(), "retention deleted segment");
+        }
+        Ok(st.sealed.values().next().map_or(st.active.base, |s| s.base))
+    }
+
+    /// Apply a retention policy at time `now_us`: by size, oldest segments go first until the
+    /// log fits `bytes_max`; by age, sealed segments whose newest batch is older than `age_max`.
+    /// Both stop at pins and the active segment (see [`Log::purge_before`]).
+    pub fn apply_retention(&self, policy: &RetentionPolicy, now_us: u64) -> Result<Offset> {
+        let limit = {
+            let st = self.inner.st.borrow();
+            let mut limit = Offset(0);
+            if let Some(max) = policy.bytes_max {
+                let mut total: u64 = st.sealed.values().map(Segment::disk_bytes).sum::<u64>()
+                    + st.active.disk_bytes();
+                for s in st.sealed.values() {
+                    if total <= max {
+                        break;
+                    }
+                    total -= s.disk_bytes();
+                    limit = limit.max(s.next_offset);
+                }
+            }
+            if let Some(age) = policy.age_max {
+                let cutoff = now_us.saturating_sub(age.as_micros() as u64);
+                for s in st.sealed.values() {
+                    if s.max_timestamp_us >= cutoff {
+                        break;
+                    }
+                    limit = limit.max(s.next_offset);
+                }
+            }
+            limit
+        };
+        self.purge_before(limit)
+    }
+}
+
+impl Inner {
+    fn failed(&self, cause: &Arc<Error>) -> Error {
+        Error::Failed {
+            dir: self.dir.clone(),
+            cause: cause.clone(),
+        }
+    }
+
+    fn check_accepting(&self, st: &State) -> Result<()> {
+        if let Some(e) = &st.failure {
+            return Err(self.failed(e));
+        }
+        if st.closed {
+            return Err(Error::Closed);
+        }
+        if st.truncating {
+            return Err(Error::Truncating);
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, st: &State, len: usize) -> Result<()> {
+        self.check_accepting(st)?;
+        if !st.pending.is_empty() && st.pending.len() + len > self.config.pending_bytes_max {
+            return Err(Error::Backpressure {
+                pending: st.pending.len(),
+                max: self.config.pending_bytes_max,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_waitable(&self, st: &State, offset: Offset) -> Result<()> {
+        if let Some(e) = &st.failure {
+            return Err(self.failed(e));
+        }
+        if offset > st.next_offset {
+            return Err(Error::OffsetOutOfRange {
+                offset,
+                start: Offset(0),
+                end: st.next_offset,
+            });
+        }
+        Ok(())
+    }
+
+    fn wake_result(
+        &self,
+        wake: Result<Wake, oneshot::error::RecvError>,
+        offset: Offset,
+    ) -> Result<()> {
+        match wake {
+            Ok(Wake::Reached) => Ok(()),
+            Ok(Wake::Failed(e)) => Err(self.failed(&e)),
+            Ok(Wake::Truncated) => Err(Error::Truncated { offset }),
+            Err(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Epochs never go backwards; a new one is recorded durably before its first batch is queued.
+    fn observe_epoch(&self, st: &mut State, epoch: Epoch) -> Result<()> {
+        match st.epochs.last_epoch() {
+            Some(current) if epoch < current => Err(Error::StaleEpoch { epoch, current }),
+            Some(current) if epoch == current => Ok(()),
+            _ => {
+                let at = st.next_offset;
+                st.epochs.observe(epoch, at);
+                if let Err(e) = st.epochs.persist() {
+                    // A failed fsync of metadata is as fatal as one of data (R5).
+                    let err = self.fail(st, e);
+                    return Err(err);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn queued(&self, st: &mut State, base: Offset, count: u64, len: usize, ts: u64) -> Appended {
+        let next = base.plus(count);
+        st.pending_batches.push(PendingBatch {
+            len,
+            next,
+            base,
+            timestamp_us: ts,
+        });
+        st.next_offset = next;
+        self.writer_wake.notify_one();
+        Appended { first: base, next }
+    }
+
+    /// Record a fatal I/O error: no more appends, every waiter fails. Never retried (R5).
+    fn fail(&self, st: &mut State, err: Error) -> Error {
+        tracing::error!(dir = %self.dir.display(), error = %err, "log failed");
+        let err = Arc::new(err);
+        if st.failure.is_none() {
+            st.failure = Some(err.clone());
+        }
+        st.written_waiters.fail_all(&err);
+        st.flushed_waiters.fail_all(&err);
+        self.room.notify_waiters();
+        self.failed(&err)
+    }
+
+    fn start_preparing(self: &Rc<Self>) {
+        let task = tokio_uring::spawn(prepare_segment(
+            self.dir.clone(),
+            self.config.segment_bytes_max,
+        ));
+        self.st.borrow_mut().preparing = Some(task);
+    }
+
+    /// Seal the active segment and install the prepared one after it. Called by the writer only.
+    async fn roll(self: &Rc<Self>) -> Result<()> {
+        let file = self.st.borrow().active_file.clone();
+        // Everything in the old segment is durable before the new one takes a write, so the
+        // syncer only ever needs to fdatasync the active segment.
+        file.sync_data()
+            .await
+            .map_err(Error::io("fdatasync", &self.dir))?;
+        fault_check(&self.dir, "fdatasync")?;
+        {
+            let mut st = self.st.borrow_mut();
+            let st = &mut *st;
+            st.flushed = st.flushed.max(st.written);
+            let horizon = st.flushed;
+            st.flushed_waiters.reach(horizon);
+            let a = &st.active;
+            index::store(
+                &a.index_path(),
+                &SealedMeta {
+                    base: a.base,
+                    next_offset: a.next_offset,
+                    data_len: a.data_len,
+                    max_timestamp_us: a.max_timestamp_us,
+                    index: a.index.clone(),
+                },
+            )?;
+        }
+        let task = self.st.borrow_mut().preparing.take();
+        let prepared = match task {
+            Some(task) => task.await.expect("segment preparation panicked")?,
+            None => prepare_segment(self.dir.clone(), self.config.segment_bytes_max).await?,
+        };
+        let base = self.st.borrow().written;
+        let (seg, file) = install_segment(&self.dir, prepared, base)?;
+        {
+            let mut st = self.st.borrow_mut();
+            let old = std::mem::replace(&mut st.active, seg);
+            st.sealed.insert(old.base, old);
+            st.active_file = Rc::new(file);
+        }
+        self.start_preparing();
+        Ok(())
+    }
+
+    /// Truncation once the writer is idle. Synchronous file operations: truncation is rare.
+    fn truncate_quiesced(&self, end: Offset) -> Result<()> {
+        let mut st = self.st.borrow_mut();
+        if end == st.written {
+            return Ok(());
+        }
+        let in_active = end >= st.active.base;
+        let target = if in_active {
+            &st.active
+        } else {
+            st.sealed
+                .range(..=end)
+                .next_back()
+                .map(|(_, s)| s)
+                .expect("end >= start")
+        };
+        if target.boundary(end)?.is_none() {
+            return Err(Error::NotBatchBoundary { offset: end });
+        }
+        let segments: Vec<(Offset, PathBuf)> = st
+            .sealed
+            .values()
+            .chain(std::iter::once(&st.active))
+            .map(|s| (s.base, s.path.clone()))
+            .collect();
+        let result = recovery::write_truncate_intent(&self.dir, end)
+            .and_then(|()| recovery::apply_truncation(&self.dir, &segments, end))
+            .and_then(|pos| recovery::remove_truncate_intent(&self.dir).map(|()| pos));
+        let pos = match result {
+            Ok(pos) => pos,
+            // The files are somewhere between the old and the new end; the intent makes the
+            // next open finish the job.
+            Err(e) => return Err(self.fail(&mut st, e)),
+        };
+        let st = &mut *st;
+        if !in_active {
+            let base = st
+                .sealed
+                .range(..=end)
+                .next_back()
+                .map(|(b, _)| *b)
+                .unwrap();
+            let mut later = st.sealed.split_off(&base);
+            let seg = later.remove(&base).unwrap();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&seg.path)
+                .map_err(Error::io("open segment", &seg.path));
+            let file = match file {
+                Ok(f) => f,
+                Err(e) => return Err(self.fail(st, e)),
+            };
+            st.active = seg;
+            st.active_file = Rc::new(tokio_uring::fs::File::from_std(file));
+        }
+        let a = &mut st.active;
+        a.data_len = pos;
+        a.next_offset = end;
+        a.index.truncate(pos as u32);
+        a.verified_len.set(a.verified_len.get().min(pos));
+        st.next_offset = end;
+        st.written = end;
+        st.flushed = st.flushed.min(end);
+        st.generation += 1;
+        st.written_waiters.truncate(end);
+        st.flushed_waiters.truncate(end);
+        if st.epochs.truncate(end) {
+            if let Err(e) = st.epochs.persist() {
+                return Err(self.fail(st, e));
+            }
+        }
+        tracing::info!(dir = %self.dir.display(), end = end.0, "truncated log");
+        Ok(())
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+fn fault_check(dir: &Path, op: &'static str) -> Result<()> {
+    crate::fault::check(dir, op).map_err(Error::io(op, dir))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+fn fault_check(_dir: &Path, _op: &'static str) -> Result<()> {
+    Ok(())
+}
+
+/// The writer task: see the module doc.
+async fn writer_task(inner: Rc<Inner>) {
+    loop {
+        let (buf, batches) = {
+            let mut st = inner.st.borrow_mut();
+            if st.failure.is_some() {
+                return;
+            }
+            if st.pending_batches.is_empty() {
+                if st.closed {
+                    drop(st);
+                    inner.syncer_wake.notify_one();
+                    return;
+                }
+                drop(st);
+                inner.writer_wake.notified().await;
+                continue;
+            }
+            let spare = std::mem::take(&mut st.spare);
+            let buf = std::mem::replace(&mut st.pending, spare);
+            (buf, std::mem::take(&mut st.pending_batches))
+        };
+        inner.room.notify_waiters();
+        match write_batches(&inner, buf, &batches).await {
+            Ok(mut buf) => {
+                buf.clear();
+                inner.st.borrow_mut().spare = buf;
+            }
+            Err(e) => {
+                let mut st = inner.st.borrow_mut();
+                inner.fail(&mut st, e);
+                return;
+            }
+        }
+    }
+}
+
+/// Write queued batches into the active segment, rolling when the next batch does not fit.
+async fn write_batches(
+    inner: &Rc<Inner>,
+    mut buf: Vec<u8>,
+    batches: &[PendingBatch],
+) -> Result<Vec<u8>> {
+    let mut start = 0usize;
+    let mut i = 0usize;
+    while i < batches.len() {
+        let (file, pos, room, empty) = {
+            let st = inner.st.borrow();
+            let a = &st.active;
+            (
+                st.active_file.clone(),
+                a.data_len,
+                a.capacity - a.data_len,
+                a.data_len == 0,
+            )
+        };
+        let mut end = start;
+        let mut j = i;
+        while j < batches.len() && (end - start + batches[j].len) as u64 <= room {
+            end += batches[j].len;
+            j += 1;
+        }
+        if j == i {
+            assert!(
+                !empty,
+                "a fresh segment holds any batch up to batch_bytes_max"
+            );
+            inner.roll().await?;
+            continue;
+        }
+        let (res, slice) = file.write_all_at(buf.slice(start..end), pos).await;
+        buf = slice.into_inner();
+        let path = inner.st.borrow().active.path.clone();
+        res.map_err(Error::io("write", &path))?;
+        fault_check(&inner.dir, "write")?;
+        {
+            let mut st = inner.st.borrow_mut();
+            let st = &mut *st;
+            let interval = inner.config.index_interval_bytes;
+            let a = &mut st.active;
+            let mut p = pos;
+            for b in &batches[i..j] {
+                a.index
+                    .maybe_add((b.base.0 - a.base.0) as u32, p as u32, interval);
+                a.max_timestamp_us = a.max_timestamp_us.max(b.timestamp_us);
+                p += b.len as u64;
+            }
+            a.data_len = p;
+            a.next_offset = batches[j - 1].next;
+            a.verified_len.set(p);
+            st.written = batches[j - 1].next;
+            let horizon = st.written;
+            st.written_waiters.reach(horizon);
+        }
+        inner.syncer_wake.notify_one();
+        start = end;
+        i = j;
+    }
+    Ok(buf)
+}
+
+/// The syncer task: see the module doc.
+async fn syncer_task(inner: Rc<Inner>) {
+    loop {
+        let (file, target, generation) = {
+            let st = inner.st.borrow();
+            if st.failure.is_some() {
+                return;
+            }
+            if st.written > st.flushed {
+                (st.active_file.clone(), st.written, st.generation)
+            } else if st.closed && st.pending_batches.is_empty() && st.next_offset == st.written {
+                return;
+            } else {
+                drop(st);
+                inner.syncer_wake.notified().await;
+                continue;
+            }
+        };
+        let res = file
+            .sync_data()
+            .await
+            .map_err(Error::io("fdatasync", &inner.dir))
+            .and_then(|()| fault_check(&inner.dir, "fdatasync"));
+        let mut st = inner.st.borrow_mut();
+        match res {
+            Ok(()) if st.generation == generation => {
+                st.flushed = st.flushed.max(target);
+                let horizon = st.flushed;
+                st.flushed_waiters.reach(horizon);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                inner.fail(&mut st, e);
+                return;
+            }
+        }
+    }
+}

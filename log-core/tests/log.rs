@@ -1,0 +1,451 @@
+//! Black-box tests of a log on real files: append, flush, read, roll, truncate, retention,
+//! limits, locking and fatal I/O errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{append_n, payload, read_all, small_config};
+use log_core::{Epoch, Error, Log, LogConfig, Offset, RetentionPolicy, Store};
+
+#[test]
+fn append_flush_read_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(log.next_offset(), Offset(0));
+        let a = log
+            .try_append(Epoch(1), &[b"one".as_slice(), b"two"])
+            .unwrap();
+        assert_eq!((a.first, a.next), (Offset(0), Offset(2)));
+        let b = log.try_append(Epoch(1), &[b"three"]).unwrap();
+        assert_eq!(b.first, Offset(2));
+        log.wait_written(b.next).await.unwrap();
+        assert_eq!(log.end_offset(), Offset(3));
+        log.wait_flushed(b.next).await.unwrap();
+        assert_eq!(log.flush_offset(), Offset(3));
+        let got = read_all(&log, Offset(1));
+        assert_eq!(got, vec![(1, b"two".to_vec()), (2, b"three".to_vec())]);
+        log.close().await.unwrap();
+
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(log.end_offset(), Offset(3));
+        assert_eq!(log.flush_offset(), Offset(3));
+        assert_eq!(read_all(&log, Offset(0)).len(), 3);
+        assert!(log.recovery_report().torn_tail.is_none());
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn rolls_segments_and_reads_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let end = append_n(&log, 7, 300, 200).await;
+        assert!(log.segment_count() >= 4, "{} segments", log.segment_count());
+        let got = read_all(&log, Offset(0));
+        assert_eq!(got.len(), 300);
+        for (o, v) in &got {
+            assert_eq!(v, &payload(7, *o, 200));
+        }
+        // A bounded read returns whole batches only, at least one.
+        let r = log.read(Offset(10), end, 1).unwrap();
+        assert_eq!(r.batches.len(), 1);
+        assert_eq!(r.next_offset, Offset(11));
+        // `until` caps what is returned.
+        let r = log.read(Offset(0), Offset(5), usize::MAX).unwrap();
+        assert_eq!(r.next_offset, Offset(5));
+        let segments = log.segment_count();
+        log.close().await.unwrap();
+
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(log.segment_count(), segments);
+        assert_eq!(read_all(&log, Offset(123))[0].1, payload(7, 123, 200));
+        log.close().await.unwrap();
+    });
+    // Sealed segments have index files; the prepared next segment has its full size.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with(".idx")));
+    for n in names.iter().filter(|n| n.ends_with(".log")) {
+        assert_eq!(
+            std::fs::metadata(dir.path().join(n)).unwrap().len(),
+            16 * 1024
+        );
+    }
+}
+
+#[test]
+fn group_commit_covers_concurrent_appenders() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..32u64 {
+            let log = log.clone();
+            tasks.push(tokio_uring::spawn(async move {
+                for i in 0..20u64 {
+                    let a = log.append(Epoch(1), &[payload(t, i, 100)]).await.unwrap();
+                    log.wait_flushed(a.next).await.unwrap();
+                    assert!(log.flush_offset() >= a.next);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(log.flush_offset(), Offset(640));
+        assert_eq!(read_all(&log, Offset(0)).len(), 640);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn verbatim_batches_from_another_log() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let leader = Log::open(a.path(), small_config()).await.unwrap();
+        append_n(&leader, 3, 50, 100).await;
+        let follower = Log::open(b.path(), small_config()).await.unwrap();
+        let r = leader
+            .read(Offset(0), Offset(u64::MAX), usize::MAX)
+            .unwrap();
+        for batch in &r.batches {
+            follower.try_append_batch(batch).unwrap();
+        }
+        follower.wait_flushed(Offset(50)).await.unwrap();
+        let fr = follower
+            .read(Offset(0), Offset(u64::MAX), usize::MAX)
+            .unwrap();
+        let lb: Vec<u8> = r.batches.iter().flat_map(|b| b.to_vec()).collect();
+        let fb: Vec<u8> = fr.batches.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(lb, fb, "byte-identical copies");
+        // Out-of-order and damaged batches are refused and change nothing.
+        let first = r.batches[0].to_vec();
+        assert!(matches!(
+            follower.try_append_batch(&first),
+            Err(Error::UnexpectedOffset {
+                expected: Offset(50),
+                found: Offset(0)
+            })
+        ));
+        let mut bad = log_core::batch::encode(Offset(50), Epoch(1), 0, &[b"x"]);
+        bad[50] ^= 1;
+        assert!(matches!(
+            follower.try_append_batch(&bad),
+            Err(Error::InvalidBatch(_))
+        ));
+        let stale = log_core::batch::encode(Offset(50), Epoch(0), 0, &[b"x"]);
+        assert!(matches!(
+            follower.try_append_batch(&stale),
+            Err(Error::StaleEpoch { .. })
+        ));
+        assert_eq!(follower.next_offset(), Offset(50));
+        leader.close().await.unwrap();
+        follower.close().await.unwrap();
+    });
+}
+
+#[test]
+fn truncate_in_active_and_sealed_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        append_n(&log, 1, 200, 300).await;
+        let segments = log.segment_count();
+        assert!(segments > 3);
+        // Within the active segment.
+        log.truncate_after(Offset(195)).await.unwrap();
+        assert_eq!(
+            (log.end_offset(), log.next_offset()),
+            (Offset(195), Offset(195))
+        );
+        // Far back, into a sealed segment: later segments go.
+        log.truncate_after(Offset(40)).await.unwrap();
+        assert!(log.segment_count() < segments);
+        assert_eq!(read_all(&log, Offset(0)).len(), 40);
+        // Appends continue from the new end with new bytes.
+        log.append(Epoch(2), &[b"after".as_slice()]).await.unwrap();
+        log.wait_flushed(Offset(41)).await.unwrap();
+        log.close().await.unwrap();
+
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let all = read_all(&log, Offset(0));
+        assert_eq!(all.len(), 41);
+        assert_eq!(all[39].1, payload(1, 39, 300));
+        assert_eq!(all[40].1, b"after");
+        assert_eq!(log.epoch_history().last().unwrap().start_offset, Offset(40));
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn truncate_refuses_non_boundaries_and_fails_waiters_beyond() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        log.try_append(Epoch(1), &[b"a".as_slice(), b"b", b"c"])
+            .unwrap();
+        log.wait_flushed(Offset(3)).await.unwrap();
+        assert!(matches!(
+            log.truncate_after(Offset(1)).await,
+            Err(Error::NotBatchBoundary { offset: Offset(1) })
+        ));
+        assert!(matches!(
+            log.truncate_after(Offset(9)).await,
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        assert_eq!(log.end_offset(), Offset(3));
+        let a = log.try_append(Epoch(1), &[b"d"]).unwrap();
+        let waiter = {
+            let log = log.clone();
+            tokio_uring::spawn(async move { log.wait_flushed(Offset(5)).await })
+        };
+        log.try_append(Epoch(1), &[b"e"]).unwrap();
+        tokio::task::yield_now().await;
+        log.truncate_after(a.first).await.unwrap();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(Error::Truncated { .. }) | Ok(())
+        ));
+        assert_eq!(read_all(&log, Offset(0)).len(), 3);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn retention_by_offset_size_age_and_pins() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        // Old batches, then new ones.
+        for i in 0..100u64 {
+            log.try_append_at(Epoch(1), 1_000, &[payload(0, i, 300)])
+                .unwrap();
+        }
+        for i in 100..200u64 {
+            log.try_append_at(Epoch(1), 9_000_000, &[payload(0, i, 300)])
+                .unwrap();
+        }
+        log.wait_flushed(Offset(200)).await.unwrap();
+        let segments = log.segment_count();
+        // A pin stops purging.
+        log.pin("follower-2", Offset(60));
+        let start = log.purge_before(Offset(150)).unwrap();
+        assert!(start <= Offset(60) && start > Offset(0), "start {start}");
+        assert_eq!(read_all(&log, start)[0].0, start.0);
+        log.unpin("follower-2");
+        // Age: only segments whose newest batch is old.
+        let start = log
+            .apply_retention(
+                &RetentionPolicy {
+                    bytes_max: None,
+                    age_max: Some(Duration::from_secs(5)),
+                },
+                9_000_000,
+            )
+            .unwrap();
+        assert!(start <= Offset(100) && start > Offset(60), "start {start}");
+        // Size: keeps at most bytes_max, never the active segment.
+        let start = log
+            .apply_retention(
+                &RetentionPolicy {
+                    bytes_max: Some(1),
+                    age_max: None,
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(log.segment_count(), 1);
+        assert!(log.segment_count() < segments);
+        assert!(matches!(
+            log.read(Offset(0), Offset(200), 100),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        assert_eq!(read_all(&log, start).last().unwrap().0, 199);
+        log.close().await.unwrap();
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(log.start_offset(), start);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn every_limit_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let cfg = LogConfig {
+            pending_bytes_max: 8192,
+            ..small_config()
+        };
+        let log = Log::open(dir.path(), cfg).await.unwrap();
+        let empty: [&[u8]; 0] = [];
+        assert!(matches!(
+            log.try_append(Epoch(1), &empty),
+            Err(Error::EmptyBatch)
+        ));
+        let many = vec![b"x".as_slice(); 65];
+        assert!(matches!(
+            log.try_append(Epoch(1), &many),
+            Err(Error::TooManyRecords { count: 65, max: 64 })
+        ));
+        log.try_append(Epoch(1), &vec![b"x".as_slice(); 64])
+            .unwrap();
+        let big = vec![0u8; 4096 - 48 - 4 + 1];
+        assert!(matches!(
+            log.try_append(Epoch(1), &[&big]),
+            Err(Error::BatchTooLarge { .. })
+        ));
+        log.try_append(Epoch(1), &[&big[1..]]).unwrap();
+        // The write queue is bounded: fill it without yielding to the writer.
+        let mut refused = false;
+        for _ in 0..10 {
+            if let Err(Error::Backpressure { max: 8192, .. }) =
+                log.try_append(Epoch(1), &[&big[1..]])
+            {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "pending_bytes_max was never enforced");
+        // `append` waits for room instead.
+        log.append(Epoch(1), &[&big[1..]]).await.unwrap();
+        assert!(matches!(
+            log.try_append(Epoch(0), &[b"old"]),
+            Err(Error::StaleEpoch { .. })
+        ));
+        log.close().await.unwrap();
+    });
+    for (cfg, what) in [
+        (
+            LogConfig {
+                segment_bytes_max: 100,
+                ..LogConfig::default()
+            },
+            "tiny segment",
+        ),
+        (
+            LogConfig {
+                batch_bytes_max: 1 << 30,
+                ..LogConfig::default()
+            },
+            "batch larger than segment",
+        ),
+        (
+            LogConfig {
+                index_interval_bytes: 0,
+                ..LogConfig::default()
+            },
+            "zero index interval",
+        ),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let r = tokio_uring::start(Log::open(d.path(), cfg));
+        assert!(matches!(r, Err(Error::Config(_))), "{what}");
+    }
+}
+
+#[test]
+fn epoch_history_and_divergence_lookup() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        log.try_append(Epoch(1), &[b"a".as_slice(), b"b"]).unwrap();
+        log.try_append(Epoch(3), &[b"c"]).unwrap();
+        log.wait_flushed(Offset(3)).await.unwrap();
+        log.begin_epoch(Epoch(5)).unwrap();
+        assert_eq!(
+            log.end_offset_for_epoch(Epoch(1)),
+            Some((Epoch(1), Offset(2)))
+        );
+        assert_eq!(
+            log.end_offset_for_epoch(Epoch(2)),
+            Some((Epoch(1), Offset(2)))
+        );
+        assert_eq!(
+            log.end_offset_for_epoch(Epoch(3)),
+            Some((Epoch(3), Offset(3)))
+        );
+        assert_eq!(
+            log.end_offset_for_epoch(Epoch(9)),
+            Some((Epoch(5), Offset(3)))
+        );
+        log.close().await.unwrap();
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let h: Vec<(u64, u64)> = log
+            .epoch_history()
+            .iter()
+            .map(|e| (e.epoch.0, e.start_offset.0))
+            .collect();
+        assert_eq!(h, vec![(1, 0), (3, 2), (5, 3)]);
+        log.close().await.unwrap();
+    });
+    // A lost epoch file is rebuilt from the batch headers.
+    std::fs::remove_file(dir.path().join("epochs")).unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert!(log.recovery_report().epochs_rebuilt);
+        let h: Vec<(u64, u64)> = log
+            .epoch_history()
+            .iter()
+            .map(|e| (e.epoch.0, e.start_offset.0))
+            .collect();
+        assert_eq!(h, vec![(1, 0), (3, 2)]);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_locked_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert!(matches!(
+            Log::open(dir.path(), small_config()).await,
+            Err(Error::Locked { .. })
+        ));
+        log.close().await.unwrap();
+        Log::open(dir.path(), small_config())
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn store_creates_lists_and_reopens_named_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let mut store = Store::open(dir.path(), small_config()).await.unwrap();
+        let orders = store.create_log("orders").await.unwrap();
+        store.create_log("audit.v1").await.unwrap();
+        assert!(matches!(
+            store.create_log("orders").await,
+            Err(Error::AlreadyExists { .. })
+        ));
+        for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(201)] {
+            assert!(
+                matches!(store.create_log(bad).await, Err(Error::InvalidName { .. })),
+                "{bad:?}"
+            );
+        }
+        orders.try_append(Epoch(1), &[b"o1"]).unwrap();
+        orders.wait_flushed(Offset(1)).await.unwrap();
+        drop(orders);
+        store.close().await.unwrap();
+        std::fs::create_dir(dir.path().join("not-a-log")).unwrap();
+        let store = Store::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(
+            store.names().collect::<Vec<_>>(),
+            vec!["audit.v1", "orders"]
+        );
+        assert_eq!(store.get("orders").unwrap().end_offset(), Offset(1));
+        store.close().await.unwrap();
+    });
+}
