@@ -234,6 +234,7 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
     let mut listing = list(dir, &mut report)?;
     if let Some(end) = read_truncate_intent(dir)? {
         apply_truncation(dir, &listing.segments, end)?;
+        remove_truncate_intent(dir)?;
         report.truncation_redone = Some(end);
         listing = list(dir, &mut report)?;
     }
