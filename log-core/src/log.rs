@@ -993,24 +993,28 @@ fn fault_check(_dir: &Path, _op: &'static str) -> Result<()> {
 /// The writer task: see the module doc.
 async fn writer_task(inner: Rc<Inner>) {
     loop {
-        let (buf, batches) = {
+        let work = {
             let mut st = inner.st.borrow_mut();
-            if st.failure.is_some() {
+            if st.failure.is_some() || (st.closed && st.pending_batches.is_empty()) {
+                None
+            } else if st.pending_batches.is_empty() {
+                Some(None)
+            } else {
+                let spare = std::mem::take(&mut st.spare);
+                let buf = std::mem::replace(&mut st.pending, spare);
+                Some(Some((buf, std::mem::take(&mut st.pending_batches))))
+            }
+        };
+        let (buf, batches) = match work {
+            None => {
+                inner.syncer_wake.notify_one();
                 return;
             }
-            if st.pending_batches.is_empty() {
-                if st.closed {
-                    drop(st);
-                    inner.syncer_wake.notify_one();
-                    return;
-                }
-                drop(st);
+            Some(None) => {
                 inner.writer_wake.notified().await;
                 continue;
             }
-            let spare = std::mem::take(&mut st.spare);
-            let buf = std::mem::replace(&mut st.pending, spare);
-            (buf, std::mem::take(&mut st.pending_batches))
+            Some(Some(work)) => work,
         };
         inner.room.notify_waiters();
         match write_batches(&inner, buf, &batches).await {
@@ -1094,20 +1098,22 @@ async fn write_batches(
 /// The syncer task: see the module doc.
 async fn syncer_task(inner: Rc<Inner>) {
     loop {
-        let (file, target, generation) = {
+        let work = {
             let st = inner.st.borrow();
             if st.failure.is_some() {
                 return;
             }
             if st.written > st.flushed {
-                (st.active_file.clone(), st.written, st.generation)
+                Some((st.active_file.clone(), st.written, st.generation))
             } else if st.closed && st.pending_batches.is_empty() && st.next_offset == st.written {
                 return;
             } else {
-                drop(st);
-                inner.syncer_wake.notified().await;
-                continue;
+                None
             }
+        };
+        let Some((file, target, generation)) = work else {
+            inner.syncer_wake.notified().await;
+            continue;
         };
         let res = file
             .sync_data()

@@ -501,7 +501,7 @@ pub(crate) fn apply_truncation(
         return Err(Error::OffsetOutOfRange {
             offset: end,
             start: segments.first().map_or(Offset(0), |s| s.0),
-            end: end,
+            end,
         });
     };
     for (base, path) in segments[t + 1..].iter().rev() {
