@@ -52,6 +52,9 @@ pub(crate) fn zero_range(file: &File, path: &Path, from: u64, to: u64) -> Result
     file.sync_data().map_err(Error::io("fdatasync", path))
 }
 
+/// Tries at taking a directory lock before reporting it held (2 ms apart).
+const LOCK_ATTEMPTS_MAX: u32 = 100;
+
 /// Take an exclusive advisory lock on `dir/LOCK`, held as long as the returned file is open.
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join("LOCK");
@@ -63,18 +66,27 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
         .mode(0o600)
         .open(&path)
         .map_err(Error::io("create lock file", &path))?;
-    // SAFETY: flock on a valid, owned descriptor.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    // A child forked by any thread of this process shares the lock's open file description
+    // until it execs (the descriptor is close-on-exec), so a lock held only by such a child is
+    // retried briefly before it counts as held by someone else.
+    for attempt in 0.. {
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            break;
+        }
         let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::Io {
+                op: "flock",
+                path,
+                source: err,
+            });
+        }
+        if attempt == LOCK_ATTEMPTS_MAX {
             return Err(Error::Locked { path: dir.into() });
         }
-        return Err(Error::Io {
-            op: "flock",
-            path,
-            source: err,
-        });
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     Ok(f)
 }
