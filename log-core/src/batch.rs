@@ -92,6 +92,8 @@ pub enum BatchError {
     BadRecordCount(u32),
     #[error("reserved header fields are not zero")]
     ReservedNotZero,
+    #[error("offsets of the batch run past the largest offset")]
+    OffsetOverflow,
 }
 
 /// A validated batch borrowed from a buffer.
@@ -139,6 +141,9 @@ pub fn check_header(h: &BatchHeader, available: usize) -> Result<(), BatchError>
     let count = h.record_count.get();
     if count == 0 || count as usize > len / RECORD_PREFIX_LEN {
         return Err(BatchError::BadRecordCount(count));
+    }
+    if h.base_offset.get().checked_add(u64::from(count)).is_none() {
+        return Err(BatchError::OffsetOverflow);
     }
     Ok(())
 }
@@ -324,6 +329,18 @@ mod tests {
             decode(&good[..good.len() - 1]),
             Err(BatchError::LengthOutOfBounds { .. })
         ));
+    }
+
+    #[test]
+    fn offsets_past_the_largest_offset_are_rejected() {
+        // Found by the batch_decode fuzz target: a crc-valid batch at base u64::MAX.
+        let b = encode(Offset(u64::MAX - 1), Epoch(1), 0, &[b"a".as_slice()]);
+        assert_eq!(decode(&b).unwrap().header().next_offset(), Offset(u64::MAX));
+        let mut b = b;
+        b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        let crc = compute_crc(&b);
+        b[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&b), Err(BatchError::OffsetOverflow)));
     }
 
     #[test]

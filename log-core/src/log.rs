@@ -511,8 +511,11 @@ impl Log {
         }
         let mut st = self.inner.st.borrow_mut();
         self.inner.check_room(&st, len)?;
-        self.inner.observe_epoch(&mut st, epoch)?;
         let base = st.next_offset;
+        if base.0.checked_add(records.len() as u64).is_none() {
+            return Err(Error::InvalidBatch(batch::BatchError::OffsetOverflow));
+        }
+        self.inner.observe_epoch(&mut st, epoch)?;
         batch::encode_into(&mut st.pending, base, epoch, timestamp_us, records);
         Ok(self
             .inner
