@@ -388,12 +388,13 @@ impl Log {
     /// Write and flush everything queued, stop the tasks and release the directory.
     pub async fn close(self) -> Result<()> {
         let tasks = std::mem::take(&mut self.inner.st.borrow_mut().tasks);
-        let preparing = self.inner.st.borrow_mut().preparing.take();
         let inner = self.inner.clone();
         drop(self);
         for t in tasks {
             t.await.expect("log task panicked");
         }
+        // Only now: a roll during the final drain may have started another preparation.
+        let preparing = inner.st.borrow_mut().preparing.take();
         if let Some(p) = preparing {
             let _ = p.await;
         }
