@@ -28,6 +28,60 @@ const RAW_CHUNKS: [(&str, usize); 5] = [
     ("256 x 1 KiB", 256),
 ];
 
+/// The report: a text table, and beside it one flat JSON object of "section.key": value fields.
+#[derive(Default)]
+struct Out {
+    text: String,
+    json: Vec<String>,
+}
+
+/// `put! { out, prefix, name = value, .. }`: numeric JSON fields `prefix.name`. Braces keep
+/// rustfmt from spreading the fields one per line.
+macro_rules! put {
+    ($o:expr, $prefix:expr, $($k:ident = $v:expr),* $(,)?) => {
+        $( $o.num(&format!("{}.{}", $prefix, stringify!($k)), $v as f64); )*
+    };
+}
+
+/// A JSON string literal.
+fn q(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+impl Out {
+    fn say(&mut self, line: &str) {
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+    /// Three decimals are plenty; a non-finite number (an empty run) becomes null.
+    fn num(&mut self, key: &str, v: f64) {
+        let v = if v.is_finite() {
+            ((v * 1e3).round() / 1e3).to_string()
+        } else {
+            "null".into()
+        };
+        self.json.push(format!("{}:{v}", q(key)));
+    }
+    fn str(&mut self, key: &str, v: &str) {
+        self.json.push(format!("{}:{}", q(key), q(v)));
+    }
+    /// A latency row: p50, p90, p99, p99.9, max in µs.
+    fn lat(&mut self, key: &str, label: &str, h: &Histogram<u64>) {
+        let p = pcts(h);
+        let cols: String = p.iter().map(|v| format!(" {v:>9.1}")).collect();
+        self.say(&format!("  {label:<16}{cols}"));
+        put! { self, key, p50_us = p[0], p90_us = p[1], p99_us = p[2], p999_us = p[3],
+        max_us = p[4] }
+        put! { self, key, samples = h.len() }
+    }
+}
+
+const TABLE4: &str = concat!(
+    "     N     rec/s     MB/s diskMB/s syncs/s    group rec/B   p50 µs   p99 µs rolls  cpu",
+    " raw@group ratio@grp ratio1MiB"
+);
+const LAT_HEADER: &str = "                         p50       p90       p99     p99.9       max";
+
 /// The command line, and the sizes of the run (`--quick` shrinks them all).
 struct Params {
     dir: Option<PathBuf>,
@@ -41,36 +95,15 @@ struct Params {
     read_bytes: usize,
 }
 
-/// Sequential fdatasync'd writes of one chunk size.
-struct Bw {
-    label: String,
-    chunk: usize,
-    ops: u64,
-    secs: f64,
-}
-
-impl Bw {
-    fn mb_s(&self) -> f64 {
-        (self.ops * self.chunk as u64) as f64 / self.secs / 1e6
-    }
-}
-
 struct Group {
     appenders: usize,
     records: u64,
     syncs: u64,
     secs: f64,
     rolls: usize,
+    /// Share of the wall time this thread was on a CPU.
+    cpu: f64,
     lat: Histogram<u64>,
-    raw: Option<Bw>,
-}
-
-/// Item 5: `rows` are (name, GB/s through `log.read`, GB/s over a Vec of the same bytes).
-struct Read {
-    bytes: usize,
-    batches: usize,
-    fill_mb_s: f64,
-    rows: [(&'static str, f64, f64); 3],
 }
 
 fn parse_args() -> Params {
@@ -135,10 +168,17 @@ async fn prewrite(file: &File, len: u64) {
     file.sync_all().await.unwrap();
 }
 
-/// Item 1: 4 KiB write_all_at + sync_data at queue depth 1, sequential, in one file preparation.
-async fn floor(dir: &Path, mode: &str, warmup: usize, samples: usize) -> Histogram<u64> {
+/// Item 1: `size`-byte write_all_at + sync_data at queue depth 1, sequential, in one file
+/// preparation.
+async fn floor(
+    dir: &Path,
+    mode: &str,
+    size: usize,
+    warmup: usize,
+    samples: usize,
+) -> Histogram<u64> {
     let path = dir.join(format!("floor-{mode}"));
-    let len = ((warmup + samples) * 4 * KIB) as u64;
+    let len = ((warmup + samples) * size) as u64;
     let file = File::create(&path).await.unwrap();
     match mode {
         "prewritten" => prewrite(&file, len).await,
@@ -149,11 +189,11 @@ async fn floor(dir: &Path, mode: &str, warmup: usize, samples: usize) -> Histogr
         }
         _ => {}
     }
-    let mut buf = vec![0xA5u8; 4 * KIB];
+    let mut buf = vec![0xA5u8; size];
     let mut h = hist();
     for i in 0..warmup + samples {
         let t = Instant::now();
-        buf = write_sync(&file, buf, (i * 4 * KIB) as u64).await;
+        buf = write_sync(&file, buf, (i * size) as u64).await;
         if i >= warmup {
             h.saturating_record(ns(t));
         }
@@ -164,8 +204,8 @@ async fn floor(dir: &Path, mode: &str, warmup: usize, samples: usize) -> Histogr
 }
 
 /// Items 2 and 4: `chunk`-byte writes, each followed by fdatasync, going sequentially round a
-/// pre-written file of `len` bytes for `dur` (at least 10 timed writes).
-async fn seq_sync(file: &File, len: u64, chunk: usize, dur: Duration, label: String) -> Bw {
+/// pre-written file of `len` bytes for `dur` (at least 10 timed writes). Returns (ops/s, MB/s).
+async fn seq_sync(file: &File, len: u64, chunk: usize, dur: Duration) -> (f64, f64) {
     let mut buf = vec![0x5Au8; chunk];
     let (mut pos, mut ops, mut t) = (0u64, 0u64, Instant::now());
     // Three untimed writes first: the first fdatasync after a pause can pay for other work.
@@ -176,18 +216,13 @@ async fn seq_sync(file: &File, len: u64, chunk: usize, dur: Duration, label: Str
         pos += chunk as u64;
         ops += 1;
     }
-    let (ops, secs) = (ops - 3, t.elapsed().as_secs_f64());
-    Bw {
-        label,
-        chunk,
-        ops,
-        secs,
-    }
+    let ops_s = (ops - 3) as f64 / t.elapsed().as_secs_f64();
+    (ops_s, ops_s * chunk as f64 / 1e6)
 }
 
-/// Open a fresh log, then wait for the segment it prepares in the background right after open
-/// (zero-fill + fsync, as long again as the first one open awaited) so it does not disturb the
-/// measurement that follows.
+/// Open a fresh log with the default config, then sleep while it prepares its next segment in
+/// the background (a zero-fill + fsync as long as the one `open` awaited), so that preparation
+/// does not share the disk with the measurement that follows.
 async fn open_log(dir: &Path) -> Log {
     let t = Instant::now();
     let log = Log::open(dir, LogConfig::default()).await.unwrap();
@@ -217,7 +252,7 @@ async fn group_commit(log: &Log, n: usize, dur: Duration) -> Group {
     let records = Rc::new(Cell::new(0u64));
     let syncs = Rc::new(Cell::new((0u64, log.flush_offset())));
     let lat = Rc::new(RefCell::new(hist()));
-    let segments = log.segment_count();
+    let (segments, cpu) = (log.segment_count(), thread_cpu_ns());
     let start = Instant::now();
     let deadline = start + dur;
     let tasks: Vec<_> = (0..n)
@@ -244,15 +279,25 @@ async fn group_commit(log: &Log, n: usize, dur: Duration) -> Group {
     for t in tasks {
         t.await.unwrap();
     }
+    let secs = start.elapsed().as_secs_f64();
     Group {
         appenders: n,
         records: records.get(),
         syncs: syncs.get().0.max(1),
-        secs: start.elapsed().as_secs_f64(),
+        secs,
+        cpu: (thread_cpu_ns() - cpu) as f64 / 1e9 / secs,
         rolls: log.segment_count() - segments,
         lat: lat.replace(hist()),
-        raw: None,
     }
+}
+
+/// CPU time of this thread, where the log's tasks and the appenders all run (ns; 0 if unknown).
+fn thread_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    s.split(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Touch every byte as little-endian u64 words: a memory-bound pass the compiler vectorises.
@@ -291,7 +336,7 @@ fn best_gb_s(bytes: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Item 5: fill a log with `total` bytes of 1..64 KiB records, flush, then read it back.
-async fn mmap_read(dir: &Path, total: usize) -> Read {
+async fn mmap_read(dir: &Path, total: usize, o: &mut Out) {
     let log = open_log(dir).await;
     // A fixed LCG: the same record sizes in every run.
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -325,19 +370,31 @@ async fn mmap_read(dir: &Path, total: usize) -> Read {
     let mem_crc = best_gb_s(bytes, || crc ^= crc32c::crc32c(black_box(&copy)));
     black_box((acc, crc));
     log.close().await.unwrap();
-    Read {
-        bytes,
-        batches,
-        fill_mb_s,
-        rows: [
-            (
-                "u64 sum, 1st pass (faults)",
-                bytes as f64 / cold / 1e9,
-                mem_sum,
-            ),
-            ("u64 sum, best of 3", sum, mem_sum),
-            ("crc32c, best of 3", crc_gb_s, mem_crc),
-        ],
+    let mib = bytes >> 20;
+    o.say(&format!(
+        "\n5. mmap read: log.read(1 MiB at a time) over {mib} MiB in {batches} batches"
+    ));
+    o.say(&format!(
+        "   of 1..64 KiB records (appended at {fill_mb_s:.0} MB/s, then flushed)"
+    ));
+    o.say("  touch every byte with                log GB/s Vec GB/s   ratio");
+    put! { o, "read", bytes = bytes, batches = batches, fill_mb_s = fill_mb_s }
+    let rows = [
+        (
+            "sum_first_pass",
+            "u64 sum, 1st pass (faults)",
+            bytes as f64 / cold / 1e9,
+            mem_sum,
+        ),
+        ("sum", "u64 sum, best of 3", sum, mem_sum),
+        ("crc32c", "crc32c, best of 3", crc_gb_s, mem_crc),
+    ];
+    for (key, name, log, mem) in rows {
+        o.say(&format!(
+            "  {name:<36} {log:>8.2} {mem:>8.2} {:>6.2}x",
+            log / mem
+        ));
+        put! { o, format!("read.{key}"), log_gb_s = log, memory_gb_s = mem, ratio = log / mem }
     }
 }
 
@@ -366,37 +423,6 @@ fn default_parent() -> PathBuf {
         .unwrap_or_else(|| ".".into())
 }
 
-/// A JSON string literal.
-fn q(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// Three decimals are plenty, and keep the JSON readable.
-fn r(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// `obj! { "key": value, .. }`: one JSON object; each value must Display as JSON already.
-macro_rules! obj {
-    ($($k:literal: $v:expr),* $(,)?) => {
-        format!("{{{}}}", [$(format!("\"{}\":{}", $k, $v)),*].join(","))
-    };
-}
-
-fn lat_json(h: &Histogram<u64>) -> String {
-    let p = pcts(h).map(r);
-    obj! {
-        "samples": h.len(), "p50_us": p[0], "p90_us": p[1], "p99_us": p[2], "p999_us": p[3],
-        "max_us": p[4]
-    }
-}
-
-fn lat_row(name: &str, h: &Histogram<u64>) -> String {
-    let p = pcts(h);
-    let cols: String = p.iter().map(|v| format!(" {v:>9.1}")).collect();
-    format!("  {name:<12}{cols}")
-}
-
 fn main() {
     let p = parse_args();
     let parent = p.dir.clone().unwrap_or_else(default_parent);
@@ -407,169 +433,165 @@ fn main() {
     let dir = tmp.path().canonicalize().unwrap();
     let fs = fs_type(&dir);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let kernel = kernel.trim();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let rec_disk = encoded_len(&[[0u8; REC]]);
     let started = Instant::now();
+    let mut o = Out::default();
+    o.say(&format!(
+        "log_bench{}",
+        if p.quick { " --quick" } else { "" }
+    ));
+    let conditions = [
+        ("dir", dir.display().to_string()),
+        ("fs", fs),
+        ("kernel", kernel.trim().into()),
+    ];
+    for (k, v) in &conditions {
+        o.say(&format!("  {k:<7} {v}"));
+        o.str(&format!("conditions.{k}"), v);
+    }
+    o.say(&format!(
+        "  {cpus} CPUs; {REC} B records ({rec_disk} B on disk: batch header + length prefix)"
+    ));
+    o.say("  MB = 1e6 B, GB = 1e9 B, latencies in µs\n");
+    put! { o, "conditions", cpus = cpus, quick = u8::from(p.quick), record_bytes = REC,
+    record_disk_bytes = rec_disk }
 
-    let out = tokio_uring::start(async {
-        let mut floors = Vec::new();
-        for mode in ["prewritten", "growing", "fallocated"] {
-            eprintln!("log_bench: floor: 4 KiB write+fdatasync, {mode} file");
-            floors.push((mode, floor(&dir, mode, p.warmup, p.samples).await));
+    tokio_uring::start(async {
+        let samples = format!("{} samples after {} warm-up", p.samples, p.warmup);
+        o.say(&format!(
+            "1. Raw floor: <size> B write_all_at + sync_data, QD1 ({samples})"
+        ));
+        o.say("   (a) prewritten = zero-filled + fsynced, overwritten sequentially; (b) growing =");
+        o.say(&format!(
+            "   appending; (c) fallocated + fsynced, then written\n{LAT_HEADER}"
+        ));
+        // The last row repeats (a) with log-core's write pattern for item 3: one batch of one
+        // 1 KiB record per write, so writes are unaligned and rewrite the previous page.
+        let modes = [
+            ("prewritten", 4 * KIB),
+            ("growing", 4 * KIB),
+            ("fallocated", 4 * KIB),
+        ];
+        let mut floor_p50 = Vec::new();
+        for (mode, size) in modes.into_iter().chain([("prewritten", rec_disk)]) {
+            eprintln!("log_bench: floor: {size} B write+fdatasync, {mode} file");
+            let h = floor(&dir, mode, size, p.warmup, p.samples).await;
+            o.lat(
+                &format!("floor.{mode}_{size}"),
+                &format!("{mode} {size}"),
+                &h,
+            );
+            floor_p50.push(pcts(&h)[0]);
         }
 
         eprintln!("log_bench: raw sequential fdatasync'd bandwidth");
         let raw_path = dir.join("raw-bandwidth");
         let raw = File::create(&raw_path).await.unwrap();
         prewrite(&raw, p.bw_file).await;
-        let mut bws = Vec::new();
+        o.say(&format!(
+            "\n2. Raw sequential write + fdatasync into a pre-written {} MiB file (~{:.1} s each)",
+            p.bw_file >> 20,
+            p.bw_secs.as_secs_f64()
+        ));
+        o.say("  chunk            ops/s      MB/s   records/s");
+        let mut mib_bw = 0.0;
         for (label, kib) in RAW_CHUNKS {
-            bws.push(seq_sync(&raw, p.bw_file, kib * KIB, p.bw_secs, label.into()).await);
+            let (ops_s, mb_s) = seq_sync(&raw, p.bw_file, kib * KIB, p.bw_secs).await;
+            // N x 1 KiB rows also count records.
+            let key = format!("raw.{}", label.replace(' ', "_"));
+            put! { o, key, ops_s = ops_s, mb_s = mb_s }
+            let mut row = format!("  {label:<12} {ops_s:>9.1} {mb_s:>9.1}");
+            // N x 1 KiB rows also count records.
+            if let Some((n, _)) = label.split_once(" x ") {
+                let recs = ops_s * n.parse::<f64>().unwrap();
+                row += &format!(" {recs:>11.0}");
+                put! { o, key, records_s = recs }
+            }
+            o.say(&row);
+            mib_bw = if kib == 1024 { mb_s } else { mib_bw };
         }
 
         eprintln!("log_bench: log-core: single append + flush latency");
         let log = open_log(&dir.join("log")).await;
         let single = log_latency(&log, p.warmup, p.samples).await;
+        // The disk's floor drifts over time (host caches, neighbours): measure (a) again now.
+        let again = floor(&dir, "prewritten", 4 * KIB, p.warmup, p.samples).await;
+        o.say("\n3. log-core: try_append(one 1 KiB record) + wait_flushed(next), one at a time");
+        o.say(&format!("   ({samples})\n{LAT_HEADER}"));
+        o.lat("append", "append+flush", &single);
+        o.lat("append.floor_again", "floor (a) again", &again);
+        let (ratio, same) = (
+            pcts(&single)[0] / floor_p50[0],
+            pcts(&single)[0] / floor_p50[3],
+        );
+        let drift = pcts(&again)[0] / floor_p50[0];
+        let verdict = if ratio <= 1.2 {
+            "met".into()
+        } else {
+            format!("MISSED by {:.0}%", (ratio / 1.2 - 1.0) * 100.0)
+        };
+        o.say(&format!(
+            "  p50 / floor (a) prewritten 4096 p50: {ratio:.2}x  (target <= 1.2x: {verdict})"
+        ));
+        o.say(&format!(
+            "  p50 / floor prewritten {rec_disk} p50 (same write pattern): {same:.2}x"
+        ));
+        o.say(&format!(
+            "  floor (a) re-measured right after item 3: its p50 moved {drift:.2}x since item 1"
+        ));
+        put! { o, "append", ratio_to_floor_p50 = ratio, target = 1.2,
+        ratio_to_same_pattern_floor_p50 = same, floor_drift = drift }
+
         let mut groups = Vec::new();
         for n in APPENDERS {
             eprintln!("log_bench: log-core: group commit, {n} appenders");
             groups.push(group_commit(&log, n, p.gc_secs).await);
         }
         log.close().await.unwrap();
-        // Raw runs at the observed group sizes come after the log is closed, so its background
-        // segment preparation cannot share the disk with them.
-        for g in &mut groups {
+        let secs = p.gc_secs.as_secs_f64();
+        o.say("\n4. log-core group commit: N appenders (tokio_uring::spawn, one thread), each");
+        o.say(&format!(
+            "   looping append(1 KiB) + wait_flushed, ~{secs:.0} s each. syncs = distinct"
+        ));
+        o.say("   flush_offset values seen by woken appenders; cpu = this thread's share of wall;");
+        o.say(
+            "   raw@group = item 2 at a chunk of the average group's bytes, after the log closed",
+        );
+        o.say(TABLE4);
+        for g in &groups {
+            // After the log is closed, so its background segment preparation cannot share the disk.
             let chunk = ((g.records as usize * rec_disk) / g.syncs as usize).max(1);
-            let label = format!("{chunk} B");
-            g.raw = Some(seq_sync(&raw, p.bw_file, chunk, p.bw_secs, label).await);
+            let raw = seq_sync(&raw, p.bw_file, chunk, p.bw_secs).await.1;
+            let rec_s = g.records as f64 / g.secs;
+            let (mb_s, disk) = (rec_s * REC as f64 / 1e6, rec_s * rec_disk as f64 / 1e6);
+            let (per_sync, syncs_s) = (g.records as f64 / g.syncs as f64, g.syncs as f64 / g.secs);
+            let (n, rolls, cpu, l) = (g.appenders, g.rolls, g.cpu * 100.0, pcts(&g.lat));
+            let group = format!("{per_sync:.1}/{chunk}");
+            let left =
+                format!("{n:>6} {rec_s:>9.0} {mb_s:>8.1} {disk:>8.1} {syncs_s:>7.0} {group:>14}");
+            let (r_grp, r_mib, p50, p99) = (disk / raw, disk / mib_bw, l[0], l[2]);
+            let right = format!("{p50:>8.0} {p99:>8.0} {rolls:>5} {cpu:>3.0}% {raw:>9.1}");
+            o.say(&format!("{left} {right} {r_grp:>8.2}x {r_mib:>8.2}x"));
+            put! { o, format!("group.{n}"), records_s = rec_s, payload_mb_s = mb_s,
+            disk_mb_s = disk, syncs_s = syncs_s, avg_group_records = per_sync,
+            avg_group_bytes = chunk, p50_us = p50, p99_us = p99, p999_us = l[3], max_us = l[4],
+            segment_rolls = rolls, thread_cpu = g.cpu, raw_at_group_mb_s = raw,
+            ratio_to_raw_at_group = r_grp, ratio_to_raw_1mib = r_mib, secs = g.secs }
         }
+        o.say(&format!("  raw 1 MiB chunks: {mib_bw:.1} MB/s"));
         raw.close().await.unwrap();
         std::fs::remove_file(&raw_path).unwrap();
 
         eprintln!("log_bench: mmap read");
-        let read = mmap_read(&dir.join("read-log"), p.read_bytes).await;
-        (floors, bws, single, groups, read)
+        mmap_read(&dir.join("read-log"), p.read_bytes, &mut o).await;
     });
-    let (floors, bws, single, groups, read) = out;
-    let total_secs = started.elapsed().as_secs_f64();
-    let ratio = pcts(&single)[0] / pcts(&floors[0].1)[0];
-    let verdict = if ratio <= 1.2 {
-        "met".to_string()
-    } else {
-        format!("MISSED by {:.0}%", (ratio / 1.2 - 1.0) * 100.0)
-    };
-    let mib_bw = bws[1].mb_s();
-    // (records/s, payload MB/s, disk MB/s, avg group records, raw MB/s at the group size)
-    let gstats = |g: &Group| {
-        let rec_s = g.records as f64 / g.secs;
-        let raw = g.raw.as_ref().unwrap().mb_s();
-        let per_sync = g.records as f64 / g.syncs as f64;
-        let disk = rec_s * rec_disk as f64 / 1e6;
-        (rec_s, rec_s * REC as f64 / 1e6, disk, per_sync, raw)
-    };
-
+    let total = started.elapsed().as_secs_f64();
+    o.num("conditions.total_secs", total);
     if p.json {
-        let floors_js = floors
-            .iter()
-            .map(|(m, h)| format!("{}:{}", q(m), lat_json(h)));
-        let bw_js = bws.iter().map(|b| {
-            obj! {
-                "label": q(&b.label), "chunk_bytes": b.chunk, "ops": b.ops, "secs": r(b.secs),
-                "mb_s": r(b.mb_s()), "ops_s": r(b.ops as f64 / b.secs)
-            }
-        });
-        let gc_js = groups.iter().map(|g| {
-            let (rec_s, mb_s, disk, per_sync, raw) = gstats(g);
-            obj! {
-                "appenders": g.appenders, "records": g.records, "secs": r(g.secs),
-                "records_s": r(rec_s), "payload_mb_s": r(mb_s), "disk_mb_s": r(disk),
-                "fdatasyncs": g.syncs, "avg_group_records": r(per_sync),
-                "avg_group_bytes": g.raw.as_ref().unwrap().chunk, "segment_rolls": g.rolls,
-                "latency": lat_json(&g.lat), "raw_at_group_mb_s": r(raw),
-                "ratio_to_raw_at_group": r(disk / raw), "ratio_to_raw_1mib": r(disk / mib_bw)
-            }
-        });
-        let conditions = obj! {
-            "dir": q(&dir.display().to_string()), "fs": q(&fs), "kernel": q(kernel), "cpus": cpus,
-            "quick": p.quick, "record_bytes": REC, "record_disk_bytes": rec_disk,
-            "total_secs": r(total_secs)
-        };
-        let rows = read.rows.map(|(name, log, mem)| {
-            obj! { "touch": q(name), "log_gb_s": r(log), "memory_gb_s": r(mem), "ratio": r(log / mem) }
-        });
-        let mmap = obj! {
-            "bytes": read.bytes, "batches": read.batches, "fill_mb_s": r(read.fill_mb_s),
-            "read_bytes_max": MIB, "passes": format!("[{}]", rows.join(","))
-        };
-        println!(
-            "{}",
-            obj! {
-                "conditions": conditions,
-                "floor_4k_qd1": format!("{{{}}}", floors_js.collect::<Vec<_>>().join(",")),
-                "raw_seq_fdatasync": format!("[{}]", bw_js.collect::<Vec<_>>().join(",")),
-                "append_flush_latency": lat_json(&single), "append_ratio_to_floor_p50": r(ratio),
-                "append_ratio_target": 1.2,
-                "group_commit": format!("[{}]", gc_js.collect::<Vec<_>>().join(",")),
-                "mmap_read": mmap
-            }
-        );
-        return;
-    }
-
-    let hdr = "                     p50       p90       p99     p99.9       max";
-    let quick = if p.quick { ", --quick" } else { "" };
-    println!(
-        "log_bench  ({total_secs:.0} s{quick})\n  dir     {}\n  fs      {fs}",
-        dir.display()
-    );
-    println!("  kernel  {kernel}, {cpus} CPUs; MB = 1e6 B, GB = 1e9 B, latencies in µs\n");
-    println!("1. Raw floor: 4 KiB write_all_at + sync_data, QD1, sequential ({} samples after {} warm-up)\n{hdr}", p.samples, p.warmup);
-    for (mode, h) in &floors {
-        println!("{}", lat_row(mode, h));
-    }
-    println!(
-        "\n2. Raw sequential write + fdatasync into a pre-written {} MiB file (~{:.1} s each)",
-        p.bw_file >> 20,
-        p.bw_secs.as_secs_f64()
-    );
-    println!("  chunk            ops/s      MB/s   records/s");
-    for b in &bws {
-        let ops_s = b.ops as f64 / b.secs;
-        let recs = b.label.split_once(" x ").map_or("-".into(), |(n, _)| {
-            format!("{:.0}", ops_s * n.parse::<f64>().unwrap())
-        });
-        let mb_s = b.mb_s();
-        println!("  {:<12} {ops_s:>9.1} {mb_s:>9.1} {recs:>11}", b.label);
-    }
-    println!("\n3. log-core: try_append(1 x {REC} B) + wait_flushed(next), one at a time ({} samples after {} warm-up)\n{hdr}", p.samples, p.warmup);
-    println!("{}", lat_row("append+flush", &single));
-    println!("  p50 ratio to floor (prewritten) p50: {ratio:.2}x  (target <= 1.2x: {verdict})\n");
-    println!("4. log-core group commit: N appenders on one thread, each append 1 KiB + wait_flushed, ~{:.0} s each", p.gc_secs.as_secs_f64());
-    println!(
-        "   disk MB/s counts {rec_disk} B per record (batch header + length prefix + payload);"
-    );
-    println!(
-        "   fdatasyncs = distinct flush_offset values seen by woken appenders; raw@group = item 2"
-    );
-    println!("   at a chunk of the average group's bytes, measured after the log was closed");
-    println!("     N     rec/s     MB/s diskMB/s syncs/s    group rec/B   p50 µs   p99 µs rolls raw@group ÷raw@grp ÷raw1MiB");
-    for g in &groups {
-        let (rec_s, mb_s, disk, per_sync, raw) = gstats(g);
-        let l = pcts(&g.lat);
-        let group = format!("{per_sync:.1}/{}", g.raw.as_ref().unwrap().chunk);
-        println!(
-            "  {:>4} {rec_s:>9.0} {mb_s:>8.1} {disk:>8.1} {:>7.0} {group:>14} {:>8.0} {:>8.0} {:>5} {raw:>9.1} {:>7.2}x {:>7.2}x",
-            g.appenders, g.syncs as f64 / g.secs, l[0], l[2], g.rolls, disk / raw, disk / mib_bw
-        );
-    }
-    println!("  raw 1 MiB chunks: {mib_bw:.1} MB/s\n");
-    println!(
-        "5. mmap read: log.read({} KiB at a time) over {} MiB in {} batches of 1..64 KiB records (filled at {:.0} MB/s, flushed)",
-        MIB / KIB, read.bytes >> 20, read.batches, read.fill_mb_s
-    );
-    println!("  touch every byte with                log GB/s Vec GB/s   ratio");
-    for (name, log, mem) in read.rows {
-        println!("  {name:<36} {log:>8.2} {mem:>8.2} {:>6.2}x", log / mem);
+        println!("{{{}}}", o.json.join(","));
+    } else {
+        print!("{}", o.text);
+        println!("\ntotal {total:.0} s");
     }
 }
