@@ -15,6 +15,21 @@
 //! - [`Log::read`] returns whole batches as slices of the segment mappings.
 //! - Any write or fdatasync error fails the log for good ([`Error::Failed`]); reopen it to
 //!   re-validate from disk.
+//!
+//! ```
+//! use log_core::{Epoch, Log, LogConfig, Offset};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! tokio_uring::start(async {
+//!     let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+//!     let appended = log.try_append(Epoch(1), &[b"hello".as_slice(), b"world"]).unwrap();
+//!     log.wait_flushed(appended.next).await.unwrap(); // both records are durable now
+//!     let read = log.read(Offset(1), log.end_offset(), 1 << 20).unwrap();
+//!     let values: Vec<&[u8]> = read.batches[0].view().records().map(|r| r.value).collect();
+//!     assert_eq!(values, [b"hello".as_slice(), b"world"]);
+//!     log.close().await.unwrap();
+//! });
+//! ```
 
 pub mod batch;
 mod config;
