@@ -790,7 +790,7 @@ impl Inner {
         if offset > st.next_offset {
             return Err(Error::OffsetOutOfRange {
                 offset,
-                start: Offset(0),
+                start: st.sealed.values().next().map_or(st.active.base, |s| s.base),
                 end: st.next_offset,
             });
         }

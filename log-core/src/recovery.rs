@@ -14,7 +14,7 @@ use crate::config::LogConfig;
 use crate::epochs::{EpochHistory, EPOCHS_FILE};
 use crate::error::{CorruptionKind, Error, Result};
 use crate::fsutil;
-use crate::index::{self, IndexProblem, SealedMeta, SparseIndex};
+use crate::index::{self, SealedMeta, SparseIndex};
 use crate::segment::{self, Segment, INDEX_EXT, SEGMENT_EXT};
 use crate::types::{Epoch, Offset};
 
@@ -356,7 +356,6 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
                     index::store(&idx_path, &meta)?;
                     tracing::info!(index = %idx_path.display(), ?problem, "rebuilt index");
                     report.indexes_rebuilt.push(idx_path);
-                    let _ = problem == IndexProblem::Missing;
                     let verified = meta.data_len;
                     (meta, verified)
                 }
@@ -407,11 +406,11 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
             // Missing or damaged: rebuild from every batch header.
             let mut h = EpochHistory::empty(dir);
             for seg in sealed.iter().chain(active.as_ref().map(|(s, _)| s)) {
+                let file = File::open(&seg.path).map_err(Error::io("open", &seg.path))?;
                 let mut pos = 0;
                 while pos < seg.data_len {
                     let mut head = [0u8; BATCH_HEADER_LEN];
-                    File::open(&seg.path)
-                        .and_then(|f| f.read_exact_at(&mut head, pos))
+                    file.read_exact_at(&mut head, pos)
                         .map_err(Error::io("read", &seg.path))?;
                     let hd = batch::header(&head).expect("48 bytes");
                     h.observe(hd.epoch(), hd.base_offset());
