@@ -1070,8 +1070,11 @@ async fn write_batches(
         }
         let (res, slice) = file.write_all_at(buf.slice(start..end), pos).await;
         buf = slice.into_inner();
-        let path = inner.st.borrow().active.path.clone();
-        res.map_err(Error::io("write", &path))?;
+        if let Err(e) = res {
+            // The path is looked up only on failure: the hot path does no allocation for it.
+            let path = inner.st.borrow().active.path.clone();
+            return Err(Error::io("write", path)(e));
+        }
         fault_check(&inner.dir, "write")?;
         {
             let mut st = inner.st.borrow_mut();
