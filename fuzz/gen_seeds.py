@@ -23,10 +23,18 @@ def crc32c(data: bytes) -> int:
     return c ^ 0xFFFFFFFF
 
 
-def batch(base: int, epoch: int, ts: int, records: list) -> bytes:
+FLAG_PRODUCER = 0x0001
+
+
+def batch(base: int, epoch: int, ts: int, records: list, producer=None) -> bytes:
+    """`producer`, if given, is (producer_id, first_sequence): the 16-byte prefix of the payload."""
     payload = b"".join(struct.pack("<I", len(r)) + r for r in records)
+    flags = 0
+    if producer is not None:
+        payload = struct.pack("<QQ", *producer) + payload
+        flags = FLAG_PRODUCER
     # magic, crc, version, flags, record_count, base_offset, epoch, timestamp_us, payload_len, reserved
-    header = struct.pack("<4sIHHIQQQII", b"RPLG", 0, 1, 0, len(records), base, epoch, ts, len(payload), 0)
+    header = struct.pack("<4sIHHIQQQII", b"RPLG", 0, 1, flags, len(records), base, epoch, ts, len(payload), 0)
     b = bytearray(header + payload)
     b[4:8] = struct.pack("<I", crc32c(bytes(b[8:])))
     return bytes(b)
@@ -41,6 +49,9 @@ SEEDS = {
     "trailing": batch(42, 2, 5, [b"x", b"yz"]) + b"\x00" * 16,
     # The top of the offset space: the last record is at u64::MAX - 1, next_offset is u64::MAX.
     "top_offsets": batch(2**64 - 3, 9, 9, [b"a", b"b"]),
+    "producer": batch(7, 2, 3, [b"abc", b"de"], producer=(42, 1000)),
+    # The last record's sequence is u64::MAX.
+    "producer_top_sequence": batch(0, 1, 1, [b"x", b"y"], producer=(2**64 - 1, 2**64 - 2)),
 }
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "batch_decode")
 os.makedirs(out, exist_ok=True)

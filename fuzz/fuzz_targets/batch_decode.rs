@@ -1,5 +1,6 @@
 //! Arbitrary bytes into `log_core::batch::decode`. Whatever it accepts must be a canonical batch:
-//! re-encoding its header fields and records reproduces the accepted bytes exactly.
+//! re-encoding its header fields, producer metadata and records reproduces the accepted bytes
+//! exactly.
 //!
 //! The crc32c covers the whole batch, so nearly every mutation of a valid input is rejected at
 //! the checksum and the checks behind it are never reached. Each input is therefore decoded
@@ -59,8 +60,21 @@ fn check(data: &[u8]) {
     }
     assert_eq!(values.len() as u64, u64::from(count));
 
+    // Producer metadata exactly when the flag is set, with every record's sequence in range.
+    let producer = view.producer();
+    assert_eq!(producer.is_some(), h.has_producer());
+    if let Some(p) = producer {
+        assert!(p.first_sequence.checked_add(u64::from(count) - 1).is_some());
+    }
+
     // Re-encoding from the decoded fields gives back the very same bytes.
-    let again = batch::encode(h.base_offset(), h.epoch(), h.timestamp_us.get(), &values);
+    let again = batch::encode_with(
+        h.base_offset(),
+        h.epoch(),
+        h.timestamp_us.get(),
+        producer,
+        &values,
+    );
     assert_eq!(
         again.as_slice(),
         bytes,
@@ -71,4 +85,5 @@ fn check(data: &[u8]) {
     let alone = batch::decode(bytes).expect("the accepted prefix alone does not decode");
     assert_eq!(alone.as_bytes(), bytes);
     assert!(alone.records().eq(view.records()));
+    assert_eq!(alone.producer(), producer);
 }

@@ -38,7 +38,8 @@ pub const SEGMENT_BYTES_MIN: u64 = 4096;
 pub const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64;
 
 impl LogConfig {
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Check that the values are usable together.
+    pub fn validate(&self) -> Result<()> {
         if self.segment_bytes_max < SEGMENT_BYTES_MIN
             || self.segment_bytes_max > SEGMENT_BYTES_LIMIT
         {

@@ -13,6 +13,8 @@
 //! - Offsets are positions between records: a record at offset `o` is durable iff
 //!   `o < flush_offset()`.
 //! - [`Log::read`] returns whole batches as slices of the segment mappings.
+//! - [`Log::try_append_producer`] stores a [`ProducerMeta`] (producer id, first sequence) with a
+//!   batch; [`BatchView::producer`] returns it, so a producer table can be rebuilt from the log.
 //! - Any write or fdatasync error fails the log for good ([`Error::Failed`]); reopen it to
 //!   re-validate from disk.
 //!
@@ -45,7 +47,7 @@ mod segment;
 mod store;
 mod types;
 
-pub use batch::{BatchHeader, BatchView, Record, BATCH_HEADER_LEN};
+pub use batch::{BatchHeader, BatchView, ProducerMeta, Record, BATCH_HEADER_LEN};
 pub use config::{LogConfig, RetentionPolicy};
 pub use epochs::EpochEntry;
 pub use error::{CorruptionKind, Error, Result};

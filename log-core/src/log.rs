@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_uring::buf::BoundedBuf;
 
-use crate::batch::{self, BatchView};
+use crate::batch::{self, BatchView, ProducerMeta};
 use crate::config::{LogConfig, RetentionPolicy};
 use crate::epochs::{EpochEntry, EpochHistory};
 use crate::error::{CorruptionKind, Error, Result};
@@ -70,6 +70,8 @@ struct Inner {
     syncer_wake: Notify,
     /// Woken when the writer takes the queue, so `append` can retry after `Backpressure`.
     room: Notify,
+    /// Woken when a batch is queued (and on failure), for [`Log::wait_appended`].
+    appended: Notify,
     _lock: std::fs::File,
 }
 
@@ -373,6 +375,7 @@ impl Log {
             writer_wake: Notify::new(),
             syncer_wake: Notify::new(),
             room: Notify::new(),
+            appended: Notify::new(),
             _lock: lock,
         });
         inner.start_preparing();
@@ -493,6 +496,31 @@ impl Log {
         timestamp_us: u64,
         records: &[R],
     ) -> Result<Appended> {
+        self.try_append_producer_at(epoch, timestamp_us, None, records)
+    }
+
+    /// [`Log::try_append`] for a batch that carries producer metadata (if `producer` is `Some`):
+    /// the producer id and the sequence number of the first record, stored in the batch and
+    /// returned by [`BatchView::producer`] when it is read back.
+    pub fn try_append_producer<R: AsRef<[u8]>>(
+        &self,
+        epoch: Epoch,
+        producer: Option<ProducerMeta>,
+        records: &[R],
+    ) -> Result<Appended> {
+        self.try_append_producer_at(epoch, now_us(), producer, records)
+    }
+
+    /// [`Log::try_append_producer`] with an explicit timestamp (microseconds since the Unix
+    /// epoch). The records' sequence numbers must fit in a u64
+    /// ([`batch::BatchError::SequenceOverflow`] otherwise).
+    pub fn try_append_producer_at<R: AsRef<[u8]>>(
+        &self,
+        epoch: Epoch,
+        timestamp_us: u64,
+        producer: Option<ProducerMeta>,
+        records: &[R],
+    ) -> Result<Appended> {
         let cfg = &self.inner.config;
         if records.is_empty() {
             return Err(Error::EmptyBatch);
@@ -503,7 +531,15 @@ impl Log {
                 max: cfg.batch_records_max,
             });
         }
-        let len = batch::encoded_len(records);
+        if let Some(p) = producer {
+            if p.first_sequence
+                .checked_add(records.len() as u64 - 1)
+                .is_none()
+            {
+                return Err(Error::InvalidBatch(batch::BatchError::SequenceOverflow));
+            }
+        }
+        let len = batch::encoded_len_with(producer, records);
         if len > cfg.batch_bytes_max {
             return Err(Error::BatchTooLarge {
                 len,
@@ -517,14 +553,22 @@ impl Log {
             return Err(Error::InvalidBatch(batch::BatchError::OffsetOverflow));
         }
         self.inner.observe_epoch(&mut st, epoch)?;
-        batch::encode_into(&mut st.pending, base, epoch, timestamp_us, records);
+        batch::encode_into_with(
+            &mut st.pending,
+            base,
+            epoch,
+            timestamp_us,
+            producer,
+            records,
+        );
         Ok(self
             .inner
             .queued(&mut st, base, records.len() as u64, len, timestamp_us))
     }
 
     /// Queue a batch that is already encoded (a follower storing the leader's bytes verbatim).
-    /// The batch is fully validated, and must start at [`Log::next_offset`].
+    /// The batch is fully validated, and must start at [`Log::next_offset`]. Producer metadata,
+    /// if the batch carries any, is kept as it is.
     pub fn try_append_batch(&self, bytes: &[u8]) -> Result<Appended> {
         let view = batch::decode(bytes)?;
         if view.len() != bytes.len() {
@@ -570,6 +614,43 @@ impl Log {
                 other => return other,
             }
         }
+    }
+
+    /// Wait until the write queue has room again after [`Error::Backpressure`] (or the log
+    /// failed). A caller that must re-check conditions before appending (a conditional append,
+    /// say) uses this rather than [`Log::append`].
+    /// Call it right after the refused append, with no await in between, so that the wake-up
+    /// cannot be missed.
+    pub async fn wait_room(&self) {
+        let room = self.inner.room.notified();
+        if self.inner.st.borrow().failure.is_some() {
+            return;
+        }
+        room.await
+    }
+
+    /// Wait until `next_offset() > offset`: a record at `offset` has been appended (not
+    /// necessarily written). For readers waiting at the end of the log.
+    pub async fn wait_appended(&self, offset: Offset) -> Result<()> {
+        loop {
+            let appended = self.inner.appended.notified();
+            {
+                let st = self.inner.st.borrow();
+                if let Some(e) = &st.failure {
+                    return Err(self.inner.failed(e));
+                }
+                if st.next_offset > offset {
+                    return Ok(());
+                }
+            }
+            appended.await;
+        }
+    }
+
+    /// Base offsets of the segments, oldest first (the last is the active segment).
+    pub fn segment_bases(&self) -> Vec<Offset> {
+        let st = self.inner.st.borrow();
+        st.sealed.keys().copied().chain([st.active.base]).collect()
     }
 
     /// Wait until `end_offset() >= offset`.
@@ -838,6 +919,7 @@ impl Inner {
         });
         st.next_offset = next;
         self.writer_wake.notify_one();
+        self.appended.notify_waiters();
         Appended { first: base, next }
     }
 
@@ -851,6 +933,7 @@ impl Inner {
         st.written_waiters.fail_all(&err);
         st.flushed_waiters.fail_all(&err);
         self.room.notify_waiters();
+        self.appended.notify_waiters();
         self.failed(&err)
     }
 

@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use common::{append_n, payload, read_all, small_config};
-use log_core::{Epoch, Error, Log, LogConfig, Offset, RetentionPolicy, Store};
+use log_core::batch::BatchError;
+use log_core::{Epoch, Error, Log, LogConfig, Offset, ProducerMeta, RetentionPolicy, Store};
 
 #[test]
 fn append_flush_read_and_reopen() {
@@ -147,6 +149,114 @@ fn verbatim_batches_from_another_log() {
         assert_eq!(follower.next_offset(), Offset(50));
         leader.close().await.unwrap();
         follower.close().await.unwrap();
+    });
+}
+
+fn producer(id: u64, first_sequence: u64) -> ProducerMeta {
+    ProducerMeta {
+        producer_id: NonZeroU64::new(id).unwrap(),
+        first_sequence,
+    }
+}
+
+/// Every batch from offset 0 on, as (base offset, producer metadata, record values).
+type BatchSummary = (u64, Option<ProducerMeta>, Vec<Vec<u8>>);
+
+fn batches(log: &Log) -> Vec<BatchSummary> {
+    let r = log.read(Offset(0), Offset(u64::MAX), usize::MAX).unwrap();
+    r.batches
+        .iter()
+        .map(|b| {
+            let v = b.view();
+            let values = v.records().map(|r| r.value.to_vec()).collect();
+            (v.header().base_offset().0, v.producer(), values)
+        })
+        .collect()
+}
+
+#[test]
+fn producer_metadata_survives_reopen_and_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut expected: Vec<BatchSummary> = Vec::new();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        // Batches with and without producer metadata, enough of them to roll segments.
+        for i in 0..80u64 {
+            let at = log.next_offset().0;
+            let records = vec![payload(5, at, 200), payload(5, at + 1, 200)];
+            let meta = (i % 3 != 2).then(|| producer(1 + i % 4, 10 * i));
+            let a = if i % 2 == 0 {
+                log.try_append_producer(Epoch(1), meta, &records).unwrap()
+            } else {
+                log.try_append_producer_at(Epoch(1), 1_000 + i, meta, &records)
+                    .unwrap()
+            };
+            assert_eq!((a.first, a.next), (Offset(at), Offset(at + 2)));
+            expected.push((at, meta, records));
+            log.wait_written(a.next).await.unwrap();
+        }
+        let a = log.try_append(Epoch(1), &[b"plain"]).unwrap();
+        expected.push((a.first.0, None, vec![b"plain".to_vec()]));
+        log.wait_flushed(a.next).await.unwrap();
+        assert!(log.segment_count() > 2, "{} segments", log.segment_count());
+        assert_eq!(batches(&log), expected);
+
+        // Refused before anything is queued: sequences that do not fit, and a batch whose
+        // producer prefix takes it over batch_bytes_max.
+        assert!(matches!(
+            log.try_append_producer(Epoch(1), Some(producer(1, u64::MAX)), &[b"a", b"b"]),
+            Err(Error::InvalidBatch(BatchError::SequenceOverflow))
+        ));
+        let fits_without_prefix = vec![0u8; 4096 - 48 - 4];
+        assert!(matches!(
+            log.try_append_producer(Epoch(1), Some(producer(1, 0)), &[&fits_without_prefix]),
+            Err(Error::BatchTooLarge { len: 4112, .. })
+        ));
+        assert_eq!(log.next_offset(), a.next);
+
+        // Followers store flagged batches verbatim.
+        let follower = Log::open(follower_dir.path(), small_config())
+            .await
+            .unwrap();
+        let r = log.read(Offset(0), Offset(u64::MAX), usize::MAX).unwrap();
+        for b in &r.batches {
+            follower.try_append_batch(b).unwrap();
+        }
+        follower.wait_flushed(a.next).await.unwrap();
+        assert_eq!(batches(&follower), expected);
+        follower.close().await.unwrap();
+        log.close().await.unwrap();
+
+        // Reopen: sealed segments through their indexes, the active one by the recovery scan.
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(log.next_offset(), a.next);
+        assert_eq!(batches(&log), expected);
+        // A read from the middle walks headers from an index entry.
+        let r = log.read(Offset(61), Offset(u64::MAX), 1).unwrap();
+        let v = r.batches[0].view();
+        assert_eq!(v.header().base_offset(), Offset(60));
+        assert_eq!(v.producer(), Some(producer(3, 300)));
+        log.close().await.unwrap();
+    });
+
+    // Without indexes and epoch history, every segment is scanned and the history rebuilt from
+    // the batch headers.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "idx") || path.ends_with("epochs") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let report = log.recovery_report();
+        assert!(report.epochs_rebuilt);
+        assert!(!report.indexes_rebuilt.is_empty());
+        assert!(report.torn_tail.is_none());
+        assert_eq!(batches(&log), expected);
+        assert_eq!(log.epoch_history().len(), 1);
+        log.close().await.unwrap();
     });
 }
 
@@ -447,5 +557,49 @@ fn store_creates_lists_and_reopens_named_logs() {
         );
         assert_eq!(store.get("orders").unwrap().end_offset(), Offset(1));
         store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn waiters_for_appends_and_room_wake_up() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let cfg = LogConfig {
+            pending_bytes_max: 4096,
+            ..small_config()
+        };
+        let log = Log::open(dir.path(), cfg).await.unwrap();
+        // A reader parked at the end wakes when a record is appended.
+        let reader = {
+            let log = log.clone();
+            tokio_uring::spawn(async move { log.wait_appended(Offset(0)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!reader.is_finished());
+        log.try_append(Epoch(1), &[b"x"]).unwrap();
+        reader.await.unwrap().unwrap();
+        // Already past: returns at once.
+        log.wait_appended(Offset(0)).await.unwrap();
+
+        // Fill the queue until it refuses, then wait for room and append again.
+        let big = vec![7u8; 3000];
+        let refused = loop {
+            match log.try_append(Epoch(1), &[&big]) {
+                Ok(_) => continue,
+                Err(Error::Backpressure { .. }) => break true,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(refused);
+        log.wait_room().await;
+        let a = log.try_append(Epoch(1), &[&big]).unwrap();
+        log.wait_flushed(a.next).await.unwrap();
+
+        // Segment bases: oldest first, the active one last.
+        let bases = log.segment_bases();
+        assert_eq!(bases[0], Offset(0));
+        assert_eq!(bases.len(), log.segment_count());
+        assert!(bases.windows(2).all(|w| w[0] < w[1]));
+        log.close().await.unwrap();
     });
 }

@@ -1,0 +1,727 @@
+//! The client: connection management, retries, redirects, and the request methods.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use protocol::{
+    Acks, AppendRequest, ErrorCode, ErrorResponse, LogInfo, ProtocolError, ReadRequest, Receipt,
+    Request, Response, StatusResponse,
+};
+use quinn::VarInt;
+
+use crate::config::{quic_config, ClientConfig, ServerAddr};
+use crate::conn::{self, DialParams, Endpoints, CODE_NORMAL};
+use crate::producer::{Producer, ProducerOptions};
+use crate::records::{extract_records, ReadRecord};
+use crate::tail::Tail;
+use crate::{Error, Result};
+
+/// Redirects followed by one call, at most.
+pub(crate) const REDIRECTS_MAX: u32 = 3;
+
+/// Options of [`Client::append`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendOptions {
+    /// Durability level the receipt waits for. Default [`Acks::Leader`].
+    pub acks: Acks,
+    /// Conditional append: store only if the log's next offset equals this; otherwise the node
+    /// answers [`ErrorCode::OffsetConflict`] with the actual next offset in `detail`.
+    pub expected_offset: Option<u64>,
+    /// How long the node may wait for `acks` to be reached (`None`: the node's default).
+    pub timeout: Option<Duration>,
+}
+
+impl Default for AppendOptions {
+    fn default() -> AppendOptions {
+        AppendOptions {
+            acks: Acks::Leader,
+            expected_offset: None,
+            timeout: None,
+        }
+    }
+}
+
+/// Options of [`Client::read`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Upper bound on the batch bytes of the answer (a first batch larger than this is still
+    /// returned whole). Default 1 MiB.
+    pub bytes_max: u32,
+    /// If nothing is readable at `from`, how long the node may wait for records to commit.
+    /// Default 0: answer at once.
+    pub wait: Duration,
+    /// The committed horizon the node must have reached before answering. `None` (the default)
+    /// sends the highest offset this client has seen for the log, which gives read-your-writes
+    /// and monotonic reads across nodes; `Some(0)` asks for no guarantee.
+    pub min_offset: Option<u64>,
+}
+
+impl Default for ReadOptions {
+    fn default() -> ReadOptions {
+        ReadOptions {
+            bytes_max: 1 << 20,
+            wait: Duration::ZERO,
+            min_offset: None,
+        }
+    }
+}
+
+/// The answer to [`Client::read`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    /// The records at or above the offset asked for, in offset order; empty when nothing was
+    /// readable.
+    pub records: Vec<ReadRecord>,
+    /// Where the next read should start.
+    pub next_offset: u64,
+    /// The log's committed horizon when the answer was built.
+    pub committed: u64,
+}
+
+/// Whether a request may be sent again after it may have reached the node.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Safety {
+    /// Reads, listing, status, create, idempotent appends.
+    Repeatable,
+    /// Plain appends: once sent, never again.
+    Once,
+}
+
+/// An answer, and whether an earlier attempt of the same call may have reached the node.
+pub(crate) struct Answer {
+    pub resp: Response,
+    pub resent: bool,
+}
+
+/// Which node the next attempt goes to.
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    /// The current connection, or the configured servers in order when there is none.
+    Current,
+    /// The leader named by a redirect.
+    Leader(String),
+    /// The configured server after the one of connection `gen` (a redirect without a leader).
+    NextAfter(u64),
+}
+
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub conn: quinn::Connection,
+    pub gen: u64,
+    /// Index in the configured servers, or `None` for a leader reached by a redirect.
+    server: Option<usize>,
+    addr: ServerAddr,
+}
+
+struct ConnState {
+    live: Option<Live>,
+    /// The configured server dialled first.
+    preferred: usize,
+    next_gen: u64,
+}
+
+pub(crate) struct Inner {
+    pub config: ClientConfig,
+    servers: Vec<ServerAddr>,
+    quic: quinn::ClientConfig,
+    endpoints: Mutex<Endpoints>,
+    conn: tokio::sync::Mutex<ConnState>,
+    /// Per log, the highest committed offset this client has seen.
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+/// A replog client: a QUIC connection to a node, shared by every clone.
+///
+/// Cheap to clone (an `Arc`); `Send` and `Sync`; usable from any tokio runtime. The connection is
+/// established by [`Client::connect`] and re-established lazily when it has closed. Requests that
+/// are safe to repeat are retried on connection-level failures (see [`ClientConfig::retries`]),
+/// and `not_leader` answers are followed to the leader.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("servers", &self.inner.config.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let ms = 50u64.saturating_mul(1 << attempt.min(6));
+    Duration::from_millis(ms.min(2000))
+}
+
+fn unexpected(what: &'static str) -> Error {
+    Error::Protocol(ProtocolError::Malformed(what))
+}
+
+fn check_name(config: &ClientConfig, what: &str, name: &str) -> Result<()> {
+    let max = config.limits.name_bytes_max as usize;
+    if name.len() > max {
+        return Err(Error::Config(format!(
+            "{what} {name:.40?}... is {} bytes, over the limit of {max}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Milliseconds for the wire, saturating, and never 0 for a non-zero duration (0 means "none").
+pub(crate) fn millis(d: Duration) -> u32 {
+    if d.is_zero() {
+        0
+    } else {
+        u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+    }
+}
+
+impl Client {
+    /// Check the configuration, load the TLS trust, and connect to the first configured server
+    /// that answers (authenticating with the token if one is configured).
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        if config.servers.is_empty() {
+            return Err(Error::Config("no server address configured".into()));
+        }
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| ServerAddr::parse(s))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(token) = &config.token {
+            if token.len() > config.limits.token_bytes_max as usize {
+                return Err(Error::Config(format!(
+                    "the token is {} bytes, over the limit of {}",
+                    token.len(),
+                    config.limits.token_bytes_max
+                )));
+            }
+        }
+        if config.limits.frame_bytes_max < protocol::BATCHES_PREFIX_LEN as u32 {
+            return Err(Error::Config("limits.frame_bytes_max is too small".into()));
+        }
+        let quic = quic_config(&config)?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                servers,
+                quic,
+                endpoints: Mutex::new(Endpoints::default()),
+                conn: tokio::sync::Mutex::new(ConnState {
+                    live: None,
+                    preferred: 0,
+                    next_gen: 1,
+                }),
+                seen: Mutex::new(HashMap::new()),
+            }),
+        };
+        client.acquire(&Target::Current).await?;
+        Ok(client)
+    }
+
+    /// The configuration this client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Create an empty log. A `log_exists` answer to a retry of this call (after the first
+    /// attempt may have created the log) counts as success.
+    pub async fn create_log(&self, name: &str) -> Result<()> {
+        check_name(&self.inner.config, "log name", name)?;
+        let frame = conn::encode(&Request::CreateLog { name: name.into() });
+        let answer = self
+            .call(
+                &frame,
+                Safety::Repeatable,
+                self.inner.config.request_timeout,
+            )
+            .await?;
+        match answer.resp {
+            Response::Ok => Ok(()),
+            Response::Error(e) if e.code == ErrorCode::LogExists && answer.resent => Ok(()),
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to CreateLog")),
+        }
+    }
+
+    /// The logs on the node.
+    pub async fn list_logs(&self) -> Result<Vec<LogInfo>> {
+        let frame = conn::encode(&Request::ListLogs);
+        let answer = self
+            .call(
+                &frame,
+                Safety::Repeatable,
+                self.inner.config.request_timeout,
+            )
+            .await?;
+        match answer.resp {
+            Response::Logs(logs) => Ok(logs),
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to ListLogs")),
+        }
+    }
+
+    /// The node's identity, role and logs.
+    pub async fn status(&self) -> Result<StatusResponse> {
+        let frame = conn::encode(&Request::Status);
+        let answer = self
+            .call(
+                &frame,
+                Safety::Repeatable,
+                self.inner.config.request_timeout,
+            )
+            .await?;
+        match answer.resp {
+            Response::Status(s) => Ok(s),
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to Status")),
+        }
+    }
+
+    /// Append `records` to `log` as one batch: all of them are stored, at consecutive offsets,
+    /// or none.
+    ///
+    /// A plain append is never sent twice: if it fails after it may have reached the node, the
+    /// error's [`Error::is_unknown_outcome`] is true and the records may or may not be stored.
+    /// Use a [`Producer`] for appends that are retried safely.
+    pub async fn append(
+        &self,
+        log: &str,
+        records: Vec<Bytes>,
+        options: AppendOptions,
+    ) -> Result<Receipt> {
+        let req = AppendRequest {
+            log: log.into(),
+            acks: options.acks,
+            expected_offset: options.expected_offset,
+            producer: None,
+            timeout_ms: options.timeout.map(millis).unwrap_or(0),
+            records,
+        };
+        self.append_request(req, options.timeout, Safety::Once)
+            .await
+    }
+
+    /// Send an append (plain, conditional or idempotent) and check its receipt.
+    pub(crate) async fn append_request(
+        &self,
+        req: AppendRequest,
+        timeout: Option<Duration>,
+        safety: Safety,
+    ) -> Result<Receipt> {
+        let config = &self.inner.config;
+        check_name(config, "log name", &req.log)?;
+        if req.records.is_empty() {
+            return Err(Error::Config("an append needs at least one record".into()));
+        }
+        if req.records.len() > config.limits.records_max as usize {
+            return Err(Error::Config(format!(
+                "an append of {} records is over the limit of {}",
+                req.records.len(),
+                config.limits.records_max
+            )));
+        }
+        let body: u64 =
+            req.records.iter().map(|r| 4 + r.len() as u64).sum::<u64>() + 38 + req.log.len() as u64;
+        if body > u64::from(u32::MAX) {
+            return Err(Error::Config(format!(
+                "an append of {body} bytes does not fit in one frame"
+            )));
+        }
+        let count = req.records.len() as u64;
+        let log = req.log.clone();
+        let frame = conn::encode(&Request::Append(req));
+        // The node may take up to the append's timeout to answer.
+        let wait = match timeout {
+            Some(t) => config
+                .request_timeout
+                .max(t.saturating_add(Duration::from_secs(2))),
+            None => config.request_timeout,
+        };
+        let answer = self.call(&frame, safety, wait).await?;
+        match answer.resp {
+            Response::Receipt(r) => {
+                if r.next - r.first != count {
+                    return Err(unexpected(
+                        "the receipt does not cover the records appended",
+                    ));
+                }
+                self.note_seen(&log, r.next);
+                Ok(r)
+            }
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to Append")),
+        }
+    }
+
+    /// Read committed records of `log` from offset `from`.
+    ///
+    /// Every batch of the answer is crc-checked; a damaged one fails the read with
+    /// [`Error::Corrupt`]. Records below `from` in the first batch are skipped.
+    pub async fn read(&self, log: &str, from: u64, options: ReadOptions) -> Result<ReadResult> {
+        check_name(&self.inner.config, "log name", log)?;
+        let min_offset = options.min_offset.unwrap_or_else(|| self.seen_offset(log));
+        let frame = conn::encode(&Request::Read(ReadRequest {
+            log: log.into(),
+            from,
+            bytes_max: options.bytes_max,
+            wait_ms: millis(options.wait),
+            min_offset,
+        }));
+        let wait = self
+            .inner
+            .config
+            .request_timeout
+            .saturating_add(options.wait);
+        let answer = self.call(&frame, Safety::Repeatable, wait).await?;
+        match answer.resp {
+            Response::Batches(b) => {
+                let records = extract_records(log, &b.batches, from, b.next_offset)?;
+                self.note_seen(log, b.next_offset.min(b.committed));
+                Ok(ReadResult {
+                    records,
+                    next_offset: b.next_offset,
+                    committed: b.committed,
+                })
+            }
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to Read")),
+        }
+    }
+
+    /// Follow `log` from offset `from`: records are delivered by [`Tail::next`] as they commit.
+    ///
+    /// The subscription is opened before this returns; errors about the log itself (such as
+    /// `log_not_found`) arrive from the first [`Tail::next`].
+    pub async fn tail(&self, log: &str, from: u64) -> Result<Tail> {
+        check_name(&self.inner.config, "log name", log)?;
+        Tail::open(self.clone(), log.to_string(), from).await
+    }
+
+    /// A producer that batches and pipelines idempotent appends to `log` (see [`Producer`]).
+    ///
+    /// The producer's background task is spawned on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    pub fn producer(&self, log: &str, options: ProducerOptions) -> Producer {
+        Producer::start(self.clone(), log.to_string(), options)
+    }
+
+    /// Close the connection (requests in flight fail) and wait briefly for the node to be told.
+    /// The client stays usable: the next request reconnects.
+    pub async fn close(&self) {
+        let live = self.inner.conn.lock().await.live.take();
+        if let Some(live) = live {
+            live.conn.close(VarInt::from_u32(CODE_NORMAL), b"");
+        }
+        let endpoints: Vec<quinn::Endpoint> = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .all()
+            .cloned()
+            .collect();
+        for e in endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+        }
+    }
+
+    /// The highest committed offset seen for `log` (0 if none).
+    pub(crate) fn seen_offset(&self, log: &str) -> u64 {
+        let seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(log).copied().unwrap_or(0)
+    }
+
+    /// Remember that `log` has been seen committed up to `offset`.
+    pub(crate) fn note_seen(&self, log: &str, offset: u64) {
+        if offset == 0 {
+            return;
+        }
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(log) {
+            Some(o) => *o = (*o).max(offset),
+            None => {
+                seen.insert(log.to_string(), offset);
+            }
+        }
+    }
+
+    fn dial_params(&self) -> DialParams<'_> {
+        let c = &self.inner.config;
+        DialParams {
+            quic: &self.inner.quic,
+            server_name: c.server_name.as_deref(),
+            token: c.token.as_deref(),
+            limits: &c.limits,
+            connect_timeout: c.connect_timeout,
+        }
+    }
+
+    /// Dial the configured servers in order, starting at `start`, until one answers.
+    async fn dial_configured(&self, state: &mut ConnState, start: usize) -> Result<Live> {
+        let n = self.inner.servers.len();
+        let params = self.dial_params();
+        let mut last = None;
+        for i in 0..n {
+            let index = (start + i) % n;
+            let addr = &self.inner.servers[index];
+            match conn::dial(addr, &self.inner.endpoints, &params).await {
+                Ok(conn) => {
+                    let live = Live {
+                        conn,
+                        gen: state.next_gen,
+                        server: Some(index),
+                        addr: addr.clone(),
+                    };
+                    state.next_gen += 1;
+                    state.preferred = index;
+                    state.live = Some(live.clone());
+                    return Ok(live);
+                }
+                Err(e) => {
+                    tracing::debug!(server = %addr, error = %e, "connect failed");
+                    // Authentication and configuration problems are not specific to one node.
+                    if matches!(e, Error::Server { .. } | Error::Config(_)) {
+                        return Err(e);
+                    }
+                    last = Some(conn::prefer(last, e));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Connect("no server configured".into())))
+    }
+
+    /// A usable connection to `target`, dialling if needed.
+    pub(crate) async fn acquire(&self, target: &Target) -> Result<Live> {
+        let mut state = self.inner.conn.lock().await;
+        let alive = |l: &Live| l.conn.close_reason().is_none();
+        match target {
+            Target::Current => {
+                if let Some(l) = state.live.as_ref().filter(|l| alive(l)) {
+                    return Ok(l.clone());
+                }
+                let start = state.preferred;
+                self.dial_configured(&mut state, start).await
+            }
+            Target::Leader(addr) => {
+                let addr = ServerAddr::parse(addr).map_err(|_| {
+                    Error::Protocol(ProtocolError::Malformed(
+                        "not_leader names an invalid leader address",
+                    ))
+                })?;
+                if let Some(l) = state.live.as_ref().filter(|l| alive(l) && l.addr == addr) {
+                    return Ok(l.clone());
+                }
+                let conn = conn::dial(&addr, &self.inner.endpoints, &self.dial_params()).await?;
+                let server = self.inner.servers.iter().position(|s| *s == addr);
+                let live = Live {
+                    conn,
+                    gen: state.next_gen,
+                    server,
+                    addr,
+                };
+                state.next_gen += 1;
+                if let Some(i) = server {
+                    state.preferred = i;
+                }
+                state.live = Some(live.clone());
+                Ok(live)
+            }
+            Target::NextAfter(gen) => {
+                let current = state.live.clone();
+                match current {
+                    Some(l) if l.gen == *gen => {
+                        let n = self.inner.servers.len();
+                        let next = l.server.map(|i| (i + 1) % n).unwrap_or(state.preferred);
+                        if n == 1 && alive(&l) {
+                            // There is no other node to ask.
+                            return Ok(l);
+                        }
+                        state.live = None;
+                        self.dial_configured(&mut state, next).await
+                    }
+                    // Another call already moved on.
+                    Some(l) if alive(&l) => Ok(l),
+                    _ => {
+                        let start = state.preferred;
+                        self.dial_configured(&mut state, start).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send one request frame and return the answer, following redirects and retrying
+    /// connection-level failures as `safety` allows. `not_leader` answers are handled here;
+    /// every other answer, error frames included, is returned.
+    pub(crate) async fn call(
+        &self,
+        frame: &Bytes,
+        safety: Safety,
+        timeout: Duration,
+    ) -> Result<Answer> {
+        let config = &self.inner.config;
+        let mut redirects = 0u32;
+        let mut failures = 0u32;
+        let mut resent = false;
+        let mut target = Target::Current;
+        loop {
+            let live = match self.acquire(&target).await {
+                Ok(l) => l,
+                Err(e) => {
+                    if e.is_transient() && failures < config.retries {
+                        failures += 1;
+                        tokio::time::sleep(backoff(failures)).await;
+                        target = Target::Current;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            target = Target::Current;
+            let mut sent = false;
+            let result = tokio::time::timeout(
+                timeout,
+                conn::exchange(&live.conn, frame, &config.limits, &mut sent),
+            )
+            .await
+            .unwrap_or(Err(Error::Timeout));
+            match result {
+                Ok(Response::Error(e)) if e.code == ErrorCode::NotLeader => {
+                    // Definite: nothing was done; ask the leader.
+                    if redirects >= REDIRECTS_MAX {
+                        return Err(e.into());
+                    }
+                    redirects += 1;
+                    if e.leader.is_empty() {
+                        // No known leader (an election may be under way): pause, then ask the
+                        // next server.
+                        tokio::time::sleep(backoff(redirects)).await;
+                        target = Target::NextAfter(live.gen);
+                    } else {
+                        tracing::debug!(leader = %e.leader, "redirected");
+                        target = Target::Leader(e.leader);
+                    }
+                }
+                Ok(Response::Error(e)) if self.retry_error(&e, safety, failures) => {
+                    failures += 1;
+                    resent = true;
+                    tracing::debug!(code = e.code.name(), "retrying after an error answer");
+                    if e.code == ErrorCode::ShuttingDown {
+                        target = Target::NextAfter(live.gen);
+                    }
+                    tokio::time::sleep(backoff(failures)).await;
+                }
+                Ok(resp) => return Ok(Answer { resp, resent }),
+                Err(e) => {
+                    let e = if sent { e } else { e.not_sent() };
+                    let may_repeat = !sent || safety == Safety::Repeatable;
+                    if e.is_transient() && may_repeat && failures < config.retries {
+                        failures += 1;
+                        resent |= sent;
+                        tracing::debug!(error = %e, "retrying after a connection failure");
+                        tokio::time::sleep(backoff(failures)).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Whether an error answer is worth another attempt: the node is busy or shutting down (both
+    /// definite, so any request may be resent), or the outcome is unknown and the request is
+    /// safe to repeat.
+    fn retry_error(&self, e: &ErrorResponse, safety: Safety, failures: u32) -> bool {
+        if failures >= self.inner.config.retries {
+            return false;
+        }
+        match e.code {
+            ErrorCode::Busy | ErrorCode::ShuttingDown => true,
+            code => !code.is_definite() && safety == Safety::Repeatable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_milliseconds() {
+        assert_eq!(millis(Duration::ZERO), 0);
+        assert_eq!(millis(Duration::from_micros(10)), 1);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), u32::MAX);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert!(backoff(2) > backoff(1));
+        assert_eq!(backoff(30), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn options_defaults() {
+        let a = AppendOptions::default();
+        assert_eq!(a.acks, Acks::Leader);
+        assert_eq!((a.expected_offset, a.timeout), (None, None));
+        let r = ReadOptions::default();
+        assert_eq!(r.bytes_max, 1 << 20);
+        assert_eq!(r.wait, Duration::ZERO);
+        assert_eq!(r.min_offset, None);
+    }
+
+    #[test]
+    fn client_is_send_sync_clone() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<Client>();
+        fn send<T: Send>(_: &T) {}
+        fn is_send<T: Send + 'static>() {}
+        is_send::<Tail>();
+        let producer = |p: &Producer| {
+            let f = p.send(Bytes::new());
+            send(&f);
+        };
+        let _ = producer;
+        let calls = |c: &Client, t: &mut Tail| {
+            send(&c.read("l", 0, ReadOptions::default()));
+            send(&c.append("l", Vec::new(), AppendOptions::default()));
+            send(&c.tail("l", 0));
+            send(&c.create_log("l"));
+            send(&t.next());
+        };
+        let _ = calls;
+    }
+
+    #[tokio::test]
+    async fn connect_checks_the_configuration_first() {
+        let err = Client::connect(ClientConfig::new(Vec::<String>::new()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        let err = Client::connect(ClientConfig::new(["host:notaport"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("missing-ca.pem");
+        let err = Client::connect(
+            ClientConfig::new(["127.0.0.1:1"]).with_trust(crate::Trust::CaFile(ca.clone())),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains(&ca.display().to_string())),
+            "{err}"
+        );
+    }
+}

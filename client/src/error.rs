@@ -1,0 +1,193 @@
+//! The client's error type.
+
+use protocol::{ErrorCode, ErrorResponse, ProtocolError};
+use thiserror::Error;
+
+/// Result type of every fallible client operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a client operation failed.
+///
+/// Whether the operation may nevertheless have taken effect is answered by
+/// [`Error::is_unknown_outcome`]; that matters for appends, which are the only requests with an
+/// effect that cannot be repeated safely.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Error {
+    /// The node answered with an error frame.
+    #[error("{}", server_display(*code, message, leader))]
+    Server {
+        /// The error code; see `docs/protocol.md` section 7 for what each one means.
+        code: ErrorCode,
+        /// Human-readable description from the node, possibly empty.
+        message: String,
+        /// For [`ErrorCode::NotLeader`]: the leader's address, if the node knows it.
+        leader: String,
+        /// Code-specific number: the log's next offset for [`ErrorCode::OffsetConflict`], the
+        /// next expected sequence for [`ErrorCode::SequenceGap`], 0 otherwise.
+        detail: u64,
+    },
+    /// No connection could be established (or none was usable) before the request was sent.
+    /// The request had no effect.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The TLS handshake failed: certificate verification, ALPN, client certificate.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The connection or the stream was lost after the request may have been sent, and no
+    /// answer arrived.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// No answer arrived within the request timeout after the request may have been sent.
+    #[error("request timed out")]
+    Timeout,
+    /// The node's answer could not be decoded, or was not an answer to the request made.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// A batch in a read answer failed its checks (checksum, layout or offsets); no record of it
+    /// was delivered.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The client configuration or an argument is invalid (bad address, missing CA file, empty
+    /// append...). Nothing was sent.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The node's error code, for [`Error::Server`]; `None` for every other variant.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// True when the request may or may not have taken effect: an append may be stored (and
+    /// become readable later) although no receipt was received.
+    ///
+    /// This is the case for [`Error::ConnectionLost`] and [`Error::Timeout`] (the request may
+    /// have reached the node, no answer says what happened), for [`Error::Protocol`] (an answer
+    /// arrived but could not be understood), and for [`Error::Server`] with a code whose
+    /// [`ErrorCode::is_definite`] is false (`timeout`, `storage_failed`). Every other error is
+    /// definite: the request had no effect. For requests without side effects (reads, listing,
+    /// status) an unknown outcome only means that no usable answer arrived.
+    pub fn is_unknown_outcome(&self) -> bool {
+        match self {
+            Error::Server { code, .. } => !code.is_definite(),
+            Error::ConnectionLost(_) | Error::Timeout | Error::Protocol(_) => true,
+            Error::Connect(_) | Error::Tls(_) | Error::Corrupt(_) | Error::Config(_) => false,
+        }
+    }
+
+    /// True for failures of the transport that a new attempt on a fresh connection may not
+    /// meet: failed connects, lost connections and streams, timeouts.
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect(_) | Error::ConnectionLost(_) | Error::Timeout
+        )
+    }
+
+    /// The same failure, for a request that was certainly not sent.
+    pub(crate) fn not_sent(self) -> Error {
+        match self {
+            Error::ConnectionLost(m) => Error::Connect(m),
+            Error::Timeout => Error::Connect("timed out before the request was sent".into()),
+            other => other,
+        }
+    }
+}
+
+fn server_display(code: ErrorCode, message: &str, leader: &str) -> String {
+    let mut s = code.name().to_string();
+    if !message.is_empty() {
+        s.push_str(": ");
+        s.push_str(message);
+    }
+    if !leader.is_empty() {
+        s.push_str(" (leader: ");
+        s.push_str(leader);
+        s.push(')');
+    }
+    s
+}
+
+impl From<ErrorResponse> for Error {
+    fn from(e: ErrorResponse) -> Error {
+        Error::Server {
+            code: e.code,
+            message: e.message,
+            leader: e.leader,
+            detail: e.detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: ErrorCode) -> Error {
+        Error::Server {
+            code,
+            message: String::new(),
+            leader: String::new(),
+            detail: 0,
+        }
+    }
+
+    #[test]
+    fn unknown_outcome_classification() {
+        assert!(Error::Timeout.is_unknown_outcome());
+        assert!(Error::ConnectionLost("reset".into()).is_unknown_outcome());
+        assert!(Error::Protocol(ProtocolError::UnknownErrorCode(99)).is_unknown_outcome());
+        assert!(server(ErrorCode::Timeout).is_unknown_outcome());
+        assert!(server(ErrorCode::StorageFailed).is_unknown_outcome());
+
+        assert!(!server(ErrorCode::NotLeader).is_unknown_outcome());
+        assert!(!server(ErrorCode::OffsetConflict).is_unknown_outcome());
+        assert!(!server(ErrorCode::SequenceGap).is_unknown_outcome());
+        assert!(!server(ErrorCode::Busy).is_unknown_outcome());
+        assert!(!Error::Connect("refused".into()).is_unknown_outcome());
+        assert!(!Error::Tls("bad certificate".into()).is_unknown_outcome());
+        assert!(!Error::Corrupt("crc".into()).is_unknown_outcome());
+        assert!(!Error::Config("no servers".into()).is_unknown_outcome());
+
+        // A failure before sending is definite.
+        assert!(!Error::Timeout.not_sent().is_unknown_outcome());
+        assert!(!Error::ConnectionLost("closed".into())
+            .not_sent()
+            .is_unknown_outcome());
+    }
+
+    #[test]
+    fn codes_and_display() {
+        let e = Error::Server {
+            code: ErrorCode::NotLeader,
+            message: "ask elsewhere".into(),
+            leader: "10.0.0.2:7001".into(),
+            detail: 0,
+        };
+        assert_eq!(e.code(), Some(ErrorCode::NotLeader));
+        assert_eq!(
+            e.to_string(),
+            "not_leader: ask elsewhere (leader: 10.0.0.2:7001)"
+        );
+        assert_eq!(server(ErrorCode::LogExists).to_string(), "log_exists");
+        assert_eq!(Error::Timeout.code(), None);
+        assert_eq!(
+            Error::from(ErrorResponse {
+                code: ErrorCode::OffsetConflict,
+                message: "m".into(),
+                leader: String::new(),
+                detail: 42,
+            }),
+            Error::Server {
+                code: ErrorCode::OffsetConflict,
+                message: "m".into(),
+                leader: String::new(),
+                detail: 42,
+            }
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! `replog dev`: start local node processes on loopback and supervise them until Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Args;
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Number of node processes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Parent directory of the nodes' data directories (node-1, node-2, ...).
+    #[arg(long, default_value = "replog-dev")]
+    dir: PathBuf,
+    /// QUIC port of the first node; the others follow it.
+    #[arg(long, default_value_t = 7001)]
+    base_port: u16,
+    /// Prometheus port of the first node; the others follow it.
+    #[arg(long, default_value_t = 9101)]
+    metrics_base_port: u16,
+    /// Shards per node.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Print one JSON object per node instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Running {
+    name: String,
+    child: Child,
+    addr: String,
+    metrics: String,
+}
+
+fn spawn_node(exe: &PathBuf, a: &DevArgs, i: usize) -> Result<Running, String> {
+    let name = format!("node-{}", i + 1);
+    let data = a.dir.join(&name);
+    let listen = format!("127.0.0.1:{}", a.base_port as usize + i);
+    let metrics = format!("127.0.0.1:{}", a.metrics_base_port as usize + i);
+    let mut child = Command::new(exe)
+        .args([
+            "node",
+            "--node-id",
+            &name,
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics,
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--shards", &a.shards.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("start {name}: {e}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("{name}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|_| format!("{name} did not start (see its log above)"))?;
+    Ok(Running {
+        name,
+        child,
+        addr: v["addr"].as_str().unwrap_or(&listen).to_string(),
+        metrics: v["metrics"].as_str().unwrap_or(&metrics).to_string(),
+    })
+}
+
+pub fn run(a: DevArgs) -> Result<(), String> {
+    if a.nodes == 0 {
+        return Err("--nodes must be at least 1".into());
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the replog executable: {e}"))?;
+    let mut nodes: Vec<Running> = Vec::new();
+    for i in 0..a.nodes {
+        match spawn_node(&exe, &a, i) {
+            Ok(r) => nodes.push(r),
+            Err(e) => {
+                stop(&mut nodes);
+                return Err(e);
+            }
+        }
+    }
+    for n in &nodes {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "node": n.name, "addr": n.addr, "metrics": n.metrics,
+                    "role": "standalone", "pid": n.child.id(),
+                })
+            );
+        } else {
+            println!(
+                "{}  addr {}  metrics http://{}/metrics  role standalone  pid {}",
+                n.name,
+                n.addr,
+                n.metrics,
+                n.child.id()
+            );
+        }
+    }
+    if !a.json {
+        let first = &nodes[0].addr;
+        println!("data under {}; Ctrl-C stops every node", a.dir.display());
+        println!("try: replog create --server {first} --log demo && echo hello | replog append --server {first} --log demo");
+    }
+    supervise(&mut nodes);
+    stop(&mut nodes);
+    Ok(())
+}
+
+/// Wait for Ctrl-C or SIGTERM, reporting nodes that exit meanwhile.
+fn supervise(nodes: &mut [Running]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
+    rt.block_on(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = tick.tick() => {
+                    for n in nodes.iter_mut() {
+                        if let Ok(Some(status)) = n.child.try_wait() {
+                            if !n.name.ends_with(" (exited)") {
+                                eprintln!("replog dev: {} (pid {}) exited: {status}", n.name, n.child.id());
+                                n.name.push_str(" (exited)");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// SIGTERM every node we started, and wait for them.
+fn stop(nodes: &mut [Running]) {
+    for n in nodes.iter() {
+        // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+        unsafe {
+            libc::kill(n.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    for n in nodes.iter_mut() {
+        let _ = n.child.wait();
+    }
+}

@@ -1,0 +1,515 @@
+//! `replog`: run a node, or talk to one.
+//!
+//! Every command that prints data takes `--json` and then prints one JSON object per line.
+//! Errors go to stderr, and the exit status is non-zero: 1 for a failed operation, 2 for bad
+//! usage, 3 when the outcome of an append is unknown (it may or may not be stored).
+
+mod dev;
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use client::{
+    AppendOptions, Client, ClientConfig, ProducerOptions, ReadOptions, ReadRecord, Trust,
+};
+use protocol::{Acks, ErrorCode, LogInfo};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "replog",
+    version,
+    about = "replog: a replication log over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node(NodeArgs),
+    /// Run a local development cluster of node processes on loopback until Ctrl-C.
+    Dev(dev::DevArgs),
+    /// Create a log.
+    Create {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        /// Succeed if the log already exists.
+        #[arg(long)]
+        if_not_exists: bool,
+    },
+    /// List the logs of a node.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Append one record per line of standard input.
+    Append(AppendArgs),
+    /// Read records from an offset.
+    Read {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Stop after this many records (default: everything committed now).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Print records as they are committed, until interrupted.
+    Tail {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        /// Start here (default: the log's current end, so only new records are printed).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Show a node's identity and its logs.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// UDP address to serve QUIC on.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Node id (default: generated on first start and kept in the data directory).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Shards (threads); 0 = one per core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// TCP address for the Prometheus endpoint (GET /metrics).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain (production mode; with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// Accept this bearer token (repeatable). Any token makes authentication mandatory.
+    #[arg(long = "token")]
+    tokens: Vec<String>,
+    /// Accept the tokens in this file, one per line.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Node address(es), host:port; repeat or separate with commas.
+    #[arg(long = "server", required = true, value_delimiter = ',')]
+    servers: Vec<String>,
+    /// PEM CA to verify the node with (default: the local development CA).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Bearer token.
+    #[arg(long, env = "REPLOG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Client certificate and key (PEM), for nodes that require one.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// TLS name to verify instead of the host part of --server.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Print JSON, one object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AppendArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[arg(long)]
+    log: String,
+    /// Durability level: none, leader, sync or quorum.
+    #[arg(long, default_value = "leader", value_parser = parse_acks)]
+    acks: Acks,
+    /// Conditional append: all lines go in one append that fails unless the log's next offset
+    /// is this.
+    #[arg(long)]
+    expected_offset: Option<u64>,
+    /// Most records per append request.
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+}
+
+fn parse_acks(s: &str) -> Result<Acks, String> {
+    Acks::from_name(s)
+        .ok_or_else(|| format!("unknown acks level {s:?}: use none, leader, sync or quorum"))
+}
+
+/// A failure with the exit status it maps to.
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+impl From<client::Error> for Failure {
+    fn from(e: client::Error) -> Self {
+        Failure {
+            status: if e.is_unknown_outcome() { 3 } else { 1 },
+            message: e.to_string(),
+        }
+    }
+}
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        status: 1,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REPLOG_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Node(args) => run_node(args),
+        Command::Dev(args) => dev::run(args).map_err(failure),
+        other => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(run_client(other))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("replog: {}", f.message);
+            ExitCode::from(f.status)
+        }
+    }
+}
+
+fn run_node(a: NodeArgs) -> Result<(), Failure> {
+    let mut cfg = match &a.config {
+        Some(path) => server::NodeConfig::load(path).map_err(|e| failure(e.to_string()))?,
+        None => server::NodeConfig::default(),
+    };
+    if let Some(d) = a.data_dir {
+        cfg.node.data_dir = d;
+    }
+    if let Some(l) = a.listen {
+        cfg.node.listen = l;
+    }
+    if let Some(id) = a.node_id {
+        cfg.node.id = id;
+    }
+    if let Some(s) = a.shards {
+        cfg.node.shards = s;
+    }
+    if a.metrics_listen.is_some() {
+        cfg.node.metrics_listen = a.metrics_listen;
+    }
+    if a.tls_cert.is_some() {
+        cfg.tls.cert = a.tls_cert;
+    }
+    if a.tls_key.is_some() {
+        cfg.tls.key = a.tls_key;
+    }
+    if a.client_ca.is_some() {
+        cfg.tls.client_ca = a.client_ca;
+    }
+    cfg.auth.tokens.extend(a.tokens);
+    if a.token_file.is_some() {
+        cfg.auth.token_file = a.token_file;
+    }
+    let node = server::Node::start(cfg).map_err(|e| failure(e.to_string()))?;
+    // One machine-readable line, so scripts started with port 0 learn the address.
+    println!(
+        "{}",
+        json!({
+            "event": "listening",
+            "node_id": node.id(),
+            "addr": node.local_addr().to_string(),
+            "metrics": node.metrics_addr().map(|a| a.to_string()),
+            "pid": std::process::id(),
+        })
+    );
+    let _ = std::io::stdout().flush();
+    wait_for_signal();
+    tracing::info!("shutting down");
+    node.shutdown().map_err(|e| failure(e.to_string()))
+}
+
+/// Block until SIGINT or SIGTERM.
+fn wait_for_signal() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+}
+
+async fn connect(c: &ConnArgs) -> Result<Client, Failure> {
+    let mut cfg = ClientConfig::new(c.servers.clone());
+    if let Some(ca) = &c.ca {
+        cfg.trust = Trust::CaFile(ca.clone());
+    }
+    cfg.token = c.token.clone();
+    if let (Some(cert), Some(key)) = (&c.cert, &c.key) {
+        cfg.client_cert = Some((cert.clone(), key.clone()));
+    }
+    cfg.server_name = c.server_name.clone();
+    Ok(Client::connect(cfg).await?)
+}
+
+fn out(line: String) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").map_err(|e| failure(format!("stdout: {e}")))
+}
+
+fn log_json(l: &LogInfo) -> serde_json::Value {
+    json!({
+        "name": l.name, "start": l.start, "end": l.end, "committed": l.committed,
+        "epoch": l.epoch, "disk_bytes": l.disk_bytes,
+    })
+}
+
+fn record_json(r: &ReadRecord) -> serde_json::Value {
+    json!({
+        "offset": r.offset,
+        "epoch": r.epoch,
+        "timestamp_us": r.timestamp_us,
+        "value": String::from_utf8_lossy(&r.value),
+    })
+}
+
+fn print_record(json: bool, r: &ReadRecord) -> Result<(), Failure> {
+    if json {
+        out(record_json(r).to_string())
+    } else {
+        out(String::from_utf8_lossy(&r.value).into_owned())
+    }
+}
+
+async fn run_client(cmd: Command) -> Result<(), Failure> {
+    match cmd {
+        Command::Create {
+            conn,
+            log,
+            if_not_exists,
+        } => {
+            let client = connect(&conn).await?;
+            let created = match client.create_log(&log).await {
+                Ok(()) => true,
+                Err(e) if if_not_exists && e.code() == Some(ErrorCode::LogExists) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if conn.json {
+                out(json!({"log": log, "created": created}).to_string())?;
+            } else if created {
+                out(format!("created log {log}"))?;
+            } else {
+                out(format!("log {log} already exists"))?;
+            }
+            Ok(())
+        }
+        Command::List { conn } => {
+            let client = connect(&conn).await?;
+            for l in client.list_logs().await? {
+                if conn.json {
+                    out(log_json(&l).to_string())?;
+                } else {
+                    out(format!(
+                        "{}\tstart={}\tend={}\tcommitted={}",
+                        l.name, l.start, l.end, l.committed
+                    ))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Status { conn } => {
+            let client = connect(&conn).await?;
+            let s = client.status().await?;
+            if conn.json {
+                let logs: Vec<_> = s.logs.iter().map(log_json).collect();
+                out(json!({
+                    "node_id": s.node_id, "version": s.version, "role": s.role, "shards": s.shards,
+                    "uptime_ms": s.uptime_ms, "connections": s.connections,
+                    "address": conn.servers[0], "logs": logs,
+                })
+                .to_string())?;
+            } else {
+                out(format!(
+                    "node {} ({}), version {}, {} shards, up {:.1} s, {} connections",
+                    s.node_id,
+                    s.role,
+                    s.version,
+                    s.shards,
+                    s.uptime_ms as f64 / 1000.0,
+                    s.connections
+                ))?;
+                for l in &s.logs {
+                    out(format!(
+                        "  {}\tstart={}\tend={}\tcommitted={}\tepoch={}\tbytes={}",
+                        l.name, l.start, l.end, l.committed, l.epoch, l.disk_bytes
+                    ))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Append(a) => append(a).await,
+        Command::Read {
+            conn,
+            log,
+            from,
+            count,
+        } => {
+            let client = connect(&conn).await?;
+            let mut pos = from;
+            let mut printed = 0u64;
+            loop {
+                let r = client.read(&log, pos, ReadOptions::default()).await?;
+                for rec in &r.records {
+                    if count.is_some_and(|c| printed >= c) {
+                        return Ok(());
+                    }
+                    print_record(conn.json, rec)?;
+                    printed += 1;
+                }
+                if count.is_some_and(|c| printed >= c)
+                    || r.next_offset >= r.committed
+                    || r.next_offset == pos
+                {
+                    return Ok(());
+                }
+                pos = r.next_offset;
+            }
+        }
+        Command::Tail {
+            conn,
+            log,
+            from,
+            count,
+        } => {
+            let client = connect(&conn).await?;
+            let from = match from {
+                Some(f) => f,
+                None => client
+                    .list_logs()
+                    .await?
+                    .into_iter()
+                    .find(|l| l.name == log)
+                    .map(|l| l.committed)
+                    .ok_or_else(|| failure(format!("no log named {log:?}")))?,
+            };
+            let mut tail = client.tail(&log, from).await?;
+            let mut printed = 0u64;
+            while count.is_none_or(|c| printed < c) {
+                match tail.next().await? {
+                    Some(rec) => {
+                        print_record(conn.json, &rec)?;
+                        printed += 1;
+                    }
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+        Command::Node(_) | Command::Dev(_) => unreachable!("handled in main"),
+    }
+}
+
+fn receipt_json(offset: u64, r: &protocol::Receipt) -> serde_json::Value {
+    json!({
+        "offset": offset,
+        "epoch": r.epoch,
+        "level": r.level.name(),
+        "replicas": r.replicas,
+        "duplicate": r.flags & protocol::RECEIPT_DUPLICATE != 0,
+        "degraded": r.flags & protocol::RECEIPT_DEGRADED != 0,
+    })
+}
+
+async fn append(a: AppendArgs) -> Result<(), Failure> {
+    let client = connect(&a.conn).await?;
+    let lines: Vec<Bytes> = std::io::stdin()
+        .lock()
+        .lines()
+        .map(|l| l.map(Bytes::from))
+        .collect::<Result<_, _>>()
+        .map_err(|e| failure(format!("stdin: {e}")))?;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let print = |offset: u64, r: &protocol::Receipt| {
+        if a.conn.json {
+            out(receipt_json(offset, r).to_string())
+        } else {
+            out(offset.to_string())
+        }
+    };
+    if a.expected_offset.is_some() {
+        let opts = AppendOptions {
+            acks: a.acks,
+            expected_offset: a.expected_offset,
+            ..AppendOptions::default()
+        };
+        let r = client.append(&a.log, lines, opts).await?;
+        for off in r.first..r.next {
+            print(off, &r)?;
+        }
+        return Ok(());
+    }
+    let producer = client.producer(
+        &a.log,
+        ProducerOptions {
+            acks: a.acks,
+            batch_records_max: a.batch.max(1),
+            linger: Duration::ZERO,
+            ..ProducerOptions::default()
+        },
+    );
+    let pending: Vec<_> = lines.into_iter().map(|l| producer.send(l)).collect();
+    for p in pending {
+        let r = p.await?;
+        print(r.first, &r)?;
+    }
+    Ok(())
+}

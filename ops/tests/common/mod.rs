@@ -1,0 +1,299 @@
+//! Black-box test support: real `replog node` processes on loopback, the CLI, and a raw quinn
+//! client that speaks (or mangles) the wire protocol.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use protocol::{FrameHeader, Limits, Request, Response};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_replog");
+
+/// A scratch area: a development CA directory shared by the nodes and CLIs of one test.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.tmp.path().join("dev-ca")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Start a node with data in `<tmp>/<name>` and extra flags.
+    pub fn node(&self, name: &str, extra: &[&str]) -> NodeProc {
+        NodeProc::start(self, &self.path(name), extra)
+    }
+
+    /// Run the CLI to completion, with `stdin` as its input.
+    pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("REPLOG_DEV_CA_DIR", self.ca_dir())
+            .env_remove("REPLOG_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Run the CLI and return its stdout, failing the test if it failed.
+    pub fn cli_ok(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.cli(args, stdin);
+        assert!(
+            out.status.success(),
+            "replog {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Parse one JSON object per line.
+    pub fn cli_json(&self, args: &[&str], stdin: &str) -> Vec<serde_json::Value> {
+        self.cli_ok(args, stdin)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect()
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.ca_dir().join("ca.pem")
+    }
+}
+
+/// A `replog node` child process.
+pub struct NodeProc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: Option<String>,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    ca_dir: PathBuf,
+}
+
+impl NodeProc {
+    pub fn start(env: &Env, data_dir: &Path, extra: &[&str]) -> NodeProc {
+        Self::spawn(
+            env.ca_dir(),
+            data_dir.to_path_buf(),
+            extra.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    fn spawn(ca_dir: PathBuf, data_dir: PathBuf, args: Vec<String>) -> NodeProc {
+        let mut child = Command::new(BIN)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .args(&args)
+            .env("REPLOG_DEV_CA_DIR", &ca_dir)
+            .env("REPLOG_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|_| panic!("node did not start: {line:?}"));
+        assert_eq!(v["event"], "listening");
+        NodeProc {
+            child,
+            addr: v["addr"].as_str().unwrap().parse().unwrap(),
+            metrics: v["metrics"].as_str().map(str::to_string),
+            data_dir,
+            args,
+            ca_dir,
+        }
+    }
+
+    pub fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Graceful stop (SIGTERM), then start again on the same data directory.
+    pub fn restart(mut self) -> NodeProc {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "node exited with {status}");
+        Self::spawn(
+            self.ca_dir.clone(),
+            self.data_dir.clone(),
+            self.args.clone(),
+        )
+    }
+
+    /// SIGKILL, then start again on the same data directory.
+    pub fn crash_and_restart(mut self) -> NodeProc {
+        self.signal(libc::SIGKILL);
+        self.child.wait().unwrap();
+        Self::spawn(
+            self.ca_dir.clone(),
+            self.data_dir.clone(),
+            self.args.clone(),
+        )
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Anonymous resident memory of the node, in KiB (heap, not page cache).
+    pub fn rss_anon_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if self.alive() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A raw QUIC connection to a node, trusting `ca` (PEM), with an optional client identity.
+pub async fn raw_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<quinn::Connection, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut crypto = match identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            builder
+                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    crypto.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(addr, "127.0.0.1")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+pub fn encode(req: &Request) -> Bytes {
+    let mut out = BytesMut::new();
+    protocol::encode_request(req, &mut out);
+    out.freeze()
+}
+
+/// Send raw bytes on a new stream, finish it, and decode every frame of the answer.
+pub async fn exchange_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<Response>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let data = recv
+        .read_to_end(128 << 20)
+        .await
+        .map_err(|e| e.to_string())?;
+    decode_all(&data)
+}
+
+pub fn decode_all(mut data: &[u8]) -> Result<Vec<Response>, String> {
+    let limits = Limits {
+        frame_bytes_max: 128 << 20,
+        ..Limits::default()
+    };
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let h = FrameHeader::parse(data[..8].try_into().unwrap(), &limits)
+            .map_err(|e| e.to_string())?;
+        let end = 8 + h.body_len as usize;
+        let body = Bytes::copy_from_slice(&data[8..end]);
+        out.push(protocol::decode_response(&h, body, &limits).map_err(|e| e.to_string())?);
+        data = &data[end..];
+    }
+    Ok(out)
+}
+
+/// One request, one response.
+pub async fn exchange(conn: &quinn::Connection, req: &Request) -> Response {
+    let mut r = exchange_raw(conn, &encode(req)).await.unwrap();
+    assert_eq!(r.len(), 1, "{r:?}");
+    r.pop().unwrap()
+}
+
+/// Values of the records in a Batches payload, from offset `from` on.
+pub fn batch_values(batches: &[u8], from: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = batches;
+    while !rest.is_empty() {
+        let view = log_core::batch::decode(rest).unwrap();
+        let base = view.header().base_offset().0;
+        for (i, r) in view.records().enumerate() {
+            if base + i as u64 >= from {
+                out.push((base + i as u64, r.value.to_vec()));
+            }
+        }
+        rest = &rest[view.len()..];
+    }
+    out
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}

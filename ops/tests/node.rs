@@ -1,0 +1,797 @@
+//! Black-box tests of `replog node` through the CLI and the raw wire protocol.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use protocol::{
+    Acks, AppendRequest, ErrorCode, ReadRequest, Request, Response, TailRequest, RECEIPT_DUPLICATE,
+};
+
+fn append_req(log: &str, values: &[&str]) -> AppendRequest {
+    AppendRequest {
+        log: log.into(),
+        acks: Acks::Leader,
+        expected_offset: None,
+        producer: None,
+        timeout_ms: 0,
+        records: values
+            .iter()
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+            .collect(),
+    }
+}
+
+fn error_code(r: &Response) -> ErrorCode {
+    match r {
+        Response::Error(e) => e.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn read_values(env: &Env, server: &str, log: &str, from: u64) -> Vec<(u64, String)> {
+    env.cli_json(
+        &[
+            "read",
+            "--server",
+            server,
+            "--log",
+            log,
+            "--from",
+            &from.to_string(),
+            "--json",
+        ],
+        "",
+    )
+    .into_iter()
+    .map(|v| {
+        (
+            v["offset"].as_u64().unwrap(),
+            v["value"].as_str().unwrap().to_string(),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn cli_appends_and_reads_back_across_restart_and_crash() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let s = node.server();
+    let created = env.cli_json(&["create", "--server", &s, "--log", "orders", "--json"], "");
+    assert_eq!(created[0]["created"], true);
+    // Creating it again fails clearly, unless asked to tolerate it.
+    let again = env.cli(&["create", "--server", &s, "--log", "orders"], "");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    env.cli_ok(
+        &[
+            "create",
+            "--server",
+            &s,
+            "--log",
+            "orders",
+            "--if-not-exists",
+        ],
+        "",
+    );
+
+    let receipts = env.cli_json(
+        &["append", "--server", &s, "--log", "orders", "--json"],
+        "first\nsecond\nthird\n",
+    );
+    let offsets: Vec<u64> = receipts
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [0, 1, 2]);
+    assert!(receipts
+        .iter()
+        .all(|r| r["level"] == "leader" && r["epoch"] == 1));
+    let more = env.cli_json(
+        &[
+            "append", "--server", &s, "--log", "orders", "--acks", "none", "--json",
+        ],
+        "fourth\n",
+    );
+    assert_eq!(more[0]["offset"], 3);
+    assert_eq!(more[0]["level"], "none");
+
+    let want: Vec<(u64, String)> = ["first", "second", "third", "fourth"]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as u64, v.to_string()))
+        .collect();
+    // acks=none is readable once committed; wait for it through read's min-offset semantics.
+    let node = node.restart();
+    let s = node.server();
+    assert_eq!(read_values(&env, &s, "orders", 0), want);
+    assert_eq!(read_values(&env, &s, "orders", 2), want[2..]);
+    let count = env.cli_json(
+        &[
+            "read", "--server", &s, "--log", "orders", "--from", "1", "--count", "2", "--json",
+        ],
+        "",
+    );
+    assert_eq!(count.len(), 2);
+
+    // Everything acknowledged at acks=leader survives SIGKILL.
+    let node = node.crash_and_restart();
+    let s = node.server();
+    assert_eq!(read_values(&env, &s, "orders", 0)[..3], want[..3]);
+
+    let status = env.cli_json(&["status", "--server", &s, "--json"], "");
+    let logs = status[0]["logs"].as_array().unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0]["name"], "orders");
+    assert!(logs[0]["end"].as_u64().unwrap() >= 3);
+    assert_eq!(status[0]["role"], "standalone");
+
+    // Replicated levels are refused with a clear error until there are replicas.
+    let out = env.cli(
+        &[
+            "append", "--server", &s, "--log", "orders", "--acks", "sync",
+        ],
+        "x\n",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_enough_replicas"),
+        "{out:?}"
+    );
+    // A missing log is a clear error too.
+    let out = env.cli(
+        &["read", "--server", &s, "--log", "nope", "--from", "0"],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("log_not_found"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn idempotent_retry_is_stored_once_even_across_a_crash() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let rt = rt();
+    let conn = rt
+        .block_on(raw_connect(node.addr, &env.ca_pem(), None))
+        .unwrap();
+    rt.block_on(async {
+        assert_eq!(
+            exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
+            Response::Ok
+        );
+        let mut a = append_req("l", &["a", "b"]);
+        a.producer = Some((42, 0));
+        let first = match exchange(&conn, &Request::Append(a.clone())).await {
+            Response::Receipt(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((first.first, first.next, first.flags), (0, 2, 0));
+        // The same append again (a retry after a lost ack): the original receipt, marked.
+        match exchange(&conn, &Request::Append(a.clone())).await {
+            Response::Receipt(r) => {
+                assert_eq!((r.first, r.next), (0, 2));
+                assert_eq!(r.flags & RECEIPT_DUPLICATE, RECEIPT_DUPLICATE);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Skipping sequences is refused, with the expected one in `detail`.
+        let mut gap = append_req("l", &["z"]);
+        gap.producer = Some((42, 5));
+        match exchange(&conn, &Request::Append(gap)).await {
+            Response::Error(e) => assert_eq!((e.code, e.detail), (ErrorCode::SequenceGap, 2)),
+            other => panic!("{other:?}"),
+        }
+    });
+    drop(conn);
+    // The producer table is rebuilt from the log after a crash.
+    let node = node.crash_and_restart();
+    let conn = rt
+        .block_on(raw_connect(node.addr, &env.ca_pem(), None))
+        .unwrap();
+    rt.block_on(async {
+        let mut a = append_req("l", &["a", "b"]);
+        a.producer = Some((42, 0));
+        match exchange(&conn, &Request::Append(a)).await {
+            Response::Receipt(r) => {
+                assert_eq!((r.first, r.next), (0, 2));
+                assert_ne!(r.flags & RECEIPT_DUPLICATE, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut next = append_req("l", &["c"]);
+        next.producer = Some((42, 2));
+        match exchange(&conn, &Request::Append(next)).await {
+            Response::Receipt(r) => assert_eq!((r.first, r.flags), (2, 0)),
+            other => panic!("{other:?}"),
+        }
+    });
+    assert_eq!(
+        read_values(&env, &node.server(), "l", 0),
+        vec![(0, "a".into()), (1, "b".into()), (2, "c".into())]
+    );
+}
+
+#[test]
+fn conditional_append_conflicts_name_the_real_end() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let s = node.server();
+    env.cli_ok(&["create", "--server", &s, "--log", "l"], "");
+    let r = env.cli_json(
+        &[
+            "append",
+            "--server",
+            &s,
+            "--log",
+            "l",
+            "--expected-offset",
+            "0",
+            "--json",
+        ],
+        "a\nb\n",
+    );
+    assert_eq!(r.len(), 2);
+    let out = env.cli(
+        &[
+            "append",
+            "--server",
+            &s,
+            "--log",
+            "l",
+            "--expected-offset",
+            "1",
+        ],
+        "c\n",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("offset_conflict") && err.contains("2"),
+        "{err}"
+    );
+    let ok = env.cli_json(
+        &[
+            "append",
+            "--server",
+            &s,
+            "--log",
+            "l",
+            "--expected-offset",
+            "2",
+            "--json",
+        ],
+        "c\n",
+    );
+    assert_eq!(ok[0]["offset"], 2);
+    assert_eq!(read_values(&env, &s, "l", 0).len(), 3);
+}
+
+#[test]
+fn tail_delivers_records_as_they_commit() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let s = node.server();
+    env.cli_ok(&["create", "--server", &s, "--log", "t"], "");
+    env.cli_ok(&["append", "--server", &s, "--log", "t"], "old\n");
+    let tail = std::process::Command::new(BIN)
+        .args([
+            "tail", "--server", &s, "--log", "t", "--from", "0", "--count", "3", "--json",
+        ])
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    env.cli_ok(&["append", "--server", &s, "--log", "t"], "new1\nnew2\n");
+    let out = tail.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let got: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let values: Vec<&str> = got.iter().map(|v| v["value"].as_str().unwrap()).collect();
+    assert_eq!(values, ["old", "new1", "new2"]);
+
+    // The raw stream: a tail from the end gets only what is appended after it started.
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&encode(&Request::Tail(TailRequest {
+            log: "t".into(),
+            from: 3,
+            bytes_max: 1 << 20,
+        })))
+        .await
+        .unwrap();
+        send.finish().unwrap();
+        let append = exchange(&conn, &Request::Append(append_req("t", &["live"]))).await;
+        assert!(matches!(append, Response::Receipt(r) if r.first == 3));
+        let mut hdr = [0u8; 8];
+        recv.read_exact(&mut hdr).await.unwrap();
+        let h = protocol::FrameHeader::parse(&hdr, &protocol::Limits::default()).unwrap();
+        let mut body = vec![0u8; h.body_len as usize];
+        recv.read_exact(&mut body).await.unwrap();
+        match protocol::decode_response(&h, body.into(), &protocol::Limits::default()).unwrap() {
+            Response::Batches(b) => {
+                assert_eq!(b.next_offset, 4);
+                assert_eq!(batch_values(&b.batches, 3), vec![(3, b"live".to_vec())]);
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+#[test]
+fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert_eq!(
+            exchange(
+                &conn,
+                &Request::CreateLog {
+                    name: "keep".into()
+                }
+            )
+            .await,
+            Response::Ok
+        );
+        let r = exchange(&conn, &Request::Append(append_req("keep", &["precious"]))).await;
+        assert!(matches!(r, Response::Receipt(_)), "{r:?}");
+
+        let good = encode(&Request::Append(append_req("keep", &["x"])));
+        let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+            (
+                "unknown version",
+                {
+                    let mut b = good.to_vec();
+                    b[4] = 9;
+                    b
+                },
+                ErrorCode::UnsupportedVersion,
+            ),
+            (
+                "unknown kind",
+                {
+                    let mut b = good.to_vec();
+                    b[5] = 0x3f;
+                    b
+                },
+                ErrorCode::UnknownMessage,
+            ),
+            (
+                "response kind as request",
+                {
+                    let mut b = good.to_vec();
+                    b[5] = 0x80;
+                    b
+                },
+                ErrorCode::UnknownMessage,
+            ),
+            (
+                "reserved bits",
+                {
+                    let mut b = good.to_vec();
+                    b[6] = 1;
+                    b
+                },
+                ErrorCode::Malformed,
+            ),
+            (
+                "length beyond frame_bytes_max",
+                {
+                    let mut b = good.to_vec();
+                    b[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+                    b
+                },
+                ErrorCode::LimitExceeded,
+            ),
+            (
+                "stream closed mid-frame",
+                good[..good.len() - 3].to_vec(),
+                ErrorCode::Malformed,
+            ),
+            (
+                "stream closed mid-header",
+                good[..5].to_vec(),
+                ErrorCode::Malformed,
+            ),
+            (
+                "TLS alert bytes",
+                vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28, 0x00],
+                ErrorCode::UnsupportedVersion,
+            ),
+            (
+                "trailing garbage in body",
+                {
+                    let mut b = good.to_vec();
+                    b.push(0xAA);
+                    let len = (b.len() - 8) as u32;
+                    b[0..4].copy_from_slice(&len.to_le_bytes());
+                    b
+                },
+                ErrorCode::Malformed,
+            ),
+            (
+                "record count beyond records_max",
+                {
+                    let mut a = append_req("keep", &["x"]);
+                    a.records = vec![Bytes::new(); 70_000];
+                    encode(&Request::Append(a)).to_vec()
+                },
+                ErrorCode::LimitExceeded,
+            ),
+        ];
+        for (what, bytes, code) in cases {
+            let r = exchange_raw(&conn, &bytes)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(r.len(), 1, "{what}: {r:?}");
+            assert_eq!(error_code(&r[0]), code, "{what}: {r:?}");
+        }
+        // Name too long.
+        let r = exchange(
+            &conn,
+            &Request::CreateLog {
+                name: "n".repeat(300),
+            },
+        )
+        .await;
+        assert_eq!(error_code(&r), ErrorCode::LimitExceeded);
+        let r = exchange(
+            &conn,
+            &Request::CreateLog {
+                name: "bad/name".into(),
+            },
+        )
+        .await;
+        assert_eq!(error_code(&r), ErrorCode::InvalidName);
+        // An append too large for one batch (8 MiB frame limit is fine, 4 MiB batch is not).
+        let mut big = append_req("keep", &[]);
+        big.records = vec![Bytes::from(vec![1u8; 6 << 20])];
+        let r = exchange(&conn, &Request::Append(big)).await;
+        assert_eq!(error_code(&r), ErrorCode::LimitExceeded);
+        // A read below the start or beyond the end.
+        let r = exchange(
+            &conn,
+            &Request::Read(ReadRequest {
+                log: "keep".into(),
+                from: 99,
+                bytes_max: 4096,
+                wait_ms: 0,
+                min_offset: 0,
+            }),
+        )
+        .await;
+        assert_eq!(error_code(&r), ErrorCode::OffsetOutOfRange);
+
+        // The same connection still works, and so does a new one; the data is intact.
+        let r = exchange(
+            &conn,
+            &Request::Read(ReadRequest {
+                log: "keep".into(),
+                from: 0,
+                bytes_max: 1 << 20,
+                wait_ms: 0,
+                min_offset: 0,
+            }),
+        )
+        .await;
+        match r {
+            Response::Batches(b) => {
+                assert_eq!(batch_values(&b.batches, 0), vec![(0, b"precious".to_vec())])
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert!(matches!(
+            exchange(&other, &Request::Status).await,
+            Response::Status(_)
+        ));
+    });
+}
+
+#[test]
+fn tokens_are_required_when_configured() {
+    let env = Env::new();
+    let node = env.node("n", &["--token", "s3cret", "--token", "other"]);
+    let s = node.server();
+    let out = env.cli(&["status", "--server", &s], "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unauthenticated"),
+        "{out:?}"
+    );
+    let out = env.cli(&["status", "--server", &s, "--token", "wrong"], "");
+    assert!(!out.status.success());
+    env.cli_ok(
+        &["create", "--server", &s, "--log", "l", "--token", "s3cret"],
+        "",
+    );
+    env.cli_ok(&["status", "--server", &s, "--token", "other"], "");
+
+    // A raw client that skips Auth is cut off with the unauthenticated close code.
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let _ = exchange_raw(&conn, &encode(&Request::Status)).await;
+        let reason = conn.closed().await;
+        assert!(
+            matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == protocol::close_code::UNAUTHENTICATED.into()),
+            "{reason:?}"
+        );
+    });
+}
+
+#[test]
+fn untrusted_certificates_are_refused_both_ways() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    // A client trusting another CA refuses the node.
+    let other = Env::new();
+    let _other_node = other.node("o", &[]);
+    let rt = rt();
+    let err = rt
+        .block_on(raw_connect(node.addr, &other.ca_pem(), None))
+        .unwrap_err();
+    assert!(
+        err.contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    // A node that requires client certificates (production TLS from PEM files).
+    let tls = node.data_dir.join("tls");
+    let strict = env.node(
+        "strict",
+        &[
+            "--tls-cert",
+            tls.join("node.pem").to_str().unwrap(),
+            "--tls-key",
+            tls.join("node.key").to_str().unwrap(),
+            "--client-ca",
+            env.ca_pem().to_str().unwrap(),
+        ],
+    );
+    rt.block_on(async {
+        // Without a client certificate: refused.
+        let refused = match raw_connect(strict.addr, &env.ca_pem(), None).await {
+            Err(_) => true,
+            Ok(conn) => exchange_raw(&conn, &encode(&Request::Status))
+                .await
+                .is_err(),
+        };
+        assert!(refused);
+        // With a certificate from the other CA: refused.
+        let otls = other.path("o").join("tls");
+        let refused = match raw_connect(
+            strict.addr,
+            &env.ca_pem(),
+            Some((&otls.join("node.pem"), &otls.join("node.key"))),
+        )
+        .await
+        {
+            Err(_) => true,
+            Ok(conn) => exchange_raw(&conn, &encode(&Request::Status))
+                .await
+                .is_err(),
+        };
+        assert!(refused);
+        // With one from the trusted CA: served.
+        let conn = raw_connect(
+            strict.addr,
+            &env.ca_pem(),
+            Some((&tls.join("node.pem"), &tls.join("node.key"))),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            exchange(&conn, &Request::Status).await,
+            Response::Status(_)
+        ));
+        // The first node kept serving through all of it.
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert!(matches!(
+            exchange(&conn, &Request::ListLogs).await,
+            Response::Logs(_)
+        ));
+    });
+}
+
+fn write_config(env: &Env, name: &str, text: &str) -> String {
+    let p = env.path(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn connection_and_stream_limits_hold() {
+    let env = Env::new();
+    let cfg = write_config(
+        &env,
+        "limits.toml",
+        "[limits]\nconnections_max = 2\nstreams_per_connection_max = 4\nrequest_timeout_ms = 1500\n",
+    );
+    let node = env.node("n", &["--config", &cfg]);
+    let rt = rt();
+    rt.block_on(async {
+        let a = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let b = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert!(matches!(exchange(&a, &Request::Status).await, Response::Status(_)));
+        // A third connection is closed at once with the busy code.
+        let c = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let reason = c.closed().await;
+        assert!(
+            matches!(&reason, quinn::ConnectionError::ApplicationClosed(x) if x.error_code == protocol::close_code::BUSY.into() && &x.reason[..] == b"busy"),
+            "{reason:?}"
+        );
+        // Streams: four may be open at once. The node times out silent ones
+        // (request_timeout_ms) with an error; their credit comes back once the client closes
+        // its side, and only then can a fifth stream open.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (mut send, recv) = b.open_bi().await.unwrap();
+            send.write_all(&[1]).await.unwrap(); // the node sees the stream, never a full header
+            held.push((send, recv));
+        }
+        let fifth = b.open_bi();
+        tokio::pin!(fifth);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut fifth).await;
+        assert!(early.is_err(), "a fifth stream opened beyond streams_per_connection_max");
+        for (mut send, mut recv) in held {
+            let data = recv.read_to_end(1 << 20).await.unwrap();
+            assert_eq!(error_code(&decode_all(&data).unwrap()[0]), ErrorCode::Timeout);
+            let _ = send.reset(0u32.into());
+        }
+        let (mut send, mut recv) = fifth.await.unwrap();
+        send.write_all(&encode(&Request::Status)).await.unwrap();
+        send.finish().unwrap();
+        let data = recv.read_to_end(1 << 20).await.unwrap();
+        assert!(matches!(decode_all(&data).unwrap()[..], [Response::Status(_)]));
+    });
+}
+
+#[test]
+fn slow_readers_are_cut_off_and_memory_stays_bounded() {
+    let env = Env::new();
+    let cfg = write_config(
+        &env,
+        "slow.toml",
+        "[limits]\ntail_stall_timeout_ms = 1000\nconnection_window_bytes = 1048576\n",
+    );
+    let node = env.node("n", &["--config", &cfg]);
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert_eq!(
+            exchange(&conn, &Request::CreateLog { name: "big".into() }).await,
+            Response::Ok
+        );
+        let value = Bytes::from(vec![7u8; 256 << 10]);
+        for _ in 0..40 {
+            let mut a = append_req("big", &[]);
+            a.records = vec![value.clone(); 4];
+            assert!(matches!(
+                exchange(&conn, &Request::Append(a)).await,
+                Response::Receipt(_)
+            ));
+        }
+        let before = node.rss_anon_kib();
+        // A reader that asks for everything and never reads: a tail and many big reads.
+        let slow = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let (mut send, mut tail_recv) = slow.open_bi().await.unwrap();
+        send.write_all(&encode(&Request::Tail(TailRequest {
+            log: "big".into(),
+            from: 0,
+            bytes_max: 4 << 20,
+        })))
+        .await
+        .unwrap();
+        send.finish().unwrap();
+        let mut reads = Vec::new();
+        for _ in 0..32 {
+            let (mut send, recv) = slow.open_bi().await.unwrap();
+            let r = Request::Read(ReadRequest {
+                log: "big".into(),
+                from: 0,
+                bytes_max: 4 << 20,
+                wait_ms: 0,
+                min_offset: 0,
+            });
+            send.write_all(&encode(&r)).await.unwrap();
+            send.finish().unwrap();
+            reads.push(recv);
+        }
+        // The tail is reset with the slow-reader code once it stalls past the timeout.
+        let reset = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            tail_recv.received_reset(),
+        )
+        .await
+        .expect("the stalled tail was never reset");
+        assert_eq!(
+            reset.ok().flatten(),
+            Some(protocol::close_code::SLOW_READER.into())
+        );
+        // 40 MiB are stored and 32 readers asked for 4 MiB each: the node's heap barely grew,
+        // because answers are flow-controlled slices of the segment mappings.
+        let after = node.rss_anon_kib();
+        assert!(
+            after < before + 64 * 1024,
+            "anonymous memory grew from {before} KiB to {after} KiB"
+        );
+        // Others are still served.
+        let fresh = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert!(matches!(
+            exchange(&fresh, &Request::Status).await,
+            Response::Status(_)
+        ));
+        drop(reads);
+    });
+}
+
+#[test]
+fn metrics_endpoint_counts_appends() {
+    let env = Env::new();
+    let node = env.node("n", &["--metrics-listen", "127.0.0.1:0"]);
+    let s = node.server();
+    env.cli_ok(&["create", "--server", &s, "--log", "m"], "");
+    env.cli_ok(&["append", "--server", &s, "--log", "m"], "a\nb\nc\n");
+    let addr = node.metrics.clone().expect("metrics address");
+    let body = http_get(&addr, "/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let appends = body
+        .lines()
+        .find_map(|l| l.strip_prefix("replog_append_records_total "))
+        .unwrap();
+    assert_eq!(appends.trim(), "3");
+    assert!(body.contains("replog_append_latency_seconds_count"));
+    assert!(body.contains("replog_flush_latency_seconds_bucket{le=\"+Inf\"}"));
+    assert!(http_get(&addr, "/nope").starts_with("HTTP/1.1 404"));
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn bad_configuration_and_a_busy_data_dir_are_refused() {
+    let env = Env::new();
+    let cfg = write_config(&env, "typo.toml", "[limits]\nconections_max = 2\n");
+    let out = std::process::Command::new(BIN)
+        .args(["node", "--config", &cfg, "--data-dir"])
+        .arg(env.path("x"))
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{out:?}"
+    );
+
+    let _node = env.node("busy", &[]);
+    let out = std::process::Command::new(BIN)
+        .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(env.path("busy"))
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{out:?}"
+    );
+}

@@ -1,0 +1,832 @@
+//! Frame header and message bodies: encoders and limit-enforcing decoders.
+//!
+//! Decoding is two-step so that nothing is allocated before its length is checked:
+//! [`FrameHeader::parse`] validates the fixed 8-byte header (version, kind, body length against
+//! [`Limits::frame_bytes_max`]); the caller then reads exactly `body_len` bytes and calls
+//! [`decode_request`] or [`decode_response`], which check every inner length against the bytes
+//! that are really there and against the limits.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::message::*;
+use crate::{ErrorCode, ProtocolError};
+
+/// Length of the frame header.
+pub const FRAME_HEADER_LEN: usize = 8;
+/// The only protocol version this crate speaks.
+pub const KNOWN_VERSION: u8 = 1;
+
+mod kind {
+    pub const AUTH: u8 = 0x01;
+    pub const CREATE_LOG: u8 = 0x02;
+    pub const LIST_LOGS: u8 = 0x03;
+    pub const STATUS: u8 = 0x04;
+    pub const APPEND: u8 = 0x05;
+    pub const READ: u8 = 0x06;
+    pub const TAIL: u8 = 0x07;
+
+    pub const OK: u8 = 0x80;
+    pub const ERROR: u8 = 0x81;
+    pub const RECEIPT: u8 = 0x82;
+    pub const LOGS: u8 = 0x83;
+    pub const STATUS_RESP: u8 = 0x84;
+    pub const BATCHES: u8 = 0x85;
+
+    pub fn is_request(k: u8) -> bool {
+        (AUTH..=TAIL).contains(&k)
+    }
+
+    pub fn is_response(k: u8) -> bool {
+        (OK..=BATCHES).contains(&k)
+    }
+}
+
+const APPEND_HAS_EXPECTED: u8 = 0x01;
+const APPEND_HAS_PRODUCER: u8 = 0x02;
+const APPEND_KNOWN_FLAGS: u8 = APPEND_HAS_EXPECTED | APPEND_HAS_PRODUCER;
+
+/// Hard limits enforced by the decoder. A node and a client each choose theirs; the defaults
+/// are what a node uses unless configured otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame body accepted, in bytes.
+    pub frame_bytes_max: u32,
+    /// Most records in one append.
+    pub records_max: u32,
+    /// Longest log name, in bytes.
+    pub name_bytes_max: u16,
+    /// Longest bearer token, in bytes.
+    pub token_bytes_max: u16,
+    /// Longest free-text field (error message, node id, addresses), in bytes.
+    pub text_bytes_max: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            frame_bytes_max: 8 << 20,
+            records_max: 65_536,
+            name_bytes_max: log_core::LOG_NAME_BYTES_MAX as u16,
+            token_bytes_max: 4096,
+            text_bytes_max: 4096,
+        }
+    }
+}
+
+/// The fixed header in front of every frame: `body_len u32 LE | version u8 | kind u8 |
+/// reserved u16 (0)`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub body_len: u32,
+}
+
+impl FrameHeader {
+    /// Validate a header. Fails on an unknown version, a non-zero reserved field, an unknown
+    /// kind, or a body longer than `limits.frame_bytes_max`.
+    pub fn parse(
+        bytes: &[u8; FRAME_HEADER_LEN],
+        limits: &Limits,
+    ) -> Result<FrameHeader, ProtocolError> {
+        let body_len = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+        let version = bytes[4];
+        let kind = bytes[5];
+        let reserved = u16::from_le_bytes([bytes[6], bytes[7]]);
+        if version != KNOWN_VERSION {
+            return Err(ProtocolError::UnsupportedVersion(version));
+        }
+        if reserved != 0 {
+            return Err(ProtocolError::ReservedNotZero(reserved));
+        }
+        if !kind::is_request(kind) && !kind::is_response(kind) {
+            return Err(ProtocolError::UnknownKind(kind));
+        }
+        if body_len > limits.frame_bytes_max {
+            return Err(ProtocolError::FrameTooLarge {
+                len: body_len as u64,
+                max: limits.frame_bytes_max,
+            });
+        }
+        Ok(FrameHeader { kind, body_len })
+    }
+
+    pub fn is_request(&self) -> bool {
+        kind::is_request(self.kind)
+    }
+
+    fn encode(kind: u8, body_len: u32) -> [u8; FRAME_HEADER_LEN] {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h[0..4].copy_from_slice(&body_len.to_le_bytes());
+        h[4] = KNOWN_VERSION;
+        h[5] = kind;
+        h
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+
+fn begin(out: &mut BytesMut, kind: u8) -> usize {
+    let at = out.len();
+    out.put_slice(&FrameHeader::encode(kind, 0));
+    at
+}
+
+fn finish(out: &mut BytesMut, at: usize) {
+    let body_len = out.len() - at - FRAME_HEADER_LEN;
+    let body_len = u32::try_from(body_len).expect("frame body over 4 GiB");
+    out[at..at + 4].copy_from_slice(&body_len.to_le_bytes());
+}
+
+fn put_str(out: &mut BytesMut, s: &[u8]) {
+    let len = u16::try_from(s.len()).expect("string field over 64 KiB");
+    out.put_u16_le(len);
+    out.put_slice(s);
+}
+
+fn put_log_info(out: &mut BytesMut, logs: &[LogInfo]) {
+    out.put_u32_le(logs.len() as u32);
+    for l in logs {
+        put_str(out, l.name.as_bytes());
+        out.put_u64_le(l.start);
+        out.put_u64_le(l.end);
+        out.put_u64_le(l.committed);
+        out.put_u64_le(l.epoch);
+        out.put_u64_le(l.disk_bytes);
+    }
+}
+
+/// Append one request frame (header and body) to `out`.
+pub fn encode_request(req: &Request, out: &mut BytesMut) {
+    match req {
+        Request::Auth { token } => {
+            let at = begin(out, kind::AUTH);
+            put_str(out, token);
+            finish(out, at);
+        }
+        Request::CreateLog { name } => {
+            let at = begin(out, kind::CREATE_LOG);
+            put_str(out, name.as_bytes());
+            finish(out, at);
+        }
+        Request::ListLogs => {
+            let at = begin(out, kind::LIST_LOGS);
+            finish(out, at);
+        }
+        Request::Status => {
+            let at = begin(out, kind::STATUS);
+            finish(out, at);
+        }
+        Request::Append(a) => {
+            let at = begin(out, kind::APPEND);
+            put_str(out, a.log.as_bytes());
+            out.put_u8(a.acks as u8);
+            let mut flags = 0;
+            if a.expected_offset.is_some() {
+                flags |= APPEND_HAS_EXPECTED;
+            }
+            if a.producer.is_some() {
+                flags |= APPEND_HAS_PRODUCER;
+            }
+            out.put_u8(flags);
+            out.put_u16_le(0);
+            out.put_u64_le(a.expected_offset.unwrap_or(0));
+            let (pid, seq) = a.producer.unwrap_or((0, 0));
+            out.put_u64_le(pid);
+            out.put_u64_le(seq);
+            out.put_u32_le(a.timeout_ms);
+            out.put_u32_le(a.records.len() as u32);
+            for r in &a.records {
+                out.put_u32_le(r.len() as u32);
+                out.put_slice(r);
+            }
+            finish(out, at);
+        }
+        Request::Read(r) => {
+            let at = begin(out, kind::READ);
+            put_str(out, r.log.as_bytes());
+            out.put_u64_le(r.from);
+            out.put_u32_le(r.bytes_max);
+            out.put_u32_le(r.wait_ms);
+            out.put_u64_le(r.min_offset);
+            finish(out, at);
+        }
+        Request::Tail(t) => {
+            let at = begin(out, kind::TAIL);
+            put_str(out, t.log.as_bytes());
+            out.put_u64_le(t.from);
+            out.put_u32_le(t.bytes_max);
+            finish(out, at);
+        }
+    }
+}
+
+/// Append one response frame to `out`. For [`Response::Batches`] this copies the batches; a
+/// node serving reads from its mappings writes [`encode_batches_prefix`] and then the batch
+/// slices instead.
+pub fn encode_response(resp: &Response, out: &mut BytesMut) {
+    match resp {
+        Response::Ok => {
+            let at = begin(out, kind::OK);
+            finish(out, at);
+        }
+        Response::Error(e) => {
+            let at = begin(out, kind::ERROR);
+            out.put_u16_le(e.code as u16);
+            out.put_u64_le(e.detail);
+            put_str(out, e.message.as_bytes());
+            put_str(out, e.leader.as_bytes());
+            finish(out, at);
+        }
+        Response::Receipt(r) => {
+            let at = begin(out, kind::RECEIPT);
+            out.put_u64_le(r.first);
+            out.put_u64_le(r.next);
+            out.put_u64_le(r.epoch);
+            out.put_u8(r.level as u8);
+            out.put_u8(r.flags);
+            out.put_u16_le(r.replicas);
+            finish(out, at);
+        }
+        Response::Logs(logs) => {
+            let at = begin(out, kind::LOGS);
+            put_log_info(out, logs);
+            finish(out, at);
+        }
+        Response::Status(s) => {
+            let at = begin(out, kind::STATUS_RESP);
+            put_str(out, s.node_id.as_bytes());
+            put_str(out, s.version.as_bytes());
+            put_str(out, s.role.as_bytes());
+            out.put_u16_le(s.shards);
+            out.put_u64_le(s.uptime_ms);
+            out.put_u32_le(s.connections);
+            put_log_info(out, &s.logs);
+            finish(out, at);
+        }
+        Response::Batches(b) => {
+            out.put_slice(&encode_batches_prefix(
+                b.next_offset,
+                b.committed,
+                b.batches.len(),
+            ));
+            out.put_slice(&b.batches);
+        }
+    }
+}
+
+/// Length of the header plus fixed fields of a [`Response::Batches`] frame.
+pub const BATCHES_PREFIX_LEN: usize = FRAME_HEADER_LEN + 16;
+
+/// The frame header and fixed fields of a [`Response::Batches`] frame whose batches total
+/// `batches_len` bytes; the batches follow it on the stream verbatim.
+pub fn encode_batches_prefix(
+    next_offset: u64,
+    committed: u64,
+    batches_len: usize,
+) -> [u8; BATCHES_PREFIX_LEN] {
+    let body_len = u32::try_from(16 + batches_len).expect("batches frame over 4 GiB");
+    let mut p = [0u8; BATCHES_PREFIX_LEN];
+    p[..FRAME_HEADER_LEN].copy_from_slice(&FrameHeader::encode(kind::BATCHES, body_len));
+    p[8..16].copy_from_slice(&next_offset.to_le_bytes());
+    p[16..24].copy_from_slice(&committed.to_le_bytes());
+    p
+}
+
+// ---------------------------------------------------------------- decoding
+
+struct Reader<'a> {
+    body: &'a Bytes,
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(body: &'a Bytes) -> Self {
+        Reader { body, pos: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.body.len() - self.pos
+    }
+
+    fn need(&self, n: usize, what: &'static str) -> Result<(), ProtocolError> {
+        if self.remaining() < n {
+            Err(ProtocolError::Truncated(what))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
+        self.need(1, what)?;
+        let v = self.body[self.pos];
+        self.pos += 1;
+        Ok(v)
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
+        self.need(2, what)?;
+        let v = (&self.body[self.pos..]).get_u16_le();
+        self.pos += 2;
+        Ok(v)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
+        self.need(4, what)?;
+        let v = (&self.body[self.pos..]).get_u32_le();
+        self.pos += 4;
+        Ok(v)
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
+        self.need(8, what)?;
+        let v = (&self.body[self.pos..]).get_u64_le();
+        self.pos += 8;
+        Ok(v)
+    }
+
+    fn bytes(&mut self, n: usize, what: &'static str) -> Result<Bytes, ProtocolError> {
+        self.need(n, what)?;
+        let b = self.body.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(b)
+    }
+
+    /// A u16-length-prefixed byte string of at most `max` bytes.
+    fn short_bytes(&mut self, max: u16, what: &'static str) -> Result<Bytes, ProtocolError> {
+        let len = self.u16(what)?;
+        if len > max {
+            return Err(ProtocolError::TooLong {
+                what,
+                len: len as u64,
+                max: max as u64,
+            });
+        }
+        self.bytes(len as usize, what)
+    }
+
+    fn string(&mut self, max: u16, what: &'static str) -> Result<String, ProtocolError> {
+        let b = self.short_bytes(max, what)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| ProtocolError::Malformed("string field is not UTF-8"))
+    }
+
+    fn rest(&mut self) -> Bytes {
+        let b = self.body.slice(self.pos..);
+        self.pos = self.body.len();
+        b
+    }
+
+    fn end(&self) -> Result<(), ProtocolError> {
+        match self.remaining() {
+            0 => Ok(()),
+            n => Err(ProtocolError::TrailingBytes(n)),
+        }
+    }
+}
+
+/// Decode a request body. `header` must come from [`FrameHeader::parse`] and `body` must be
+/// exactly `header.body_len` bytes.
+pub fn decode_request(
+    header: &FrameHeader,
+    body: Bytes,
+    limits: &Limits,
+) -> Result<Request, ProtocolError> {
+    debug_assert_eq!(body.len(), header.body_len as usize);
+    let mut r = Reader::new(&body);
+    let req = match header.kind {
+        kind::AUTH => Request::Auth {
+            token: r.short_bytes(limits.token_bytes_max, "token")?,
+        },
+        kind::CREATE_LOG => Request::CreateLog {
+            name: r.string(limits.name_bytes_max, "log name")?,
+        },
+        kind::LIST_LOGS => Request::ListLogs,
+        kind::STATUS => Request::Status,
+        kind::APPEND => {
+            let log = r.string(limits.name_bytes_max, "log name")?;
+            let acks = r.u8("acks")?;
+            let acks = Acks::from_u8(acks).ok_or(ProtocolError::Malformed("unknown acks level"))?;
+            let flags = r.u8("append flags")?;
+            if flags & !APPEND_KNOWN_FLAGS != 0 {
+                return Err(ProtocolError::Malformed("unknown append flag bits"));
+            }
+            let reserved = r.u16("append reserved")?;
+            if reserved != 0 {
+                return Err(ProtocolError::ReservedNotZero(reserved));
+            }
+            let expected = r.u64("expected offset")?;
+            let producer_id = r.u64("producer id")?;
+            let sequence = r.u64("first sequence")?;
+            let timeout_ms = r.u32("timeout")?;
+            let count = r.u32("record count")?;
+            if count == 0 {
+                return Err(ProtocolError::Malformed("an append carries no records"));
+            }
+            if count > limits.records_max {
+                return Err(ProtocolError::TooLong {
+                    what: "record count",
+                    len: count as u64,
+                    max: limits.records_max as u64,
+                });
+            }
+            // Every record needs at least its 4-byte length: a count the body cannot hold is
+            // refused before the vector is sized by it.
+            if count as usize > r.remaining() / 4 {
+                return Err(ProtocolError::Truncated("records"));
+            }
+            let mut records = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let len = r.u32("record length")? as usize;
+                records.push(r.bytes(len, "record value")?);
+            }
+            let producer = if flags & APPEND_HAS_PRODUCER != 0 {
+                if producer_id == 0 {
+                    return Err(ProtocolError::Malformed("producer id 0 is reserved"));
+                }
+                Some((producer_id, sequence))
+            } else {
+                None
+            };
+            Request::Append(AppendRequest {
+                log,
+                acks,
+                expected_offset: (flags & APPEND_HAS_EXPECTED != 0).then_some(expected),
+                producer,
+                timeout_ms,
+                records,
+            })
+        }
+        kind::READ => Request::Read(ReadRequest {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            from: r.u64("from")?,
+            bytes_max: r.u32("bytes_max")?,
+            wait_ms: r.u32("wait_ms")?,
+            min_offset: r.u64("min_offset")?,
+        }),
+        kind::TAIL => Request::Tail(TailRequest {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            from: r.u64("from")?,
+            bytes_max: r.u32("bytes_max")?,
+        }),
+        other => return Err(ProtocolError::UnknownKind(other)),
+    };
+    r.end()?;
+    Ok(req)
+}
+
+fn decode_log_info(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<LogInfo>, ProtocolError> {
+    let count = r.u32("log count")? as usize;
+    // name length (2) + five u64 = 42 bytes at least per entry.
+    if count > r.remaining() / 42 {
+        return Err(ProtocolError::Truncated("log list"));
+    }
+    let mut logs = Vec::with_capacity(count);
+    for _ in 0..count {
+        logs.push(LogInfo {
+            name: r.string(limits.name_bytes_max, "log name")?,
+            start: r.u64("start")?,
+            end: r.u64("end")?,
+            committed: r.u64("committed")?,
+            epoch: r.u64("epoch")?,
+            disk_bytes: r.u64("disk bytes")?,
+        });
+    }
+    Ok(logs)
+}
+
+/// Decode a response body (see [`decode_request`] for the contract).
+pub fn decode_response(
+    header: &FrameHeader,
+    body: Bytes,
+    limits: &Limits,
+) -> Result<Response, ProtocolError> {
+    debug_assert_eq!(body.len(), header.body_len as usize);
+    let mut r = Reader::new(&body);
+    let resp = match header.kind {
+        kind::OK => Response::Ok,
+        kind::ERROR => {
+            let raw = r.u16("error code")?;
+            let code = ErrorCode::from_u16(raw).ok_or(ProtocolError::UnknownErrorCode(raw))?;
+            Response::Error(ErrorResponse {
+                code,
+                detail: r.u64("detail")?,
+                message: r.string(limits.text_bytes_max, "error message")?,
+                leader: r.string(limits.text_bytes_max, "leader address")?,
+            })
+        }
+        kind::RECEIPT => {
+            let first = r.u64("first")?;
+            let next = r.u64("next")?;
+            let epoch = r.u64("epoch")?;
+            let level =
+                Acks::from_u8(r.u8("level")?).ok_or(ProtocolError::Malformed("unknown level"))?;
+            let flags = r.u8("flags")?;
+            let replicas = r.u16("replicas")?;
+            if next <= first {
+                return Err(ProtocolError::Malformed("receipt range is empty"));
+            }
+            Response::Receipt(Receipt {
+                first,
+                next,
+                epoch,
+                level,
+                flags,
+                replicas,
+            })
+        }
+        kind::LOGS => Response::Logs(decode_log_info(&mut r, limits)?),
+        kind::STATUS_RESP => Response::Status(StatusResponse {
+            node_id: r.string(limits.text_bytes_max, "node id")?,
+            version: r.string(limits.text_bytes_max, "version")?,
+            role: r.string(limits.text_bytes_max, "role")?,
+            shards: r.u16("shards")?,
+            uptime_ms: r.u64("uptime")?,
+            connections: r.u32("connections")?,
+            logs: decode_log_info(&mut r, limits)?,
+        }),
+        kind::BATCHES => Response::Batches(BatchesResponse {
+            next_offset: r.u64("next offset")?,
+            committed: r.u64("committed")?,
+            batches: r.rest(),
+        }),
+        other => return Err(ProtocolError::UnknownKind(other)),
+    };
+    r.end()?;
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn split(frame: &BytesMut) -> (FrameHeader, Bytes) {
+        let h = FrameHeader::parse(frame[..8].try_into().unwrap(), &Limits::default()).unwrap();
+        let body = Bytes::copy_from_slice(&frame[8..]);
+        assert_eq!(body.len(), h.body_len as usize);
+        (h, body)
+    }
+
+    fn roundtrip_req(req: Request) {
+        let mut out = BytesMut::new();
+        encode_request(&req, &mut out);
+        let (h, body) = split(&out);
+        assert!(h.is_request());
+        assert_eq!(decode_request(&h, body, &Limits::default()).unwrap(), req);
+    }
+
+    fn roundtrip_resp(resp: Response) {
+        let mut out = BytesMut::new();
+        encode_response(&resp, &mut out);
+        let (h, body) = split(&out);
+        assert_eq!(decode_response(&h, body, &Limits::default()).unwrap(), resp);
+    }
+
+    fn append(records: Vec<Bytes>) -> AppendRequest {
+        AppendRequest {
+            log: "orders".into(),
+            acks: Acks::Leader,
+            expected_offset: Some(42),
+            producer: Some((7, 100)),
+            timeout_ms: 5000,
+            records,
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        roundtrip_req(Request::Auth {
+            token: Bytes::from_static(b"s3cret"),
+        });
+        roundtrip_req(Request::CreateLog {
+            name: "a.b-c_d".into(),
+        });
+        roundtrip_req(Request::ListLogs);
+        roundtrip_req(Request::Status);
+        roundtrip_req(Request::Append(append(vec![
+            Bytes::from_static(b"x"),
+            Bytes::new(),
+        ])));
+        roundtrip_req(Request::Read(ReadRequest {
+            log: "l".into(),
+            from: 9,
+            bytes_max: 1 << 20,
+            wait_ms: 10,
+            min_offset: 3,
+        }));
+        roundtrip_req(Request::Tail(TailRequest {
+            log: "l".into(),
+            from: 1,
+            bytes_max: 77,
+        }));
+        roundtrip_resp(Response::Ok);
+        roundtrip_resp(Response::Error(ErrorResponse {
+            code: ErrorCode::NotLeader,
+            message: "ask elsewhere".into(),
+            leader: "127.0.0.1:7001".into(),
+            detail: 5,
+        }));
+        roundtrip_resp(Response::Receipt(Receipt {
+            first: 1,
+            next: 3,
+            epoch: 2,
+            level: Acks::Leader,
+            flags: RECEIPT_DUPLICATE,
+            replicas: 1,
+        }));
+        let logs = vec![LogInfo {
+            name: "x".into(),
+            start: 0,
+            end: 10,
+            committed: 9,
+            epoch: 1,
+            disk_bytes: 4096,
+        }];
+        roundtrip_resp(Response::Logs(logs.clone()));
+        roundtrip_resp(Response::Status(StatusResponse {
+            node_id: "n1".into(),
+            version: "0.1.0".into(),
+            role: "standalone".into(),
+            shards: 2,
+            uptime_ms: 12,
+            connections: 3,
+            logs,
+        }));
+        roundtrip_resp(Response::Batches(BatchesResponse {
+            next_offset: 5,
+            committed: 5,
+            batches: Bytes::from_static(b"opaque batch bytes"),
+        }));
+    }
+
+    #[test]
+    fn header_rejects_version_kind_reserved_and_length() {
+        let l = Limits::default();
+        let mut h = FrameHeader::encode(kind::STATUS, 0);
+        assert!(FrameHeader::parse(&h, &l).is_ok());
+        h[4] = 2;
+        assert_eq!(
+            FrameHeader::parse(&h, &l),
+            Err(ProtocolError::UnsupportedVersion(2))
+        );
+        let mut h = FrameHeader::encode(0x42, 0);
+        assert_eq!(
+            FrameHeader::parse(&h, &l),
+            Err(ProtocolError::UnknownKind(0x42))
+        );
+        h[5] = kind::STATUS;
+        h[6] = 1;
+        assert_eq!(
+            FrameHeader::parse(&h, &l),
+            Err(ProtocolError::ReservedNotZero(1))
+        );
+        let h = FrameHeader::encode(kind::APPEND, l.frame_bytes_max);
+        assert!(FrameHeader::parse(&h, &l).is_ok());
+        let h = FrameHeader::encode(kind::APPEND, l.frame_bytes_max + 1);
+        let err = FrameHeader::parse(&h, &l).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::LimitExceeded);
+        // A TLS alert or HTTP request read as a header is refused on its length or version.
+        assert!(FrameHeader::parse(b"GET / HT", &l).is_err());
+    }
+
+    #[test]
+    fn append_limits_are_enforced() {
+        let limits = Limits {
+            records_max: 2,
+            ..Limits::default()
+        };
+        let mut out = BytesMut::new();
+        encode_request(
+            &Request::Append(append(vec![Bytes::from_static(b"a"); 3])),
+            &mut out,
+        );
+        let (h, body) = split(&out);
+        let err = decode_request(&h, body, &limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::TooLong {
+                    what: "record count",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // A record length pointing past the body.
+        let mut out = BytesMut::new();
+        encode_request(
+            &Request::Append(append(vec![Bytes::from_static(b"abc")])),
+            &mut out,
+        );
+        let n = out.len();
+        out[n - 7..n - 3].copy_from_slice(&1000u32.to_le_bytes());
+        let (h, body) = split(&out);
+        assert_eq!(
+            decode_request(&h, body, &Limits::default()),
+            Err(ProtocolError::Truncated("record value"))
+        );
+
+        // A huge count with a tiny body is refused before allocating.
+        let mut out = BytesMut::new();
+        encode_request(
+            &Request::Append(append(vec![Bytes::from_static(b"a")])),
+            &mut out,
+        );
+        let n = out.len();
+        out[n - 9..n - 5].copy_from_slice(&60_000u32.to_le_bytes());
+        let (h, body) = split(&out);
+        assert_eq!(
+            decode_request(&h, body, &Limits::default()),
+            Err(ProtocolError::Truncated("records"))
+        );
+
+        // Producer id 0 and empty appends.
+        let mut a = append(vec![Bytes::from_static(b"a")]);
+        a.producer = Some((0, 1));
+        let mut out = BytesMut::new();
+        encode_request(&Request::Append(a), &mut out);
+        let (h, body) = split(&out);
+        assert!(matches!(
+            decode_request(&h, body, &Limits::default()),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let mut out = BytesMut::new();
+        encode_request(&Request::Append(append(vec![])), &mut out);
+        let (h, body) = split(&out);
+        assert!(matches!(
+            decode_request(&h, body, &Limits::default()),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn names_tokens_and_trailing_bytes() {
+        let limits = Limits::default();
+        let long = "n".repeat(limits.name_bytes_max as usize + 1);
+        let mut out = BytesMut::new();
+        encode_request(&Request::CreateLog { name: long }, &mut out);
+        let (h, body) = split(&out);
+        assert!(matches!(
+            decode_request(&h, body, &limits),
+            Err(ProtocolError::TooLong {
+                what: "log name",
+                ..
+            })
+        ));
+
+        let mut out = BytesMut::new();
+        encode_request(&Request::CreateLog { name: "ok".into() }, &mut out);
+        out.put_u8(0);
+        finish(&mut out, 0);
+        let (h, body) = split(&out);
+        assert_eq!(
+            decode_request(&h, body, &limits),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+
+        let mut out = BytesMut::new();
+        encode_request(&Request::CreateLog { name: "ok".into() }, &mut out);
+        out[10] = 0xff;
+        let (h, body) = split(&out);
+        assert!(matches!(
+            decode_request(&h, body, &limits),
+            Err(ProtocolError::Malformed(_))
+        ));
+
+        // A response kind is not a request.
+        let mut out = BytesMut::new();
+        encode_response(&Response::Ok, &mut out);
+        let (h, body) = split(&out);
+        assert_eq!(
+            decode_request(&h, body, &limits),
+            Err(ProtocolError::UnknownKind(kind::OK))
+        );
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoders, whatever the kind.
+        #[test]
+        fn garbage_never_panics(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let limits = Limits::default();
+            let h = FrameHeader { kind, body_len: body.len() as u32 };
+            let body = Bytes::from(body);
+            let _ = decode_request(&h, body.clone(), &limits);
+            let _ = decode_response(&h, body, &limits);
+        }
+
+        #[test]
+        fn appends_round_trip(records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..16),
+                              expected in proptest::option::of(any::<u64>()),
+                              producer in proptest::option::of((1..u64::MAX, any::<u64>()))) {
+            roundtrip_req(Request::Append(AppendRequest {
+                log: "p".into(),
+                acks: Acks::None,
+                expected_offset: expected,
+                producer,
+                timeout_ms: 0,
+                records: records.into_iter().map(Bytes::from).collect(),
+            }));
+        }
+    }
+}

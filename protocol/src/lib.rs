@@ -1,0 +1,45 @@
+//! replog's wire protocol, sans-IO.
+//!
+//! This crate holds every message a client or another node can send or receive, a codec that
+//! enforces hard limits before allocating, and the pure decisions the node makes about a request
+//! (idempotent-producer sequence checks). It has no sockets, files, clock or runtime: callers
+//! read bytes from a QUIC stream, hand them here, and act on what comes back.
+//!
+//! The byte-level specification, written so that a client can be built in another language from
+//! it alone, is `docs/protocol.md`. In short:
+//! - ALPN [`ALPN`]; one QUIC bidirectional stream per exchange; frames are an 8-byte header
+//!   ([`FrameHeader`]) followed by a body of at most [`Limits::frame_bytes_max`] bytes.
+//! - A client sends [`Request`]s; a node answers each with one [`Response`] (a tail stream
+//!   answers with a sequence of [`Response::Batches`]).
+//! - Every failure the node reports is a [`Response::Error`] with an [`ErrorCode`].
+
+mod codec;
+mod error;
+pub mod idempotence;
+mod message;
+
+pub use codec::{
+    decode_request, decode_response, encode_batches_prefix, encode_request, encode_response,
+    FrameHeader, Limits, BATCHES_PREFIX_LEN, FRAME_HEADER_LEN, KNOWN_VERSION,
+};
+pub use error::{ErrorCode, ProtocolError};
+pub use message::{
+    Acks, AppendRequest, BatchesResponse, ErrorResponse, LogInfo, ReadRequest, Receipt, Request,
+    Response, StatusResponse, TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
+};
+
+/// QUIC application error codes a node uses when it closes a connection or resets a stream
+/// (these are transport-level codes, not [`ErrorCode`]s).
+pub mod close_code {
+    /// The node is shutting down, or the connection ended normally.
+    pub const NORMAL: u32 = 0;
+    /// `connections_max` was reached; the reason string is `busy`.
+    pub const BUSY: u32 = 2;
+    /// The first stream did not carry a valid token.
+    pub const UNAUTHENTICATED: u32 = 5;
+    /// A tail stream whose reader stopped taking data for longer than the node's stall timeout.
+    pub const SLOW_READER: u32 = 6;
+}
+
+/// The ALPN protocol id a client must offer during the TLS handshake.
+pub const ALPN: &[u8] = b"replog/1";

@@ -1,0 +1,197 @@
+//! The messages. Field order here is the order on the wire (see `docs/protocol.md`).
+
+use bytes::Bytes;
+
+use crate::ErrorCode;
+
+/// Durability level of an append: what must hold before its receipt is sent.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Acks {
+    /// Written to the leader's page cache (readable, not yet durable).
+    None = 0,
+    /// fdatasync'd on the leader.
+    Leader = 1,
+    /// Durable on the leader and on every follower of the sync set.
+    Sync = 2,
+    /// Durable on a majority of replicas.
+    Quorum = 3,
+}
+
+impl Acks {
+    pub fn from_u8(v: u8) -> Option<Acks> {
+        Some(match v {
+            0 => Acks::None,
+            1 => Acks::Leader,
+            2 => Acks::Sync,
+            3 => Acks::Quorum,
+            _ => return None,
+        })
+    }
+
+    /// The lowercase name used by the CLI and in JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Acks::None => "none",
+            Acks::Leader => "leader",
+            Acks::Sync => "sync",
+            Acks::Quorum => "quorum",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Acks> {
+        Some(match s {
+            "none" => Acks::None,
+            "leader" => Acks::Leader,
+            "sync" => Acks::Sync,
+            "quorum" => Acks::Quorum,
+            _ => return None,
+        })
+    }
+}
+
+/// Append records to a log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendRequest {
+    pub log: String,
+    pub acks: Acks,
+    /// Conditional append: fail with [`ErrorCode::OffsetConflict`] unless the log's next offset
+    /// equals this.
+    pub expected_offset: Option<u64>,
+    /// Idempotent append: `(producer_id, first_sequence)`; producer id 0 is not allowed.
+    pub producer: Option<(u64, u64)>,
+    /// How long the node may wait for the level to be reached, in milliseconds (0 = node default).
+    pub timeout_ms: u32,
+    pub records: Vec<Bytes>,
+}
+
+/// Read whole batches starting at the batch that contains `from`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadRequest {
+    pub log: String,
+    pub from: u64,
+    /// Upper bound on the batch bytes in the answer (at least one batch is returned if any is
+    /// readable, even if it is larger).
+    pub bytes_max: u32,
+    /// If nothing is readable at `from`, wait up to this long for new records (0 = answer at once).
+    pub wait_ms: u32,
+    /// Read-your-writes: the node must have committed up to this offset before answering.
+    pub min_offset: u64,
+}
+
+/// Subscribe to a log from `from`: the node sends [`Response::Batches`] frames as records commit,
+/// until the client closes the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TailRequest {
+    pub log: String,
+    pub from: u64,
+    /// Upper bound on batch bytes per frame.
+    pub bytes_max: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Present a bearer token. Must be the first exchange on a connection when the node requires
+    /// tokens.
+    Auth {
+        token: Bytes,
+    },
+    CreateLog {
+        name: String,
+    },
+    ListLogs,
+    Status,
+    Append(AppendRequest),
+    Read(ReadRequest),
+    Tail(TailRequest),
+}
+
+/// [`Receipt::flags`] bit: the append was a retry of one already stored; the receipt is the
+/// original one.
+pub const RECEIPT_DUPLICATE: u8 = 0x01;
+/// [`Receipt::flags`] bit: the level asked for was not reached; the append is stored at `level`.
+pub const RECEIPT_DEGRADED: u8 = 0x02;
+
+/// The answer to a successful append.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// Offset of the first record appended.
+    pub first: u64,
+    /// Offset after the last record appended.
+    pub next: u64,
+    pub epoch: u64,
+    /// The durability level reached when the receipt was sent.
+    pub level: Acks,
+    pub flags: u8,
+    /// Number of replicas, the leader included, known to hold the records durably.
+    pub replicas: u16,
+}
+
+/// One log as listed by [`Request::ListLogs`] and [`Request::Status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogInfo {
+    pub name: String,
+    /// First offset still stored.
+    pub start: u64,
+    /// Next offset to be assigned (written, maybe not yet durable).
+    pub end: u64,
+    /// Committed horizon: what readers see by default.
+    pub committed: u64,
+    pub epoch: u64,
+    pub disk_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusResponse {
+    pub node_id: String,
+    pub version: String,
+    /// `standalone`, `leader` or `follower`.
+    pub role: String,
+    pub shards: u16,
+    pub uptime_ms: u64,
+    pub connections: u32,
+    pub logs: Vec<LogInfo>,
+}
+
+/// Whole batches in the storage format (`docs/log-format.md`), back to back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchesResponse {
+    /// Where the next read should start.
+    pub next_offset: u64,
+    /// The committed horizon when the answer was built.
+    pub committed: u64,
+    pub batches: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub code: ErrorCode,
+    /// Code-specific number: the log's next offset for [`ErrorCode::OffsetConflict`], the
+    /// expected sequence for [`ErrorCode::SequenceGap`] and [`ErrorCode::StaleSequence`], the
+    /// log's start for [`ErrorCode::OffsetOutOfRange`], 0 otherwise.
+    pub detail: u64,
+    pub message: String,
+    /// For [`ErrorCode::NotLeader`]: the address of the leader, if known; otherwise empty.
+    pub leader: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Ok,
+    Error(ErrorResponse),
+    Receipt(Receipt),
+    Logs(Vec<LogInfo>),
+    Status(StatusResponse),
+    Batches(BatchesResponse),
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error(ErrorResponse {
+            code,
+            message: message.into(),
+            leader: String::new(),
+            detail: 0,
+        })
+    }
+}

@@ -1,0 +1,294 @@
+//! Connections and streams: admission, authentication, reading one request per stream, and
+//! routing it to the shard that owns the log.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use protocol::{
+    ErrorCode, FrameHeader, LogInfo, ProtocolError, Request, Response, StatusResponse,
+    FRAME_HEADER_LEN,
+};
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::service::{reply, reply_error};
+use crate::shard::{Shard, ShardMsg};
+use crate::Error;
+use protocol::close_code;
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the node waits for the client to receive an answer before closing a connection.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Accepted tokens: `auth.tokens` plus the lines of `auth.token_file`.
+pub(crate) fn load_tokens(cfg: &NodeConfig) -> Result<Vec<Vec<u8>>, Error> {
+    let mut tokens: Vec<Vec<u8>> = cfg
+        .auth
+        .tokens
+        .iter()
+        .map(|t| t.as_bytes().to_vec())
+        .collect();
+    if let Some(path) = &cfg.auth.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("auth.token_file {}: {e}", path.display())))?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| l.as_bytes().to_vec()),
+        );
+    }
+    if tokens
+        .iter()
+        .any(|t| t.is_empty() || t.len() > protocol::Limits::default().token_bytes_max as usize)
+    {
+        return Err(Error::Config("tokens must be 1 to 4096 bytes".into()));
+    }
+    Ok(tokens)
+}
+
+/// Compare a presented token with every accepted one, in time independent of where they differ.
+fn token_accepted(tokens: &[Vec<u8>], presented: &[u8]) -> bool {
+    let mut ok = subtle::Choice::from(0);
+    for t in tokens {
+        ok |= t.as_slice().ct_eq(presented);
+    }
+    ok.into()
+}
+
+struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.c.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) async fn handle_incoming(shard: Rc<Shard>, incoming: quinn::Incoming) {
+    if shard.closing.get() {
+        incoming.refuse();
+        return;
+    }
+    let common = &shard.common;
+    let metrics = common.metrics.clone();
+    let open = metrics.c.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
+    let _open = OpenConnection(metrics.clone());
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("handshake timed out");
+            return;
+        }
+    };
+    if open > common.config.limits.connections_max as u64 {
+        metrics
+            .c
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %conn.remote_address(), "connection refused: connections_max reached");
+        conn.close(close_code::BUSY.into(), b"busy");
+        return;
+    }
+    metrics
+        .c
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    if !common.tokens.is_empty() && !authenticate(&shard, &conn).await {
+        metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %conn.remote_address(), "connection closed: authentication failed");
+        conn.close(close_code::UNAUTHENTICATED.into(), b"unauthenticated");
+        return;
+    }
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio_uring::spawn(serve_stream(shard.clone(), send, recv));
+    }
+}
+
+/// The first stream must carry a valid token. Never logs the token.
+async fn authenticate(shard: &Rc<Shard>, conn: &quinn::Connection) -> bool {
+    let timeout = Duration::from_millis(shard.common.config.limits.request_timeout_ms as u64);
+    let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
+        return false;
+    };
+    let ok = match read_request(&mut recv, &shard.common.config).await {
+        Ok(Request::Auth { token }) => token_accepted(&shard.common.tokens, &token),
+        _ => false,
+    };
+    if ok {
+        reply(&mut send, &Response::Ok).await;
+    } else {
+        reply_error(
+            shard,
+            &mut send,
+            ErrorCode::Unauthenticated,
+            "a valid token is required",
+        )
+        .await;
+        let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+    }
+    ok
+}
+
+/// Why no request came out of a stream.
+pub(crate) enum ReadFail {
+    /// Answer with this error.
+    Answer(ErrorCode, String),
+    /// The stream is gone; nobody to answer.
+    Gone,
+}
+
+impl From<ProtocolError> for ReadFail {
+    fn from(e: ProtocolError) -> Self {
+        ReadFail::Answer(e.code(), e.to_string())
+    }
+}
+
+/// Read exactly one request frame. The body is allocated only after the header passed its
+/// limits.
+pub(crate) async fn read_request(
+    recv: &mut quinn::RecvStream,
+    cfg: &NodeConfig,
+) -> Result<Request, ReadFail> {
+    let limits = cfg.protocol_limits();
+    let timeout = Duration::from_millis(cfg.limits.request_timeout_ms as u64);
+    let read = async {
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        read_exact(recv, &mut hdr, "frame header").await?;
+        let h = FrameHeader::parse(&hdr, &limits)?;
+        if !h.is_request() {
+            return Err(ProtocolError::UnknownKind(h.kind).into());
+        }
+        let mut body = BytesMut::zeroed(h.body_len as usize);
+        read_exact(recv, &mut body, "frame body").await?;
+        Ok(protocol::decode_request(&h, body.freeze(), &limits)?)
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ReadFail::Answer(
+            ErrorCode::Timeout,
+            format!("no complete request within {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
+async fn read_exact(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ReadFail> {
+    match recv.read_exact(buf).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(ProtocolError::Truncated(what).into()),
+        Err(quinn::ReadExactError::ReadError(_)) => Err(ReadFail::Gone),
+    }
+}
+
+async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let req = match read_request(&mut recv, &shard.common.config).await {
+        Ok(r) => r,
+        Err(ReadFail::Answer(code, msg)) => {
+            tracing::debug!(code = code.name(), %msg, "bad request");
+            reply_error(&shard, &mut send, code, &msg).await;
+            return;
+        }
+        Err(ReadFail::Gone) => return,
+    };
+    drop(recv);
+    route(shard, req, send).await;
+}
+
+/// Serve a request here, or hand it with its stream to the shard that owns the log.
+async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
+    let log = match &req {
+        Request::Auth { .. } => return reply(&mut send, &Response::Ok).await,
+        Request::ListLogs => {
+            let logs = all_logs(&shard).await;
+            return reply(&mut send, &Response::Logs(logs)).await;
+        }
+        Request::Status => {
+            let c = &shard.common;
+            let status = StatusResponse {
+                node_id: c.node_id.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                role: "standalone".into(),
+                shards: c.shards.len() as u16,
+                uptime_ms: c.started.elapsed().as_millis() as u64,
+                connections: c.metrics.c.connections_open.load(Ordering::Relaxed) as u32,
+                logs: all_logs(&shard).await,
+            };
+            return reply(&mut send, &Response::Status(status)).await;
+        }
+        Request::CreateLog { name } => name,
+        Request::Append(a) => &a.log,
+        Request::Read(r) => &r.log,
+        Request::Tail(t) => &t.log,
+    };
+    let owner = crate::shard_of(log, shard.common.shards.len());
+    if owner == shard.id {
+        return crate::service::serve(shard, req, send).await;
+    }
+    shard
+        .common
+        .metrics
+        .c
+        .forwarded
+        .fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = shard.common.shards[owner]
+        .send(ShardMsg::Stream { req, send })
+        .await
+    {
+        if let ShardMsg::Stream { mut send, .. } = e.0 {
+            reply_error(
+                &shard,
+                &mut send,
+                ErrorCode::ShuttingDown,
+                "the node is shutting down",
+            )
+            .await;
+        }
+    }
+}
+
+/// The logs of every shard, by name.
+async fn all_logs(shard: &Rc<Shard>) -> Vec<LogInfo> {
+    let mut logs = shard.describe();
+    for (i, s) in shard.common.shards.iter().enumerate() {
+        if i == shard.id {
+            continue;
+        }
+        let (tx, rx) = oneshot::channel();
+        if s.send(ShardMsg::ListLogs(tx)).await.is_ok() {
+            if let Ok(more) = rx.await {
+                logs.extend(more);
+            }
+        }
+    }
+    logs.sort_by(|a, b| a.name.cmp(&b.name));
+    logs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        let tokens = vec![b"alpha".to_vec(), b"beta-token".to_vec()];
+        assert!(token_accepted(&tokens, b"alpha"));
+        assert!(token_accepted(&tokens, b"beta-token"));
+        assert!(!token_accepted(&tokens, b"alph"));
+        assert!(!token_accepted(&tokens, b"alphaa"));
+        assert!(!token_accepted(&tokens, b""));
+        assert!(!token_accepted(&[], b"alpha"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The replog node: a QUIC endpoint (quinn, TLS 1.3) over per-core shards that own logs.
+//!
+//! Thread-per-core: each shard is one thread running a tokio-uring runtime (a tokio
+//! current-thread runtime with an io_uring driver). Each shard has its own UDP socket bound to
+//! the node's port with `SO_REUSEPORT`, so the kernel spreads connections over shards and a
+//! connection's packets, TLS and streams are handled on one core. Logs are owned by shards by a
+//! hash of their name ([`shard_of`]); a request for a log owned by another shard is forwarded,
+//! with its QUIC stream, over a bounded channel to the owner, which serves it from its own
+//! [`log_core::Log`]. Nothing on the request path is shared between shards but that channel
+//! and the metric counters.
+//!
+//! The wire protocol is the `protocol` crate and `docs/protocol.md`.
+
+pub mod config;
+mod conn;
+pub mod metrics;
+mod service;
+mod shard;
+pub mod tls;
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use config::NodeConfig;
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a node could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("storage: {0}")]
+    Storage(#[from] log_core::Error),
+}
+
+/// The shard that owns log `name` among `shards`: FNV-1a of the name, modulo the shard count.
+/// Stable across restarts and versions (changing it would move logs between shards, which is
+/// harmless: each shard opens the logs it owns at start).
+pub fn shard_of(name: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+/// A running node. Dropping it without [`Node::shutdown`] leaves its threads running.
+pub struct Node {
+    id: String,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shards: Vec<mpsc::Sender<shard::ShardMsg>>,
+    threads: Vec<JoinHandle<()>>,
+    _lock: File,
+}
+
+fn io(op: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Io(format!("{op} {}: {e}", path.display()))
+}
+
+/// Take the node lock on the data directory, so two nodes never share one.
+fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join("node.lock");
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io("open", &path, e))?;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Io(format!(
+            "data directory {} is in use by another node (lock {})",
+            dir.display(),
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// The node id: configured, or generated on first start and kept in `<data_dir>/node-id`.
+fn node_id(cfg: &NodeConfig) -> Result<String, Error> {
+    let path = cfg.node.data_dir.join("node-id");
+    let stored = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io("read", &path, e)),
+    };
+    match (stored, cfg.node.id.as_str()) {
+        (Some(s), "") => Ok(s),
+        (Some(s), want) if s == want => Ok(s),
+        (Some(s), want) => Err(Error::Config(format!(
+            "data directory belongs to node {s:?}, not {want:?} (see {})",
+            path.display()
+        ))),
+        (None, want) => {
+            let id = if want.is_empty() {
+                let mut b = [0u8; 4];
+                File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+                    .map_err(|e| io("read", Path::new("/dev/urandom"), e))?;
+                format!("node-{:08x}", u32::from_le_bytes(b))
+            } else {
+                want.to_string()
+            };
+            std::fs::write(&path, format!("{id}\n")).map_err(|e| io("write", &path, e))?;
+            Ok(id)
+        }
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> Result<std::net::UdpSocket, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(|e| Error::Io(format!("socket: {e}")))?;
+    s.set_reuse_port(true)
+        .map_err(|e| Error::Io(format!("SO_REUSEPORT: {e}")))?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    s.bind(&addr.into())
+        .map_err(|e| Error::Io(format!("bind {addr}: {e}")))?;
+    Ok(s.into())
+}
+
+impl Node {
+    /// Start a node: open its logs, bind its QUIC endpoint (and metrics endpoint, if
+    /// configured), and serve until [`Node::shutdown`].
+    pub fn start(cfg: NodeConfig) -> Result<Node, Error> {
+        cfg.validate()?;
+        let dir = &cfg.node.data_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("logs"))
+            .map_err(|e| io("create directory", dir, e))?;
+        let lock = lock_data_dir(dir)?;
+        let id = node_id(&cfg)?;
+        let server_config = tls::server_config(&cfg, &id)?;
+        let shards = cfg.shard_count();
+        let metrics = metrics::Metrics::new(shards);
+        let metrics_addr = match cfg.node.metrics_listen {
+            Some(a) => Some(metrics::start(a, metrics.clone())?),
+            None => None,
+        };
+
+        let first = bind_reuseport(cfg.node.listen)?;
+        let local_addr = first.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+        let mut sockets = vec![first];
+        for _ in 1..shards {
+            sockets.push(bind_reuseport(local_addr)?);
+        }
+
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| mpsc::channel(cfg.limits.shard_queue_depth))
+            .unzip();
+        let common = Arc::new(shard::Common {
+            config: cfg.clone(),
+            node_id: id.clone(),
+            shards: senders.clone(),
+            metrics,
+            tokens: conn::load_tokens(&cfg)?,
+            started: std::time::Instant::now(),
+        });
+        let mut threads = Vec::new();
+        let mut ready = Vec::new();
+        for (i, (socket, rx)) in sockets.into_iter().zip(receivers).enumerate() {
+            let (tx_ready, rx_ready) = std::sync::mpsc::channel();
+            let common = common.clone();
+            let server_config = server_config.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("replog-shard-{i}"))
+                .spawn(move || shard::run(i, common, socket, server_config, rx, tx_ready))
+                .map_err(|e| Error::Io(format!("spawn shard thread: {e}")))?;
+            threads.push(t);
+            ready.push(rx_ready);
+        }
+        let node = Node {
+            id,
+            local_addr,
+            metrics_addr,
+            shards: senders,
+            threads,
+            _lock: lock,
+        };
+        for r in ready {
+            match r.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = node.shutdown();
+                    return Err(e);
+                }
+                Err(_) => {
+                    let _ = node.shutdown();
+                    return Err(Error::Io("a shard thread died while starting".into()));
+                }
+            }
+        }
+        tracing::info!(node = %node.id, addr = %local_addr, shards, "node listening");
+        Ok(node)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The QUIC endpoint's address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The metrics endpoint's address, if one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Stop: close every connection, write and flush what is queued, close the logs, and join
+    /// the shard threads. Returns the first error a log reported while closing.
+    pub fn shutdown(self) -> Result<(), Error> {
+        let mut waits = Vec::new();
+        for s in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            if s.blocking_send(shard::ShardMsg::Shutdown(tx)).is_ok() {
+                waits.push(rx);
+            }
+        }
+        let mut first = Ok(());
+        for w in waits {
+            if let Ok(Err(e)) = w.blocking_recv() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_of_is_stable_and_spread() {
+        assert_eq!(shard_of("orders", 1), 0);
+        assert_eq!(shard_of("orders", 4), shard_of("orders", 4));
+        let mut seen = [0usize; 4];
+        for i in 0..400 {
+            seen[shard_of(&format!("log-{i}"), 4)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+}

@@ -1,0 +1,372 @@
+//! Requests served by the shard that owns the log: create, append, read, tail.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use log_core::batch::ProducerMeta;
+use log_core::{Log, Offset};
+use protocol::close_code;
+use protocol::idempotence::{Decision, StoredAppend};
+use protocol::{
+    Acks, AppendRequest, ErrorCode, ErrorResponse, ReadRequest, Receipt, Request, Response,
+    TailRequest, RECEIPT_DUPLICATE,
+};
+
+use crate::shard::{LogEntry, Shard};
+
+/// Write one response frame and finish the stream. A client that went away is not an error.
+pub(crate) async fn reply(send: &mut quinn::SendStream, resp: &Response) {
+    let mut out = BytesMut::new();
+    protocol::encode_response(resp, &mut out);
+    if send.write_all(&out).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+pub(crate) async fn reply_error(
+    shard: &Shard,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    msg: &str,
+) {
+    send_error(shard, send, code, msg, 0).await
+}
+
+async fn send_error(
+    shard: &Shard,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    msg: &str,
+    detail: u64,
+) {
+    shard.common.metrics.record_error(code);
+    let resp = Response::Error(ErrorResponse {
+        code,
+        message: msg.to_string(),
+        leader: String::new(),
+        detail,
+    });
+    reply(send, &resp).await
+}
+
+/// The wire code for a storage error.
+fn code_of(e: &log_core::Error) -> ErrorCode {
+    use log_core::Error as E;
+    match e {
+        E::BatchTooLarge { .. } | E::TooManyRecords { .. } => ErrorCode::LimitExceeded,
+        E::EmptyBatch | E::InvalidBatch(_) => ErrorCode::Malformed,
+        E::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        E::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+        E::Closed => ErrorCode::ShuttingDown,
+        E::InvalidName { .. } => ErrorCode::InvalidName,
+        E::AlreadyExists { .. } => ErrorCode::LogExists,
+        E::Backpressure { .. } => ErrorCode::Busy,
+        E::Truncated { .. } | E::Truncating => ErrorCode::Timeout,
+        _ => ErrorCode::StorageFailed,
+    }
+}
+
+/// An error to answer with: a code, a message and the code's `detail` number.
+struct Fail(ErrorCode, String, u64);
+
+impl From<log_core::Error> for Fail {
+    fn from(e: log_core::Error) -> Self {
+        Fail(code_of(&e), e.to_string(), 0)
+    }
+}
+
+fn fail(code: ErrorCode, msg: impl Into<String>) -> Fail {
+    Fail(code, msg.into(), 0)
+}
+
+pub(crate) async fn serve(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
+    let result = match req {
+        Request::CreateLog { name } => create(&shard, &name).await.map(|()| Response::Ok),
+        Request::Append(a) => append(&shard, a).await.map(Response::Receipt),
+        Request::Read(r) => match read(&shard, &r, &mut send).await {
+            Ok(()) => return,
+            Err(f) => Err(f),
+        },
+        Request::Tail(t) => match tail(&shard, &t, &mut send).await {
+            Ok(()) => return,
+            Err(f) => Err(f),
+        },
+        Request::Auth { .. } | Request::ListLogs | Request::Status => {
+            unreachable!("served by the accepting shard")
+        }
+    };
+    match result {
+        Ok(resp) => reply(&mut send, &resp).await,
+        Err(Fail(code, msg, detail)) => send_error(&shard, &mut send, code, &msg, detail).await,
+    }
+}
+
+fn entry(shard: &Shard, name: &str) -> Result<Rc<LogEntry>, Fail> {
+    shard
+        .get(name)
+        .ok_or_else(|| fail(ErrorCode::LogNotFound, format!("no log named {name:?}")))
+}
+
+async fn create(shard: &Shard, name: &str) -> Result<(), Fail> {
+    log_core::validate_log_name(name)?;
+    if shard.get(name).is_some() || shard.logs_dir().join(name).exists() {
+        return Err(fail(
+            ErrorCode::LogExists,
+            format!("log {name:?} already exists"),
+        ));
+    }
+    shard
+        .open_log(name)
+        .await
+        .map_err(|e| fail(ErrorCode::StorageFailed, e.to_string()))?;
+    tracing::info!(log = name, "log created");
+    Ok(())
+}
+
+/// Wait for `fut` until `deadline`; `None` if the deadline passed first.
+async fn until<T>(deadline: Instant, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout_at(deadline.into(), fut).await.ok()
+}
+
+async fn wait_level(log: &Log, level: Acks, next: Offset, deadline: Instant) -> Result<(), Fail> {
+    let waited = match level {
+        Acks::None => until(deadline, log.wait_written(next)).await,
+        _ => until(deadline, log.wait_flushed(next)).await,
+    };
+    match waited {
+        Some(r) => Ok(r?),
+        None => Err(fail(
+            ErrorCode::Timeout,
+            format!(
+                "level {} not reached in time; the append may be stored",
+                level.name()
+            ),
+        )),
+    }
+}
+
+async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
+    let started = Instant::now();
+    let e = entry(shard, &a.log)?;
+    if matches!(a.acks, Acks::Sync | Acks::Quorum) {
+        return Err(fail(
+            ErrorCode::NotEnoughReplicas,
+            format!(
+                "acks={} needs followers; this node runs standalone (no replicas), so only none and leader are available",
+                a.acks.name()
+            ),
+        ));
+    }
+    let timeout = match a.timeout_ms {
+        0 => shard.common.config.append_timeout(),
+        ms => Duration::from_millis(ms as u64),
+    };
+    let deadline = started + timeout;
+    let count = a.records.len() as u32;
+    let bytes: u64 = a.records.iter().map(|r| r.len() as u64).sum();
+    // The checks and the append happen without an await in between, so no other append on
+    // this shard can slip in: conditional and idempotent appends are atomic.
+    let (appended, duplicate) = loop {
+        if let Some(expected) = a.expected_offset {
+            let actual = e.log.next_offset().0;
+            if actual != expected {
+                return Err(Fail(
+                    ErrorCode::OffsetConflict,
+                    format!("expected next offset {expected}, the log is at {actual}"),
+                    actual,
+                ));
+            }
+        }
+        if let Some((pid, seq)) = a.producer {
+            match e.producers.borrow().check(pid, seq, count) {
+                Decision::Append => {}
+                Decision::Duplicate(s) => break (s, true),
+                Decision::SequenceGap { expected } => {
+                    return Err(Fail(
+                        ErrorCode::SequenceGap,
+                        format!("producer {pid:#x}: sequence {seq} skips ahead of {expected}"),
+                        expected,
+                    ))
+                }
+                Decision::Stale { expected } => {
+                    return Err(Fail(
+                        ErrorCode::StaleSequence,
+                        format!("producer {pid:#x}: sequence {seq} is older than remembered (next is {expected})"),
+                        expected,
+                    ))
+                }
+            }
+        }
+        // The decoder refuses producer id 0, so `NonZeroU64::new` always succeeds here.
+        let producer = a.producer.and_then(|(pid, first_sequence)| {
+            Some(ProducerMeta {
+                producer_id: std::num::NonZeroU64::new(pid)?,
+                first_sequence,
+            })
+        });
+        match e.log.try_append_producer(e.epoch, producer, &a.records) {
+            Ok(done) => {
+                let stored = StoredAppend {
+                    first: done.first.0,
+                    next: done.next.0,
+                    epoch: e.epoch.0,
+                };
+                if let Some((pid, seq)) = a.producer {
+                    e.producers.borrow_mut().record(pid, seq, count, stored);
+                }
+                break (stored, false);
+            }
+            Err(log_core::Error::Backpressure { .. }) => {
+                if until(deadline, e.log.wait_room()).await.is_none() {
+                    return Err(fail(ErrorCode::Busy, "the log's write queue stayed full"));
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let queued = Instant::now();
+    wait_level(&e.log, a.acks, Offset(appended.next), deadline).await?;
+    let m = &shard.common.metrics;
+    if duplicate {
+        m.c.append_duplicates.fetch_add(1, Ordering::Relaxed);
+    } else {
+        m.c.appends.fetch_add(1, Ordering::Relaxed);
+        m.c.append_records
+            .fetch_add(count as u64, Ordering::Relaxed);
+        m.c.append_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let flush = (a.acks != Acks::None).then(|| queued.elapsed());
+        m.record_append(shard.id, started.elapsed(), flush);
+    }
+    Ok(Receipt {
+        first: appended.first,
+        next: appended.next,
+        epoch: appended.epoch,
+        level: a.acks,
+        flags: if duplicate { RECEIPT_DUPLICATE } else { 0 },
+        replicas: 1,
+    })
+}
+
+/// Wait until the committed horizon reaches `target`, or `deadline`. Returns whether it did.
+async fn wait_committed(log: &Log, target: Offset, deadline: Instant) -> Result<bool, Fail> {
+    loop {
+        if log.flush_offset() >= target {
+            return Ok(true);
+        }
+        let next = log.next_offset();
+        let waited = if next >= target {
+            until(deadline, log.wait_flushed(target)).await
+        } else {
+            until(deadline, log.wait_appended(next)).await
+        };
+        match waited {
+            Some(r) => r?,
+            None => return Ok(false),
+        }
+    }
+}
+
+fn check_from(log: &Log, from: u64) -> Result<(), Fail> {
+    let (start, end) = (log.start_offset().0, log.next_offset().0);
+    if from < start || from > end {
+        return Err(Fail(
+            ErrorCode::OffsetOutOfRange,
+            format!("offset {from} is outside the log's range {start}..{end}"),
+            start,
+        ));
+    }
+    Ok(())
+}
+
+/// Write one Batches frame: the prefix, then the batch bytes straight from the mappings.
+async fn send_batches(
+    shard: &Shard,
+    log: &Log,
+    send: &mut quinn::SendStream,
+    from: Offset,
+    bytes_max: u32,
+) -> Result<Option<Offset>, Fail> {
+    let committed = log.flush_offset();
+    let cap = bytes_max.clamp(1, shard.common.config.limits.read_bytes_max) as usize;
+    let read = log.read(from, committed, cap)?;
+    let len: usize = read.batches.iter().map(|b| b.len()).sum();
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(read.batches.len() + 1);
+    chunks.push(Bytes::copy_from_slice(&protocol::encode_batches_prefix(
+        read.next_offset.0,
+        committed.0,
+        len,
+    )));
+    let any = !read.batches.is_empty();
+    chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
+    if send.write_all_chunks(&mut chunks).await.is_err() {
+        return Ok(None);
+    }
+    let m = &shard.common.metrics.c;
+    m.reads.fetch_add(1, Ordering::Relaxed);
+    m.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    Ok(Some(if any { read.next_offset } else { from }))
+}
+
+async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> Result<(), Fail> {
+    let e = entry(shard, &r.log)?;
+    let wait =
+        Duration::from_millis(r.wait_ms.min(shard.common.config.limits.read_wait_max_ms) as u64);
+    let deadline = Instant::now() + wait;
+    if r.min_offset > 0 && !wait_committed(&e.log, Offset(r.min_offset), deadline).await? {
+        return Err(fail(
+            ErrorCode::Timeout,
+            format!(
+                "this node has committed up to {}, below min_offset {}",
+                e.log.flush_offset(),
+                r.min_offset
+            ),
+        ));
+    }
+    check_from(&e.log, r.from)?;
+    if e.log.flush_offset().0 <= r.from && !wait.is_zero() {
+        wait_committed(&e.log, Offset(r.from + 1), deadline).await?;
+    }
+    if send_batches(shard, &e.log, send, Offset(r.from), r.bytes_max)
+        .await?
+        .is_some()
+    {
+        let _ = send.finish();
+    }
+    Ok(())
+}
+
+async fn tail(shard: &Shard, t: &TailRequest, send: &mut quinn::SendStream) -> Result<(), Fail> {
+    let e = entry(shard, &t.log)?;
+    check_from(&e.log, t.from)?;
+    let stall = Duration::from_millis(shard.common.config.limits.tail_stall_timeout_ms as u64);
+    let mut pos = Offset(t.from);
+    loop {
+        if e.log.flush_offset() <= pos {
+            // Wait for new records, or for the client to go away.
+            tokio::select! {
+                r = wait_committed(&e.log, pos.plus(1), Instant::now() + Duration::from_secs(3600)) => { r?; }
+                _ = send.stopped() => return Ok(()),
+            }
+            continue;
+        }
+        match tokio::time::timeout(stall, send_batches(shard, &e.log, send, pos, t.bytes_max)).await
+        {
+            Ok(Ok(Some(next))) => pos = next,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(f)) => return Err(f),
+            Err(_) => {
+                shard
+                    .common
+                    .metrics
+                    .c
+                    .tails_cut
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(log = %t.log, offset = pos.0, "tail reader stalled; stream reset");
+                let _ = send.reset(close_code::SLOW_READER.into());
+                return Ok(());
+            }
+        }
+    }
+}

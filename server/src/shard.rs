@@ -1,0 +1,263 @@
+//! One shard: a thread with a tokio-uring runtime, its QUIC socket, and the logs it owns.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use log_core::{Epoch, Log};
+use protocol::idempotence::{ProducerTable, StoredAppend};
+use protocol::{LogInfo, Request};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+use crate::Error;
+
+/// What every shard shares (read-only, or atomics).
+pub(crate) struct Common {
+    pub config: NodeConfig,
+    pub node_id: String,
+    pub shards: Vec<mpsc::Sender<ShardMsg>>,
+    pub metrics: Arc<Metrics>,
+    pub tokens: Vec<Vec<u8>>,
+    pub started: Instant,
+}
+
+/// Messages between shards.
+pub(crate) enum ShardMsg {
+    /// A request for a log this shard owns, with the stream to answer on.
+    Stream {
+        req: Request,
+        send: quinn::SendStream,
+    },
+    /// Describe the logs this shard owns.
+    ListLogs(oneshot::Sender<Vec<LogInfo>>),
+    /// Close the endpoint and the logs, then answer.
+    Shutdown(oneshot::Sender<Result<(), Error>>),
+}
+
+/// A log and the node-side state that goes with it.
+pub(crate) struct LogEntry {
+    pub log: Log,
+    /// The epoch this node appends in (a standalone node leads every log it has).
+    pub epoch: Epoch,
+    pub producers: RefCell<ProducerTable>,
+}
+
+/// The shard-local state, shared by the tasks of one thread.
+pub(crate) struct Shard {
+    pub id: usize,
+    pub common: Arc<Common>,
+    pub logs: RefCell<BTreeMap<String, Rc<LogEntry>>>,
+    pub closing: std::cell::Cell<bool>,
+}
+
+/// How far back from the end of a log the producer table is rebuilt at open: the last
+/// `PRODUCER_SCAN_SEGMENTS` segments. An idempotent retry of an append older than that is
+/// stored again (its original receipt is no longer known).
+pub(crate) const PRODUCER_SCAN_SEGMENTS: usize = 2;
+
+impl Shard {
+    pub fn logs_dir(&self) -> PathBuf {
+        self.common.config.node.data_dir.join("logs")
+    }
+
+    pub fn get(&self, name: &str) -> Option<Rc<LogEntry>> {
+        self.logs.borrow().get(name).cloned()
+    }
+
+    /// Open an existing log (at start) or create one, and rebuild its producer table.
+    pub async fn open_log(&self, name: &str) -> Result<Rc<LogEntry>, Error> {
+        let log = Log::open(self.logs_dir().join(name), self.common.config.log_config()).await?;
+        let epoch = log.last_epoch().unwrap_or(Epoch(1)).max(Epoch(1));
+        let mut producers = ProducerTable::new(self.common.config.limits.producers_per_log_max);
+        rebuild_producers(&log, &mut producers)?;
+        let entry = Rc::new(LogEntry {
+            log,
+            epoch,
+            producers: RefCell::new(producers),
+        });
+        self.logs
+            .borrow_mut()
+            .insert(name.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    pub fn describe(&self) -> Vec<LogInfo> {
+        self.logs
+            .borrow()
+            .iter()
+            .map(|(name, e)| LogInfo {
+                name: name.clone(),
+                start: e.log.start_offset().0,
+                end: e.log.next_offset().0,
+                committed: e.log.flush_offset().0,
+                epoch: e.epoch.0,
+                disk_bytes: e.log.disk_bytes(),
+            })
+            .collect()
+    }
+}
+
+/// Replay the producer metadata of the last segments into `table`.
+fn rebuild_producers(log: &Log, table: &mut ProducerTable) -> Result<(), Error> {
+    let bases = log.segment_bases();
+    let mut pos = bases
+        .len()
+        .checked_sub(PRODUCER_SCAN_SEGMENTS)
+        .map_or(log.start_offset(), |i| bases[i]);
+    let end = log.end_offset();
+    while pos < end {
+        let read = log.read(pos, end, 4 << 20)?;
+        if read.batches.is_empty() {
+            break;
+        }
+        for b in &read.batches {
+            let view = b.view();
+            if let Some(p) = view.producer() {
+                let h = view.header();
+                table.record(
+                    p.producer_id.get(),
+                    p.first_sequence,
+                    h.record_count(),
+                    StoredAppend {
+                        first: h.base_offset().0,
+                        next: h.next_offset().0,
+                        epoch: h.epoch().0,
+                    },
+                );
+            }
+        }
+        pos = read.next_offset;
+    }
+    Ok(())
+}
+
+/// Names of the logs under `dir` that shard `id` of `shards` owns.
+fn owned_logs(dir: &std::path::Path, id: usize, shards: usize) -> Result<Vec<String>, Error> {
+    let mut names = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::Io(format!("read {}: {e}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::Io(format!("read {}: {e}", dir.display())))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if entry.path().is_dir()
+            && log_core::validate_log_name(&name).is_ok()
+            && crate::shard_of(&name, shards) == id
+        {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The shard thread's body.
+pub(crate) fn run(
+    id: usize,
+    common: Arc<Common>,
+    socket: std::net::UdpSocket,
+    server_config: quinn::ServerConfig,
+    mut rx: mpsc::Receiver<ShardMsg>,
+    ready: std::sync::mpsc::Sender<Result<(), Error>>,
+) {
+    tokio_uring::start(async move {
+        let shard = Rc::new(Shard {
+            id,
+            common: common.clone(),
+            logs: RefCell::new(BTreeMap::new()),
+            closing: std::cell::Cell::new(false),
+        });
+        let opened: Result<(), Error> = async {
+            for name in owned_logs(&shard.logs_dir(), id, common.shards.len())? {
+                shard.open_log(&name).await?;
+            }
+            Ok(())
+        }
+        .await;
+        let endpoint = match opened.and_then(|()| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server_config),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| Error::Io(format!("QUIC endpoint: {e}")))
+        }) {
+            Ok(ep) => ep,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                close_logs(&shard).await.ok();
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+
+        let accept = {
+            let shard = shard.clone();
+            let endpoint = endpoint.clone();
+            tokio_uring::spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    tokio_uring::spawn(crate::conn::handle_incoming(shard.clone(), incoming));
+                }
+            })
+        };
+
+        let done = loop {
+            match rx.recv().await {
+                Some(ShardMsg::Stream { req, send }) => {
+                    tokio_uring::spawn(crate::service::serve(shard.clone(), req, send));
+                }
+                Some(ShardMsg::ListLogs(reply)) => {
+                    let _ = reply.send(shard.describe());
+                }
+                Some(ShardMsg::Shutdown(reply)) => break Some(reply),
+                None => break None,
+            }
+        };
+        shard.closing.set(true);
+        endpoint.close(protocol::close_code::NORMAL.into(), b"shutting down");
+        accept.abort();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+        let result = close_logs(&shard).await;
+        if let Some(reply) = done {
+            let _ = reply.send(result);
+        }
+    });
+}
+
+async fn close_logs(shard: &Shard) -> Result<(), Error> {
+    let logs = std::mem::take(&mut *shard.logs.borrow_mut());
+    let mut first = Ok(());
+    for (name, mut entry) in logs {
+        // A log closes when its last handle goes: wait (briefly) for the request tasks that
+        // still hold it, which fail fast now that the endpoint is closed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let entry = loop {
+            match Rc::try_unwrap(entry) {
+                Ok(e) => break Some(e),
+                Err(still_shared) if std::time::Instant::now() < deadline => {
+                    entry = still_shared;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(_) => break None,
+            }
+        };
+        let Some(entry) = entry else {
+            tracing::warn!(log = %name, "log still in use at shutdown; queued appends are written as its tasks end");
+            continue;
+        };
+        if let Err(e) = entry.log.close().await {
+            tracing::error!(log = %name, error = %e, "closing log failed");
+            if first.is_ok() {
+                first = Err(e.into());
+            }
+        }
+    }
+    first
+}
