@@ -795,3 +795,26 @@ fn bad_configuration_and_a_busy_data_dir_are_refused() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_restarted_node_resets_connections_of_its_previous_life() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let rt = rt();
+    let conn = rt
+        .block_on(raw_connect(node.addr, &env.ca_pem(), None))
+        .unwrap();
+    assert!(matches!(
+        rt.block_on(exchange(&conn, &Request::ListLogs)),
+        Response::Logs(_)
+    ));
+    // Same data directory and address: the new process recognises the old connection ids and
+    // answers them with a stateless reset, so the client learns at once that the connection is
+    // gone (rather than after its idle timeout).
+    let _node = node.crash_and_restart();
+    let err = rt.block_on(async {
+        let _ = exchange_raw(&conn, &encode(&Request::ListLogs)).await;
+        conn.closed().await
+    });
+    assert!(matches!(err, quinn::ConnectionError::Reset), "{err:?}");
+}

@@ -120,6 +120,54 @@ fn node_id(cfg: &NodeConfig) -> Result<String, Error> {
     }
 }
 
+/// The QUIC endpoint configuration shared by every shard, with keys derived from a secret kept
+/// in `<data_dir>/reset-key` (0600) so that they survive restarts: the connection-id validation
+/// key and the stateless-reset key. A client still sending on a connection of the previous
+/// process then gets a valid stateless reset from the new one and reconnects at once, instead
+/// of waiting for its idle timeout.
+fn endpoint_config(dir: &Path) -> Result<quinn::EndpointConfig, Error> {
+    let path = dir.join("reset-key");
+    let secret = match std::fs::read(&path) {
+        Ok(b) if b.len() == 32 => b,
+        Ok(_) => {
+            return Err(Error::Io(format!(
+                "{} is not 32 bytes; remove it to regenerate",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = vec![0u8; 32];
+            File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+                .map_err(|e| io("read", Path::new("/dev/urandom"), e))?;
+            let tmp = dir.join("reset-key.tmp");
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io("create", &tmp, e))?;
+            std::io::Write::write_all(&mut f, &b).map_err(|e| io("write", &tmp, e))?;
+            f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| io("rename", &path, e))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("fsync", dir, e))?;
+            b
+        }
+        Err(e) => return Err(io("read", &path, e)),
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let tag = ring::hmac::sign(&reset, b"replog connection id key");
+    let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("32-byte tag"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
 fn bind_reuseport(addr: SocketAddr) -> Result<std::net::UdpSocket, Error> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
@@ -148,6 +196,7 @@ impl Node {
         let lock = lock_data_dir(dir)?;
         let id = node_id(&cfg)?;
         let server_config = tls::server_config(&cfg, &id)?;
+        let endpoint_config = endpoint_config(dir)?;
         let shards = cfg.shard_count();
         let metrics = metrics::Metrics::new(shards);
         let metrics_addr = match cfg.node.metrics_listen {
@@ -178,10 +227,10 @@ impl Node {
         for (i, (socket, rx)) in sockets.into_iter().zip(receivers).enumerate() {
             let (tx_ready, rx_ready) = std::sync::mpsc::channel();
             let common = common.clone();
-            let server_config = server_config.clone();
+            let configs = (endpoint_config.clone(), server_config.clone());
             let t = std::thread::Builder::new()
                 .name(format!("replog-shard-{i}"))
-                .spawn(move || shard::run(i, common, socket, server_config, rx, tx_ready))
+                .spawn(move || shard::run(i, common, socket, configs, rx, tx_ready))
                 .map_err(|e| Error::Io(format!("spawn shard thread: {e}")))?;
             threads.push(t);
             ready.push(rx_ready);

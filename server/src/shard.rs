@@ -162,7 +162,7 @@ pub(crate) fn run(
     id: usize,
     common: Arc<Common>,
     socket: std::net::UdpSocket,
-    server_config: quinn::ServerConfig,
+    (endpoint_config, server_config): (quinn::EndpointConfig, quinn::ServerConfig),
     mut rx: mpsc::Receiver<ShardMsg>,
     ready: std::sync::mpsc::Sender<Result<(), Error>>,
 ) {
@@ -182,7 +182,7 @@ pub(crate) fn run(
         .await;
         let endpoint = match opened.and_then(|()| {
             quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
+                endpoint_config,
                 Some(server_config),
                 socket,
                 Arc::new(quinn::TokioRuntime),

@@ -95,22 +95,23 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn start(env: &Env, data_dir: &Path, extra: &[&str]) -> NodeProc {
-        Self::spawn(
-            env.ca_dir(),
-            data_dir.to_path_buf(),
-            extra.iter().map(|s| s.to_string()).collect(),
-        )
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(env.ca_dir(), data_dir.to_path_buf(), "127.0.0.1:0", args)
     }
 
-    fn spawn(ca_dir: PathBuf, data_dir: PathBuf, args: Vec<String>) -> NodeProc {
+    fn spawn(ca_dir: PathBuf, data_dir: PathBuf, listen: &str, args: Vec<String>) -> NodeProc {
         let mut child = Command::new(BIN)
             .arg("node")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .args(["--listen", listen, "--shards", "2"])
             .args(&args)
             .env("REPLOG_DEV_CA_DIR", &ca_dir)
-            .env("REPLOG_LOG", "warn")
+            // NODE_LOG=quinn_proto=debug (say) shows the node's log while debugging a test.
+            .env(
+                "REPLOG_LOG",
+                std::env::var("NODE_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -143,25 +144,29 @@ impl NodeProc {
         }
     }
 
-    /// Graceful stop (SIGTERM), then start again on the same data directory.
+    /// Graceful stop (SIGTERM), then start again on the same data directory and address.
     pub fn restart(mut self) -> NodeProc {
         self.signal(libc::SIGTERM);
         let status = self.child.wait().unwrap();
         assert!(status.success(), "node exited with {status}");
+        let listen = self.addr.to_string();
         Self::spawn(
             self.ca_dir.clone(),
             self.data_dir.clone(),
+            &listen,
             self.args.clone(),
         )
     }
 
-    /// SIGKILL, then start again on the same data directory.
+    /// SIGKILL, then start again on the same data directory and address.
     pub fn crash_and_restart(mut self) -> NodeProc {
         self.signal(libc::SIGKILL);
         self.child.wait().unwrap();
+        let listen = self.addr.to_string();
         Self::spawn(
             self.ca_dir.clone(),
             self.data_dir.clone(),
+            &listen,
             self.args.clone(),
         )
     }
