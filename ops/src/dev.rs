@@ -15,10 +15,10 @@ pub struct DevArgs {
     /// Parent directory of the nodes' data directories (node-1, node-2, ...).
     #[arg(long, default_value = "replog-dev")]
     dir: PathBuf,
-    /// QUIC port of the first node; the others follow it.
+    /// QUIC port of the first node; the others follow it (0: any free ports).
     #[arg(long, default_value_t = 7001)]
     base_port: u16,
-    /// Prometheus port of the first node; the others follow it.
+    /// Prometheus port of the first node; the others follow it (0: any free ports).
     #[arg(long, default_value_t = 9101)]
     metrics_base_port: u16,
     /// Shards per node.
@@ -39,8 +39,9 @@ struct Running {
 fn spawn_node(exe: &PathBuf, a: &DevArgs, i: usize) -> Result<Running, String> {
     let name = format!("node-{}", i + 1);
     let data = a.dir.join(&name);
-    let listen = format!("127.0.0.1:{}", a.base_port as usize + i);
-    let metrics = format!("127.0.0.1:{}", a.metrics_base_port as usize + i);
+    let port = |base: u16| if base == 0 { 0 } else { base as usize + i };
+    let listen = format!("127.0.0.1:{}", port(a.base_port));
+    let metrics = format!("127.0.0.1:{}", port(a.metrics_base_port));
     let mut child = Command::new(exe)
         .args([
             "node",

@@ -209,10 +209,28 @@ fn idempotent_retry_is_stored_once_even_across_a_crash() {
             Response::Receipt(r) => assert_eq!((r.first, r.flags), (2, 0)),
             other => panic!("{other:?}"),
         }
+        // Conditional and idempotent together: the retry is a duplicate, not a conflict.
+        let mut both = append_req("l", &["d"]);
+        both.producer = Some((42, 3));
+        both.expected_offset = Some(3);
+        for round in 0..2 {
+            match exchange(&conn, &Request::Append(both.clone())).await {
+                Response::Receipt(r) => {
+                    assert_eq!(r.first, 3);
+                    assert_eq!(r.flags & RECEIPT_DUPLICATE != 0, round == 1);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     });
     assert_eq!(
         read_values(&env, &node.server(), "l", 0),
-        vec![(0, "a".into()), (1, "b".into()), (2, "c".into())]
+        vec![
+            (0, "a".into()),
+            (1, "b".into()),
+            (2, "c".into()),
+            (3, "d".into())
+        ]
     );
 }
 

@@ -57,7 +57,7 @@ pub struct AuthSection {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
     /// Largest request frame body accepted (bytes).
@@ -89,7 +89,7 @@ pub struct LimitsSection {
     pub producers_per_log_max: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
     pub segment_bytes_max: u64,
@@ -228,6 +228,21 @@ mod tests {
         c.validate().unwrap();
         let err = NodeConfig::parse("[node]\ndata_dri = \"/tmp/x\"\n").unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    /// The example in README.md parses, and the limits it shows are the defaults.
+    #[test]
+    fn readme_example_is_valid_and_shows_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("a toml block in README.md") + 8;
+        let len = readme[start..].find("```").unwrap();
+        let c = NodeConfig::parse(&readme[start..start + len]).unwrap();
+        assert_eq!(c.limits, LimitsSection::default());
+        assert_eq!(c.log, LogSection::default());
+        assert_eq!(
+            c.node.metrics_listen,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
     }
 
     #[test]

@@ -169,16 +169,6 @@ async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
     // The checks and the append happen without an await in between, so no other append on
     // this shard can slip in: conditional and idempotent appends are atomic.
     let (appended, duplicate) = loop {
-        if let Some(expected) = a.expected_offset {
-            let actual = e.log.next_offset().0;
-            if actual != expected {
-                return Err(Fail(
-                    ErrorCode::OffsetConflict,
-                    format!("expected next offset {expected}, the log is at {actual}"),
-                    actual,
-                ));
-            }
-        }
         if let Some((pid, seq)) = a.producer {
             match e.producers.borrow().check(pid, seq, count) {
                 Decision::Append => {}
@@ -197,6 +187,18 @@ async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
                         expected,
                     ))
                 }
+            }
+        }
+        // After the producer check: a retry of a stored conditional append is a duplicate,
+        // not a conflict.
+        if let Some(expected) = a.expected_offset {
+            let actual = e.log.next_offset().0;
+            if actual != expected {
+                return Err(Fail(
+                    ErrorCode::OffsetConflict,
+                    format!("expected next offset {expected}, the log is at {actual}"),
+                    actual,
+                ));
             }
         }
         // The decoder refuses producer id 0, so `NonZeroU64::new` always succeeds here.
