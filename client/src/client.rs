@@ -223,6 +223,17 @@ impl Client {
         Ok(client)
     }
 
+    /// One request that is safe to repeat, with the configured request timeout.
+    async fn repeatable(&self, req: &Request) -> Result<Answer> {
+        let frame = conn::encode(req);
+        self.call(
+            &frame,
+            Safety::Repeatable,
+            self.inner.config.request_timeout,
+        )
+        .await
+    }
+
     /// The configuration this client was built with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
@@ -232,13 +243,8 @@ impl Client {
     /// attempt may have created the log) counts as success.
     pub async fn create_log(&self, name: &str) -> Result<()> {
         check_name(&self.inner.config, "log name", name)?;
-        let frame = conn::encode(&Request::CreateLog { name: name.into() });
         let answer = self
-            .call(
-                &frame,
-                Safety::Repeatable,
-                self.inner.config.request_timeout,
-            )
+            .repeatable(&Request::CreateLog { name: name.into() })
             .await?;
         match answer.resp {
             Response::Ok => Ok(()),
@@ -250,15 +256,7 @@ impl Client {
 
     /// The logs on the node.
     pub async fn list_logs(&self) -> Result<Vec<LogInfo>> {
-        let frame = conn::encode(&Request::ListLogs);
-        let answer = self
-            .call(
-                &frame,
-                Safety::Repeatable,
-                self.inner.config.request_timeout,
-            )
-            .await?;
-        match answer.resp {
+        match self.repeatable(&Request::ListLogs).await?.resp {
             Response::Logs(logs) => Ok(logs),
             Response::Error(e) => Err(e.into()),
             _ => Err(unexpected("unexpected answer to ListLogs")),
@@ -267,15 +265,7 @@ impl Client {
 
     /// The node's identity, role and logs.
     pub async fn status(&self) -> Result<StatusResponse> {
-        let frame = conn::encode(&Request::Status);
-        let answer = self
-            .call(
-                &frame,
-                Safety::Repeatable,
-                self.inner.config.request_timeout,
-            )
-            .await?;
-        match answer.resp {
+        match self.repeatable(&Request::Status).await?.resp {
             Response::Status(s) => Ok(s),
             Response::Error(e) => Err(e.into()),
             _ => Err(unexpected("unexpected answer to Status")),

@@ -176,12 +176,11 @@ fn tokens_and_trust_through_the_library() {
             .unwrap();
         c.create_log("a").await.unwrap();
         // Missing CA file: a clear configuration error naming the path.
-        let err = Client::connect(
-            ClientConfig::new([node.server()]).with_trust(Trust::CaFile(env.path("missing.pem"))),
-        )
-        .await
-        .err()
-        .expect("a missing CA file must fail");
+        let missing =
+            ClientConfig::new([node.server()]).with_trust(Trust::CaFile(env.path("missing.pem")));
+        let Err(err) = Client::connect(missing).await else {
+            panic!("a missing CA file must fail");
+        };
         assert!(err.to_string().contains("missing.pem"), "{err}");
     });
 }

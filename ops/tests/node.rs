@@ -580,28 +580,11 @@ fn untrusted_certificates_are_refused_both_ways() {
     );
     rt.block_on(async {
         // Without a client certificate: refused.
-        let refused = match raw_connect(strict.addr, &env.ca_pem(), None).await {
-            Err(_) => true,
-            Ok(conn) => exchange_raw(&conn, &encode(&Request::Status))
-                .await
-                .is_err(),
-        };
-        assert!(refused);
+        assert!(refused(strict.addr, &env.ca_pem(), None).await);
         // With a certificate from the other CA: refused.
         let otls = other.path("o").join("tls");
-        let refused = match raw_connect(
-            strict.addr,
-            &env.ca_pem(),
-            Some((&otls.join("node.pem"), &otls.join("node.key"))),
-        )
-        .await
-        {
-            Err(_) => true,
-            Ok(conn) => exchange_raw(&conn, &encode(&Request::Status))
-                .await
-                .is_err(),
-        };
-        assert!(refused);
+        let identity = (otls.join("node.pem"), otls.join("node.key"));
+        assert!(refused(strict.addr, &env.ca_pem(), Some((&identity.0, &identity.1))).await);
         // With one from the trusted CA: served.
         let conn = raw_connect(
             strict.addr,
@@ -621,6 +604,21 @@ fn untrusted_certificates_are_refused_both_ways() {
             Response::Logs(_)
         ));
     });
+}
+
+/// Whether the node refuses this client: the handshake fails, or (TLS 1.3 checks the client
+/// certificate after the client considers the handshake done) the first exchange does.
+async fn refused(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> bool {
+    match raw_connect(addr, ca, identity).await {
+        Err(_) => true,
+        Ok(conn) => exchange_raw(&conn, &encode(&Request::Status))
+            .await
+            .is_err(),
+    }
 }
 
 fn write_config(env: &Env, name: &str, text: &str) -> String {
@@ -800,7 +798,7 @@ fn bad_configuration_and_a_busy_data_dir_are_refused() {
         "{out:?}"
     );
 
-    let _node = env.node("busy", &[]);
+    let node = env.node("busy", &[]);
     let out = std::process::Command::new(BIN)
         .args(["node", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(env.path("busy"))
@@ -811,6 +809,29 @@ fn bad_configuration_and_a_busy_data_dir_are_refused() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("in use"),
         "{out:?}"
+    );
+
+    // A data directory belongs to one node id.
+    let id = std::fs::read_to_string(node.data_dir.join("node-id")).unwrap();
+    drop(node);
+    let out = std::process::Command::new(BIN)
+        .args([
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "someone-else",
+            "--data-dir",
+        ])
+        .arg(env.path("busy"))
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to node") && err.contains(id.trim()),
+        "{err}"
     );
 }
 

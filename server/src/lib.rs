@@ -13,15 +13,14 @@
 
 pub mod config;
 mod conn;
+mod files;
 pub mod metrics;
 mod service;
 mod shard;
 pub mod tls;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -64,29 +63,16 @@ pub struct Node {
     _lock: File,
 }
 
-fn io(op: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Io(format!("{op} {}: {e}", path.display()))
-}
-
 /// Take the node lock on the data directory, so two nodes never share one.
 fn lock_data_dir(dir: &Path) -> Result<File, Error> {
     let path = dir.join("node.lock");
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| io("open", &path, e))?;
-    // SAFETY: flock on a descriptor we own; released when the file is closed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::Io(format!(
+    files::lock(&path, false)?.ok_or_else(|| {
+        Error::Io(format!(
             "data directory {} is in use by another node (lock {})",
             dir.display(),
             path.display()
-        )));
-    }
-    Ok(f)
+        ))
+    })
 }
 
 /// The node id: configured, or generated on first start and kept in `<data_dir>/node-id`.
@@ -95,7 +81,7 @@ fn node_id(cfg: &NodeConfig) -> Result<String, Error> {
     let stored = match std::fs::read_to_string(&path) {
         Ok(s) => Some(s.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io("read", &path, e)),
+        Err(e) => return Err(files::io_err("read", &path)(e)),
     };
     match (stored, cfg.node.id.as_str()) {
         (Some(s), "") => Ok(s),
@@ -106,15 +92,12 @@ fn node_id(cfg: &NodeConfig) -> Result<String, Error> {
         ))),
         (None, want) => {
             let id = if want.is_empty() {
-                let mut b = [0u8; 4];
-                File::open("/dev/urandom")
-                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-                    .map_err(|e| io("read", Path::new("/dev/urandom"), e))?;
-                format!("node-{:08x}", u32::from_le_bytes(b))
+                let b = files::random_bytes(4)?;
+                format!("node-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
             } else {
                 want.to_string()
             };
-            std::fs::write(&path, format!("{id}\n")).map_err(|e| io("write", &path, e))?;
+            files::write_atomic(&path, format!("{id}\n").as_bytes(), 0o600)?;
             Ok(id)
         }
     }
@@ -136,27 +119,11 @@ fn endpoint_config(dir: &Path) -> Result<quinn::EndpointConfig, Error> {
             )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut b = vec![0u8; 32];
-            File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-                .map_err(|e| io("read", Path::new("/dev/urandom"), e))?;
-            let tmp = dir.join("reset-key.tmp");
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| io("create", &tmp, e))?;
-            std::io::Write::write_all(&mut f, &b).map_err(|e| io("write", &tmp, e))?;
-            f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| io("rename", &path, e))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("fsync", dir, e))?;
+            let b = files::random_bytes(32)?;
+            files::write_atomic(&path, &b, 0o600)?;
             b
         }
-        Err(e) => return Err(io("read", &path, e)),
+        Err(e) => return Err(files::io_err("read", &path)(e)),
     };
     let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
     let tag = ring::hmac::sign(&reset, b"replog connection id key");
@@ -188,11 +155,7 @@ impl Node {
     pub fn start(cfg: NodeConfig) -> Result<Node, Error> {
         cfg.validate()?;
         let dir = &cfg.node.data_dir;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join("logs"))
-            .map_err(|e| io("create directory", dir, e))?;
+        files::private_dir(&dir.join("logs"))?;
         let lock = lock_data_dir(dir)?;
         let id = node_id(&cfg)?;
         let server_config = tls::server_config(&cfg, &id)?;

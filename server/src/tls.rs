@@ -5,11 +5,7 @@
 //! it to `<data_dir>/tls/node.pem`. Clients trust `ca.pem` from the same place, so any number of
 //! dev nodes and CLIs on one machine agree without flags.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::NodeConfig;
+use crate::files::{self, io_err, private_dir, write_atomic};
 use crate::Error;
 
 /// Environment variable naming the development CA directory.
@@ -45,10 +42,6 @@ fn tls_err(what: &str) -> impl Fn(rcgen::Error) -> Error + '_ {
     move |e| Error::Tls(format!("{what}: {e}"))
 }
 
-fn io_err<'a>(op: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
-    move |e| Error::Io(format!("{op} {}: {e}", path.display()))
-}
-
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -65,51 +58,11 @@ fn ca_params() -> CertificateParams {
     p
 }
 
-/// Write `data` to `path` atomically (temp, fsync, rename) with the given mode.
-fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    if let Some(parent) = path.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync", parent))?;
-    }
-    Ok(())
-}
-
-fn private_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err("create directory", dir))
-}
-
 /// The development CA: its PEM certificate and an issuer for node certificates. Created on first
 /// use; concurrent first uses by several nodes are serialised by a lock file.
 pub fn dev_ca(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), Error> {
     private_dir(dir)?;
-    let lock_path = dir.join("lock");
-    let lock = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io_err("open", &lock_path))?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io_err("lock", &lock_path)(std::io::Error::last_os_error()));
-    }
+    let _lock = files::lock(&dir.join("lock"), true)?;
     let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
     if cert_path.exists() && key_path.exists() {
         let cert = std::fs::read_to_string(&cert_path).map_err(io_err("read", &cert_path))?;
@@ -123,8 +76,8 @@ pub fn dev_ca(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), Error> {
     let cert = ca_params()
         .self_signed(&key)
         .map_err(tls_err("self-sign CA"))?;
-    write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_private(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
     tracing::info!(dir = %dir.display(), "created the development CA");
     Ok((cert.pem(), Issuer::new(ca_params(), key)))
 }
@@ -172,8 +125,8 @@ fn dev_node_identity(
         .map_err(tls_err("issue node certificate"))?;
     let dir = cfg.node.data_dir.join("tls");
     private_dir(&dir)?;
-    write_private(&dir.join("node.pem"), cert.pem().as_bytes(), 0o644)?;
-    write_private(&dir.join("node.key"), key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&dir.join("node.pem"), cert.pem().as_bytes(), 0o644)?;
+    write_atomic(&dir.join("node.key"), key.serialize_pem().as_bytes(), 0o600)?;
     let key =
         PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| Error::Tls(e.to_string()))?;
     Ok((vec![cert.der().clone()], key))

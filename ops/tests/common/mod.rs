@@ -149,19 +149,17 @@ impl NodeProc {
         self.signal(libc::SIGTERM);
         let status = self.child.wait().unwrap();
         assert!(status.success(), "node exited with {status}");
-        let listen = self.addr.to_string();
-        Self::spawn(
-            self.ca_dir.clone(),
-            self.data_dir.clone(),
-            &listen,
-            self.args.clone(),
-        )
+        self.respawn()
     }
 
     /// SIGKILL, then start again on the same data directory and address.
     pub fn crash_and_restart(mut self) -> NodeProc {
         self.signal(libc::SIGKILL);
         self.child.wait().unwrap();
+        self.respawn()
+    }
+
+    fn respawn(&self) -> NodeProc {
         let listen = self.addr.to_string();
         Self::spawn(
             self.ca_dir.clone(),
