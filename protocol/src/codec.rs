@@ -439,6 +439,14 @@ pub fn decode_request(
                 let len = r.u32("record length")? as usize;
                 records.push(r.bytes(len, "record value")?);
             }
+            // A field its flag does not enable must be zero: one request has one encoding.
+            if (flags & APPEND_HAS_EXPECTED == 0 && expected != 0)
+                || (flags & APPEND_HAS_PRODUCER == 0 && (producer_id != 0 || sequence != 0))
+            {
+                return Err(ProtocolError::Malformed(
+                    "expected offset or producer fields set without their flag",
+                ));
+            }
             let producer = if flags & APPEND_HAS_PRODUCER != 0 {
                 if producer_id == 0 {
                     return Err(ProtocolError::Malformed("producer id 0 is reserved"));
@@ -740,6 +748,22 @@ mod tests {
             decode_request(&h, body, &Limits::default()),
             Err(ProtocolError::Truncated("records"))
         );
+
+        // Fields set without their flag.
+        let mut out = BytesMut::new();
+        let mut a = append(vec![Bytes::from_static(b"a")]);
+        a.expected_offset = None;
+        a.producer = None;
+        encode_request(&Request::Append(a), &mut out);
+        for at in [8 + 2 + 6 + 4 + 3, 8 + 2 + 6 + 4 + 8 + 5, 8 + 2 + 6 + 4 + 16 + 2] {
+            let mut bad = out.clone();
+            bad[at] = 1;
+            let (h, body) = split(&bad);
+            assert!(
+                matches!(decode_request(&h, body, &Limits::default()), Err(ProtocolError::Malformed(_))),
+                "byte {at}"
+            );
+        }
 
         // Producer id 0 and empty appends.
         let mut a = append(vec![Bytes::from_static(b"a")]);
