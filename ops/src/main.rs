@@ -6,7 +6,7 @@
 
 mod dev;
 
-use std::io::{BufRead, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -109,6 +109,9 @@ struct NodeArgs {
     tls_cert: Option<PathBuf>,
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// PEM CA that signed the nodes' certificates (checked at start).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     /// Require client certificates signed by this PEM CA.
     #[arg(long)]
     client_ca: Option<PathBuf>,
@@ -244,6 +247,9 @@ fn run_node(a: NodeArgs) -> Result<(), Failure> {
     }
     if a.tls_key.is_some() {
         cfg.tls.key = a.tls_key;
+    }
+    if a.tls_ca.is_some() {
+        cfg.tls.ca = a.tls_ca;
     }
     if a.client_ca.is_some() {
         cfg.tls.client_ca = a.client_ca;
@@ -469,12 +475,24 @@ fn receipt_json(offset: u64, r: &protocol::Receipt) -> serde_json::Value {
 
 async fn append(a: AppendArgs) -> Result<(), Failure> {
     let client = connect(&a.conn).await?;
-    let lines: Vec<Bytes> = std::io::stdin()
+    // Records are the bytes between newlines, taken as they are (not necessarily UTF-8).
+    let mut input = Vec::new();
+    std::io::stdin()
         .lock()
-        .lines()
-        .map(|l| l.map(Bytes::from))
-        .collect::<Result<_, _>>()
+        .read_to_end(&mut input)
         .map_err(|e| failure(format!("stdin: {e}")))?;
+    let input = Bytes::from(input);
+    let mut lines: Vec<Bytes> = Vec::new();
+    let mut start = 0;
+    for (i, b) in input.iter().enumerate() {
+        if *b == b'\n' {
+            lines.push(input.slice(start..i));
+            start = i + 1;
+        }
+    }
+    if start < input.len() {
+        lines.push(input.slice(start..));
+    }
     if lines.is_empty() {
         return Ok(());
     }

@@ -574,6 +574,8 @@ fn untrusted_certificates_are_refused_both_ways() {
             tls.join("node.pem").to_str().unwrap(),
             "--tls-key",
             tls.join("node.key").to_str().unwrap(),
+            "--tls-ca",
+            env.ca_pem().to_str().unwrap(),
             "--client-ca",
             env.ca_pem().to_str().unwrap(),
         ],

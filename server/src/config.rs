@@ -42,7 +42,8 @@ pub struct TlsSection {
     pub cert: Option<PathBuf>,
     /// PEM private key.
     pub key: Option<PathBuf>,
-    /// PEM CA certificate(s) that clients should trust; informational for the node.
+    /// PEM CA certificate(s) that signed the nodes' certificates: what clients trust. Loaded and
+    /// checked at start.
     pub ca: Option<PathBuf>,
     /// When set, clients must present a certificate signed by one of these PEM CAs.
     pub client_ca: Option<PathBuf>,

@@ -173,6 +173,9 @@ pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, Error> {
 /// The quinn server configuration: TLS 1.3 only, ALPN `replog/1`, 0-RTT off, optional client
 /// certificates, and explicit stream and window limits.
 pub fn server_config(cfg: &NodeConfig, node_id: &str) -> Result<quinn::ServerConfig, Error> {
+    if let Some(ca) = &cfg.tls.ca {
+        load_roots(ca)?;
+    }
     let (chain, key) = match (&cfg.tls.cert, &cfg.tls.key) {
         (Some(c), Some(k)) => load_pem_identity(c, k)?,
         _ => dev_node_identity(cfg, node_id)?,
