@@ -1,0 +1,905 @@
+//! One replog node against the machine's floors, measured in one run on one disk: fdatasync
+//! latency, a QUIC round trip on loopback, append latency through a real `replog node` process
+//! (one and two shards), and throughput with many concurrent clients.
+
+use std::collections::VecDeque;
+use std::fmt::Display;
+use std::fs::File;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use client::{Acks, AppendOptions, Client, ClientConfig, ProducerOptions, DEV_CA_DIR_ENV};
+use hdrhistogram::Histogram;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+const REPLOG: &str = env!("CARGO_BIN_EXE_replog");
+/// Payload of one record, and of one echo request.
+const REC: usize = 1024;
+/// The disk floor's write size.
+const BLOCK: usize = 4096;
+/// The echo server's answer, about the size of a replog receipt frame.
+const ANSWER: usize = 40;
+const ECHO_ALPN: &[u8] = b"node-bench-echo";
+const CONCURRENCY: [usize; 2] = [16, 64];
+/// Records a producer keeps sent and not yet acknowledged.
+const IN_FLIGHT: usize = 1024;
+/// The target: append p50 within this factor of p50(RTT) + p50(fdatasync).
+const TARGET: f64 = 1.3;
+/// Longest any single step may take before the bench fails instead of hanging.
+const STEP: Duration = Duration::from_secs(30);
+
+/// The report: a text table, and beside it one flat JSON object of "section.key": value fields.
+#[derive(Default)]
+struct Out {
+    text: String,
+    json: Vec<String>,
+}
+
+/// `put! { out, prefix, name = value, .. }`: numeric JSON fields `prefix.name`.
+macro_rules! put {
+    ($o:expr, $prefix:expr, $($k:ident = $v:expr),* $(,)?) => {
+        $( $o.num(&format!("{}.{}", $prefix, stringify!($k)), $v as f64); )*
+    };
+}
+
+/// A JSON string literal.
+fn q(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+impl Out {
+    fn say(&mut self, line: &str) {
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+    /// Three decimals are plenty; a non-finite number becomes null.
+    fn num(&mut self, key: &str, v: f64) {
+        let v = if v.is_finite() {
+            ((v * 1e3).round() / 1e3).to_string()
+        } else {
+            "null".into()
+        };
+        self.json.push(format!("{}:{v}", q(key)));
+    }
+    fn str(&mut self, key: &str, v: &str) {
+        self.json.push(format!("{}:{}", q(key), q(v)));
+    }
+    /// A latency row: p50, p90, p99, p99.9, max and mean in µs.
+    fn lat(&mut self, key: &str, label: &str, h: &Histogram<u64>) {
+        let p = pcts(h);
+        let cols: String = p.iter().map(|v| format!(" {v:>8.1}")).collect();
+        self.say(&format!("  {label:<24}{cols}"));
+        put! { self, key, p50_us = p[0], p90_us = p[1], p99_us = p[2], p999_us = p[3],
+        max_us = p[4], mean_us = p[5], samples = h.len() }
+    }
+}
+
+const LAT_HEADER: &str =
+    "                                p50      p90      p99    p99.9      max     mean";
+
+struct Params {
+    dir: Option<PathBuf>,
+    quick: bool,
+    json: bool,
+    warmup: usize,
+    samples: usize,
+    load: Duration,
+    concurrency: &'static [usize],
+}
+
+fn parse_args() -> Params {
+    let (mut dir, mut quick, mut json) = (None, false, false);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--dir" => dir = Some(args.next().expect("--dir needs a path").into()),
+            "--quick" => quick = true,
+            "--json" => json = true,
+            // `cargo bench` passes `--bench` (and any filter) to every bench binary.
+            _ => {}
+        }
+    }
+    Params {
+        dir,
+        quick,
+        json,
+        warmup: if quick { 20 } else { 100 },
+        samples: if quick { 300 } else { 2000 },
+        load: Duration::from_secs(if quick { 1 } else { 3 }),
+        concurrency: if quick {
+            &CONCURRENCY[..1]
+        } else {
+            &CONCURRENCY
+        },
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000_000, 3).unwrap()
+}
+
+fn ns(t: Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
+}
+
+/// p50, p90, p99, p99.9, max and mean, in microseconds.
+fn pcts(h: &Histogram<u64>) -> [f64; 6] {
+    let q = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    let max = h.max() as f64 / 1e3;
+    [q(0.5), q(0.9), q(0.99), q(0.999), max, h.mean() / 1e3]
+}
+
+/// Await `fut`, failing the bench with a message naming `what` if it takes longer than `STEP`
+/// or returns an error.
+async fn step<T, E: Display>(what: &str, fut: impl Future<Output = Result<T, E>>) -> T {
+    match tokio::time::timeout(STEP, fut).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => panic!("node_bench: {what} failed: {e}"),
+        Err(_) => panic!("node_bench: {what} did not finish within {STEP:?}"),
+    }
+}
+
+/// Item 1: 4 KiB write_all_at + sync_data at queue depth 1, sequentially through a file that was
+/// zero-filled and synced first (the state a log segment is in when it takes writes).
+fn disk_floor(dir: &Path, warmup: usize, samples: usize) -> Histogram<u64> {
+    let path = dir.join("floor-disk");
+    let len = (warmup + samples) * BLOCK;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create the disk floor's file");
+    let zeros = vec![0u8; 1 << 20];
+    for pos in (0..len).step_by(zeros.len()) {
+        let n = (len - pos).min(zeros.len());
+        file.write_all_at(&zeros[..n], pos as u64).unwrap();
+    }
+    file.sync_all().unwrap();
+    let buf = vec![0xA5u8; BLOCK];
+    let mut h = hist();
+    for i in 0..warmup + samples {
+        let t = Instant::now();
+        file.write_all_at(&buf, (i * BLOCK) as u64).unwrap();
+        file.sync_data().unwrap();
+        if i >= warmup {
+            h.saturating_record(ns(t));
+        }
+    }
+    drop(file);
+    std::fs::remove_file(&path).unwrap();
+    h
+}
+
+/// An in-process QUIC echo server on its own thread and current-thread runtime: for every
+/// bidirectional stream, read the request to its end and answer `ANSWER` bytes.
+struct Echo {
+    addr: SocketAddr,
+    cert: CertificateDer<'static>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![ECHO_ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("echo".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let ep = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).unwrap();
+                    addr_tx.send(ep.local_addr().unwrap()).unwrap();
+                    let accept = async {
+                        while let Some(incoming) = ep.accept().await {
+                            tokio::spawn(echo_connection(incoming));
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stopped => {}
+                    }
+                    ep.close(0u32.into(), b"");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+                });
+            })
+            .unwrap();
+        let addr = addr_rx
+            .recv_timeout(STEP)
+            .expect("the echo server did not start");
+        Echo {
+            addr,
+            cert,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn echo_connection(incoming: quinn::Incoming) {
+    let Ok(conn) = incoming.await else { return };
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        tokio::spawn(async move {
+            if recv.read_to_end(64 << 10).await.is_ok() {
+                let _ = send.write_all(&[0x5A; ANSWER]).await;
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+/// One round trip the way replog uses streams: a new bidirectional stream, the request and
+/// finish, the answer read to its end.
+async fn round_trip(conn: &quinn::Connection, req: &[u8]) -> Result<(), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(req).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = recv
+        .read_to_end(4 * ANSWER)
+        .await
+        .map_err(|e| e.to_string())?;
+    match answer.len() {
+        ANSWER => Ok(()),
+        n => Err(format!("answer of {n} bytes instead of {ANSWER}")),
+    }
+}
+
+/// Item 2: QUIC round trips to the echo server, one at a time, on one connection.
+async fn rtt_floor(echo: &Echo, warmup: usize, samples: usize) -> Histogram<u64> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(echo.cert.clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ECHO_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connecting = ep.connect(echo.addr, "localhost").unwrap();
+    let conn = step("connecting to the echo server", connecting).await;
+    let req = vec![0x42u8; REC];
+    let mut h = hist();
+    for i in 0..warmup + samples {
+        let t = Instant::now();
+        step("an echo round trip", round_trip(&conn, &req)).await;
+        if i >= warmup {
+            h.saturating_record(ns(t));
+        }
+    }
+    conn.close(0u32.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    h
+}
+
+/// A `replog node` child process.
+struct NodeProc {
+    child: Child,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl NodeProc {
+    fn start(data_dir: &Path, ca_dir: &Path, shards: usize) -> NodeProc {
+        let mut child = Command::new(REPLOG)
+            .arg("node")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--shards", &shards.to_string()])
+            .env(DEV_CA_DIR_ENV, ca_dir)
+            .env("REPLOG_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("node_bench: cannot run {REPLOG}: {e}"));
+        // Read the first line on a thread, so that a node that never prints cannot hang the
+        // bench; the thread then drains stdout until the node exits.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = out.read_line(&mut line);
+            let _ = tx.send(line);
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+        });
+        let mut node = NodeProc {
+            child,
+            addr: ([0, 0, 0, 0], 0).into(),
+            metrics: ([0, 0, 0, 0], 0).into(),
+        };
+        let line = rx
+            .recv_timeout(STEP)
+            .expect("node_bench: replog node did not print its address in time");
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|_| panic!("node_bench: replog node did not start: {line:?}"));
+        let addr = |k: &str| -> SocketAddr {
+            v[k].as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("node_bench: no {k} address in {line:?}"))
+        };
+        assert_eq!(v["event"], "listening", "unexpected first line {line:?}");
+        (node.addr, node.metrics) = (addr("addr"), addr("metrics"));
+        node
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL and fail after `STEP`).
+    fn stop(mut self) -> Duration {
+        let t = Instant::now();
+        self.signal(libc::SIGTERM);
+        while t.elapsed() < STEP {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "node_bench: replog node exited with {status}"
+                );
+                return t.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("node_bench: replog node did not exit within {STEP:?} of SIGTERM");
+    }
+
+    /// Counters and latency sums from the node's Prometheus endpoint.
+    fn stats(&self) -> NodeStats {
+        let mut s = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(5))
+            .expect("node_bench: connect to the metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text)
+            .expect("node_bench: read the metrics endpoint");
+        let m = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("node_bench: metric {name} missing"))
+        };
+        NodeStats {
+            forwarded: m("replog_forwarded_total"),
+            appends: m("replog_append_latency_seconds_count"),
+            append_s: m("replog_append_latency_seconds_sum"),
+            flushes: m("replog_flush_latency_seconds_count"),
+            flush_s: m("replog_flush_latency_seconds_sum"),
+        }
+    }
+
+    /// CPU time the node process has used (all threads), in seconds.
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs(&format!("/proc/{}/stat", self.child.id()))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        // Reached with the node still running only when the bench failed.
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// utime + stime of a process from its `stat` file, in seconds (0 if unknown).
+fn cpu_secs(stat: &str) -> f64 {
+    let s = std::fs::read_to_string(stat).unwrap_or_default();
+    let fields: Vec<&str> = s
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, f)| f.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
+}
+
+#[derive(Clone, Copy)]
+struct NodeStats {
+    forwarded: f64,
+    appends: f64,
+    append_s: f64,
+    flushes: f64,
+    flush_s: f64,
+}
+
+impl NodeStats {
+    /// The change since `before`: (forwarded, node-side append mean µs, fdatasync wait mean µs).
+    fn since(&self, before: &NodeStats) -> (f64, f64, f64) {
+        let mean = |s: f64, n: f64| s / n.max(1.0) * 1e6;
+        (
+            self.forwarded - before.forwarded,
+            mean(
+                self.append_s - before.append_s,
+                self.appends - before.appends,
+            ),
+            mean(self.flush_s - before.flush_s, self.flushes - before.flushes),
+        )
+    }
+}
+
+fn config(node: &NodeProc) -> ClientConfig {
+    ClientConfig::new([node.addr.to_string()])
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_request_timeout(Duration::from_secs(20))
+}
+
+fn leader() -> AppendOptions {
+    AppendOptions {
+        acks: Acks::Leader,
+        ..AppendOptions::default()
+    }
+}
+
+fn record() -> Bytes {
+    Bytes::from(vec![0x42u8; REC])
+}
+
+/// Create `log`, then wait while the new log prepares its next segment in the background (as
+/// long again as the creation took, plus a margin), so that preparation does not share the disk
+/// with the measurement that follows.
+async fn create_log(client: &Client, log: &str) {
+    let t = Instant::now();
+    step(&format!("creating log {log}"), client.create_log(log)).await;
+    tokio::time::sleep(t.elapsed() * 3 / 2 + Duration::from_millis(200)).await;
+}
+
+/// Item 4: `warmup + samples` sequential appends of one record; the latencies of the last
+/// `samples`.
+async fn append_latency(
+    client: &Client,
+    log: &str,
+    warmup: usize,
+    samples: usize,
+) -> Histogram<u64> {
+    let rec = record();
+    let mut h = hist();
+    for i in 0..warmup + samples {
+        let t = Instant::now();
+        step("an append", client.append(log, vec![rec.clone()], leader())).await;
+        if i >= warmup {
+            h.saturating_record(ns(t));
+        }
+    }
+    h
+}
+
+/// What one throughput run measured.
+struct Load {
+    records: u64,
+    secs: f64,
+    lat: Histogram<u64>,
+    node_cpu: f64,
+    bench_cpu: f64,
+}
+
+/// Wait for every task; a task that panicked fails the bench with its own message.
+async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match tokio::time::timeout(STEP, h).await {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(Err(e)) => panic!("node_bench: a task failed: {e}"),
+            Err(_) => panic!("node_bench: a task did not finish within {STEP:?}"),
+        }
+    }
+    out
+}
+
+/// Item 5: `tasks` tasks, task i on `clients[i % len]`, each appending one record at a time
+/// until `dur` has passed.
+async fn load(node: &NodeProc, clients: &[Client], tasks: usize, log: &str, dur: Duration) -> Load {
+    let (node_cpu, bench_cpu) = (node.cpu_secs(), cpu_secs("/proc/self/stat"));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let handles = (0..tasks)
+        .map(|i| {
+            let (client, log) = (clients[i % clients.len()].clone(), log.to_string());
+            tokio::spawn(async move {
+                let (rec, mut h) = (record(), hist());
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let append = client.append(&log, vec![rec.clone()], leader());
+                    step("an append under load", append).await;
+                    h.saturating_record(ns(t));
+                }
+                h
+            })
+        })
+        .collect();
+    let mut lat = hist();
+    for h in join_all(handles).await {
+        lat.add(h).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Load {
+        records: lat.len(),
+        secs,
+        lat,
+        node_cpu: (node.cpu_secs() - node_cpu) / secs,
+        bench_cpu: (cpu_secs("/proc/self/stat") - bench_cpu) / secs,
+    }
+}
+
+/// Item 5, producer: keep `IN_FLIGHT` records sent and unacknowledged, awaiting receipts in
+/// order, until `dur` has passed; then drain.
+async fn producer_load(node: &NodeProc, client: &Client, log: &str, dur: Duration) -> Load {
+    let (node_cpu, bench_cpu) = (node.cpu_secs(), cpu_secs("/proc/self/stat"));
+    let producer = client.producer(log, ProducerOptions::default());
+    let (rec, mut lat) = (record(), hist());
+    let mut queue = VecDeque::with_capacity(IN_FLIGHT);
+    let start = Instant::now();
+    let deadline = start + dur;
+    loop {
+        if Instant::now() < deadline {
+            while queue.len() < IN_FLIGHT {
+                queue.push_back((Instant::now(), producer.send(rec.clone())));
+            }
+        }
+        let Some((t, receipt)) = queue.pop_front() else {
+            break;
+        };
+        step("a producer receipt", receipt).await;
+        lat.saturating_record(ns(t));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Load {
+        records: lat.len(),
+        secs,
+        lat,
+        node_cpu: (node.cpu_secs() - node_cpu) / secs,
+        bench_cpu: (cpu_secs("/proc/self/stat") - bench_cpu) / secs,
+    }
+}
+
+async fn close_all(clients: Vec<Client>) {
+    let handles = clients
+        .into_iter()
+        .map(|c| tokio::spawn(async move { c.close().await }))
+        .collect();
+    join_all(handles).await;
+}
+
+/// The filesystem holding `dir`: the longest mount point above it in /proc/self/mounts.
+fn fs_type(dir: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let best = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 2 && dir.starts_with(f[1])).then(|| (f[0], f[1], f[2]))
+        })
+        .max_by_key(|(_, mnt, _)| mnt.len());
+    best.map_or("unknown".into(), |(dev, mnt, ty)| {
+        format!("{ty} ({dev} on {mnt})")
+    })
+}
+
+/// The workspace target dir, from this binary's path `<target>/release/deps/node_bench-*`.
+fn default_parent() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.ancestors().nth(3).map(Path::to_path_buf))
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| ".".into())
+}
+
+fn verdict(ratio: f64) -> String {
+    if ratio <= TARGET {
+        "met".into()
+    } else {
+        format!("MISSED by {:.0}%", (ratio / TARGET - 1.0) * 100.0)
+    }
+}
+
+/// Two log names, owned by shard 0 and shard 1 of a two-shard node.
+fn names_per_shard() -> [String; 2] {
+    let name = |shard| {
+        (0..)
+            .map(|i| format!("bench-{i}"))
+            .find(|n| server::shard_of(n, 2) == shard)
+            .unwrap()
+    };
+    [name(0), name(1)]
+}
+
+fn main() {
+    let p = parse_args();
+    let parent = p.dir.clone().unwrap_or_else(default_parent);
+    let tmp = tempfile::Builder::new()
+        .prefix("node_bench-")
+        .tempdir_in(&parent)
+        .expect("create a temporary directory under --dir");
+    let dir = tmp.path().canonicalize().unwrap();
+    let ca_dir = dir.join("dev-ca");
+    // Before any thread starts: the in-process client finds the development CA through it.
+    std::env::set_var(DEV_CA_DIR_ENV, &ca_dir);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let started = Instant::now();
+    let mut o = Out::default();
+    o.say(&format!(
+        "node_bench{}",
+        if p.quick { " --quick" } else { "" }
+    ));
+    let conditions = [
+        ("dir", dir.display().to_string()),
+        ("fs", fs_type(&dir)),
+        ("kernel", kernel.trim().into()),
+    ];
+    for (k, v) in &conditions {
+        o.say(&format!("  {k:<7} {v}"));
+        o.str(&format!("conditions.{k}"), v);
+    }
+    o.say(&format!(
+        "  {cpus} CPUs; {REC} B records; latencies in µs; MB = 1e6 B"
+    ));
+    put! { o, "conditions", cpus = cpus, quick = u8::from(p.quick), record_bytes = REC }
+    let samples = format!("{} samples after {} warm-up", p.samples, p.warmup);
+
+    eprintln!("node_bench: floor: 4 KiB write + fdatasync");
+    let disk = disk_floor(&dir, p.warmup, p.samples);
+    o.say(&format!(
+        "\n1. Floor, disk: {BLOCK} B write_all_at + sync_data into a pre-written (zero-filled,"
+    ));
+    o.say(&format!(
+        "   synced) file, sequential, QD1 ({samples})\n{LAT_HEADER}"
+    ));
+    o.lat("floor.disk", "fdatasync 4096", &disk);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let echo = Echo::start();
+    eprintln!("node_bench: floor: QUIC round trip");
+    let rtt = rt.block_on(rtt_floor(&echo, p.warmup, p.samples));
+    o.say("\n2. Floor, network: quinn round trip on loopback, TLS 1.3 (ring); echo server on its");
+    o.say("   own thread and current-thread runtime, client on this thread's runtime; per trip a");
+    o.say(&format!(
+        "   new bidirectional stream, {REC} B request + finish, {ANSWER} B answer read to end"
+    ));
+    o.say(&format!("   ({samples})\n{LAT_HEADER}"));
+    o.lat("floor.rtt", "round trip", &rtt);
+
+    let (d, r) = (pcts(&disk), pcts(&rtt));
+    let floor = [d[0] + r[0], d[2] + r[2], d[3] + r[3]];
+    o.say("\n3. Floor for acks=leader = RTT + fdatasync (percentiles added)");
+    o.say("                                p50      p99    p99.9");
+    o.say(&format!(
+        "  {:<24} {:>8.1} {:>8.1} {:>8.1}",
+        "RTT + fdatasync", floor[0], floor[1], floor[2]
+    ));
+    put! { o, "floor.sum", p50_us = floor[0], p99_us = floor[1], p999_us = floor[2] }
+
+    o.say(&format!(
+        "\n4. replog append: one {REC} B record per append, acks=leader, one client (one QUIC"
+    ));
+    o.say("   connection), one request outstanding; a `replog node` child process, data dir in");
+    o.say(&format!("   the bench dir ({samples})\n{LAT_HEADER}"));
+    let report = |o: &mut Out, key: &str, label: &str, h: &Histogram<u64>, node: (f64, f64)| {
+        o.lat(key, label, h);
+        let l = pcts(h);
+        let (r50, r99) = (l[0] / floor[0], l[2] / floor[2]);
+        o.say(&format!(
+            "    / floor: p50 {r50:.2}x (target <= {TARGET}x: {}), p99 {r99:.2}x",
+            verdict(r50)
+        ));
+        o.say(&format!(
+            "    node side, means: request decoded -> receipt {:.1}, of which queued -> flushed {:.1};",
+            node.0, node.1
+        ));
+        o.say(&format!(
+            "      client mean - node mean = {:.1} (the RTT floor's mean is {:.1})",
+            l[5] - node.0,
+            r[5]
+        ));
+        put! { o, key, ratio_p50 = r50, ratio_p99 = r99, target_p50 = TARGET,
+        met = u8::from(r50 <= TARGET), node_append_mean_us = node.0,
+        node_queued_to_flushed_mean_us = node.1, outside_node_mean_us = l[5] - node.0 }
+    };
+
+    // One shard: every request is served by the shard that accepted its connection.
+    eprintln!("node_bench: replog node --shards 1: append latency");
+    let node1 = NodeProc::start(&dir.join("node-1"), &ca_dir, 1);
+    let client1 = rt.block_on(async {
+        let c = step("connecting to the node", Client::connect(config(&node1))).await;
+        create_log(&c, "bench").await;
+        c
+    });
+    let before = node1.stats();
+    let lat1 = rt.block_on(append_latency(&client1, "bench", p.warmup, p.samples));
+    let (_, node_mean, flush_mean) = node1.stats().since(&before);
+    // The floors drift over time: measure them again right away.
+    let disk_again = disk_floor(&dir, p.warmup, p.samples);
+    let rtt_again = rt.block_on(rtt_floor(&echo, p.warmup, p.samples));
+    report(
+        &mut o,
+        "append.shards1",
+        "--shards 1",
+        &lat1,
+        (node_mean, flush_mean),
+    );
+
+    // Two shards: the connection lands on one of them (SO_REUSEPORT hash); a log owned by the
+    // other shard has each request forwarded there with its stream.
+    eprintln!("node_bench: replog node --shards 2: append latency");
+    let node2 = NodeProc::start(&dir.join("node-2"), &ca_dir, 2);
+    let names = names_per_shard();
+    let client2 = rt.block_on(async {
+        let c = step("connecting to the node", Client::connect(config(&node2))).await;
+        for name in &names {
+            create_log(&c, name).await;
+        }
+        c
+    });
+    for (shard, name) in names.iter().enumerate() {
+        let before = node2.stats();
+        let h = rt.block_on(append_latency(&client2, name, p.warmup, p.samples));
+        let (fwd, node_mean, flush_mean) = node2.stats().since(&before);
+        let total = (p.warmup + p.samples) as f64;
+        let how = if fwd == 0.0 {
+            "local".to_string()
+        } else if fwd >= total {
+            "forwarded".to_string()
+        } else {
+            format!("{fwd:.0} of {total:.0} forwarded")
+        };
+        let key = format!("append.shards2_{how}").replace(' ', "_");
+        put! { o, key, owner_shard = shard, forwarded = fwd }
+        report(
+            &mut o,
+            &key,
+            &format!("--shards 2, {how}"),
+            &h,
+            (node_mean, flush_mean),
+        );
+    }
+    o.say("  With --shards 2 the connection is served by the shard the kernel hashed it to; the");
+    o.say("  log owned by the other shard gets every request forwarded there, with its stream");
+    o.say("  (\"forwarded\" row; the node's replog_forwarded_total counted it).");
+    rt.block_on(close_all(vec![client2]));
+    let stop2 = node2.stop();
+
+    let (da, ra) = (pcts(&disk_again), pcts(&rtt_again));
+    o.say(&format!(
+        "  floors re-measured right after the --shards 1 run: fdatasync p50 {:.1} ({:.2}x of item 1),",
+        da[0],
+        da[0] / d[0]
+    ));
+    o.say(&format!(
+        "  RTT p50 {:.1} ({:.2}x of item 2); --shards 1 p50 / their sum: {:.2}x",
+        ra[0],
+        ra[0] / r[0],
+        pcts(&lat1)[0] / (da[0] + ra[0])
+    ));
+    put! { o, "floor.again", disk_p50_us = da[0], disk_p99_us = da[2], rtt_p50_us = ra[0],
+    rtt_p99_us = ra[2], shards1_ratio_p50 = pcts(&lat1)[0] / (da[0] + ra[0]) }
+    drop(echo);
+
+    // Throughput on the one-shard node.
+    let secs = p.load.as_secs_f64();
+    o.say(
+        "\n5. Throughput on the --shards 1 node: C tasks on this thread's runtime, each appending",
+    );
+    o.say(&format!(
+        "   one {REC} B record at a time (acks=leader) for {secs:.0} s; over one shared Client (one"
+    ));
+    o.say("   connection, one stream per request) or over C Clients (C connections). cpu = share");
+    o.say("   of one CPU used by the node process / by this process (the clients); node µs/rec =");
+    o.say("   node CPU time per record");
+    o.say(concat!(
+        "     C  clients         rec/s     MB/s   p50 µs   p99 µs p99.9 µs node cpu",
+        " bench cpu node µs/rec"
+    ));
+    let row = |o: &mut Out, c: usize, label: &str, key: &str, l: &Load| {
+        let rec_s = l.records as f64 / l.secs;
+        let mb_s = rec_s * REC as f64 / 1e6;
+        let lat = pcts(&l.lat);
+        let (nc, bc) = (l.node_cpu * 100.0, l.bench_cpu * 100.0);
+        let per_rec = l.node_cpu * 1e6 / rec_s;
+        o.say(&format!(
+            "  {c:>4}  {label:<12} {rec_s:>8.0} {mb_s:>8.1} {:>8.0} {:>8.0} {:>8.0} {nc:>7.0}% {bc:>8.0}% {per_rec:>12.1}",
+            lat[0], lat[2], lat[3]
+        ));
+        put! { o, key, records_s = rec_s, mb_s = mb_s, p50_us = lat[0], p99_us = lat[2],
+        p999_us = lat[3], records = l.records, secs = l.secs, node_cpu = l.node_cpu,
+        bench_cpu = l.bench_cpu, node_cpu_us_per_record = per_rec }
+    };
+    for &c in p.concurrency {
+        eprintln!("node_bench: throughput, {c} tasks, one shared client");
+        let l = rt.block_on(load(
+            &node1,
+            std::slice::from_ref(&client1),
+            c,
+            "bench",
+            p.load,
+        ));
+        row(&mut o, c, "1 shared", &format!("load.shared_{c}"), &l);
+        eprintln!("node_bench: throughput, {c} tasks, {c} clients");
+        let l = rt.block_on(async {
+            let mut clients = Vec::with_capacity(c);
+            for _ in 0..c {
+                clients.push(step("connecting a client", Client::connect(config(&node1))).await);
+            }
+            let l = load(&node1, &clients, c, "bench", p.load).await;
+            close_all(clients).await;
+            l
+        });
+        row(
+            &mut o,
+            c,
+            &format!("{c} separate"),
+            &format!("load.separate_{c}"),
+            &l,
+        );
+    }
+    eprintln!("node_bench: throughput, one producer");
+    let l = rt.block_on(producer_load(&node1, &client1, "bench", p.load));
+    o.say(&format!(
+        "  one Producer (default options: up to 8 appends in flight), {IN_FLIGHT} records outstanding,"
+    ));
+    o.say("  receipts awaited in order; latency = send to receipt");
+    row(&mut o, 1, "producer", "load.producer", &l);
+
+    rt.block_on(close_all(vec![client1]));
+    let stop1 = node1.stop();
+    put! { o, "conditions", node_stop_secs_shards1 = stop1.as_secs_f64(),
+    node_stop_secs_shards2 = stop2.as_secs_f64() }
+    drop(rt);
+    drop(tmp);
+    let total = started.elapsed().as_secs_f64();
+    o.num("conditions.total_secs", total);
+    if p.json {
+        println!("{{{}}}", o.json.join(","));
+    } else {
+        print!("{}", o.text);
+        println!("\ntotal {total:.0} s");
+    }
+}
