@@ -755,12 +755,19 @@ mod tests {
         a.expected_offset = None;
         a.producer = None;
         encode_request(&Request::Append(a), &mut out);
-        for at in [8 + 2 + 6 + 4 + 3, 8 + 2 + 6 + 4 + 8 + 5, 8 + 2 + 6 + 4 + 16 + 2] {
+        for at in [
+            8 + 2 + 6 + 4 + 3,
+            8 + 2 + 6 + 4 + 8 + 5,
+            8 + 2 + 6 + 4 + 16 + 2,
+        ] {
             let mut bad = out.clone();
             bad[at] = 1;
             let (h, body) = split(&bad);
             assert!(
-                matches!(decode_request(&h, body, &Limits::default()), Err(ProtocolError::Malformed(_))),
+                matches!(
+                    decode_request(&h, body, &Limits::default()),
+                    Err(ProtocolError::Malformed(_))
+                ),
                 "byte {at}"
             );
         }
