@@ -628,7 +628,7 @@ mod tests {
             let mut s = self.0.state.lock().unwrap();
             let (id, seq) = req.producer.expect("idempotent");
             let count = req.records.len() as u32;
-            let decision = s.table.as_ref().unwrap().check(id, seq, count);
+            let decision = s.table.as_mut().unwrap().check(id, seq, count);
             let receipt = |first: u64, next: u64, flags: u8| Receipt {
                 first,
                 next,

@@ -859,3 +859,91 @@ fn a_restarted_node_resets_connections_of_its_previous_life() {
     });
     assert!(matches!(err, quinn::ConnectionError::Reset), "{err:?}");
 }
+
+#[test]
+fn read_size_token_length_and_idle_limits_hold() {
+    let env = Env::new();
+    let cfg = write_config(
+        &env,
+        "small.toml",
+        "[limits]\nread_bytes_max = 4096\nidle_timeout_ms = 1000\n[auth]\ntokens = [\"t\"]\n",
+    );
+    let node = env.node("n", &["--config", &cfg]);
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let ok = exchange(&conn, &Request::Auth { token: Bytes::from_static(b"t") }).await;
+        assert_eq!(ok, Response::Ok);
+        assert_eq!(exchange(&conn, &Request::CreateLog { name: "r".into() }).await, Response::Ok);
+        let value = "v".repeat(1000);
+        for _ in 0..10 {
+            let r = exchange(&conn, &Request::Append(append_req("r", &[&value]))).await;
+            assert!(matches!(r, Response::Receipt(_)), "{r:?}");
+        }
+        // A read asking for 1 MiB gets at most read_bytes_max of whole batches.
+        let read = Request::Read(ReadRequest {
+            log: "r".into(),
+            from: 0,
+            bytes_max: 1 << 20,
+            wait_ms: 0,
+            min_offset: 0,
+        });
+        match exchange(&conn, &read).await {
+            Response::Batches(b) => {
+                assert!(b.batches.len() <= 4096 && !b.batches.is_empty(), "{}", b.batches.len());
+                let n = batch_values(&b.batches, 0).len() as u64;
+                assert_eq!(b.next_offset, n);
+                assert!(n < 10);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The connection goes quiet: the node closes it after idle_timeout_ms.
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(60), conn.closed())
+            .await
+            .unwrap();
+        assert!(matches!(reason, quinn::ConnectionError::TimedOut), "{reason:?}");
+
+        // A token longer than token_bytes_max is refused like a wrong one.
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let long = Bytes::from(vec![b't'; 5000]);
+        let _ = exchange_raw(&conn, &encode(&Request::Auth { token: long })).await;
+        let reason = conn.closed().await;
+        assert!(
+            matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == protocol::close_code::UNAUTHENTICATED.into()),
+            "{reason:?}"
+        );
+    });
+}
+
+#[test]
+fn producers_beyond_producers_per_log_max_are_forgotten_oldest_first() {
+    let env = Env::new();
+    let cfg = write_config(&env, "p.toml", "[limits]\nproducers_per_log_max = 2\n");
+    let node = env.node("n", &["--config", &cfg]);
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert_eq!(
+            exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
+            Response::Ok
+        );
+        let send = |pid: u64| {
+            let mut a = append_req("l", &["x"]);
+            a.producer = Some((pid, 0));
+            Request::Append(a)
+        };
+        let flags = |r: Response| match r {
+            Response::Receipt(r) => r.flags,
+            other => panic!("{other:?}"),
+        };
+        for pid in [1, 2] {
+            assert_eq!(flags(exchange(&conn, &send(pid)).await), 0);
+        }
+        assert_eq!(flags(exchange(&conn, &send(1)).await), RECEIPT_DUPLICATE);
+        // A third producer evicts the least recently used one (2): its retry is stored again,
+        // as documented, while producer 1 is still recognised.
+        assert_eq!(flags(exchange(&conn, &send(3)).await), 0);
+        assert_eq!(flags(exchange(&conn, &send(1)).await), RECEIPT_DUPLICATE);
+        assert_eq!(flags(exchange(&conn, &send(2)).await), 0);
+    });
+}

@@ -75,11 +75,15 @@ impl ProducerTable {
         self.producers.is_empty()
     }
 
-    /// Decide about an append of `count` records whose first sequence is `first_sequence`.
-    pub fn check(&self, producer_id: u64, first_sequence: u64, count: u32) -> Decision {
-        let Some(state) = self.producers.get(&producer_id) else {
+    /// Decide about an append of `count` records whose first sequence is `first_sequence`. A
+    /// known producer counts as used (for eviction) whatever the decision.
+    pub fn check(&mut self, producer_id: u64, first_sequence: u64, count: u32) -> Decision {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(state) = self.producers.get_mut(&producer_id) else {
             return Decision::Append;
         };
+        state.last_used = tick;
         let Some(last) = state.batches.back() else {
             return Decision::Append;
         };
@@ -193,10 +197,16 @@ mod tests {
             t.record(p, 0, 1, stored(p, p + 1));
         }
         t.record(1, 1, 1, stored(10, 11)); // producer 1 is now the most recent
+        assert_eq!(t.check(3, 0, 1), Decision::Duplicate(stored(3, 4))); // and now 3
         t.record(5, 0, 1, stored(11, 12));
         assert_eq!(t.len(), 4);
         assert_eq!(t.check(2, 0, 1), Decision::Append, "producer 2 was evicted");
         assert_eq!(t.check(1, 1, 1), Decision::Duplicate(stored(10, 11)));
+        assert_eq!(
+            t.check(3, 0, 1),
+            Decision::Duplicate(stored(3, 4)),
+            "a retry kept 3"
+        );
     }
 
     #[test]

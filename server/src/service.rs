@@ -170,7 +170,7 @@ async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
     // this shard can slip in: conditional and idempotent appends are atomic.
     let (appended, duplicate) = loop {
         if let Some((pid, seq)) = a.producer {
-            match e.producers.borrow().check(pid, seq, count) {
+            match e.producers.borrow_mut().check(pid, seq, count) {
                 Decision::Append => {}
                 Decision::Duplicate(s) => break (s, true),
                 Decision::SequenceGap { expected } => {

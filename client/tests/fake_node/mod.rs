@@ -373,7 +373,7 @@ async fn serve_stream(
                 Some(l) => {
                     let count = a.records.len() as u32;
                     let decision = match a.producer {
-                        Some((id, seq)) => l.producers.as_ref().unwrap().check(id, seq, count),
+                        Some((id, seq)) => l.producers.as_mut().unwrap().check(id, seq, count),
                         None => Decision::Append,
                     };
                     match decision {
