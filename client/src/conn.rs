@@ -15,12 +15,9 @@ use crate::{Error, Result};
 pub(crate) const CODE_NORMAL: u32 = 0;
 /// QUIC application code for a protocol violation.
 pub(crate) const CODE_PROTOCOL: u32 = 1;
-/// The node closes an over-limit connection with this code.
-const CODE_BUSY: u64 = 2;
-/// The node closes a connection that failed authentication with this code.
-const CODE_UNAUTHENTICATED: u64 = 5;
-/// The node resets a tail stream whose reader stalled with this code.
-const CODE_SLOW_READER: u64 = 6;
+const CODE_BUSY: u64 = protocol::close_code::BUSY as u64;
+const CODE_UNAUTHENTICATED: u64 = protocol::close_code::UNAUTHENTICATED as u64;
+const CODE_SLOW_READER: u64 = protocol::close_code::SLOW_READER as u64;
 /// Most resolved addresses of one host tried at once.
 const ADDRESSES_PER_HOST_MAX: usize = 4;
 
@@ -47,8 +44,10 @@ pub(crate) fn connection_error(e: &ConnectionError) -> Error {
                     leader: String::new(),
                     detail: 0,
                 },
-                CODE_BUSY => Error::ConnectionLost(format!(
-                    "the node closed the connection because it is busy ({reason})"
+                // The node refuses a connection over its limit before it accepts any stream:
+                // nothing was processed, so this is a definite failure, worth a later retry.
+                CODE_BUSY => Error::Connect(format!(
+                    "the node refused the connection because it is busy ({reason})"
                 )),
                 code => Error::ConnectionLost(format!(
                     "the node closed the connection (code {code}{}{reason})",
@@ -367,7 +366,13 @@ mod tests {
             }))
         };
         assert_eq!(closed(5, b"").code(), Some(ErrorCode::Unauthenticated));
-        assert!(matches!(closed(2, b"busy"), Error::ConnectionLost(m) if m.contains("busy")));
+        // Refused as busy before any stream: a definite failure, retried later.
+        let busy = closed(2, b"busy");
+        assert!(
+            matches!(&busy, Error::Connect(m) if m.contains("busy")),
+            "{busy}"
+        );
+        assert!(!busy.is_unknown_outcome());
         assert!(closed(0, b"").is_transient());
         assert!(connection_error(&ConnectionError::TimedOut).is_transient());
         assert!(connection_error(&ConnectionError::Reset).is_transient());

@@ -34,6 +34,8 @@ struct Running {
     child: Child,
     addr: String,
     metrics: String,
+    /// Reaped already: its pid may belong to another process now, never signal it.
+    exited: bool,
 }
 
 fn spawn_node(exe: &PathBuf, a: &DevArgs, i: usize) -> Result<Running, String> {
@@ -71,6 +73,7 @@ fn spawn_node(exe: &PathBuf, a: &DevArgs, i: usize) -> Result<Running, String> {
         child,
         addr: v["addr"].as_str().unwrap_or(&listen).to_string(),
         metrics: v["metrics"].as_str().unwrap_or(&metrics).to_string(),
+        exited: false,
     })
 }
 
@@ -134,12 +137,10 @@ fn supervise(nodes: &mut [Running]) {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
                 _ = tick.tick() => {
-                    for n in nodes.iter_mut() {
+                    for n in nodes.iter_mut().filter(|n| !n.exited) {
                         if let Ok(Some(status)) = n.child.try_wait() {
-                            if !n.name.ends_with(" (exited)") {
-                                eprintln!("replog dev: {} (pid {}) exited: {status}", n.name, n.child.id());
-                                n.name.push_str(" (exited)");
-                            }
+                            eprintln!("replog dev: {} (pid {}) exited: {status}", n.name, n.child.id());
+                            n.exited = true;
                         }
                     }
                 }
@@ -150,13 +151,18 @@ fn supervise(nodes: &mut [Running]) {
 
 /// SIGTERM every node we started, and wait for them.
 fn stop(nodes: &mut [Running]) {
-    for n in nodes.iter() {
+    for n in nodes.iter_mut() {
+        // A child that exited is reaped here (try_wait), never signalled afterwards.
+        if n.exited || !matches!(n.child.try_wait(), Ok(None)) {
+            n.exited = true;
+            continue;
+        }
         // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
         unsafe {
             libc::kill(n.child.id() as libc::pid_t, libc::SIGTERM);
         }
     }
-    for n in nodes.iter_mut() {
+    for n in nodes.iter_mut().filter(|n| !n.exited) {
         let _ = n.child.wait();
     }
 }

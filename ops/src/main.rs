@@ -524,10 +524,26 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
             ..ProducerOptions::default()
         },
     );
+    // Every record gets its own outcome: a failure does not stop the report on the others,
+    // which the producer still sends (and which are then stored or not, each as reported).
+    let total = lines.len();
     let pending: Vec<_> = lines.into_iter().map(|l| producer.send(l)).collect();
-    for p in pending {
-        let r = p.await?;
-        print(r.first, &r)?;
+    let (mut failed, mut status) = (0usize, 0u8);
+    for (i, p) in pending.into_iter().enumerate() {
+        match p.await {
+            Ok(r) => print(r.first, &r)?,
+            Err(e) => {
+                eprintln!("replog: record {} (line {}): {e}", i, i + 1);
+                failed += 1;
+                status = status.max(Failure::from(e).status);
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Failure {
+            status,
+            message: format!("{failed} of {total} records were not acknowledged"),
+        });
     }
     Ok(())
 }

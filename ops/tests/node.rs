@@ -682,7 +682,7 @@ fn slow_readers_are_cut_off_and_memory_stays_bounded() {
     let cfg = write_config(
         &env,
         "slow.toml",
-        "[limits]\ntail_stall_timeout_ms = 1000\nconnection_window_bytes = 1048576\n",
+        "[limits]\nwrite_stall_timeout_ms = 1000\nconnection_window_bytes = 1048576\n",
     );
     let node = env.node("n", &["--config", &cfg]);
     let rt = rt();
@@ -946,4 +946,28 @@ fn producers_beyond_producers_per_log_max_are_forgotten_oldest_first() {
         assert_eq!(flags(exchange(&conn, &send(1)).await), RECEIPT_DUPLICATE);
         assert_eq!(flags(exchange(&conn, &send(2)).await), 0);
     });
+}
+
+#[test]
+fn logs_max_caps_the_logs_of_a_node_across_restarts() {
+    let env = Env::new();
+    let cfg = write_config(&env, "logs.toml", "[limits]\nlogs_max = 2\n");
+    let node = env.node("n", &["--config", &cfg]);
+    let s = node.server();
+    env.cli_ok(&["create", "--server", &s, "--log", "a"], "");
+    env.cli_ok(&["create", "--server", &s, "--log", "b"], "");
+    let out = env.cli(&["create", "--server", &s, "--log", "c"], "");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("limit_exceeded"),
+        "{out:?}"
+    );
+    let node = node.restart();
+    let out = env.cli(&["create", "--server", &node.server(), "--log", "c"], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("logs_max"),
+        "{out:?}"
+    );
+    let logs = env.cli_json(&["list", "--server", &node.server(), "--json"], "");
+    assert_eq!(logs.len(), 2);
 }

@@ -80,14 +80,17 @@ pub struct LimitsSection {
     pub read_wait_max_ms: u32,
     /// How long a stream may take to deliver its request frame (ms).
     pub request_timeout_ms: u32,
-    /// A tail stream whose client has not accepted data for this long is reset (ms).
-    pub tail_stall_timeout_ms: u32,
+    /// A stream whose client has accepted none of an answer (a tail frame, read batches, any
+    /// response) for this long is reset with the slow-reader code (ms).
+    pub write_stall_timeout_ms: u32,
     /// Connections idle for this long are closed (ms).
     pub idle_timeout_ms: u32,
     /// Requests queued from one shard to another before the sender waits.
     pub shard_queue_depth: usize,
     /// Idempotent producers remembered per log.
     pub producers_per_log_max: usize,
+    /// Most logs on the node. Each log costs two prepared segments of disk.
+    pub logs_max: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -122,10 +125,11 @@ impl Default for LimitsSection {
             append_timeout_ms: 10_000,
             read_wait_max_ms: 60_000,
             request_timeout_ms: 30_000,
-            tail_stall_timeout_ms: 30_000,
+            write_stall_timeout_ms: 30_000,
             idle_timeout_ms: 60_000,
             shard_queue_depth: 1024,
             producers_per_log_max: 10_000,
+            logs_max: 1024,
         }
     }
 }
@@ -172,8 +176,22 @@ impl NodeConfig {
         if l.read_bytes_max < 4096 {
             return bad("limits.read_bytes_max must be at least 4096");
         }
-        if l.shard_queue_depth == 0 || l.producers_per_log_max == 0 {
-            return bad("limits.shard_queue_depth and producers_per_log_max must be positive");
+        if l.shard_queue_depth == 0 || l.producers_per_log_max == 0 || l.logs_max == 0 {
+            return bad(
+                "limits.shard_queue_depth, producers_per_log_max and logs_max must be positive",
+            );
+        }
+        let timeouts = [
+            ("append_timeout_ms", l.append_timeout_ms),
+            ("request_timeout_ms", l.request_timeout_ms),
+            ("write_stall_timeout_ms", l.write_stall_timeout_ms),
+            ("idle_timeout_ms", l.idle_timeout_ms),
+        ];
+        if let Some((name, _)) = timeouts.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("limits.{name} must be positive")));
+        }
+        if l.connection_window_bytes < 65_536 {
+            return bad("limits.connection_window_bytes must be at least 65536");
         }
         self.log_config()
             .validate()
@@ -253,5 +271,19 @@ mod tests {
         c.node.data_dir = "/tmp/x".into();
         c.tls.cert = Some("/c.pem".into());
         assert!(c.validate().unwrap_err().to_string().contains("tls.key"));
+        c.tls.cert = None;
+        c.limits.append_timeout_ms = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("append_timeout_ms"));
+        c.limits.append_timeout_ms = 1;
+        c.limits.connection_window_bytes = 10;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("connection_window_bytes"));
     }
 }

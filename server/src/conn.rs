@@ -120,12 +120,20 @@ async fn authenticate(shard: &Rc<Shard>, conn: &quinn::Connection) -> bool {
     let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(timeout, conn.accept_bi()).await else {
         return false;
     };
-    let ok = match read_request(&mut recv, &shard.common.config).await {
+    // Before authentication a peer may send nothing larger than an Auth frame: the header
+    // alone refuses a bigger body, so an unauthenticated peer cannot make the node buffer a
+    // full frame_bytes_max.
+    let cfg = &shard.common.config;
+    let limits = protocol::Limits {
+        frame_bytes_max: 2 + u32::from(cfg.protocol_limits().token_bytes_max),
+        ..cfg.protocol_limits()
+    };
+    let ok = match read_request(&mut recv, cfg, &limits).await {
         Ok(Request::Auth { token }) => token_accepted(&shard.common.tokens, &token),
         _ => false,
     };
     if ok {
-        reply(&mut send, &Response::Ok).await;
+        reply(shard, &mut send, &Response::Ok).await;
     } else {
         reply_error(
             shard,
@@ -158,19 +166,19 @@ impl From<ProtocolError> for ReadFail {
 pub(crate) async fn read_request(
     recv: &mut quinn::RecvStream,
     cfg: &NodeConfig,
+    limits: &protocol::Limits,
 ) -> Result<Request, ReadFail> {
-    let limits = cfg.protocol_limits();
     let timeout = Duration::from_millis(cfg.limits.request_timeout_ms as u64);
     let read = async {
         let mut hdr = [0u8; FRAME_HEADER_LEN];
         read_exact(recv, &mut hdr, "frame header").await?;
-        let h = FrameHeader::parse(&hdr, &limits)?;
+        let h = FrameHeader::parse(&hdr, limits)?;
         if !h.is_request() {
             return Err(ProtocolError::UnknownKind(h.kind).into());
         }
         let mut body = BytesMut::zeroed(h.body_len as usize);
         read_exact(recv, &mut body, "frame body").await?;
-        Ok(protocol::decode_request(&h, body.freeze(), &limits)?)
+        Ok(protocol::decode_request(&h, body.freeze(), limits)?)
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(r) => r,
@@ -194,7 +202,8 @@ async fn read_exact(
 }
 
 async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let req = match read_request(&mut recv, &shard.common.config).await {
+    let cfg = &shard.common.config;
+    let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
         Ok(r) => r,
         Err(ReadFail::Answer(code, msg)) => {
             tracing::debug!(code = code.name(), %msg, "bad request");
@@ -210,10 +219,10 @@ async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: q
 /// Serve a request here, or hand it with its stream to the shard that owns the log.
 async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
     let log = match &req {
-        Request::Auth { .. } => return reply(&mut send, &Response::Ok).await,
+        Request::Auth { .. } => return reply(&shard, &mut send, &Response::Ok).await,
         Request::ListLogs => {
             let logs = all_logs(&shard).await;
-            return reply(&mut send, &Response::Logs(logs)).await;
+            return reply(&shard, &mut send, &Response::Logs(logs)).await;
         }
         Request::Status => {
             let c = &shard.common;
@@ -226,7 +235,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                 connections: c.metrics.c.connections_open.load(Ordering::Relaxed) as u32,
                 logs: all_logs(&shard).await,
             };
-            return reply(&mut send, &Response::Status(status)).await;
+            return reply(&shard, &mut send, &Response::Status(status)).await;
         }
         Request::CreateLog { name } => name,
         Request::Append(a) => &a.log,

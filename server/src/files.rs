@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -15,7 +15,9 @@ pub(crate) fn io_err<'a>(op: &'a str, path: &'a Path) -> impl Fn(std::io::Error)
 /// Write `data` to `path` atomically with the given mode: temp file, fsync, rename, fsync of
 /// the directory.
 pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -23,6 +25,9 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Er
         .mode(mode)
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
+    // The mode given at open applies only to a new file: a leftover temp file keeps its own.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("chmod", &tmp))?;
     f.write_all(data).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("fsync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
@@ -76,4 +81,30 @@ pub(crate) fn random_bytes(n: usize) -> Result<Vec<u8>, Error> {
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(io_err("read", Path::new("/dev/urandom")))?;
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_set_the_mode_even_over_a_leftover_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("ca.key");
+        std::fs::write(dir.path().join("ca.key.tmp"), b"stale").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("ca.key.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        write_atomic(&key, b"secret", 0o600).unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"secret");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Distinct files never share a temp name.
+        write_atomic(&dir.path().join("ca.pem"), b"cert", 0o644).unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"secret");
+    }
 }

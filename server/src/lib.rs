@@ -184,6 +184,7 @@ impl Node {
             metrics,
             tokens: conn::load_tokens(&cfg)?,
             started: std::time::Instant::now(),
+            log_count: Default::default(),
         });
         let mut threads = Vec::new();
         let mut ready = Vec::new();

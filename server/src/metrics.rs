@@ -35,7 +35,7 @@ pub struct Counters {
     pub connections_refused: AtomicU64,
     pub connections_open: AtomicU64,
     pub auth_failures: AtomicU64,
-    pub tails_cut: AtomicU64,
+    pub slow_readers_cut: AtomicU64,
     pub forwarded: AtomicU64,
 }
 
@@ -141,9 +141,9 @@ impl Metrics {
                 &c.auth_failures,
             ),
             (
-                "replog_tails_cut_total",
-                "Tail streams reset because the reader stalled.",
-                &c.tails_cut,
+                "replog_slow_readers_cut_total",
+                "Streams reset because the reader took no data for write_stall_timeout_ms.",
+                &c.slow_readers_cut,
             ),
             (
                 "replog_forwarded_total",

@@ -16,11 +16,43 @@ use protocol::{
 
 use crate::shard::{LogEntry, Shard};
 
-/// Write one response frame and finish the stream. A client that went away is not an error.
-pub(crate) async fn reply(send: &mut quinn::SendStream, resp: &Response) {
+/// Write `chunks` in full, as long as the peer keeps taking data: a stream whose peer accepts
+/// nothing for `stall` is reset with the slow-reader code. Returns whether everything was
+/// written (a peer that went away, or was cut off, is not an error of the node's).
+async fn write_all(shard: &Shard, send: &mut quinn::SendStream, chunks: &mut [Bytes]) -> bool {
+    let stall = Duration::from_millis(shard.common.config.limits.write_stall_timeout_ms as u64);
+    let mut i = 0;
+    while i < chunks.len() {
+        match tokio::time::timeout(stall, send.write_chunks(&mut chunks[i..])).await {
+            Ok(Ok(written)) => i += written.chunks,
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                shard
+                    .common
+                    .metrics
+                    .c
+                    .slow_readers_cut
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "reader took nothing for {} ms; stream reset",
+                    stall.as_millis()
+                );
+                let _ = send.reset(close_code::SLOW_READER.into());
+                return false;
+            }
+        }
+        while i < chunks.len() && chunks[i].is_empty() {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// Write one response frame and finish the stream.
+pub(crate) async fn reply(shard: &Shard, send: &mut quinn::SendStream, resp: &Response) {
     let mut out = BytesMut::new();
     protocol::encode_response(resp, &mut out);
-    if send.write_all(&out).await.is_ok() {
+    if write_all(shard, send, &mut [out.freeze()]).await {
         let _ = send.finish();
     }
 }
@@ -48,7 +80,7 @@ async fn send_error(
         leader: String::new(),
         detail,
     });
-    reply(send, &resp).await
+    reply(shard, send, &resp).await
 }
 
 /// The wire code for a storage error.
@@ -98,7 +130,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, req: Request, mut send: quinn::SendS
         }
     };
     match result {
-        Ok(resp) => reply(&mut send, &resp).await,
+        Ok(resp) => reply(&shard, &mut send, &resp).await,
         Err(Fail(code, msg, detail)) => send_error(&shard, &mut send, code, &msg, detail).await,
     }
 }
@@ -111,16 +143,35 @@ fn entry(shard: &Shard, name: &str) -> Result<Rc<LogEntry>, Fail> {
 
 async fn create(shard: &Shard, name: &str) -> Result<(), Fail> {
     log_core::validate_log_name(name)?;
-    if shard.get(name).is_some() || shard.logs_dir().join(name).exists() {
+    let dir = shard.logs_dir().join(name);
+    if shard.get(name).is_some() || shard.creating.borrow().contains(name) || dir.exists() {
         return Err(fail(
             ErrorCode::LogExists,
             format!("log {name:?} already exists"),
         ));
     }
-    shard
-        .open_log(name)
-        .await
-        .map_err(|e| fail(ErrorCode::StorageFailed, e.to_string()))?;
+    let count = &shard.common.log_count;
+    let max = shard.common.config.limits.logs_max;
+    if count.fetch_add(1, Ordering::Relaxed) >= max {
+        count.fetch_sub(1, Ordering::Relaxed);
+        return Err(fail(
+            ErrorCode::LimitExceeded,
+            format!("the node holds logs_max = {max} logs"),
+        ));
+    }
+    // Opening awaits (the first segment is prepared); the name stays reserved meanwhile, so a
+    // concurrent create gets `log_exists` and other requests `log_not_found`, never a half log.
+    shard.creating.borrow_mut().insert(name.to_string());
+    let opened = shard.open_log(name).await;
+    shard.creating.borrow_mut().remove(name);
+    if let Err(e) = opened {
+        count.fetch_sub(1, Ordering::Relaxed);
+        // Nothing was stored: remove what the failed open left, so a retry can succeed.
+        if let Err(rm) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(log = name, error = %rm, "could not remove a log that failed to open");
+        }
+        return Err(fail(ErrorCode::StorageFailed, e.to_string()));
+    }
     tracing::info!(log = name, "log created");
     Ok(())
 }
@@ -247,7 +298,8 @@ async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
         epoch: appended.epoch,
         level: a.acks,
         flags: if duplicate { RECEIPT_DUPLICATE } else { 0 },
-        replicas: 1,
+        // Replicas holding the records durably: none yet at acks=none.
+        replicas: if a.acks == Acks::None { 0 } else { 1 },
     })
 }
 
@@ -302,7 +354,7 @@ async fn send_batches(
     )));
     let any = !read.batches.is_empty();
     chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
-    if send.write_all_chunks(&mut chunks).await.is_err() {
+    if !write_all(shard, send, &mut chunks).await {
         return Ok(None);
     }
     let m = &shard.common.metrics.c;
@@ -316,7 +368,22 @@ async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> R
     let wait =
         Duration::from_millis(r.wait_ms.min(shard.common.config.limits.read_wait_max_ms) as u64);
     let deadline = Instant::now() + wait;
-    if r.min_offset > 0 && !wait_committed(&e.log, Offset(r.min_offset), deadline).await? {
+    let waited = async {
+        if r.min_offset > 0 && !wait_committed(&e.log, Offset(r.min_offset), deadline).await? {
+            return Ok(false);
+        }
+        check_from(&e.log, r.from)?;
+        if e.log.flush_offset().0 <= r.from && !wait.is_zero() {
+            wait_committed(&e.log, Offset(r.from + 1), deadline).await?;
+        }
+        Ok::<bool, Fail>(true)
+    };
+    // A long poll ends early if the client goes away, so it never holds the log for nothing.
+    let reached = tokio::select! {
+        r = waited => r?,
+        _ = send.stopped() => return Ok(()),
+    };
+    if !reached {
         return Err(fail(
             ErrorCode::Timeout,
             format!(
@@ -325,10 +392,6 @@ async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> R
                 r.min_offset
             ),
         ));
-    }
-    check_from(&e.log, r.from)?;
-    if e.log.flush_offset().0 <= r.from && !wait.is_zero() {
-        wait_committed(&e.log, Offset(r.from + 1), deadline).await?;
     }
     if send_batches(shard, &e.log, send, Offset(r.from), r.bytes_max)
         .await?
@@ -342,7 +405,6 @@ async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> R
 async fn tail(shard: &Shard, t: &TailRequest, send: &mut quinn::SendStream) -> Result<(), Fail> {
     let e = entry(shard, &t.log)?;
     check_from(&e.log, t.from)?;
-    let stall = Duration::from_millis(shard.common.config.limits.tail_stall_timeout_ms as u64);
     let mut pos = Offset(t.from);
     loop {
         if e.log.flush_offset() <= pos {
@@ -353,22 +415,9 @@ async fn tail(shard: &Shard, t: &TailRequest, send: &mut quinn::SendStream) -> R
             }
             continue;
         }
-        match tokio::time::timeout(stall, send_batches(shard, &e.log, send, pos, t.bytes_max)).await
-        {
-            Ok(Ok(Some(next))) => pos = next,
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(f)) => return Err(f),
-            Err(_) => {
-                shard
-                    .common
-                    .metrics
-                    .c
-                    .tails_cut
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(log = %t.log, offset = pos.0, "tail reader stalled; stream reset");
-                let _ = send.reset(close_code::SLOW_READER.into());
-                return Ok(());
-            }
+        match send_batches(shard, &e.log, send, pos, t.bytes_max).await? {
+            Some(next) => pos = next,
+            None => return Ok(()),
         }
     }
 }

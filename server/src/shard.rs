@@ -24,6 +24,8 @@ pub(crate) struct Common {
     pub metrics: Arc<Metrics>,
     pub tokens: Vec<Vec<u8>>,
     pub started: Instant,
+    /// Logs open or being created on the node, over all shards (checked against `logs_max`).
+    pub log_count: std::sync::atomic::AtomicUsize,
 }
 
 /// Messages between shards.
@@ -52,6 +54,8 @@ pub(crate) struct Shard {
     pub id: usize,
     pub common: Arc<Common>,
     pub logs: RefCell<BTreeMap<String, Rc<LogEntry>>>,
+    /// Names being created right now (their directory may exist before the log is open).
+    pub creating: RefCell<std::collections::BTreeSet<String>>,
     pub closing: std::cell::Cell<bool>,
 }
 
@@ -171,11 +175,15 @@ pub(crate) fn run(
             id,
             common: common.clone(),
             logs: RefCell::new(BTreeMap::new()),
+            creating: RefCell::new(Default::default()),
             closing: std::cell::Cell::new(false),
         });
         let opened: Result<(), Error> = async {
             for name in owned_logs(&shard.logs_dir(), id, common.shards.len())? {
                 shard.open_log(&name).await?;
+                common
+                    .log_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(())
         }
@@ -249,7 +257,14 @@ async fn close_logs(shard: &Shard) -> Result<(), Error> {
             }
         };
         let Some(entry) = entry else {
-            tracing::warn!(log = %name, "log still in use at shutdown; queued appends are written as its tasks end");
+            // Its writer and syncer end with this runtime: what was flushed is safe, anything
+            // queued after it is recovered (or cut as a torn tail) by the next open.
+            tracing::error!(log = %name, "log still in use at shutdown; not closed cleanly");
+            if first.is_ok() {
+                first = Err(Error::Io(format!(
+                    "log {name} was still in use at shutdown"
+                )));
+            }
             continue;
         };
         if let Err(e) = entry.log.close().await {
