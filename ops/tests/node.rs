@@ -366,50 +366,38 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
         assert!(matches!(r, Response::Receipt(_)), "{r:?}");
 
         let good = encode(&Request::Append(append_req("keep", &["x"])));
+        // The valid frame with `bytes` written over it at `at`.
+        let patched = |at: usize, bytes: &[u8]| {
+            let mut b = good.to_vec();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            b
+        };
+        let mut trailing = good.to_vec();
+        trailing.push(0xAA);
+        let body_len = (trailing.len() - 8) as u32;
+        trailing[0..4].copy_from_slice(&body_len.to_le_bytes());
+        let mut too_many = append_req("keep", &["x"]);
+        too_many.records = vec![Bytes::new(); 70_000];
         let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
             (
                 "unknown version",
-                {
-                    let mut b = good.to_vec();
-                    b[4] = 9;
-                    b
-                },
+                patched(4, &[9]),
                 ErrorCode::UnsupportedVersion,
             ),
             (
                 "unknown kind",
-                {
-                    let mut b = good.to_vec();
-                    b[5] = 0x3f;
-                    b
-                },
+                patched(5, &[0x3f]),
                 ErrorCode::UnknownMessage,
             ),
             (
                 "response kind as request",
-                {
-                    let mut b = good.to_vec();
-                    b[5] = 0x80;
-                    b
-                },
+                patched(5, &[0x80]),
                 ErrorCode::UnknownMessage,
             ),
-            (
-                "reserved bits",
-                {
-                    let mut b = good.to_vec();
-                    b[6] = 1;
-                    b
-                },
-                ErrorCode::Malformed,
-            ),
+            ("reserved bits", patched(6, &[1]), ErrorCode::Malformed),
             (
                 "length beyond frame_bytes_max",
-                {
-                    let mut b = good.to_vec();
-                    b[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-                    b
-                },
+                patched(0, &u32::MAX.to_le_bytes()),
                 ErrorCode::LimitExceeded,
             ),
             (
@@ -427,24 +415,10 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
                 vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28, 0x00],
                 ErrorCode::UnsupportedVersion,
             ),
-            (
-                "trailing garbage in body",
-                {
-                    let mut b = good.to_vec();
-                    b.push(0xAA);
-                    let len = (b.len() - 8) as u32;
-                    b[0..4].copy_from_slice(&len.to_le_bytes());
-                    b
-                },
-                ErrorCode::Malformed,
-            ),
+            ("trailing garbage in body", trailing, ErrorCode::Malformed),
             (
                 "record count beyond records_max",
-                {
-                    let mut a = append_req("keep", &["x"]);
-                    a.records = vec![Bytes::new(); 70_000];
-                    encode(&Request::Append(a)).to_vec()
-                },
+                encode(&Request::Append(too_many)).to_vec(),
                 ErrorCode::LimitExceeded,
             ),
         ];
