@@ -12,11 +12,16 @@
 //! - A client sends [`Request`]s; a node answers each with one [`Response`] (a tail stream
 //!   answers with a sequence of [`Response::Batches`]).
 //! - Every failure the node reports is a [`Response::Error`] with an [`ErrorCode`].
+//!
+//! [`replication`] holds the replication decisions as state machines: the leader's view of its
+//! followers (sync set, commit offset, the level an append has reached) and a follower's next
+//! step (fetch, truncate at the divergence point, bootstrap).
 
 mod codec;
 mod error;
 pub mod idempotence;
 mod message;
+pub mod replication;
 
 pub use codec::{
     decode_request, decode_response, encode_batches_prefix, encode_request, encode_response,

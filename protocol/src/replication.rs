@@ -1,0 +1,701 @@
+//! Replication decisions, sans-IO: the leader's view of its followers (progress, the sync set,
+//! the commit offset, which level an append has reached) and a follower's next step (fetch,
+//! truncate at the epoch divergence point, or bootstrap from a snapshot).
+//!
+//! Nothing here performs I/O or reads a clock: callers feed events with the current time in
+//! milliseconds and act on what comes back. The node drives these from its QUIC streams and its
+//! log; tests (and a simulator) drive them directly.
+//!
+//! Offsets are horizons, as everywhere in replog: a follower's `durable` offset is the first
+//! record it does *not* hold durably.
+
+use std::collections::BTreeMap;
+
+use crate::Acks;
+
+/// What to do when an `acks=sync` append cannot get the sync set it needs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Insufficient {
+    /// Durability first: the append fails with `not_enough_replicas`.
+    Reject,
+    /// Availability first: the append is acknowledged at the level it did reach, marked
+    /// degraded, and the shortfall is reported.
+    Degrade,
+}
+
+/// The replication policy of a log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Size of the sync set: 0 = asynchronous, 1 = semi-synchronous, every follower = fully
+    /// synchronous.
+    pub sync_replicas: usize,
+    /// A sync follower further behind the leader's end than this many records leaves the set.
+    pub sync_lag_records_max: u64,
+    /// A sync follower that has been behind without acknowledging for this long leaves the set.
+    pub sync_lag_ms_max: u64,
+    pub insufficient: Insufficient,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            sync_replicas: 1,
+            sync_lag_records_max: 10_000,
+            sync_lag_ms_max: 5_000,
+            insufficient: Insufficient::Reject,
+        }
+    }
+}
+
+/// The leader's knowledge of one follower.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerProgress {
+    /// First offset the follower does not hold durably (its acknowledged flush offset).
+    pub durable: u64,
+    pub connected: bool,
+    /// When the follower last acknowledged, or connected.
+    pub last_heard_ms: u64,
+    /// When the follower last had nothing left to fetch (`durable` reached the leader's end).
+    pub caught_up_ms: Option<u64>,
+    pub in_sync_set: bool,
+}
+
+/// Why a follower left the sync set.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LeaveReason {
+    Disconnected,
+    LagRecords,
+    LagTime,
+    /// It came back holding less than the commit offset (a wiped or restored data dir): it
+    /// must catch up before it may count again.
+    Regressed,
+}
+
+/// Something the caller should log, count or tell others about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A caught-up follower joined the sync set.
+    Joined(String),
+    /// A follower left the sync set.
+    Left(String, LeaveReason),
+    /// The commit offset moved forward (it never moves back).
+    Committed(u64),
+}
+
+/// Where an append stands with respect to the level it asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Not yet: wait for more acknowledgements (or the deadline).
+    Pending,
+    /// Reached (or, with `degraded`, acknowledged below the level asked for). `replicas`: the
+    /// leader (if durable) and the followers that hold the records durably.
+    Done {
+        replicas: Vec<String>,
+        degraded: bool,
+    },
+    /// The level cannot be reached with the replicas there are: fail the append.
+    NotEnoughReplicas { have: usize, need: usize },
+}
+
+/// The leader's replication state for one log.
+#[derive(Clone, Debug)]
+pub struct Leader {
+    config: ReplicationConfig,
+    /// The leader's own id, named in receipts.
+    id: String,
+    end: u64,
+    flushed: u64,
+    commit: u64,
+    followers: BTreeMap<String, FollowerProgress>,
+}
+
+impl Leader {
+    /// A leader whose log ends at `end`, durable up to `flushed`, with `commit` as the last commit
+    /// offset it knew (it never moves back).
+    pub fn new(
+        id: impl Into<String>,
+        config: ReplicationConfig,
+        end: u64,
+        flushed: u64,
+        commit: u64,
+    ) -> Leader {
+        Leader {
+            config,
+            id: id.into(),
+            end,
+            flushed,
+            commit,
+            followers: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &ReplicationConfig {
+        &self.config
+    }
+
+    pub fn commit_offset(&self) -> u64 {
+        self.commit
+    }
+
+    pub fn followers(&self) -> &BTreeMap<String, FollowerProgress> {
+        &self.followers
+    }
+
+    /// Members of the sync set, by id.
+    pub fn sync_set(&self) -> Vec<&str> {
+        self.followers
+            .iter()
+            .filter(|(_, f)| f.in_sync_set)
+            .map(|(id, _)| id.as_str())
+            .collect()
+    }
+
+    /// How many sync-set places are empty (the durability debt while degraded).
+    pub fn sync_shortfall(&self) -> usize {
+        self.config
+            .sync_replicas
+            .saturating_sub(self.sync_set().len())
+    }
+
+    /// Lag of a follower behind the leader's end, in records.
+    pub fn lag_records(&self, id: &str) -> Option<u64> {
+        self.followers
+            .get(id)
+            .map(|f| self.end.saturating_sub(f.durable))
+    }
+
+    /// The leader appended: its log now ends at `end`.
+    pub fn appended(&mut self, end: u64) {
+        self.end = self.end.max(end);
+    }
+
+    /// The leader's own fdatasync reached `flushed`.
+    pub fn flushed(&mut self, flushed: u64, now_ms: u64) -> Vec<Event> {
+        self.flushed = self.flushed.max(flushed);
+        self.end = self.end.max(flushed);
+        self.settle(now_ms)
+    }
+
+    /// A follower connected (or reconnected), holding `durable` records durably. One that comes
+    /// back with less than the commit offset leaves the sync set until it has caught up.
+    pub fn connected(&mut self, id: &str, durable: u64, now_ms: u64) -> Vec<Event> {
+        let f = self
+            .followers
+            .entry(id.to_string())
+            .or_insert(FollowerProgress {
+                durable,
+                connected: true,
+                last_heard_ms: now_ms,
+                caught_up_ms: None,
+                in_sync_set: false,
+            });
+        f.connected = true;
+        f.durable = durable;
+        f.last_heard_ms = now_ms;
+        let mut events = Vec::new();
+        if f.in_sync_set && durable < self.commit {
+            f.in_sync_set = false;
+            events.push(Event::Left(id.to_string(), LeaveReason::Regressed));
+        }
+        events.extend(self.settle(now_ms));
+        events
+    }
+
+    /// A follower acknowledged that it holds everything below `durable` durably. An
+    /// acknowledgement never moves a follower back (a reordered, older one is ignored).
+    pub fn acked(&mut self, id: &str, durable: u64, now_ms: u64) -> Vec<Event> {
+        if let Some(f) = self.followers.get_mut(id) {
+            f.durable = f.durable.max(durable.min(self.end));
+            f.last_heard_ms = now_ms;
+        }
+        self.settle(now_ms)
+    }
+
+    /// A follower's stream ended.
+    pub fn disconnected(&mut self, id: &str, now_ms: u64) -> Vec<Event> {
+        if let Some(f) = self.followers.get_mut(id) {
+            f.connected = false;
+        }
+        self.settle(now_ms)
+    }
+
+    /// Time passed: re-check lag bounds.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Event> {
+        self.settle(now_ms)
+    }
+
+    /// Where an append ending at `next` stands for level `acks`.
+    pub fn progress(&self, acks: Acks, next: u64) -> Progress {
+        let leader_durable = self.flushed >= next;
+        let durable_followers: Vec<&String> = self
+            .followers
+            .iter()
+            .filter(|(_, f)| f.durable >= next)
+            .map(|(id, _)| id)
+            .collect();
+        let holders = |followers: &[&String]| {
+            let mut r: Vec<String> = Vec::new();
+            if leader_durable {
+                r.push(self.id.clone());
+            }
+            r.extend(followers.iter().map(|s| s.to_string()));
+            r
+        };
+        match acks {
+            Acks::None => Progress::Done {
+                replicas: holders(&durable_followers),
+                degraded: false,
+            },
+            Acks::Leader => {
+                if leader_durable {
+                    Progress::Done {
+                        replicas: holders(&durable_followers),
+                        degraded: false,
+                    }
+                } else {
+                    Progress::Pending
+                }
+            }
+            Acks::Sync => {
+                let need = self.config.sync_replicas;
+                let members: Vec<(&String, &FollowerProgress)> = self
+                    .followers
+                    .iter()
+                    .filter(|(_, f)| f.in_sync_set)
+                    .collect();
+                let short = members.len() < need;
+                if short && self.config.insufficient == Insufficient::Reject {
+                    return Progress::NotEnoughReplicas {
+                        have: members.len(),
+                        need,
+                    };
+                }
+                if leader_durable && members.iter().all(|(_, f)| f.durable >= next) {
+                    Progress::Done {
+                        replicas: holders(&durable_followers),
+                        degraded: short,
+                    }
+                } else {
+                    Progress::Pending
+                }
+            }
+            Acks::Quorum => {
+                let replicas = 1 + self.followers.len();
+                let need = replicas / 2 + 1;
+                let connected = 1 + self.followers.values().filter(|f| f.connected).count();
+                if connected < need {
+                    return Progress::NotEnoughReplicas {
+                        have: connected,
+                        need,
+                    };
+                }
+                let have = usize::from(leader_durable) + durable_followers.len();
+                if have >= need {
+                    Progress::Done {
+                        replicas: holders(&durable_followers),
+                        degraded: false,
+                    }
+                } else {
+                    Progress::Pending
+                }
+            }
+        }
+    }
+
+    /// Apply the sync-set rules, then move the commit offset.
+    fn settle(&mut self, now_ms: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        let (end, cfg) = (self.end, &self.config);
+        for (id, f) in self.followers.iter_mut() {
+            if f.durable >= end {
+                f.caught_up_ms = Some(now_ms);
+            }
+            if !f.in_sync_set {
+                continue;
+            }
+            let behind = end.saturating_sub(f.durable);
+            let reason = if !f.connected {
+                Some(LeaveReason::Disconnected)
+            } else if behind > cfg.sync_lag_records_max {
+                Some(LeaveReason::LagRecords)
+            } else if behind > 0 && now_ms.saturating_sub(f.last_heard_ms) > cfg.sync_lag_ms_max {
+                Some(LeaveReason::LagTime)
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                f.in_sync_set = false;
+                events.push(Event::Left(id.clone(), r));
+            }
+        }
+        // Fill empty places with caught-up followers, the most advanced first. A follower
+        // counts as caught up when it holds everything the leader has flushed and is within
+        // the record lag bound of the leader's end.
+        let mut places = self.sync_shortfall();
+        if places > 0 {
+            let (flushed, lag_max) = (self.flushed, self.config.sync_lag_records_max);
+            let mut candidates: Vec<(&String, &FollowerProgress)> = self
+                .followers
+                .iter()
+                .filter(|(_, f)| {
+                    f.connected
+                        && !f.in_sync_set
+                        && f.durable >= flushed
+                        && end.saturating_sub(f.durable) <= lag_max
+                })
+                .collect();
+            candidates.sort_by(|a, b| b.1.durable.cmp(&a.1.durable).then(a.0.cmp(b.0)));
+            let joining: Vec<String> = candidates.into_iter().map(|(id, _)| id.clone()).collect();
+            for id in joining {
+                if places == 0 {
+                    break;
+                }
+                self.followers
+                    .get_mut(&id)
+                    .expect("candidate exists")
+                    .in_sync_set = true;
+                events.push(Event::Joined(id));
+                places -= 1;
+            }
+        }
+        // The commit offset: durable on the leader and on every sync-set member. It only
+        // moves forward: a member that joins is caught up, so it cannot pull it back.
+        let commit = self
+            .followers
+            .values()
+            .filter(|f| f.in_sync_set)
+            .map(|f| f.durable)
+            .fold(self.flushed, u64::min);
+        if commit > self.commit {
+            self.commit = commit;
+            events.push(Event::Committed(commit));
+        }
+        events
+    }
+}
+
+/// What a follower knows about its own log.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LocalLog {
+    pub start: u64,
+    /// Next offset (end of what it holds).
+    pub end: u64,
+    /// Epoch of its last batch, if it holds any.
+    pub last_epoch: Option<u64>,
+}
+
+/// What the leader told the follower.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LeaderLog {
+    pub epoch: u64,
+    /// First offset the leader still stores.
+    pub start: u64,
+    pub end: u64,
+    /// The leader's answer to "where does my last epoch end in your log?": the end offset of
+    /// the follower's last epoch in the leader's history (KIP-101), if the follower asked.
+    pub end_of_follower_epoch: Option<u64>,
+}
+
+/// A follower's next step.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Ask the leader where the follower's last epoch ends in its history.
+    AskEpochEnd { epoch: u64 },
+    /// Remove everything at or after this offset (a divergent suffix), then ask again.
+    Truncate { to: u64 },
+    /// The leader no longer has what comes next: copy its snapshot (sealed segments) first.
+    Bootstrap,
+    /// Fetch from this offset.
+    Fetch { from: u64 },
+}
+
+/// Decide a follower's next step (KIP-101: truncate only at the divergence point the leader
+/// names, never at a local high watermark).
+pub fn follower_step(local: LocalLog, leader: LeaderLog) -> Step {
+    if local.end < leader.start {
+        return Step::Bootstrap;
+    }
+    match local.last_epoch {
+        None => Step::Fetch { from: local.end },
+        Some(e) if e == leader.epoch => Step::Fetch { from: local.end },
+        Some(e) => match leader.end_of_follower_epoch {
+            None => Step::AskEpochEnd { epoch: e },
+            Some(epoch_end) if epoch_end < local.end => {
+                if epoch_end < local.start {
+                    Step::Bootstrap
+                } else {
+                    Step::Truncate { to: epoch_end }
+                }
+            }
+            Some(_) => Step::Fetch { from: local.end },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(k: usize, insufficient: Insufficient) -> ReplicationConfig {
+        ReplicationConfig {
+            sync_replicas: k,
+            sync_lag_records_max: 100,
+            sync_lag_ms_max: 1000,
+            insufficient,
+        }
+    }
+
+    fn ids(p: &Progress) -> Vec<String> {
+        match p {
+            Progress::Done { replicas, .. } => replicas.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn semi_sync_waits_for_the_sync_follower_and_commits() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        assert_eq!(l.connected("a", 0, 0), vec![Event::Joined("a".into())]);
+        l.connected("b", 0, 0);
+        assert_eq!(l.sync_set(), ["a"]);
+        l.appended(10);
+        assert_eq!(l.flushed(10, 1), vec![]);
+        assert_eq!(
+            l.progress(Acks::Leader, 10),
+            Progress::Done {
+                replicas: vec!["L".into()],
+                degraded: false
+            }
+        );
+        assert_eq!(l.progress(Acks::Sync, 10), Progress::Pending);
+        // The async follower does not count for sync.
+        l.acked("b", 10, 2);
+        assert_eq!(l.progress(Acks::Sync, 10), Progress::Pending);
+        assert_eq!(l.commit_offset(), 0);
+        assert_eq!(l.acked("a", 10, 3), vec![Event::Committed(10)]);
+        assert_eq!(ids(&l.progress(Acks::Sync, 10)), ["L", "a", "b"]);
+    }
+
+    #[test]
+    fn a_lagging_or_gone_sync_follower_is_replaced_by_a_caught_up_one() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        l.connected("a", 0, 0);
+        l.connected("b", 0, 0);
+        l.appended(50);
+        l.flushed(50, 10);
+        l.acked("b", 50, 20);
+        // a has been behind and silent for longer than sync_lag_ms_max.
+        let ev = l.tick(2000);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Left("a".into(), LeaveReason::LagTime),
+                Event::Joined("b".into()),
+                Event::Committed(50),
+            ]
+        );
+        // b disconnects: nobody caught up is left, and reject refuses sync appends.
+        let ev = l.disconnected("b", 2001);
+        assert_eq!(ev, vec![Event::Left("b".into(), LeaveReason::Disconnected)]);
+        assert_eq!(
+            l.progress(Acks::Sync, 50),
+            Progress::NotEnoughReplicas { have: 0, need: 1 }
+        );
+        assert_eq!(l.sync_shortfall(), 1);
+        // Lagging by records.
+        l.acked("a", 50, 2002);
+        assert_eq!(l.sync_set(), ["a"]);
+        l.appended(500);
+        assert_eq!(
+            l.tick(2003),
+            vec![Event::Left("a".into(), LeaveReason::LagRecords)]
+        );
+    }
+
+    #[test]
+    fn degrade_acknowledges_below_the_level_and_says_so() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Degrade), 0, 0, 0);
+        l.appended(5);
+        l.flushed(5, 0);
+        assert_eq!(
+            l.progress(Acks::Sync, 5),
+            Progress::Done {
+                replicas: vec!["L".into()],
+                degraded: true
+            }
+        );
+        assert_eq!(
+            l.commit_offset(),
+            5,
+            "with no sync member the leader alone commits"
+        );
+    }
+
+    #[test]
+    fn a_follower_joins_only_when_caught_up_and_commit_never_moves_back() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 100, 100, 100);
+        assert_eq!(
+            l.connected("new", 0, 0),
+            vec![],
+            "an empty follower is not caught up"
+        );
+        assert_eq!(l.commit_offset(), 100);
+        assert_eq!(l.acked("new", 60, 1), vec![]);
+        assert_eq!(l.acked("new", 100, 2), vec![Event::Joined("new".into())]);
+        assert_eq!(l.commit_offset(), 100);
+        // A reordered older acknowledgement is ignored.
+        l.acked("new", 40, 3);
+        assert_eq!(l.followers()["new"].durable, 100);
+        // Coming back wiped: out of the sync set until caught up again.
+        assert_eq!(
+            l.connected("new", 0, 4),
+            vec![Event::Left("new".into(), LeaveReason::Regressed)]
+        );
+        assert_eq!(
+            l.progress(Acks::Sync, 101),
+            Progress::NotEnoughReplicas { have: 0, need: 1 }
+        );
+    }
+
+    #[test]
+    fn quorum_needs_a_majority_of_replicas() {
+        let mut l = Leader::new("L", cfg(0, Insufficient::Reject), 0, 0, 0);
+        // A single replica is its own majority, once it is durable itself.
+        assert_eq!(l.progress(Acks::Quorum, 1), Progress::Pending);
+        l.connected("a", 0, 0);
+        l.connected("b", 0, 0);
+        l.appended(3);
+        l.flushed(3, 1);
+        assert_eq!(l.progress(Acks::Quorum, 3), Progress::Pending);
+        l.acked("b", 3, 2);
+        assert_eq!(ids(&l.progress(Acks::Quorum, 3)), ["L", "b"]);
+        l.disconnected("a", 3);
+        l.disconnected("b", 3);
+        assert_eq!(
+            l.progress(Acks::Quorum, 4),
+            Progress::NotEnoughReplicas { have: 1, need: 2 }
+        );
+        // Asynchronous replication: commit follows the leader alone.
+        assert_eq!(l.commit_offset(), 3);
+    }
+
+    #[test]
+    fn follower_steps_follow_kip_101() {
+        let leader = LeaderLog {
+            epoch: 3,
+            start: 0,
+            end: 100,
+            end_of_follower_epoch: None,
+        };
+        let same = LocalLog {
+            start: 0,
+            end: 40,
+            last_epoch: Some(3),
+        };
+        assert_eq!(follower_step(same, leader), Step::Fetch { from: 40 });
+        let empty = LocalLog {
+            start: 0,
+            end: 0,
+            last_epoch: None,
+        };
+        assert_eq!(follower_step(empty, leader), Step::Fetch { from: 0 });
+        // An older epoch: ask first, then truncate only at the divergence point.
+        let old = LocalLog {
+            start: 0,
+            end: 90,
+            last_epoch: Some(2),
+        };
+        assert_eq!(follower_step(old, leader), Step::AskEpochEnd { epoch: 2 });
+        let answered = LeaderLog {
+            end_of_follower_epoch: Some(70),
+            ..leader
+        };
+        assert_eq!(follower_step(old, answered), Step::Truncate { to: 70 });
+        let no_divergence = LeaderLog {
+            end_of_follower_epoch: Some(95),
+            ..leader
+        };
+        assert_eq!(follower_step(old, no_divergence), Step::Fetch { from: 90 });
+        // The leader purged what comes next, or the divergence is before what we still hold.
+        let purged = LeaderLog {
+            start: 500,
+            end: 900,
+            ..leader
+        };
+        assert_eq!(follower_step(empty, purged), Step::Bootstrap);
+        let trimmed = LocalLog {
+            start: 80,
+            end: 90,
+            last_epoch: Some(2),
+        };
+        assert_eq!(follower_step(trimmed, answered), Step::Bootstrap);
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Append(u64),
+            Flush(u64),
+            Connect(usize, u64),
+            Ack(usize, u64),
+            Disconnect(usize),
+            Tick(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (1..50u64).prop_map(Op::Append),
+                (0..50u64).prop_map(Op::Flush),
+                (0..3usize, 0..100u64).prop_map(|(i, d)| Op::Connect(i, d)),
+                (0..3usize, 0..100u64).prop_map(|(i, d)| Op::Ack(i, d)),
+                (0..3usize).prop_map(Op::Disconnect),
+                (0..3000u64).prop_map(Op::Tick),
+            ]
+        }
+
+        proptest! {
+            /// Whatever happens: the commit offset never moves back, never passes what the
+            /// leader flushed, and every sync-set member holds it; a sync append is reported
+            /// done (not degraded) only when the leader and every member hold it.
+            #[test]
+            fn invariants_hold(k in 0..3usize, degrade in any::<bool>(), ops in proptest::collection::vec(op(), 1..80)) {
+                let insufficient = if degrade { Insufficient::Degrade } else { Insufficient::Reject };
+                let mut l = Leader::new("L", cfg(k, insufficient), 0, 0, 0);
+                let (mut end, mut flushed, mut now, mut last_commit) = (0u64, 0u64, 0u64, 0u64);
+                let names = ["a", "b", "c"];
+                for op in ops {
+                    match op {
+                        Op::Append(n) => { end += n; l.appended(end); }
+                        Op::Flush(n) => { flushed = (flushed + n).min(end); l.flushed(flushed, now); }
+                        // A follower holds at most what the leader has written.
+                        Op::Connect(i, d) => { l.connected(names[i], d.min(end), now); }
+                        Op::Ack(i, d) => { l.acked(names[i], d.min(end), now); }
+                        Op::Disconnect(i) => { l.disconnected(names[i], now); }
+                        Op::Tick(dt) => { now += dt; l.tick(now); }
+                    }
+                    let c = l.commit_offset();
+                    prop_assert!(c >= last_commit, "commit moved back");
+                    prop_assert!(c <= flushed, "commit {c} beyond the leader's flush {flushed}");
+                    for id in l.sync_set() {
+                        prop_assert!(l.followers()[id].durable >= c, "member {id} lacks the commit");
+                    }
+                    prop_assert!(l.sync_set().len() <= k);
+                    last_commit = c;
+                    for next in [c, flushed, end] {
+                        if next == 0 { continue; }
+                        if let Progress::Done { degraded: false, .. } = l.progress(Acks::Sync, next) {
+                            prop_assert!(flushed >= next);
+                            prop_assert_eq!(l.sync_set().len(), k);
+                            for id in l.sync_set() {
+                                prop_assert!(l.followers()[id].durable >= next);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
