@@ -417,6 +417,11 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
             ),
             ("trailing garbage in body", trailing, ErrorCode::Malformed),
             (
+                "peer request on a client connection",
+                encode(&Request::Ack { durable: 1 }).to_vec(),
+                ErrorCode::UnknownMessage,
+            ),
+            (
                 "record count beyond records_max",
                 encode(&Request::Append(too_many)).to_vec(),
                 ErrorCode::LimitExceeded,

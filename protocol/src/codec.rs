@@ -24,6 +24,9 @@ mod kind {
     pub const APPEND: u8 = 0x05;
     pub const READ: u8 = 0x06;
     pub const TAIL: u8 = 0x07;
+    pub const REPLICATE: u8 = 0x10;
+    pub const ACK: u8 = 0x11;
+    pub const EPOCH_END: u8 = 0x12;
 
     pub const OK: u8 = 0x80;
     pub const ERROR: u8 = 0x81;
@@ -31,13 +34,15 @@ mod kind {
     pub const LOGS: u8 = 0x83;
     pub const STATUS_RESP: u8 = 0x84;
     pub const BATCHES: u8 = 0x85;
+    pub const REPLICATED: u8 = 0x90;
+    pub const EPOCH_END_RESP: u8 = 0x91;
 
     pub fn is_request(k: u8) -> bool {
-        (AUTH..=TAIL).contains(&k)
+        (AUTH..=TAIL).contains(&k) || (REPLICATE..=EPOCH_END).contains(&k)
     }
 
     pub fn is_response(k: u8) -> bool {
-        (OK..=BATCHES).contains(&k)
+        (OK..=BATCHES).contains(&k) || (REPLICATED..=EPOCH_END_RESP).contains(&k)
     }
 }
 
@@ -217,6 +222,26 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             out.put_u32_le(t.bytes_max);
             finish(out, at);
         }
+        Request::Replicate(r) => {
+            let at = begin(out, kind::REPLICATE);
+            put_str(out, r.log.as_bytes());
+            put_str(out, r.follower.as_bytes());
+            out.put_u64_le(r.from);
+            out.put_u64_le(r.last_epoch);
+            out.put_u64_le(r.durable);
+            finish(out, at);
+        }
+        Request::Ack { durable } => {
+            let at = begin(out, kind::ACK);
+            out.put_u64_le(*durable);
+            finish(out, at);
+        }
+        Request::EpochEnd { log, epoch } => {
+            let at = begin(out, kind::EPOCH_END);
+            put_str(out, log.as_bytes());
+            out.put_u64_le(*epoch);
+            finish(out, at);
+        }
     }
 }
 
@@ -271,6 +296,21 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
             ));
             out.put_slice(&b.batches);
         }
+        Response::Replicated(r) => {
+            out.put_slice(&encode_replicated_prefix(
+                r.epoch,
+                r.commit,
+                r.next_offset,
+                r.batches.len(),
+            ));
+            out.put_slice(&r.batches);
+        }
+        Response::EpochEnd { epoch, end } => {
+            let at = begin(out, kind::EPOCH_END_RESP);
+            out.put_u64_le(*epoch);
+            out.put_u64_le(*end);
+            finish(out, at);
+        }
     }
 }
 
@@ -289,6 +329,26 @@ pub fn encode_batches_prefix(
     p[..FRAME_HEADER_LEN].copy_from_slice(&FrameHeader::encode(kind::BATCHES, body_len));
     p[8..16].copy_from_slice(&next_offset.to_le_bytes());
     p[16..24].copy_from_slice(&committed.to_le_bytes());
+    p
+}
+
+/// Length of the header plus fixed fields of a [`Response::Replicated`] frame.
+pub const REPLICATED_PREFIX_LEN: usize = FRAME_HEADER_LEN + 24;
+
+/// The frame header and fixed fields of a [`Response::Replicated`] frame whose batches total
+/// `batches_len` bytes; the batches follow it on the stream verbatim.
+pub fn encode_replicated_prefix(
+    epoch: u64,
+    commit: u64,
+    next_offset: u64,
+    batches_len: usize,
+) -> [u8; REPLICATED_PREFIX_LEN] {
+    let body_len = u32::try_from(24 + batches_len).expect("replicated frame over 4 GiB");
+    let mut p = [0u8; REPLICATED_PREFIX_LEN];
+    p[..FRAME_HEADER_LEN].copy_from_slice(&FrameHeader::encode(kind::REPLICATED, body_len));
+    p[8..16].copy_from_slice(&epoch.to_le_bytes());
+    p[16..24].copy_from_slice(&commit.to_le_bytes());
+    p[24..32].copy_from_slice(&next_offset.to_le_bytes());
     p
 }
 
@@ -476,6 +536,20 @@ pub fn decode_request(
             from: r.u64("from")?,
             bytes_max: r.u32("bytes_max")?,
         }),
+        kind::REPLICATE => Request::Replicate(ReplicateRequest {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            follower: r.string(limits.text_bytes_max, "follower id")?,
+            from: r.u64("from")?,
+            last_epoch: r.u64("last epoch")?,
+            durable: r.u64("durable")?,
+        }),
+        kind::ACK => Request::Ack {
+            durable: r.u64("durable")?,
+        },
+        kind::EPOCH_END => Request::EpochEnd {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            epoch: r.u64("epoch")?,
+        },
         other => return Err(ProtocolError::UnknownKind(other)),
     };
     r.end()?;
@@ -557,6 +631,16 @@ pub fn decode_response(
             committed: r.u64("committed")?,
             batches: r.rest(),
         }),
+        kind::REPLICATED => Response::Replicated(ReplicatedResponse {
+            epoch: r.u64("epoch")?,
+            commit: r.u64("commit")?,
+            next_offset: r.u64("next offset")?,
+            batches: r.rest(),
+        }),
+        kind::EPOCH_END_RESP => Response::EpochEnd {
+            epoch: r.u64("epoch")?,
+            end: r.u64("end")?,
+        },
         other => return Err(ProtocolError::UnknownKind(other)),
     };
     r.end()?;
@@ -665,6 +749,25 @@ mod tests {
             committed: 5,
             batches: Bytes::from_static(b"opaque batch bytes"),
         }));
+        roundtrip_req(Request::Replicate(ReplicateRequest {
+            log: "l".into(),
+            follower: "node-2".into(),
+            from: 10,
+            last_epoch: 2,
+            durable: 9,
+        }));
+        roundtrip_req(Request::Ack { durable: 77 });
+        roundtrip_req(Request::EpochEnd {
+            log: "l".into(),
+            epoch: 3,
+        });
+        roundtrip_resp(Response::Replicated(ReplicatedResponse {
+            epoch: 3,
+            commit: 8,
+            next_offset: 12,
+            batches: Bytes::from_static(b"batches"),
+        }));
+        roundtrip_resp(Response::EpochEnd { epoch: 2, end: 70 });
     }
 
     #[test]

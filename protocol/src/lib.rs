@@ -24,13 +24,15 @@ mod message;
 pub mod replication;
 
 pub use codec::{
-    decode_request, decode_response, encode_batches_prefix, encode_request, encode_response,
-    FrameHeader, Limits, BATCHES_PREFIX_LEN, FRAME_HEADER_LEN, KNOWN_VERSION,
+    decode_request, decode_response, encode_batches_prefix, encode_replicated_prefix,
+    encode_request, encode_response, FrameHeader, Limits, BATCHES_PREFIX_LEN, FRAME_HEADER_LEN,
+    KNOWN_VERSION, REPLICATED_PREFIX_LEN,
 };
 pub use error::{ErrorCode, ProtocolError};
 pub use message::{
-    Acks, AppendRequest, BatchesResponse, ErrorResponse, LogInfo, ReadRequest, Receipt, Request,
-    Response, StatusResponse, TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
+    Acks, AppendRequest, BatchesResponse, ErrorResponse, LogInfo, ReadRequest, Receipt,
+    ReplicateRequest, ReplicatedResponse, Request, Response, StatusResponse, TailRequest,
+    RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
 };
 
 /// QUIC application error codes a node uses when it closes a connection or resets a stream
@@ -48,3 +50,5 @@ pub mod close_code {
 
 /// The ALPN protocol id a client must offer during the TLS handshake.
 pub const ALPN: &[u8] = b"replog/1";
+/// The ALPN protocol id of connections between nodes (replication).
+pub const PEER_ALPN: &[u8] = b"replog-peer/1";

@@ -89,6 +89,34 @@ pub struct TailRequest {
     pub bytes_max: u32,
 }
 
+/// Peer request: start replicating a log to a follower on this stream. The leader answers with
+/// [`Response::Replicated`] frames as records are written; the follower writes
+/// [`Request::Ack`] frames on its side of the same stream as it makes them durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicateRequest {
+    pub log: String,
+    /// The follower's node id (checked against its certificate).
+    pub follower: String,
+    /// First offset the follower wants.
+    pub from: u64,
+    /// Epoch of the follower's last batch (0 if its log is empty).
+    pub last_epoch: u64,
+    /// First offset the follower does not hold durably.
+    pub durable: u64,
+}
+
+/// Batches for a follower, in the storage format, with the leader's epoch and commit offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicatedResponse {
+    /// The leader's epoch: a follower refuses anything below the highest epoch it has seen.
+    pub epoch: u64,
+    /// The commit offset: followers serve reads up to here.
+    pub commit: u64,
+    /// Where the next frame continues.
+    pub next_offset: u64,
+    pub batches: Bytes,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Present a bearer token. Must be the first exchange on a connection when the node requires
@@ -104,6 +132,27 @@ pub enum Request {
     Append(AppendRequest),
     Read(ReadRequest),
     Tail(TailRequest),
+    /// Peer: replicate a log (see [`ReplicateRequest`]).
+    Replicate(ReplicateRequest),
+    /// Peer: a follower holds everything below `durable` durably (on a replication stream).
+    Ack {
+        durable: u64,
+    },
+    /// Peer: where does `epoch` end in the leader's log? Answered by [`Response::EpochEnd`].
+    EpochEnd {
+        log: String,
+        epoch: u64,
+    },
+}
+
+impl Request {
+    /// Whether only peers (other nodes, on the peer ALPN) may send this.
+    pub fn is_peer(&self) -> bool {
+        matches!(
+            self,
+            Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. }
+        )
+    }
 }
 
 /// [`Receipt::flags`] bit: the append was a retry of one already stored; the receipt is the
@@ -183,6 +232,14 @@ pub enum Response {
     Logs(Vec<LogInfo>),
     Status(StatusResponse),
     Batches(BatchesResponse),
+    /// Peer: records for a follower.
+    Replicated(ReplicatedResponse),
+    /// Peer: the answer to [`Request::EpochEnd`]: the largest epoch of the leader's history that
+    /// is at most the one asked about, and the offset where it ends (KIP-101).
+    EpochEnd {
+        epoch: u64,
+        end: u64,
+    },
 }
 
 impl Response {

@@ -219,6 +219,10 @@ async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: q
 /// Serve a request here, or hand it with its stream to the shard that owns the log.
 async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
     let log = match &req {
+        r if r.is_peer() => {
+            let msg = "peer requests are accepted only from nodes, on the replog-peer/1 ALPN";
+            return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
+        }
         Request::Auth { .. } => return reply(&shard, &mut send, &Response::Ok).await,
         Request::ListLogs => {
             let logs = all_logs(&shard).await;
@@ -241,6 +245,9 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
         Request::Append(a) => &a.log,
         Request::Read(r) => &r.log,
         Request::Tail(t) => &t.log,
+        Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
+            unreachable!("peer requests are answered above")
+        }
     };
     let owner = crate::shard_of(log, shard.common.shards.len());
     if owner == shard.id {

@@ -128,6 +128,9 @@ pub(crate) async fn serve(shard: Rc<Shard>, req: Request, mut send: quinn::SendS
         Request::Auth { .. } | Request::ListLogs | Request::Status => {
             unreachable!("served by the accepting shard")
         }
+        Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
+            unreachable!("refused by the accepting shard")
+        }
     };
     match result {
         Ok(resp) => reply(&shard, &mut send, &resp).await,

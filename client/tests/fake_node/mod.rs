@@ -327,6 +327,9 @@ async fn serve_stream(
         return;
     }
     let resp = match req {
+        Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
+            error(ErrorCode::UnknownMessage, "peer request")
+        }
         Request::Auth { .. } => Response::Ok,
         Request::CreateLog { name } => {
             let mut s = state.lock().unwrap();
