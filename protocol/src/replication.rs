@@ -432,6 +432,98 @@ pub fn follower_step(local: LocalLog, leader: LeaderLog) -> Step {
     }
 }
 
+/// Why a follower refuses a replication frame (nothing of it is written).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The frame's epoch is below the highest leader epoch this follower has seen (R2): it
+    /// comes from a deposed leader.
+    StaleEpoch { seen: u64, got: u64 },
+    /// A batch carries an epoch above the leader epoch of its frame.
+    FutureBatchEpoch { frame: u64, batch: u64 },
+    /// The frame does not continue the follower's log where it ends.
+    Gap { expected: u64, got: u64 },
+}
+
+/// A follower's replication state for one log: the highest leader epoch it has seen, how far
+/// its log goes (written and durable), and the commit offset the leader last sent.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Follower {
+    epoch: u64,
+    end: u64,
+    durable: u64,
+    acked: u64,
+    leader_commit: u64,
+}
+
+impl Follower {
+    /// A follower whose log ends at `end`, durable up to `durable`, whose last batch is of
+    /// `epoch` (0 if empty).
+    pub fn new(end: u64, durable: u64, epoch: u64) -> Follower {
+        Follower {
+            epoch,
+            end,
+            durable,
+            acked: 0,
+            leader_commit: 0,
+        }
+    }
+
+    /// Check a `Replicated` frame of leader epoch `epoch` and commit `commit` whose batches
+    /// start at `first` and carry the epochs `batch_epochs`, before any of it is written. On
+    /// success the follower expects the next frame at `next`.
+    pub fn accept(
+        &mut self,
+        epoch: u64,
+        commit: u64,
+        first: u64,
+        next: u64,
+        batch_epochs: impl IntoIterator<Item = u64>,
+    ) -> Result<(), Refusal> {
+        if epoch < self.epoch {
+            return Err(Refusal::StaleEpoch {
+                seen: self.epoch,
+                got: epoch,
+            });
+        }
+        if let Some(b) = batch_epochs.into_iter().find(|&b| b > epoch) {
+            return Err(Refusal::FutureBatchEpoch {
+                frame: epoch,
+                batch: b,
+            });
+        }
+        if first != self.end {
+            return Err(Refusal::Gap {
+                expected: self.end,
+                got: first,
+            });
+        }
+        self.epoch = epoch;
+        self.end = self.end.max(next);
+        self.leader_commit = self.leader_commit.max(commit);
+        Ok(())
+    }
+
+    /// The local log is durable up to `durable`. Returns the offset to acknowledge to the
+    /// leader, when it moved.
+    pub fn flushed(&mut self, durable: u64) -> Option<u64> {
+        self.durable = self.durable.max(durable.min(self.end));
+        (self.durable > self.acked).then(|| {
+            self.acked = self.durable;
+            self.durable
+        })
+    }
+
+    /// Highest leader epoch seen.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// What this follower may serve to readers: committed by the leader and durable here.
+    pub fn readable(&self) -> u64 {
+        self.leader_commit.min(self.durable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,6 +669,38 @@ mod tests {
         );
         // Asynchronous replication: commit follows the leader alone.
         assert_eq!(l.commit_offset(), 3);
+    }
+
+    #[test]
+    fn followers_refuse_stale_epochs_gaps_and_future_batches_and_serve_only_committed() {
+        let mut f = Follower::new(10, 10, 2);
+        assert_eq!(
+            f.accept(1, 50, 10, 12, [1]),
+            Err(Refusal::StaleEpoch { seen: 2, got: 1 })
+        );
+        assert_eq!(
+            f.accept(3, 50, 11, 12, [3]),
+            Err(Refusal::Gap {
+                expected: 10,
+                got: 11
+            })
+        );
+        assert_eq!(
+            f.accept(3, 50, 10, 12, [2, 4]),
+            Err(Refusal::FutureBatchEpoch { frame: 3, batch: 4 })
+        );
+        assert_eq!(f.accept(3, 11, 10, 12, [2, 3]), Ok(()));
+        assert_eq!(f.epoch(), 3);
+        // Readers see min(leader commit, local durable).
+        assert_eq!(f.readable(), 10);
+        assert_eq!(f.flushed(12), Some(12));
+        assert_eq!(f.flushed(12), None, "acknowledged once");
+        assert_eq!(f.readable(), 11);
+        // Once a newer leader was seen, the old one is refused.
+        assert_eq!(
+            f.accept(2, 60, 12, 13, [2]),
+            Err(Refusal::StaleEpoch { seen: 3, got: 2 })
+        );
     }
 
     #[test]
