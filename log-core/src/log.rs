@@ -388,10 +388,15 @@ impl Log {
         })
     }
 
-    /// Write and flush everything queued, stop the tasks and release the directory.
+    /// Write and flush everything queued, stop the tasks and release the directory. Other
+    /// handles to the log get [`Error::Closed`] from then on (their queued appends are still
+    /// written and flushed first).
     pub async fn close(self) -> Result<()> {
         let tasks = std::mem::take(&mut self.inner.st.borrow_mut().tasks);
         let inner = self.inner.clone();
+        inner.st.borrow_mut().closed = true;
+        inner.writer_wake.notify_one();
+        inner.syncer_wake.notify_one();
         drop(self);
         for t in tasks {
             t.await.expect("log task panicked");

@@ -603,3 +603,26 @@ fn waiters_for_appends_and_room_wake_up() {
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn close_closes_for_every_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let other = log.clone();
+        let a = other
+            .try_append(Epoch(1), &[b"queued before close"])
+            .unwrap();
+        // Another handle is still alive: close drains, flushes and returns anyway.
+        log.close().await.unwrap();
+        assert!(other.flush_offset() >= a.next);
+        assert!(matches!(
+            other.try_append(Epoch(1), &[b"late"]),
+            Err(Error::Closed)
+        ));
+        drop(other);
+        let reopened = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(reopened.end_offset(), a.next);
+        reopened.close().await.unwrap();
+    });
+}

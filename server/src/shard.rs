@@ -242,32 +242,10 @@ pub(crate) fn run(
 async fn close_logs(shard: &Shard) -> Result<(), Error> {
     let logs = std::mem::take(&mut *shard.logs.borrow_mut());
     let mut first = Ok(());
-    for (name, mut entry) in logs {
-        // A log closes when its last handle goes: wait (briefly) for the request tasks that
-        // still hold it, which fail fast now that the endpoint is closed.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let entry = loop {
-            match Rc::try_unwrap(entry) {
-                Ok(e) => break Some(e),
-                Err(still_shared) if std::time::Instant::now() < deadline => {
-                    entry = still_shared;
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-                Err(_) => break None,
-            }
-        };
-        let Some(entry) = entry else {
-            // Its writer and syncer end with this runtime: what was flushed is safe, anything
-            // queued after it is recovered (or cut as a torn tail) by the next open.
-            tracing::error!(log = %name, "log still in use at shutdown; not closed cleanly");
-            if first.is_ok() {
-                first = Err(Error::Io(format!(
-                    "log {name} was still in use at shutdown"
-                )));
-            }
-            continue;
-        };
-        if let Err(e) = entry.log.close().await {
+    for (name, entry) in logs {
+        // Closing writes and flushes what is queued, and refuses further appends from request
+        // tasks that may still hold the log (they answer shutting_down).
+        if let Err(e) = entry.log.clone().close().await {
             tracing::error!(log = %name, error = %e, "closing log failed");
             if first.is_ok() {
                 first = Err(e.into());
