@@ -950,3 +950,67 @@ fn logs_max_caps_the_logs_of_a_node_across_restarts() {
     let logs = env.cli_json(&["list", "--server", &node.server(), "--json"], "");
     assert_eq!(logs.len(), 2);
 }
+
+#[test]
+fn a_full_shard_queue_slows_forwarding_down_and_loses_nothing() {
+    let env = Env::new();
+    let cfg = write_config(&env, "q.toml", "[limits]\nshard_queue_depth = 1\n");
+    let node = env.node("n", &["--config", &cfg, "--metrics-listen", "127.0.0.1:0"]);
+    // One log on each of the two shards: whichever shard the connection lands on, requests for
+    // the other log are forwarded through a queue of depth 1.
+    let names: Vec<String> = (0..2)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("log-{i}"))
+                .find(|n| server::shard_of(n, 2) == shard)
+                .unwrap()
+        })
+        .collect();
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        for n in &names {
+            assert_eq!(
+                exchange(&conn, &Request::CreateLog { name: n.clone() }).await,
+                Response::Ok
+            );
+        }
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let conn = conn.clone();
+            let log = names[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                exchange(&conn, &Request::Append(append_req(&log, &["x"]))).await
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Response::Receipt(_)));
+        }
+        for n in &names {
+            let r = exchange(
+                &conn,
+                &Request::Read(ReadRequest {
+                    log: n.clone(),
+                    from: 0,
+                    bytes_max: 1 << 20,
+                    wait_ms: 0,
+                    min_offset: 0,
+                }),
+            )
+            .await;
+            match r {
+                Response::Batches(b) => assert_eq!(batch_values(&b.batches, 0).len(), 32),
+                other => panic!("{other:?}"),
+            }
+        }
+    });
+    let body = http_get(node.metrics.as_deref().unwrap(), "/metrics");
+    let forwarded: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("replog_forwarded_total "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(forwarded >= 32, "forwarded {forwarded}");
+}
