@@ -1014,3 +1014,28 @@ fn a_full_shard_queue_slows_forwarding_down_and_loses_nothing() {
         .unwrap();
     assert!(forwarded >= 32, "forwarded {forwarded}");
 }
+
+#[test]
+fn an_append_abandoned_by_its_client_is_not_stored() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        assert_eq!(
+            exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
+            Response::Ok
+        );
+        // The client stops reading the answer before the node gets to the request (both travel
+        // together): the node must not store it, since the client may resend it elsewhere.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        recv.stop(0u32.into()).unwrap();
+        send.write_all(&encode(&Request::Append(append_req("l", &["abandoned"]))))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let _ = send.stopped().await;
+        let r = exchange(&conn, &Request::Append(append_req("l", &["kept"]))).await;
+        assert!(matches!(r, Response::Receipt(r) if r.first == 0), "{r:?}");
+    });
+}

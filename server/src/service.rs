@@ -116,7 +116,7 @@ fn fail(code: ErrorCode, msg: impl Into<String>) -> Fail {
 pub(crate) async fn serve(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
     let result = match req {
         Request::CreateLog { name } => create(&shard, &name).await.map(|()| Response::Ok),
-        Request::Append(a) => append(&shard, a).await.map(Response::Receipt),
+        Request::Append(a) => append(&shard, a, &mut send).await.map(Response::Receipt),
         Request::Read(r) => match read(&shard, &r, &mut send).await {
             Ok(()) => return,
             Err(f) => Err(f),
@@ -201,7 +201,19 @@ async fn wait_level(log: &Log, level: Acks, next: Offset, deadline: Instant) -> 
     }
 }
 
-async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
+/// Whether the client has given up on this stream (stopped reading it, or lost the
+/// connection). A request it abandoned must not be stored afterwards: the client may already
+/// have resent or renumbered it.
+fn abandoned(send: &mut quinn::SendStream) -> bool {
+    use futures_util::FutureExt;
+    send.stopped().now_or_never().is_some()
+}
+
+async fn append(
+    shard: &Shard,
+    a: AppendRequest,
+    send: &mut quinn::SendStream,
+) -> Result<Receipt, Fail> {
     let started = Instant::now();
     let e = entry(shard, &a.log)?;
     if matches!(a.acks, Acks::Sync | Acks::Quorum) {
@@ -262,6 +274,11 @@ async fn append(shard: &Shard, a: AppendRequest) -> Result<Receipt, Fail> {
                 first_sequence,
             })
         });
+        // The request may have waited (forwarding queue, a full write queue): store it only if
+        // the client still waits for the answer.
+        if abandoned(send) {
+            return Err(fail(ErrorCode::Timeout, "the client abandoned the request"));
+        }
         match e.log.try_append_producer(e.epoch, producer, &a.records) {
             Ok(done) => {
                 let stored = StoredAppend {
