@@ -518,6 +518,27 @@ struct Load {
     bench_cpu: f64,
 }
 
+/// CPU seconds used so far by the node and by this process, taken when a load starts.
+struct CpuMark(f64, f64);
+
+impl CpuMark {
+    fn now(node: &NodeProc) -> CpuMark {
+        CpuMark(node.cpu_secs(), cpu_secs("/proc/self/stat"))
+    }
+
+    /// The load's figures: one record per latency sample, CPU as a share of the elapsed time.
+    fn load(self, node: &NodeProc, start: Instant, lat: Histogram<u64>) -> Load {
+        let secs = start.elapsed().as_secs_f64();
+        Load {
+            records: lat.len(),
+            secs,
+            lat,
+            node_cpu: (node.cpu_secs() - self.0) / secs,
+            bench_cpu: (cpu_secs("/proc/self/stat") - self.1) / secs,
+        }
+    }
+}
+
 /// Wait for every task; a task that panicked fails the bench with its own message.
 async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::with_capacity(handles.len());
@@ -535,7 +556,7 @@ async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
 /// Item 5: `tasks` tasks, task i on `clients[i % len]`, each appending one record at a time
 /// until `dur` has passed.
 async fn load(node: &NodeProc, clients: &[Client], tasks: usize, log: &str, dur: Duration) -> Load {
-    let (node_cpu, bench_cpu) = (node.cpu_secs(), cpu_secs("/proc/self/stat"));
+    let cpu = CpuMark::now(node);
     let start = Instant::now();
     let deadline = start + dur;
     let handles = (0..tasks)
@@ -557,20 +578,13 @@ async fn load(node: &NodeProc, clients: &[Client], tasks: usize, log: &str, dur:
     for h in join_all(handles).await {
         lat.add(h).unwrap();
     }
-    let secs = start.elapsed().as_secs_f64();
-    Load {
-        records: lat.len(),
-        secs,
-        lat,
-        node_cpu: (node.cpu_secs() - node_cpu) / secs,
-        bench_cpu: (cpu_secs("/proc/self/stat") - bench_cpu) / secs,
-    }
+    cpu.load(node, start, lat)
 }
 
 /// Item 5, producer: keep `IN_FLIGHT` records sent and unacknowledged, awaiting receipts in
 /// order, until `dur` has passed; then drain.
 async fn producer_load(node: &NodeProc, client: &Client, log: &str, dur: Duration) -> Load {
-    let (node_cpu, bench_cpu) = (node.cpu_secs(), cpu_secs("/proc/self/stat"));
+    let cpu = CpuMark::now(node);
     let producer = client.producer(log, ProducerOptions::default());
     let (rec, mut lat) = (record(), hist());
     let mut queue = VecDeque::with_capacity(IN_FLIGHT);
@@ -588,14 +602,7 @@ async fn producer_load(node: &NodeProc, client: &Client, log: &str, dur: Duratio
         step("a producer receipt", receipt).await;
         lat.saturating_record(ns(t));
     }
-    let secs = start.elapsed().as_secs_f64();
-    Load {
-        records: lat.len(),
-        secs,
-        lat,
-        node_cpu: (node.cpu_secs() - node_cpu) / secs,
-        bench_cpu: (cpu_secs("/proc/self/stat") - bench_cpu) / secs,
-    }
+    cpu.load(node, start, lat)
 }
 
 async fn close_all(clients: Vec<Client>) {

@@ -156,9 +156,7 @@ fn idempotent_retry_is_stored_once_even_across_a_crash() {
     let env = Env::new();
     let node = env.node("n", &[]);
     let rt = rt();
-    let conn = rt
-        .block_on(raw_connect(node.addr, &env.ca_pem(), None))
-        .unwrap();
+    let conn = rt.block_on(env.connect(&node));
     rt.block_on(async {
         assert_eq!(
             exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
@@ -190,9 +188,7 @@ fn idempotent_retry_is_stored_once_even_across_a_crash() {
     drop(conn);
     // The producer table is rebuilt from the log after a crash.
     let node = node.crash_and_restart();
-    let conn = rt
-        .block_on(raw_connect(node.addr, &env.ca_pem(), None))
-        .unwrap();
+    let conn = rt.block_on(env.connect(&node));
     rt.block_on(async {
         let mut a = append_req("l", &["a", "b"]);
         a.producer = Some((42, 0));
@@ -318,7 +314,7 @@ fn tail_delivers_records_as_they_commit() {
     // The raw stream: a tail from the end gets only what is appended after it started.
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&encode(&Request::Tail(TailRequest {
             log: "t".into(),
@@ -351,7 +347,7 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
     let node = env.node("n", &[]);
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         assert_eq!(
             exchange(
                 &conn,
@@ -488,7 +484,7 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
             }
             other => panic!("{other:?}"),
         }
-        let other = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let other = env.connect(&node).await;
         assert!(matches!(
             exchange(&other, &Request::Status).await,
             Response::Status(_)
@@ -518,7 +514,7 @@ fn tokens_are_required_when_configured() {
     // A raw client that skips Auth is cut off with the unauthenticated close code.
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         let _ = exchange_raw(&conn, &encode(&Request::Status)).await;
         let reason = conn.closed().await;
         assert!(
@@ -579,7 +575,7 @@ fn untrusted_certificates_are_refused_both_ways() {
             Response::Status(_)
         ));
         // The first node kept serving through all of it.
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         assert!(matches!(
             exchange(&conn, &Request::ListLogs).await,
             Response::Logs(_)
@@ -619,11 +615,11 @@ fn connection_and_stream_limits_hold() {
     let node = env.node("n", &["--config", &cfg]);
     let rt = rt();
     rt.block_on(async {
-        let a = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
-        let b = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let a = env.connect(&node).await;
+        let b = env.connect(&node).await;
         assert!(matches!(exchange(&a, &Request::Status).await, Response::Status(_)));
         // A third connection is closed at once with the busy code.
-        let c = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let c = env.connect(&node).await;
         let reason = c.closed().await;
         assert!(
             matches!(&reason, quinn::ConnectionError::ApplicationClosed(x) if x.error_code == protocol::close_code::BUSY.into() && &x.reason[..] == b"busy"),
@@ -666,7 +662,7 @@ fn slow_readers_are_cut_off_and_memory_stays_bounded() {
     let node = env.node("n", &["--config", &cfg]);
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         assert_eq!(
             exchange(&conn, &Request::CreateLog { name: "big".into() }).await,
             Response::Ok
@@ -682,7 +678,7 @@ fn slow_readers_are_cut_off_and_memory_stays_bounded() {
         }
         let before = node.rss_anon_kib();
         // A reader that asks for everything and never reads: a tail and many big reads.
-        let slow = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let slow = env.connect(&node).await;
         let (mut send, mut tail_recv) = slow.open_bi().await.unwrap();
         send.write_all(&encode(&Request::Tail(TailRequest {
             log: "big".into(),
@@ -725,7 +721,7 @@ fn slow_readers_are_cut_off_and_memory_stays_bounded() {
             "anonymous memory grew from {before} KiB to {after} KiB"
         );
         // Others are still served.
-        let fresh = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let fresh = env.connect(&node).await;
         assert!(matches!(
             exchange(&fresh, &Request::Status).await,
             Response::Status(_)
@@ -821,9 +817,7 @@ fn a_restarted_node_resets_connections_of_its_previous_life() {
     let env = Env::new();
     let node = env.node("n", &[]);
     let rt = rt();
-    let conn = rt
-        .block_on(raw_connect(node.addr, &env.ca_pem(), None))
-        .unwrap();
+    let conn = rt.block_on(env.connect(&node));
     assert!(matches!(
         rt.block_on(exchange(&conn, &Request::ListLogs)),
         Response::Logs(_)
@@ -850,7 +844,7 @@ fn read_size_token_length_and_idle_limits_hold() {
     let node = env.node("n", &["--config", &cfg]);
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         let ok = exchange(&conn, &Request::Auth { token: Bytes::from_static(b"t") }).await;
         assert_eq!(ok, Response::Ok);
         assert_eq!(exchange(&conn, &Request::CreateLog { name: "r".into() }).await, Response::Ok);
@@ -883,7 +877,7 @@ fn read_size_token_length_and_idle_limits_hold() {
         assert!(matches!(reason, quinn::ConnectionError::TimedOut), "{reason:?}");
 
         // A token longer than token_bytes_max is refused like a wrong one.
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         let long = Bytes::from(vec![b't'; 5000]);
         let _ = exchange_raw(&conn, &encode(&Request::Auth { token: long })).await;
         let reason = conn.closed().await;
@@ -901,7 +895,7 @@ fn producers_beyond_producers_per_log_max_are_forgotten_oldest_first() {
     let node = env.node("n", &["--config", &cfg]);
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         assert_eq!(
             exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
             Response::Ok
@@ -968,7 +962,7 @@ fn a_full_shard_queue_slows_forwarding_down_and_loses_nothing() {
         .collect();
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         for n in &names {
             assert_eq!(
                 exchange(&conn, &Request::CreateLog { name: n.clone() }).await,
@@ -1021,7 +1015,7 @@ fn an_append_abandoned_by_its_client_is_not_stored() {
     let node = env.node("n", &[]);
     let rt = rt();
     rt.block_on(async {
-        let conn = raw_connect(node.addr, &env.ca_pem(), None).await.unwrap();
+        let conn = env.connect(&node).await;
         assert_eq!(
             exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
             Response::Ok

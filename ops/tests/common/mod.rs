@@ -81,6 +81,12 @@ impl Env {
     pub fn ca_pem(&self) -> PathBuf {
         self.ca_dir().join("ca.pem")
     }
+
+    /// A raw QUIC connection to `node`, trusting this environment's CA, without a client
+    /// certificate.
+    pub async fn connect(&self, node: &NodeProc) -> quinn::Connection {
+        raw_connect(node.addr, &self.ca_pem(), None).await.unwrap()
+    }
 }
 
 /// A `replog node` child process.
