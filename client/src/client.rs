@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::{
-    Acks, AppendRequest, ErrorCode, ErrorResponse, LogInfo, ProtocolError, ReadRequest, Receipt,
-    Request, Response, StatusResponse,
+    Acks, AppendRequest, BatchesResponse, ErrorCode, ErrorResponse, LogInfo, ProtocolError,
+    ReadRequest, Receipt, Request, Response, StatusResponse,
 };
 use quinn::VarInt;
 
 use crate::config::{quic_config, ClientConfig, ServerAddr};
 use crate::conn::{self, DialParams, Endpoints, CODE_NORMAL};
 use crate::producer::{Producer, ProducerOptions};
-use crate::records::{extract_records, ReadRecord};
+use crate::records::{extract_records, split_batches, ReadRecord};
 use crate::tail::Tail;
 use crate::{Error, Result};
 
@@ -43,18 +43,24 @@ impl Default for AppendOptions {
     }
 }
 
-/// Options of [`Client::read`].
+/// Options of [`Client::read`] and [`Client::read_batches`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadOptions {
     /// Upper bound on the batch bytes of the answer (a first batch larger than this is still
     /// returned whole). Default 1 MiB.
     pub bytes_max: u32,
-    /// If nothing is readable at `from`, how long the node may wait for records to commit.
-    /// Default 0: answer at once.
+    /// How long the node may wait for its committed horizon to reach `min_offset`, and, if
+    /// nothing is readable at `from`, for records to commit. Default 0: answer at once.
     pub wait: Duration,
     /// The committed horizon the node must have reached before answering. `None` (the default)
     /// sends the highest offset this client has seen for the log, which gives read-your-writes
     /// and monotonic reads across nodes; `Some(0)` asks for no guarantee.
+    ///
+    /// A replica that has not reached it within `wait` answers [`ErrorCode::Behind`] (its
+    /// committed offset in [`Error::Server`]'s `detail`) instead of data. The read then goes to
+    /// the other configured servers, each once, with the same `min_offset`; it fails with the
+    /// last `behind` answer when none of them has reached it either. Data is only ever returned
+    /// by a node that has reached `min_offset`.
     pub min_offset: Option<u64>,
 }
 
@@ -80,6 +86,20 @@ pub struct ReadResult {
     pub committed: u64,
 }
 
+/// The answer to [`Client::read_batches`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchesRead {
+    /// The batches from the one holding the offset asked for, in offset order, each whole and
+    /// byte for byte as the node stores it (header included; the first batch may hold records
+    /// below the offset asked for). Every batch has passed its crc check. Empty when nothing was
+    /// readable.
+    pub batches: Vec<Bytes>,
+    /// Where the next read should start: the end of the last batch.
+    pub next_offset: u64,
+    /// The log's committed horizon when the answer was built.
+    pub committed: u64,
+}
+
 /// Whether a request may be sent again after it may have reached the node.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Safety {
@@ -89,10 +109,14 @@ pub(crate) enum Safety {
     Once,
 }
 
-/// An answer, and whether an earlier attempt of the same call may have reached the node.
+/// An answer, whether an earlier attempt of the same call may have reached the node, and which
+/// node answered.
 pub(crate) struct Answer {
     pub resp: Response,
     pub resent: bool,
+    /// Index in the configured servers of the node that answered, or `None` for a node reached
+    /// by a redirect that is not one of them.
+    pub server: Option<usize>,
 }
 
 /// Which node the next attempt goes to.
@@ -104,6 +128,10 @@ pub(crate) enum Target {
     Leader(String),
     /// The configured server after the one of connection `gen` (a redirect without a leader).
     NextAfter(u64),
+    /// The configured server of this index, and no other: a call aimed at it is neither
+    /// redirected nor moved to another server, and is given up at once if the server cannot be
+    /// reached.
+    Server(usize),
 }
 
 #[derive(Clone)]
@@ -158,6 +186,18 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
 
 fn unexpected(what: &'static str) -> Error {
     Error::Protocol(ProtocolError::Malformed(what))
+}
+
+/// The batches of an answer to a Read sent with `min_offset`, or the error it stands for.
+fn read_answer(resp: Response, min_offset: u64) -> Result<BatchesResponse> {
+    match resp {
+        Response::Batches(b) if b.committed < min_offset => Err(unexpected(
+            "a read answer from a node below the read's min_offset",
+        )),
+        Response::Batches(b) => Ok(b),
+        Response::Error(e) => Err(e.into()),
+        _ => Err(unexpected("unexpected answer to Read")),
+    }
 }
 
 fn check_name(config: &ClientConfig, what: &str, name: &str) -> Result<()> {
@@ -230,6 +270,7 @@ impl Client {
             &frame,
             Safety::Repeatable,
             self.inner.config.request_timeout,
+            Target::Current,
         )
         .await
     }
@@ -332,7 +373,7 @@ impl Client {
                 .max(t.saturating_add(Duration::from_secs(2))),
             None => config.request_timeout,
         };
-        let answer = self.call(&frame, safety, wait).await?;
+        let answer = self.call(&frame, safety, wait, Target::Current).await?;
         match answer.resp {
             Response::Receipt(r) => {
                 if r.next - r.first != count {
@@ -352,7 +393,58 @@ impl Client {
     ///
     /// Every batch of the answer is crc-checked; a damaged one fails the read with
     /// [`Error::Corrupt`]. Records below `from` in the first batch are skipped.
+    ///
+    /// The node must first have committed up to [`ReadOptions::min_offset`] (by default the
+    /// highest offset this client has seen for the log, so the read sees this client's own
+    /// appends and never goes back). A replica that has not answers [`ErrorCode::Behind`]; when
+    /// several servers are configured, the same read is then sent to each of the others once,
+    /// in configured order after the one that answered, and the first that serves it wins.
+    /// Servers that cannot be reached or answer another error are skipped. If none serves it,
+    /// the read fails with the last `behind` answer ([`Error::code`] is
+    /// `Some(ErrorCode::Behind)`, `detail` is that replica's committed offset): a definite error.
+    /// Each node asked may take up to [`ReadOptions::wait`].
     pub async fn read(&self, log: &str, from: u64, options: ReadOptions) -> Result<ReadResult> {
+        let (records, next_offset, committed) =
+            self.read_with(log, from, &options, extract_records).await?;
+        Ok(ReadResult {
+            records,
+            next_offset,
+            committed,
+        })
+    }
+
+    /// Read the stored batches of `log` from the one holding offset `from`, whole and byte for
+    /// byte as the node stores them, for checks that compare replicas.
+    ///
+    /// Every batch is crc-checked and the batches must be contiguous, as for [`Client::read`]; a
+    /// damaged answer fails with [`Error::Corrupt`]. [`ReadOptions::min_offset`] and
+    /// `behind` answers are handled as by [`Client::read`]: with several configured servers,
+    /// the answer may come from any of them.
+    pub async fn read_batches(
+        &self,
+        log: &str,
+        from: u64,
+        options: ReadOptions,
+    ) -> Result<BatchesRead> {
+        let (batches, next_offset, committed) =
+            self.read_with(log, from, &options, split_batches).await?;
+        Ok(BatchesRead {
+            batches,
+            next_offset,
+            committed,
+        })
+    }
+
+    /// Send a Read, going to the other configured servers on `behind` answers (see
+    /// [`Client::read`]), and turn the answer's batches into `T` with `decode`. Returns the
+    /// decoded batches, the next offset and the committed horizon.
+    async fn read_with<T>(
+        &self,
+        log: &str,
+        from: u64,
+        options: &ReadOptions,
+        decode: fn(&str, &Bytes, u64, u64) -> Result<T>,
+    ) -> Result<(T, u64, u64)> {
         check_name(&self.inner.config, "log name", log)?;
         let min_offset = options.min_offset.unwrap_or_else(|| self.seen_offset(log));
         let frame = conn::encode(&Request::Read(ReadRequest {
@@ -367,20 +459,38 @@ impl Client {
             .config
             .request_timeout
             .saturating_add(options.wait);
-        let answer = self.call(&frame, Safety::Repeatable, wait).await?;
-        match answer.resp {
-            Response::Batches(b) => {
-                let records = extract_records(log, &b.batches, from, b.next_offset)?;
-                self.note_seen(log, b.next_offset.min(b.committed));
-                Ok(ReadResult {
-                    records,
-                    next_offset: b.next_offset,
-                    committed: b.committed,
-                })
+        let first = self
+            .call(&frame, Safety::Repeatable, wait, Target::Current)
+            .await?;
+        let mut result = read_answer(first.resp, min_offset);
+        if result.as_ref().err().and_then(Error::code) == Some(ErrorCode::Behind) {
+            let n = self.inner.servers.len();
+            let others: Vec<usize> = match first.server {
+                Some(i) => (1..n).map(|k| (i + k) % n).collect(),
+                None => (0..n).collect(),
+            };
+            for index in others {
+                let attempt = self
+                    .call(&frame, Safety::Repeatable, wait, Target::Server(index))
+                    .await
+                    .and_then(|a| read_answer(a.resp, min_offset));
+                match attempt {
+                    Ok(b) => {
+                        result = Ok(b);
+                        break;
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::Behind) => result = Err(e),
+                    Err(e) => {
+                        let server = &self.inner.servers[index];
+                        tracing::debug!(%server, error = %e, "read skipped this server");
+                    }
+                }
             }
-            Response::Error(e) => Err(e.into()),
-            _ => Err(unexpected("unexpected answer to Read")),
         }
+        let b = result?;
+        let decoded = decode(log, &b.batches, from, b.next_offset)?;
+        self.note_seen(log, b.next_offset.min(b.committed));
+        Ok((decoded, b.next_offset, b.committed))
     }
 
     /// Follow `log` from offset `from`: records are delivered by [`Tail::next`] as they commit.
@@ -488,6 +598,29 @@ impl Client {
         Err(last.unwrap_or_else(|| Error::Connect("no server configured".into())))
     }
 
+    /// A usable connection to the node at `addr`: the current one if it goes there, else a new
+    /// one, which becomes the current connection.
+    async fn acquire_addr(&self, state: &mut ConnState, addr: ServerAddr) -> Result<Live> {
+        let alive = |l: &Live| l.conn.close_reason().is_none();
+        if let Some(l) = state.live.as_ref().filter(|l| alive(l) && l.addr == addr) {
+            return Ok(l.clone());
+        }
+        let conn = conn::dial(&addr, &self.inner.endpoints, &self.dial_params()).await?;
+        let server = self.inner.servers.iter().position(|s| *s == addr);
+        let live = Live {
+            conn,
+            gen: state.next_gen,
+            server,
+            addr,
+        };
+        state.next_gen += 1;
+        if let Some(i) = server {
+            state.preferred = i;
+        }
+        state.live = Some(live.clone());
+        Ok(live)
+    }
+
     /// A usable connection to `target`, dialling if needed.
     pub(crate) async fn acquire(&self, target: &Target) -> Result<Live> {
         let mut state = self.inner.conn.lock().await;
@@ -506,23 +639,11 @@ impl Client {
                         "not_leader names an invalid leader address",
                     ))
                 })?;
-                if let Some(l) = state.live.as_ref().filter(|l| alive(l) && l.addr == addr) {
-                    return Ok(l.clone());
-                }
-                let conn = conn::dial(&addr, &self.inner.endpoints, &self.dial_params()).await?;
-                let server = self.inner.servers.iter().position(|s| *s == addr);
-                let live = Live {
-                    conn,
-                    gen: state.next_gen,
-                    server,
-                    addr,
-                };
-                state.next_gen += 1;
-                if let Some(i) = server {
-                    state.preferred = i;
-                }
-                state.live = Some(live.clone());
-                Ok(live)
+                self.acquire_addr(&mut state, addr).await
+            }
+            Target::Server(index) => {
+                let addr = self.inner.servers[*index].clone();
+                self.acquire_addr(&mut state, addr).await
             }
             Target::NextAfter(gen) => {
                 let current = state.live.clone();
@@ -548,25 +669,36 @@ impl Client {
         }
     }
 
-    /// Send one request frame and return the answer, following redirects and retrying
-    /// connection-level failures as `safety` allows. `not_leader` answers are handled here;
-    /// every other answer, error frames included, is returned.
+    /// Send one request frame to `start` and return the answer, following redirects and
+    /// retrying connection-level failures as `safety` allows. `not_leader` answers are handled
+    /// here; every other answer, error frames included, is returned.
+    ///
+    /// With [`Target::Server`], every attempt goes to that server: `not_leader` answers are
+    /// returned, and a failure to connect is not retried.
     pub(crate) async fn call(
         &self,
         frame: &Bytes,
         safety: Safety,
         timeout: Duration,
+        start: Target,
     ) -> Result<Answer> {
         let config = &self.inner.config;
+        let pinned = matches!(start, Target::Server(_));
+        // Where attempts after the first go, unless an answer says otherwise.
+        let home = if pinned {
+            start.clone()
+        } else {
+            Target::Current
+        };
         let mut redirects = 0u32;
         let mut failures = 0u32;
         let mut resent = false;
-        let mut target = Target::Current;
+        let mut target = start;
         loop {
             let live = match self.acquire(&target).await {
                 Ok(l) => l,
                 Err(e) => {
-                    if e.is_transient() && failures < config.retries {
+                    if e.is_transient() && failures < config.retries && !pinned {
                         failures += 1;
                         tokio::time::sleep(backoff(failures)).await;
                         target = Target::Current;
@@ -575,7 +707,7 @@ impl Client {
                     return Err(e);
                 }
             };
-            target = Target::Current;
+            target = home.clone();
             let mut sent = false;
             let result = tokio::time::timeout(
                 timeout,
@@ -584,7 +716,7 @@ impl Client {
             .await
             .unwrap_or(Err(Error::Timeout));
             match result {
-                Ok(Response::Error(e)) if e.code == ErrorCode::NotLeader => {
+                Ok(Response::Error(e)) if e.code == ErrorCode::NotLeader && !pinned => {
                     // Definite: nothing was done; ask the leader.
                     if redirects >= REDIRECTS_MAX {
                         return Err(e.into());
@@ -604,12 +736,18 @@ impl Client {
                     failures += 1;
                     resent = true;
                     tracing::debug!(code = e.code.name(), "retrying after an error answer");
-                    if e.code == ErrorCode::ShuttingDown {
+                    if e.code == ErrorCode::ShuttingDown && !pinned {
                         target = Target::NextAfter(live.gen);
                     }
                     tokio::time::sleep(backoff(failures)).await;
                 }
-                Ok(resp) => return Ok(Answer { resp, resent }),
+                Ok(resp) => {
+                    return Ok(Answer {
+                        resp,
+                        resent,
+                        server: live.server,
+                    })
+                }
                 Err(e) => {
                     let e = if sent { e } else { e.not_sent() };
                     let may_repeat = !sent || safety == Safety::Repeatable;
@@ -684,6 +822,7 @@ mod tests {
         let _ = producer;
         let calls = |c: &Client, t: &mut Tail| {
             send(&c.read("l", 0, ReadOptions::default()));
+            send(&c.read_batches("l", 0, ReadOptions::default()));
             send(&c.append("l", Vec::new(), AppendOptions::default()));
             send(&c.tail("l", 0));
             send(&c.create_log("l"));

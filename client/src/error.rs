@@ -23,7 +23,8 @@ pub enum Error {
         /// For [`ErrorCode::NotLeader`]: the leader's address, if the node knows it.
         leader: String,
         /// Code-specific number: the log's next offset for [`ErrorCode::OffsetConflict`], the
-        /// next expected sequence for [`ErrorCode::SequenceGap`], 0 otherwise.
+        /// next expected sequence for [`ErrorCode::SequenceGap`], the offset the replica has
+        /// committed for [`ErrorCode::Behind`], 0 otherwise.
         detail: u64,
     },
     /// No connection could be established (or none was usable) before the request was sent.
@@ -68,7 +69,7 @@ impl Error {
     /// This is the case for [`Error::ConnectionLost`] and [`Error::Timeout`] (the request may
     /// have reached the node, no answer says what happened), for [`Error::Protocol`] (an answer
     /// arrived but could not be understood), and for [`Error::Server`] with a code whose
-    /// [`ErrorCode::is_definite`] is false (`timeout`, `storage_failed`). Every other error is
+    /// [`ErrorCode::is_definite`] is false (`timeout`, `storage_failed`, `internal`). Every other error is
     /// definite: the request had no effect. For requests without side effects (reads, listing,
     /// status) an unknown outcome only means that no usable answer arrived.
     pub fn is_unknown_outcome(&self) -> bool {
@@ -148,6 +149,9 @@ mod tests {
         assert!(!server(ErrorCode::OffsetConflict).is_unknown_outcome());
         assert!(!server(ErrorCode::SequenceGap).is_unknown_outcome());
         assert!(!server(ErrorCode::Busy).is_unknown_outcome());
+        // A replica below the read's min_offset answered without reading anything.
+        assert!(!server(ErrorCode::Behind).is_unknown_outcome());
+        assert!(!server(ErrorCode::Behind).is_transient());
         assert!(!Error::Connect("refused".into()).is_unknown_outcome());
         assert!(!Error::Tls("bad certificate".into()).is_unknown_outcome());
         assert!(!Error::Corrupt("crc".into()).is_unknown_outcome());
@@ -174,6 +178,8 @@ mod tests {
             "not_leader: ask elsewhere (leader: 10.0.0.2:7001)"
         );
         assert_eq!(server(ErrorCode::LogExists).to_string(), "log_exists");
+        assert_eq!(server(ErrorCode::Behind).code(), Some(ErrorCode::Behind));
+        assert_eq!(server(ErrorCode::Behind).to_string(), "behind");
         assert_eq!(Error::Timeout.code(), None);
         assert_eq!(
             Error::from(ErrorResponse {

@@ -6,7 +6,8 @@
 //! reconnects lazily, follows `not_leader` redirects, and retries requests that are safe to
 //! repeat after connection-level failures. Reads are monotonic and see the client's own
 //! appends: the client sends the highest offset it has seen for a log as the read's
-//! `min_offset`.
+//! `min_offset`. A replica that has not committed that far answers `behind`, and the read goes
+//! on to the other configured servers ([`Client::read`]).
 //!
 //! Appends come in two kinds:
 //! - [`Client::append`] sends one batch once. If the answer is lost, the outcome is unknown
@@ -52,7 +53,7 @@ mod producer;
 mod records;
 mod tail;
 
-pub use crate::client::{AppendOptions, Client, ReadOptions, ReadResult};
+pub use crate::client::{AppendOptions, BatchesRead, Client, ReadOptions, ReadResult};
 pub use crate::config::{ClientConfig, Trust, DEFAULT_PORT, DEFAULT_SERVER, DEV_CA_DIR_ENV};
 pub use crate::error::{Error, Result};
 pub use crate::producer::{Producer, ProducerOptions};

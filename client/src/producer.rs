@@ -491,7 +491,7 @@ impl<A: Appender> Task<A> {
                     let _ = reply.send(Ok(Receipt {
                         first,
                         next: first + 1,
-                        ..r
+                        ..r.clone()
                     }));
                 }
             }
@@ -636,6 +636,7 @@ mod tests {
                 level: Acks::Leader,
                 flags,
                 replicas: 1,
+                holders: vec!["n1".into()],
             };
             match decision {
                 Decision::Append => {

@@ -19,20 +19,19 @@ pub struct ReadRecord {
 }
 
 /// Validate the batches of a `Batches` frame that answers a read (or continues a tail) at `from`,
-/// and return their records at or above `from`.
+/// and return them.
 ///
 /// Every batch is decoded and crc-checked ([`batch::decode`]); the batches must be contiguous,
 /// the first must contain `from`, and the last must end at `next_offset` (an answer without
-/// batches must have `next_offset == from`). Any failure is [`Error::Corrupt`] and no record is
-/// returned.
-pub(crate) fn extract_records(
+/// batches must have `next_offset == from`). Any failure is [`Error::Corrupt`].
+pub(crate) fn check_batches<'a>(
     log: &str,
-    batches: &Bytes,
+    batches: &'a [u8],
     from: u64,
     next_offset: u64,
-) -> Result<Vec<ReadRecord>> {
+) -> Result<Vec<batch::BatchView<'a>>> {
     let corrupt = |what: String| Error::Corrupt(format!("read of log {log:?} at {from}: {what}"));
-    let mut records = Vec::new();
+    let mut views = Vec::new();
     let mut pos = 0usize;
     let mut expected_base: Option<u64> = None;
     while pos < batches.len() {
@@ -55,6 +54,45 @@ pub(crate) fn extract_records(
             _ => {}
         }
         expected_base = Some(end);
+        views.push(view);
+        pos += view.len();
+    }
+    let end = expected_base.unwrap_or(from);
+    if end != next_offset {
+        return Err(corrupt(format!(
+            "the batches end at offset {end} but the answer says the next offset is {next_offset}"
+        )));
+    }
+    Ok(views)
+}
+
+/// The batches of a read answer at `from`, validated by [`check_batches`], each as a whole
+/// batch exactly as stored (sharing the memory of the answer).
+pub(crate) fn split_batches(
+    log: &str,
+    batches: &Bytes,
+    from: u64,
+    next_offset: u64,
+) -> Result<Vec<Bytes>> {
+    let views = check_batches(log, batches, from, next_offset)?;
+    Ok(views
+        .into_iter()
+        .map(|view| batches.slice_ref(view.as_bytes()))
+        .collect())
+}
+
+/// The records at or above `from` of the batches of a read answer (or of a tail frame) at
+/// `from`, validated by [`check_batches`]. If any batch fails its checks, no record is returned.
+pub(crate) fn extract_records(
+    log: &str,
+    batches: &Bytes,
+    from: u64,
+    next_offset: u64,
+) -> Result<Vec<ReadRecord>> {
+    let views = check_batches(log, batches, from, next_offset)?;
+    let mut records = Vec::new();
+    for view in views {
+        let header = view.header();
         let epoch = header.epoch().0;
         let timestamp_us = header.timestamp_us.get();
         records.extend(
@@ -67,13 +105,6 @@ pub(crate) fn extract_records(
                     value: batches.slice_ref(r.value),
                 }),
         );
-        pos += view.len();
-    }
-    let end = expected_base.unwrap_or(from);
-    if end != next_offset {
-        return Err(corrupt(format!(
-            "the batches end at offset {end} but the answer says the next offset is {next_offset}"
-        )));
     }
     Ok(records)
 }

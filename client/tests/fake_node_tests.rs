@@ -116,6 +116,160 @@ async fn corrupt_reads_are_refused() {
     assert!(matches!(err, Error::Corrupt(_)), "{err}");
 }
 
+fn at_least(min_offset: u64) -> ReadOptions {
+    ReadOptions {
+        min_offset: Some(min_offset),
+        ..ReadOptions::default()
+    }
+}
+
+/// A node holding log "a" with `records`, answering as a replica committed up to `behind`.
+async fn replica(ca: &TestCa, records: &[&[u8]], behind: Option<u64>) -> FakeNode {
+    let node = FakeNode::start(ca).await;
+    node.create_direct("a");
+    node.append_direct("a", records);
+    node.with(|s| s.behaviour.behind = behind);
+    node
+}
+
+#[tokio::test]
+async fn a_behind_replica_passes_the_read_to_the_next_server() {
+    let ca = TestCa::new();
+    let first = replica(&ca, &[b"x0", b"x1", b"x2"], Some(1)).await;
+    let second = replica(&ca, &[b"v0", b"v1", b"v2"], None).await;
+    let c = Client::connect(config(&ca, &[first.addr_string(), second.addr_string()]))
+        .await
+        .unwrap();
+
+    let read = c.read("a", 0, at_least(3)).await.unwrap();
+    let got: Vec<Bytes> = read.records.into_iter().map(|r| r.value).collect();
+    assert_eq!(got, values(3), "the second server's records");
+    assert_eq!((read.next_offset, read.committed), (3, 3));
+    // Each asked once, with the same min_offset.
+    assert_eq!(read_min_offsets(&first), [3]);
+    assert_eq!(read_min_offsets(&second), [3]);
+
+    // The client stays with the server that served, and keeps asking for what it has seen.
+    c.read("a", 0, ReadOptions::default()).await.unwrap();
+    assert_eq!(read_min_offsets(&first), [3]);
+    assert_eq!(read_min_offsets(&second), [3, 3]);
+}
+
+#[tokio::test]
+async fn reads_fail_with_behind_when_no_server_has_reached_min_offset() {
+    let ca = TestCa::new();
+    let first = replica(&ca, &[b"0", b"1", b"2"], Some(1)).await;
+    let second = replica(&ca, &[b"0", b"1", b"2"], Some(2)).await;
+    let c = Client::connect(config(&ca, &[first.addr_string(), second.addr_string()]))
+        .await
+        .unwrap();
+
+    let err = c.read("a", 0, at_least(3)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Behind), "{err}");
+    assert!(!err.is_unknown_outcome());
+    // The last answer: the second server's committed offset.
+    assert!(matches!(err, Error::Server { detail: 2, .. }), "{err:?}");
+    assert_eq!(read_min_offsets(&first), [3]);
+    assert_eq!(read_min_offsets(&second), [3]);
+
+    // read_batches does the same; it starts at the server asked last, then goes on in order.
+    let err = c.read_batches("a", 0, at_least(3)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Server {
+                code: ErrorCode::Behind,
+                detail: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(read_min_offsets(&first), [3, 3]);
+    assert_eq!(read_min_offsets(&second), [3, 3]);
+
+    // A replica that catches up serves the read (the first server, asked last).
+    first.with(|s| s.behaviour.behind = None);
+    assert_eq!(c.read("a", 0, at_least(3)).await.unwrap().records.len(), 3);
+    assert_eq!(read_min_offsets(&first), [3, 3, 3]);
+
+    // With one configured server there is nobody else to ask.
+    let single = connect(&ca, &second).await;
+    let err = single.read("a", 0, at_least(3)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Behind), "{err}");
+    assert_eq!(read_min_offsets(&second), [3, 3, 3]);
+}
+
+#[tokio::test]
+async fn a_behind_read_skips_unreachable_servers() {
+    let ca = TestCa::new();
+    let first = replica(&ca, &[b"x0", b"x1"], Some(0)).await;
+    let last = replica(&ca, &[b"v0", b"v1"], None).await;
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = silent.local_addr().unwrap().to_string();
+    let cfg = config(&ca, &[first.addr_string(), dead, last.addr_string()])
+        .with_connect_timeout(Duration::from_millis(300));
+    let c = Client::connect(cfg).await.unwrap();
+    let read = c.read("a", 0, at_least(2)).await.unwrap();
+    let got: Vec<Bytes> = read.records.into_iter().map(|r| r.value).collect();
+    assert_eq!(got, values(2));
+    assert_eq!(read_min_offsets(&first), [2]);
+    assert_eq!(read_min_offsets(&last), [2]);
+}
+
+#[tokio::test]
+async fn read_batches_returns_the_stored_batches_whole() {
+    let ca = TestCa::new();
+    let node = FakeNode::start(&ca).await;
+    let c = connect(&ca, &node).await;
+    c.create_log("a").await.unwrap();
+    c.append("a", values(3), AppendOptions::default())
+        .await
+        .unwrap();
+    let p = c.producer("a", ProducerOptions::default());
+    p.send(Bytes::from("produced")).await.unwrap();
+    node.append_direct("a", &[b"x", b"y"]);
+    let stored = node.stored_batches("a");
+    assert_eq!(stored.len(), 3);
+
+    // From inside the first batch: every batch, the first one whole.
+    let read = c
+        .read_batches("a", 1, ReadOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(read.batches, stored);
+    assert_eq!((read.next_offset, read.committed), (6, 6));
+
+    // One batch per answer, continuing at next_offset.
+    let one = ReadOptions {
+        bytes_max: 1,
+        ..ReadOptions::default()
+    };
+    let mut got = Vec::new();
+    let mut pos = 0;
+    while pos < 6 {
+        let read = c.read_batches("a", pos, one.clone()).await.unwrap();
+        assert_eq!(read.batches.len(), 1);
+        got.extend(read.batches);
+        pos = read.next_offset;
+    }
+    assert_eq!(got, stored);
+    let end = c
+        .read_batches("a", 6, ReadOptions::default())
+        .await
+        .unwrap();
+    assert!(end.batches.is_empty());
+    assert_eq!(end.next_offset, 6);
+
+    // Checked like read.
+    node.with(|s| s.behaviour.corrupt_reads = true);
+    let err = c
+        .read_batches("a", 0, ReadOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Corrupt(_)), "{err}");
+}
+
 #[tokio::test]
 async fn tokens_are_presented_on_every_connection() {
     let ca = TestCa::new();

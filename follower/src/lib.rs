@@ -5,8 +5,11 @@
 //! valid crc32c, the batches must continue the local log without a gap, and the frame must not
 //! come from a leader epoch older than one already seen (R2), nor carry batches of a later
 //! epoch than its own. The decisions are `protocol::replication::Follower`'s; this crate binds
-//! them to a `log_core::Log`. The network side (the replication stream, acknowledgements,
-//! catch-up and bootstrap) drives a `Replica`.
+//! them to a `log_core::Log`. [`session`] is the network side: one replication stream
+//! per log over a peer QUIC connection, with KIP-101 truncation, acknowledgements and the
+//! bootstrap signal; the node (the `server` crate) manages connections and local logs.
+
+pub mod session;
 
 use log_core::batch::{self, BatchError};
 use log_core::{Log, Offset};

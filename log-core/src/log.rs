@@ -743,6 +743,26 @@ impl Log {
         Ok(out)
     }
 
+    /// Bytes of batches from the one holding `from` to the written end: what a reader at
+    /// `from` has left to read. 0 when `from` is at or past the end; everything stored when
+    /// `from` is below the start.
+    pub fn bytes_from(&self, from: Offset) -> Result<u64> {
+        let st = self.inner.st.borrow();
+        let mut total = 0u64;
+        for s in st.sealed.values().chain(std::iter::once(&st.active)) {
+            if s.next_offset <= from {
+                continue;
+            }
+            let pos = if from > s.base {
+                s.position_for(from)?
+            } else {
+                0
+            };
+            total += s.data_len.saturating_sub(pos);
+        }
+        Ok(total)
+    }
+
     /// Remove every record at or after `end`, so that `end_offset() == end` (a batch boundary).
     /// Waits for queued appends to be written first and refuses new ones meanwhile. Crash-safe:
     /// a durable intent is written first and redone by the next open if the process dies.

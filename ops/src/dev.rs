@@ -13,7 +13,7 @@ pub struct DevArgs {
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// Parent directory of the nodes' data directories (node-1, node-2, ...).
-    #[arg(long, default_value = "replog-dev")]
+    #[arg(long, alias = "data-dir", default_value = "replog-dev")]
     dir: PathBuf,
     /// QUIC port of the first node; the others follow it (0: any free ports).
     #[arg(long, default_value_t = 7001)]
@@ -24,6 +24,9 @@ pub struct DevArgs {
     /// Shards per node.
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// Size of the leader's sync set (0 = asynchronous, 1 = semi-synchronous).
+    #[arg(long, default_value_t = 1)]
+    sync_replicas: usize,
     /// Print one JSON object per node instead of a table.
     #[arg(long)]
     json: bool,
@@ -31,6 +34,8 @@ pub struct DevArgs {
 
 struct Running {
     name: String,
+    role: &'static str,
+    data: PathBuf,
     child: Child,
     addr: String,
     metrics: String,
@@ -38,25 +43,45 @@ struct Running {
     exited: bool,
 }
 
-fn spawn_node(exe: &PathBuf, a: &DevArgs, i: usize) -> Result<Running, String> {
+/// Node 1 leads every log; the others follow it.
+fn spawn_node(
+    exe: &PathBuf,
+    a: &DevArgs,
+    i: usize,
+    leader: Option<&str>,
+) -> Result<Running, String> {
     let name = format!("node-{}", i + 1);
     let data = a.dir.join(&name);
     let port = |base: u16| if base == 0 { 0 } else { base as usize + i };
     let listen = format!("127.0.0.1:{}", port(a.base_port));
     let metrics = format!("127.0.0.1:{}", port(a.metrics_base_port));
-    let mut child = Command::new(exe)
-        .args([
-            "node",
-            "--node-id",
-            &name,
-            "--listen",
-            &listen,
-            "--metrics-listen",
-            &metrics,
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--shards", &a.shards.to_string()])
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "node",
+        "--node-id",
+        &name,
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        &metrics,
+    ])
+    .arg("--data-dir")
+    .arg(&data)
+    .args(["--shards", &a.shards.to_string()]);
+    let role = match leader {
+        Some(l) => {
+            cmd.args(["--leader", l]);
+            "follower"
+        }
+        None if a.nodes > 1 => {
+            let followers: Vec<String> = (2..=a.nodes).map(|n| format!("node-{n}")).collect();
+            cmd.args(["--follower", &followers.join(",")]);
+            cmd.args(["--sync-replicas", &a.sync_replicas.min(a.nodes - 1).to_string()]);
+            "leader"
+        }
+        None => "standalone",
+    };
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -70,6 +95,8 @@ fn spawn_node(exe: &PathBuf, a: &DevArgs, i: usize) -> Result<Running, String> {
         .map_err(|_| format!("{name} did not start (see its log above)"))?;
     Ok(Running {
         name,
+        role,
+        data,
         child,
         addr: v["addr"].as_str().unwrap_or(&listen).to_string(),
         metrics: v["metrics"].as_str().unwrap_or(&metrics).to_string(),
@@ -85,7 +112,8 @@ pub fn run(a: DevArgs) -> Result<(), String> {
         std::env::current_exe().map_err(|e| format!("cannot find the replog executable: {e}"))?;
     let mut nodes: Vec<Running> = Vec::new();
     for i in 0..a.nodes {
-        match spawn_node(&exe, &a, i) {
+        let leader = nodes.first().map(|n| n.addr.clone());
+        match spawn_node(&exe, &a, i, leader.as_deref()) {
             Ok(r) => nodes.push(r),
             Err(e) => {
                 stop(&mut nodes);
@@ -99,23 +127,28 @@ pub fn run(a: DevArgs) -> Result<(), String> {
                 "{}",
                 serde_json::json!({
                     "node": n.name, "addr": n.addr, "metrics": n.metrics,
-                    "role": "standalone", "pid": n.child.id(),
+                    "role": n.role, "pid": n.child.id(), "data_dir": n.data,
                 })
             );
         } else {
             println!(
-                "{}  addr {}  metrics http://{}/metrics  role standalone  pid {}",
+                "{}  addr {}  role {:<10}  pid {}  metrics http://{}/metrics  data {}",
                 n.name,
                 n.addr,
+                n.role,
+                n.child.id(),
                 n.metrics,
-                n.child.id()
+                n.data.display()
             );
         }
     }
     if !a.json {
         let first = &nodes[0].addr;
         println!("data under {}; Ctrl-C stops every node", a.dir.display());
-        println!("try: replog create --server {first} --log demo && echo hello | replog append --server {first} --log demo");
+        let all: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+        println!("try: replog create --server {first} --log demo && echo hello | replog append --server {first} --log demo --acks sync");
+        println!("     replog read --server {} --log demo   # any replica serves reads", all.join(","));
+        println!("     replog status --server {first}   # followers, sync set, lag");
     }
     supervise(&mut nodes);
     stop(&mut nodes);

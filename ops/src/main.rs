@@ -5,6 +5,7 @@
 //! usage, 3 when the outcome of an append is unknown (it may or may not be stored).
 
 mod dev;
+mod verify;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -64,6 +65,14 @@ enum Command {
         /// Stop after this many records (default: everything committed now).
         #[arg(long)]
         count: Option<u64>,
+        /// Read-your-writes: the node must have committed up to this offset (for example a
+        /// receipt's next offset) before it answers; a replica that has not waits up to
+        /// --wait-ms, then the next --server is tried.
+        #[arg(long)]
+        min_offset: Option<u64>,
+        /// How long a node may wait for --min-offset (ms).
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
     },
     /// Print records as they are committed, until interrupted.
     Tail {
@@ -78,10 +87,20 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Show a node's identity and its logs.
+    /// Show a node's identity, its logs and (on a leader) each follower's progress and lag.
     Status {
         #[command(flatten)]
         conn: ConnArgs,
+    },
+    /// Compare crc32c of the stored batches over offset ranges on every replica of a log.
+    Verify {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        /// Records per compared range.
+        #[arg(long, default_value_t = 10_000)]
+        range_records: u64,
     },
 }
 
@@ -121,6 +140,27 @@ struct NodeArgs {
     /// Accept the tokens in this file, one per line.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Follow this leader (its QUIC address) for every log.
+    #[arg(long, conflicts_with = "followers")]
+    leader: Option<std::net::SocketAddr>,
+    /// Lead every log, replicating to these follower node ids (repeat or separate with commas).
+    #[arg(long = "follower", value_delimiter = ',')]
+    followers: Vec<String>,
+    /// Size of the sync set (0 = asynchronous, 1 = semi-synchronous).
+    #[arg(long)]
+    sync_replicas: Option<usize>,
+    /// reject or degrade: what acks=sync appends get when the sync set is short.
+    #[arg(long)]
+    insufficient_replicas: Option<String>,
+    /// A sync follower further behind than this many records leaves the sync set.
+    #[arg(long)]
+    sync_lag_records_max: Option<u64>,
+    /// A sync follower behind for this long without acknowledging leaves the sync set (ms).
+    #[arg(long)]
+    sync_lag_ms_max: Option<u64>,
+    /// On a follower: the address clients reach it at (default: --listen).
+    #[arg(long)]
+    advertise: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Clone)]
@@ -258,6 +298,28 @@ fn run_node(a: NodeArgs) -> Result<(), Failure> {
     if a.token_file.is_some() {
         cfg.auth.token_file = a.token_file;
     }
+    let r = &mut cfg.replication;
+    if a.leader.is_some() {
+        r.leader = a.leader;
+    }
+    if !a.followers.is_empty() {
+        r.followers = a.followers;
+    }
+    if let Some(k) = a.sync_replicas {
+        r.sync_replicas = k;
+    }
+    if let Some(i) = a.insufficient_replicas {
+        r.insufficient_replicas = i;
+    }
+    if let Some(v) = a.sync_lag_records_max {
+        r.sync_lag_records_max = v;
+    }
+    if let Some(v) = a.sync_lag_ms_max {
+        r.sync_lag_ms_max = v;
+    }
+    if a.advertise.is_some() {
+        r.advertise = a.advertise;
+    }
     let node = server::Node::start(cfg).map_err(|e| failure(e.to_string()))?;
     // One machine-readable line, so scripts started with port 0 learn the address.
     println!(
@@ -265,6 +327,7 @@ fn run_node(a: NodeArgs) -> Result<(), Failure> {
         json!({
             "event": "listening",
             "node_id": node.id(),
+            "role": node.role(),
             "addr": node.local_addr().to_string(),
             "metrics": node.metrics_addr().map(|a| a.to_string()),
             "pid": std::process::id(),
@@ -313,7 +376,33 @@ fn out(line: String) -> Result<(), Failure> {
 fn log_json(l: &LogInfo) -> serde_json::Value {
     json!({
         "name": l.name, "start": l.start, "end": l.end, "committed": l.committed,
-        "epoch": l.epoch, "disk_bytes": l.disk_bytes,
+        "flushed": l.flushed, "epoch": l.epoch, "disk_bytes": l.disk_bytes,
+    })
+}
+
+fn replication_json(r: &protocol::LogReplication) -> serde_json::Value {
+    let followers: Vec<_> = r
+        .followers
+        .iter()
+        .map(|f| {
+            json!({
+                "id": f.id, "addr": f.addr, "durable": f.durable, "connected": f.connected,
+                "in_sync_set": f.in_sync_set, "lag_records": f.lag_records,
+                "lag_bytes": f.lag_bytes, "lag_ms": f.lag_ms,
+                "catchup_done_bytes": f.catchup_done_bytes,
+                "catchup_total_bytes": f.catchup_total_bytes,
+            })
+        })
+        .collect();
+    let sync_set: Vec<&str> = r
+        .followers
+        .iter()
+        .filter(|f| f.in_sync_set)
+        .map(|f| f.id.as_str())
+        .collect();
+    json!({
+        "log": r.log, "commit": r.commit, "sync_replicas": r.sync_replicas,
+        "sync_shortfall": r.sync_shortfall, "sync_set": sync_set, "followers": followers,
     })
 }
 
@@ -375,10 +464,12 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
             let s = client.status().await?;
             if conn.json {
                 let logs: Vec<_> = s.logs.iter().map(log_json).collect();
+                let replication: Vec<_> = s.replication.iter().map(replication_json).collect();
                 out(json!({
                     "node_id": s.node_id, "version": s.version, "role": s.role, "shards": s.shards,
                     "uptime_ms": s.uptime_ms, "connections": s.connections,
-                    "address": conn.servers[0], "logs": logs,
+                    "address": conn.servers[0], "leader": s.leader, "logs": logs,
+                    "replication": replication,
                 })
                 .to_string())?;
             } else {
@@ -391,27 +482,68 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                     s.uptime_ms as f64 / 1000.0,
                     s.connections
                 ))?;
+                if !s.leader.is_empty() {
+                    out(format!("  follows {}", s.leader))?;
+                }
                 for l in &s.logs {
                     out(format!(
-                        "  {}\tstart={}\tend={}\tcommitted={}\tepoch={}\tbytes={}",
-                        l.name, l.start, l.end, l.committed, l.epoch, l.disk_bytes
+                        "  {}\tstart={}\tend={}\tflushed={}\tcommitted={}\tepoch={}\tbytes={}",
+                        l.name, l.start, l.end, l.flushed, l.committed, l.epoch, l.disk_bytes
                     ))?;
+                    if let Some(r) = s.replication.iter().find(|r| r.log == l.name) {
+                        out(format!(
+                            "    commit={} sync_replicas={} shortfall={}",
+                            r.commit, r.sync_replicas, r.sync_shortfall
+                        ))?;
+                        for f in &r.followers {
+                            let mut line = format!(
+                                "    follower {} {}\t{}{}\tdurable={}\tlag={} records, {} bytes, {:.1} s",
+                                f.id,
+                                if f.addr.is_empty() { "-" } else { &f.addr },
+                                if f.connected { "connected" } else { "disconnected" },
+                                if f.in_sync_set { ", in sync set" } else { "" },
+                                f.durable,
+                                f.lag_records,
+                                f.lag_bytes,
+                                f.lag_ms as f64 / 1e3
+                            );
+                            if f.catchup_total_bytes > 0 {
+                                line += &format!(
+                                    "\tcatching up {}",
+                                    progress_bar(f.catchup_done_bytes, f.catchup_total_bytes)
+                                );
+                            }
+                            out(line)?;
+                        }
+                    }
                 }
             }
             Ok(())
         }
+        Command::Verify {
+            conn,
+            log,
+            range_records,
+        } => verify::run(&conn, &log, range_records.max(1)).await,
         Command::Append(a) => append(a).await,
         Command::Read {
             conn,
             log,
             from,
             count,
+            min_offset,
+            wait_ms,
         } => {
             let client = connect(&conn).await?;
             let mut pos = from;
             let mut printed = 0u64;
+            let opts = ReadOptions {
+                min_offset,
+                wait: Duration::from_millis(wait_ms),
+                ..ReadOptions::default()
+            };
             loop {
-                let r = client.read(&log, pos, ReadOptions::default()).await?;
+                let r = client.read(&log, pos, opts.clone()).await?;
                 for rec in &r.records {
                     if count.is_some_and(|c| printed >= c) {
                         return Ok(());
@@ -462,12 +594,28 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
     }
 }
 
+/// `[#####     ] 52% (1.2 MiB of 2.3 MiB)`.
+pub(crate) fn progress_bar(done: u64, total: u64) -> String {
+    let total = total.max(1);
+    let frac = (done.min(total) as f64) / total as f64;
+    let filled = (frac * 20.0).round() as usize;
+    format!(
+        "[{}{}] {:>3.0}% ({:.1} of {:.1} MiB)",
+        "#".repeat(filled),
+        " ".repeat(20 - filled),
+        frac * 100.0,
+        done as f64 / (1 << 20) as f64,
+        total as f64 / (1 << 20) as f64
+    )
+}
+
 fn receipt_json(offset: u64, r: &protocol::Receipt) -> serde_json::Value {
     json!({
         "offset": offset,
         "epoch": r.epoch,
         "level": r.level.name(),
-        "replicas": r.replicas,
+"replicas": r.replicas,
+        "holders": r.holders,
         "duplicate": r.flags & protocol::RECEIPT_DUPLICATE != 0,
         "degraded": r.flags & protocol::RECEIPT_DEGRADED != 0,
     })

@@ -1030,6 +1030,6 @@ fn an_append_abandoned_by_its_client_is_not_stored() {
         send.finish().unwrap();
         let _ = send.stopped().await;
         let r = exchange(&conn, &Request::Append(append_req("l", &["kept"]))).await;
-        assert!(matches!(r, Response::Receipt(r) if r.first == 0), "{r:?}");
+        assert!(matches!(&r, Response::Receipt(r) if r.first == 0), "{r:?}");
     });
 }

@@ -155,6 +155,7 @@ fn put_log_info(out: &mut BytesMut, logs: &[LogInfo]) {
         out.put_u64_le(l.start);
         out.put_u64_le(l.end);
         out.put_u64_le(l.committed);
+        out.put_u64_le(l.flushed);
         out.put_u64_le(l.epoch);
         out.put_u64_le(l.disk_bytes);
     }
@@ -226,6 +227,7 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             let at = begin(out, kind::REPLICATE);
             put_str(out, r.log.as_bytes());
             put_str(out, r.follower.as_bytes());
+            put_str(out, r.addr.as_bytes());
             out.put_u64_le(r.from);
             out.put_u64_le(r.last_epoch);
             out.put_u64_le(r.durable);
@@ -270,6 +272,10 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
             out.put_u8(r.level as u8);
             out.put_u8(r.flags);
             out.put_u16_le(r.replicas);
+            out.put_u16_le(r.holders.len() as u16);
+            for h in &r.holders {
+                put_str(out, h.as_bytes());
+            }
             finish(out, at);
         }
         Response::Logs(logs) => {
@@ -286,6 +292,26 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
             out.put_u64_le(s.uptime_ms);
             out.put_u32_le(s.connections);
             put_log_info(out, &s.logs);
+            put_str(out, s.leader.as_bytes());
+            out.put_u32_le(s.replication.len() as u32);
+            for l in &s.replication {
+                put_str(out, l.log.as_bytes());
+                out.put_u64_le(l.commit);
+                out.put_u16_le(l.sync_replicas);
+                out.put_u16_le(l.sync_shortfall);
+                out.put_u32_le(l.followers.len() as u32);
+                for f in &l.followers {
+                    put_str(out, f.id.as_bytes());
+                    put_str(out, f.addr.as_bytes());
+                    out.put_u64_le(f.durable);
+                    out.put_u8(u8::from(f.connected) | u8::from(f.in_sync_set) << 1);
+                    out.put_u64_le(f.lag_records);
+                    out.put_u64_le(f.lag_bytes);
+                    out.put_u64_le(f.lag_ms);
+                    out.put_u64_le(f.catchup_done_bytes);
+                    out.put_u64_le(f.catchup_total_bytes);
+                }
+            }
             finish(out, at);
         }
         Response::Batches(b) => {
@@ -539,6 +565,7 @@ pub fn decode_request(
         kind::REPLICATE => Request::Replicate(ReplicateRequest {
             log: r.string(limits.name_bytes_max, "log name")?,
             follower: r.string(limits.text_bytes_max, "follower id")?,
+            addr: r.string(limits.text_bytes_max, "follower address")?,
             from: r.u64("from")?,
             last_epoch: r.u64("last epoch")?,
             durable: r.u64("durable")?,
@@ -558,8 +585,8 @@ pub fn decode_request(
 
 fn decode_log_info(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<LogInfo>, ProtocolError> {
     let count = r.u32("log count")? as usize;
-    // name length (2) + five u64 = 42 bytes at least per entry.
-    if count > r.remaining() / 42 {
+    // name length (2) + six u64 = 50 bytes at least per entry.
+    if count > r.remaining() / 50 {
         return Err(ProtocolError::Truncated("log list"));
     }
     let mut logs = Vec::with_capacity(count);
@@ -569,8 +596,62 @@ fn decode_log_info(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<LogInfo>, 
             start: r.u64("start")?,
             end: r.u64("end")?,
             committed: r.u64("committed")?,
+            flushed: r.u64("flushed")?,
             epoch: r.u64("epoch")?,
             disk_bytes: r.u64("disk bytes")?,
+        });
+    }
+    Ok(logs)
+}
+
+fn decode_replication(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+) -> Result<Vec<LogReplication>, ProtocolError> {
+    let count = r.u32("replication count")? as usize;
+    // name (2) + commit (8) + sizes (4) + follower count (4) at least per entry.
+    if count > r.remaining() / 18 {
+        return Err(ProtocolError::Truncated("replication list"));
+    }
+    let mut logs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let log = r.string(limits.name_bytes_max, "log name")?;
+        let commit = r.u64("commit")?;
+        let sync_replicas = r.u16("sync replicas")?;
+        let sync_shortfall = r.u16("sync shortfall")?;
+        let n = r.u32("follower count")? as usize;
+        // two names (4) + six u64 (48) + flags (1) at least per follower.
+        if n > r.remaining() / 53 {
+            return Err(ProtocolError::Truncated("follower list"));
+        }
+        let mut followers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.string(limits.text_bytes_max, "follower id")?;
+            let addr = r.string(limits.text_bytes_max, "follower address")?;
+            let durable = r.u64("durable")?;
+            let flags = r.u8("follower flags")?;
+            if flags & !0b11 != 0 {
+                return Err(ProtocolError::Malformed("unknown follower flag bits"));
+            }
+            followers.push(FollowerStatus {
+                id,
+                addr,
+                durable,
+                connected: flags & 1 != 0,
+                in_sync_set: flags & 2 != 0,
+                lag_records: r.u64("lag records")?,
+                lag_bytes: r.u64("lag bytes")?,
+                lag_ms: r.u64("lag ms")?,
+                catchup_done_bytes: r.u64("catch-up done")?,
+                catchup_total_bytes: r.u64("catch-up total")?,
+            });
+        }
+        logs.push(LogReplication {
+            log,
+            commit,
+            sync_replicas,
+            sync_shortfall,
+            followers,
         });
     }
     Ok(logs)
@@ -607,6 +688,15 @@ pub fn decode_response(
             if next <= first {
                 return Err(ProtocolError::Malformed("receipt range is empty"));
             }
+            let count = r.u16("holder count")? as usize;
+            // Each name needs at least its 2-byte length.
+            if count > r.remaining() / 2 {
+                return Err(ProtocolError::Truncated("holders"));
+            }
+            let mut holders = Vec::with_capacity(count);
+            for _ in 0..count {
+                holders.push(r.string(limits.text_bytes_max, "holder id")?);
+            }
             Response::Receipt(Receipt {
                 first,
                 next,
@@ -614,6 +704,7 @@ pub fn decode_response(
                 level,
                 flags,
                 replicas,
+                holders,
             })
         }
         kind::LOGS => Response::Logs(decode_log_info(&mut r, limits)?),
@@ -625,6 +716,8 @@ pub fn decode_response(
             uptime_ms: r.u64("uptime")?,
             connections: r.u32("connections")?,
             logs: decode_log_info(&mut r, limits)?,
+            leader: r.string(limits.text_bytes_max, "leader address")?,
+            replication: decode_replication(&mut r, limits)?,
         }),
         kind::BATCHES => Response::Batches(BatchesResponse {
             next_offset: r.u64("next offset")?,
@@ -724,13 +817,15 @@ mod tests {
             epoch: 2,
             level: Acks::Leader,
             flags: RECEIPT_DUPLICATE,
-            replicas: 1,
+            replicas: 2,
+            holders: vec!["n1".into(), "n2".into()],
         }));
         let logs = vec![LogInfo {
             name: "x".into(),
             start: 0,
             end: 10,
             committed: 9,
+            flushed: 10,
             epoch: 1,
             disk_bytes: 4096,
         }];
@@ -743,6 +838,25 @@ mod tests {
             uptime_ms: 12,
             connections: 3,
             logs,
+            leader: "127.0.0.1:7001".into(),
+            replication: vec![LogReplication {
+                log: "x".into(),
+                commit: 9,
+                sync_replicas: 1,
+                sync_shortfall: 0,
+                followers: vec![FollowerStatus {
+                    id: "n2".into(),
+                    addr: "127.0.0.1:7002".into(),
+                    durable: 9,
+                    connected: true,
+                    in_sync_set: true,
+                    lag_records: 1,
+                    lag_bytes: 100,
+                    lag_ms: 3,
+                    catchup_done_bytes: 5,
+                    catchup_total_bytes: 6,
+                }],
+            }],
         }));
         roundtrip_resp(Response::Batches(BatchesResponse {
             next_offset: 5,
@@ -752,6 +866,7 @@ mod tests {
         roundtrip_req(Request::Replicate(ReplicateRequest {
             log: "l".into(),
             follower: "node-2".into(),
+            addr: "127.0.0.1:7002".into(),
             from: 10,
             last_epoch: 2,
             durable: 9,

@@ -43,6 +43,9 @@ pub enum ErrorCode {
     ShuttingDown = 19,
     /// A bug or an unexpected condition in the node.
     Internal = 20,
+    /// A replica has not reached the read's `min_offset` within the wait; `detail` = the
+    /// offset it has committed. Another replica (or the leader) may answer.
+    Behind = 21,
 }
 
 impl ErrorCode {
@@ -69,6 +72,7 @@ impl ErrorCode {
             18 => StaleEpoch,
             19 => ShuttingDown,
             20 => Internal,
+            21 => Behind,
             _ => return None,
         })
     }
@@ -97,6 +101,7 @@ impl ErrorCode {
             StaleEpoch => "stale_epoch",
             ShuttingDown => "shutting_down",
             Internal => "internal",
+            Behind => "behind",
         }
     }
 

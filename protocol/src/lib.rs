@@ -30,8 +30,8 @@ pub use codec::{
 };
 pub use error::{ErrorCode, ProtocolError};
 pub use message::{
-    Acks, AppendRequest, BatchesResponse, ErrorResponse, LogInfo, ReadRequest, Receipt,
-    ReplicateRequest, ReplicatedResponse, Request, Response, StatusResponse, TailRequest,
+    Acks, AppendRequest, BatchesResponse, ErrorResponse, FollowerStatus, LogInfo, LogReplication,
+    ReadRequest, Receipt, ReplicateRequest, ReplicatedResponse, Request, Response, StatusResponse, TailRequest,
     RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
 };
 

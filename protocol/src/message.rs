@@ -97,6 +97,9 @@ pub struct ReplicateRequest {
     pub log: String,
     /// The follower's node id (checked against its certificate).
     pub follower: String,
+    /// The address clients reach the follower at (shown in the leader's status and used by
+    /// `replog verify`); may be empty.
+    pub addr: String,
     /// First offset the follower wants.
     pub from: u64,
     /// Epoch of the follower's last batch (0 if its log is empty).
@@ -162,7 +165,7 @@ pub const RECEIPT_DUPLICATE: u8 = 0x01;
 pub const RECEIPT_DEGRADED: u8 = 0x02;
 
 /// The answer to a successful append.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
     /// Offset of the first record appended.
     pub first: u64,
@@ -174,6 +177,8 @@ pub struct Receipt {
     pub flags: u8,
     /// Number of replicas, the leader included, known to hold the records durably.
     pub replicas: u16,
+    /// Their node ids (as many as `replicas`; empty from a node that does not name them).
+    pub holders: Vec<String>,
 }
 
 /// One log as listed by [`Request::ListLogs`] and [`Request::Status`].
@@ -184,8 +189,11 @@ pub struct LogInfo {
     pub start: u64,
     /// Next offset to be assigned (written, maybe not yet durable).
     pub end: u64,
-    /// Committed horizon: what readers see by default.
+    /// Committed horizon: what readers see by default (on a follower, the leader's commit
+    /// offset as far as this follower holds it durably).
     pub committed: u64,
+    /// Durable horizon on this node (fdatasync'd).
+    pub flushed: u64,
     pub epoch: u64,
     pub disk_bytes: u64,
 }
@@ -200,6 +208,44 @@ pub struct StatusResponse {
     pub uptime_ms: u64,
     pub connections: u32,
     pub logs: Vec<LogInfo>,
+    /// On a follower: the leader's address; empty otherwise.
+    pub leader: String,
+    /// On a leader: the replication state of each log.
+    pub replication: Vec<LogReplication>,
+}
+
+/// The leader's view of one log's replication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogReplication {
+    pub log: String,
+    /// Durable on the leader and every sync-set member: what readers see.
+    pub commit: u64,
+    /// The configured sync set size.
+    pub sync_replicas: u16,
+    /// Empty sync-set places (the durability debt while degraded).
+    pub sync_shortfall: u16,
+    pub followers: Vec<FollowerStatus>,
+}
+
+/// One follower of a log, as its leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerStatus {
+    pub id: String,
+    /// Where clients reach it (as it announced), or empty.
+    pub addr: String,
+    /// First offset it does not hold durably.
+    pub durable: u64,
+    pub connected: bool,
+    pub in_sync_set: bool,
+    /// Behind the leader's end: records, bytes (approximate, by segment position) and
+    /// milliseconds since it last had everything.
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    pub lag_ms: u64,
+    /// Catching up from far behind (bootstrap or bulk catch-up): bytes sent so far and the
+    /// bytes there were to send when it started; both 0 when live.
+    pub catchup_done_bytes: u64,
+    pub catchup_total_bytes: u64,
 }
 
 /// Whole batches in the storage format (`docs/log-format.md`), back to back.

@@ -176,6 +176,20 @@ impl Leader {
         self.settle(now_ms)
     }
 
+    /// Register a follower the leader expects (configured, not yet connected): it counts
+    /// among the replicas a quorum is a majority of.
+    pub fn register(&mut self, id: &str, now_ms: u64) {
+        self.followers
+            .entry(id.to_string())
+            .or_insert(FollowerProgress {
+                durable: 0,
+                connected: false,
+                last_heard_ms: now_ms,
+                caught_up_ms: None,
+                in_sync_set: false,
+            });
+    }
+
     /// A follower connected (or reconnected), holding `durable` records durably. One that comes
     /// back with less than the commit offset leaves the sync set until it has caught up.
     pub fn connected(&mut self, id: &str, durable: u64, now_ms: u64) -> Vec<Event> {

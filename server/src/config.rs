@@ -17,6 +17,80 @@ pub struct NodeConfig {
     pub auth: AuthSection,
     pub limits: LimitsSection,
     pub log: LogSection,
+    pub replication: ReplicationSection,
+}
+
+/// The node's place in replication. Until the controller decides leadership, it is fixed here:
+/// a node with `leader` set follows that node for every log; a node with `followers` leads
+/// every log it holds and accepts those followers; a node with neither runs standalone.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// On a follower: the leader's QUIC address.
+    pub leader: Option<SocketAddr>,
+    /// On a follower: the name the leader's certificate must be valid for (default: the
+    /// leader's IP address).
+    pub leader_name: Option<String>,
+    /// On a follower: the address clients reach this node at, announced to the leader (default:
+    /// the listen address).
+    pub advertise: Option<SocketAddr>,
+    /// On a leader: the node ids of its followers. Only these may replicate, and a quorum is
+    /// a majority of them plus the leader.
+    pub followers: Vec<String>,
+    /// Size of the sync set: 0 = asynchronous, 1 = semi-synchronous, all = synchronous.
+    pub sync_replicas: usize,
+    /// A sync follower further behind the leader's end than this many records leaves the set.
+    pub sync_lag_records_max: u64,
+    /// A sync follower behind for this long without acknowledging leaves the set (ms).
+    pub sync_lag_ms_max: u64,
+    /// `reject` (fail acks=sync appends when the sync set is short) or `degrade` (acknowledge
+    /// them marked degraded).
+    pub insufficient_replicas: String,
+    /// A follower further behind than this many bytes is served at bulk priority, below the
+    /// live tail of every other stream on the connection.
+    pub catchup_bytes_min: u64,
+    /// Most bytes of batches in one replication frame.
+    pub frame_bytes_max: u32,
+    /// Retention keeps what a registered follower still needs (connected or not), unless that
+    /// is more than this many bytes: then the follower will bootstrap when it returns.
+    pub retention_pin_bytes_max: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        let d = protocol::replication::ReplicationConfig::default();
+        ReplicationSection {
+            leader: None,
+            leader_name: None,
+            advertise: None,
+            followers: Vec::new(),
+            sync_replicas: d.sync_replicas,
+            sync_lag_records_max: d.sync_lag_records_max,
+            sync_lag_ms_max: d.sync_lag_ms_max,
+            insufficient_replicas: "reject".into(),
+            catchup_bytes_min: 4 << 20,
+            frame_bytes_max: 1 << 20,
+            retention_pin_bytes_max: 16 << 30,
+        }
+    }
+}
+
+/// What a node is for its logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Standalone,
+    Leader,
+    Follower(SocketAddr),
+}
+
+impl Role {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Standalone => "standalone",
+            Role::Leader => "leader",
+            Role::Follower(_) => "follower",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -99,6 +173,14 @@ pub struct LogSection {
     pub segment_bytes_max: u64,
     pub batch_bytes_max: usize,
     pub pending_bytes_max: usize,
+    /// Retention by size: oldest sealed segments are deleted while a log holds more than this
+    /// (0 = keep everything). Never past what a connected follower still needs.
+    pub retention_bytes_max: u64,
+    /// Retention by age: sealed segments whose newest record is older than this are deleted
+    /// (ms; 0 = keep everything).
+    pub retention_ms: u64,
+    /// How often retention is applied (ms).
+    pub retention_check_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -141,6 +223,9 @@ impl Default for LogSection {
             segment_bytes_max: d.segment_bytes_max,
             batch_bytes_max: d.batch_bytes_max,
             pending_bytes_max: d.pending_bytes_max,
+            retention_bytes_max: 0,
+            retention_ms: 0,
+            retention_check_ms: 10_000,
         }
     }
 }
@@ -187,6 +272,9 @@ impl NodeConfig {
             ("write_stall_timeout_ms", l.write_stall_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
         ];
+        if self.log.retention_check_ms == 0 {
+            return bad("log.retention_check_ms must be positive");
+        }
         if let Some((name, _)) = timeouts.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("limits.{name} must be positive")));
         }
@@ -196,7 +284,72 @@ impl NodeConfig {
         self.log_config()
             .validate()
             .map_err(|e| Error::Config(e.to_string()))?;
+        let r = &self.replication;
+        if r.leader.is_some() && !r.followers.is_empty() {
+            return bad("replication.leader (a follower) and replication.followers (a leader) exclude each other");
+        }
+        if let Some(id) = r
+            .followers
+            .iter()
+            .chain(std::iter::once(&self.node.id).filter(|id| !id.is_empty()))
+            .find(|id| !valid_node_id(id))
+        {
+            return Err(Error::Config(format!(
+                "node id {id:?}: use 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'"
+            )));
+        }
+        if r.followers.iter().any(|f| *f == self.node.id) {
+            return bad("replication.followers names this node itself");
+        }
+        if r.sync_replicas > r.followers.len() && !r.followers.is_empty() {
+            return Err(Error::Config(format!(
+                "replication.sync_replicas = {} exceeds the {} configured followers",
+                r.sync_replicas,
+                r.followers.len()
+            )));
+        }
+        self.replication_config()?;
+        if r.frame_bytes_max < 64 << 10 || r.frame_bytes_max > self.limits.frame_bytes_max {
+            return bad("replication.frame_bytes_max must be between 65536 and limits.frame_bytes_max");
+        }
+        if (r.leader.is_some() || !r.followers.is_empty())
+            && self.tls.cert.is_some()
+            && self.tls.ca.is_none()
+        {
+            return bad("replication with tls.cert needs tls.ca: the CA that signed every node's certificate");
+        }
         Ok(())
+    }
+
+    /// This node's role, from the replication section.
+    pub fn role(&self) -> Role {
+        match (self.replication.leader, self.replication.followers.is_empty()) {
+            (Some(a), _) => Role::Follower(a),
+            (None, false) => Role::Leader,
+            (None, true) => Role::Standalone,
+        }
+    }
+
+    /// The replication policy of the logs this node leads.
+    pub fn replication_config(&self) -> Result<protocol::replication::ReplicationConfig, Error> {
+        use protocol::replication::Insufficient;
+        let r = &self.replication;
+        let insufficient = match r.insufficient_replicas.as_str() {
+            "reject" => Insufficient::Reject,
+            "degrade" => Insufficient::Degrade,
+            other => {
+                return Err(Error::Config(format!(
+                    "replication.insufficient_replicas is {other:?}; use \"reject\" or \"degrade\""
+                )))
+            }
+        };
+        Ok(protocol::replication::ReplicationConfig {
+            // A standalone node has no followers: acks=sync has nothing to wait for.
+            sync_replicas: r.sync_replicas.min(r.followers.len()),
+            sync_lag_records_max: r.sync_lag_records_max,
+            sync_lag_ms_max: r.sync_lag_ms_max,
+            insufficient,
+        })
     }
 
     pub fn shard_count(&self) -> usize {
@@ -224,9 +377,28 @@ impl NodeConfig {
         }
     }
 
+    /// The retention policy, if any is configured.
+    pub fn retention(&self) -> Option<log_core::RetentionPolicy> {
+        let l = &self.log;
+        (l.retention_bytes_max > 0 || l.retention_ms > 0).then(|| log_core::RetentionPolicy {
+            bytes_max: (l.retention_bytes_max > 0).then_some(l.retention_bytes_max),
+            age_max: (l.retention_ms > 0).then(|| Duration::from_millis(l.retention_ms)),
+        })
+    }
+
     pub fn append_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.append_timeout_ms as u64)
     }
+}
+
+/// Node ids are DNS labels: a node's certificate names it as `<id>.node.replog`.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=63).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-')
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use protocol::{
-    ErrorCode, FrameHeader, LogInfo, ProtocolError, Request, Response, StatusResponse,
+    ErrorCode, FrameHeader, LogInfo, LogReplication, ProtocolError, Request, Response, StatusResponse,
     FRAME_HEADER_LEN,
 };
 use subtle::ConstantTimeEq;
@@ -103,6 +103,9 @@ pub(crate) async fn handle_incoming(shard: Rc<Shard>, incoming: quinn::Incoming)
         .c
         .connections_accepted
         .fetch_add(1, Ordering::Relaxed);
+    if alpn(&conn).as_deref() == Some(protocol::PEER_ALPN) {
+        return handle_peer(shard, conn).await;
+    }
     if !common.tokens.is_empty() && !authenticate(&shard, &conn).await {
         metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %conn.remote_address(), "connection closed: authentication failed");
@@ -112,6 +115,73 @@ pub(crate) async fn handle_incoming(shard: Rc<Shard>, incoming: quinn::Incoming)
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio_uring::spawn(serve_stream(shard.clone(), send, recv));
     }
+}
+
+/// The ALPN protocol the connection agreed on.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// A connection from another node (ALPN `replog-peer/1`): it must present a certificate issued
+/// by the cluster CA; each replication stream must further come from the node its certificate
+/// names.
+async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
+    let cluster = shard.common.cluster.clone();
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
+    let trusted = certs.as_ref().and_then(|c| c.split_first()).is_some_and(|(leaf, rest)| {
+        cluster
+            .verify_client_cert(leaf, rest, rustls_pki_types::UnixTime::now())
+            .is_ok()
+    });
+    if !trusted {
+        shard.common.metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %conn.remote_address(), "peer connection refused: no certificate from the cluster CA");
+        conn.close(close_code::UNAUTHENTICATED.into(), b"not a node of this cluster");
+        return;
+    }
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio_uring::spawn(serve_peer_stream(shard.clone(), conn.clone(), send, recv));
+    }
+}
+
+async fn serve_peer_stream(
+    shard: Rc<Shard>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let cfg = &shard.common.config;
+    let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
+        Ok(r) => r,
+        Err(ReadFail::Answer(code, msg)) => return reply_error(&shard, &mut send, code, &msg).await,
+        Err(ReadFail::Gone) => return,
+    };
+    let log = match &req {
+        Request::ListLogs => {
+            let (logs, _) = all_logs(&shard).await;
+            return reply(&shard, &mut send, &Response::Logs(logs)).await;
+        }
+        Request::Replicate(r) => {
+            if let Err(e) = crate::tls::verify_peer(&*shard.common.cluster, &conn, &r.follower) {
+                shard.common.metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %conn.remote_address(), follower = %r.follower, error = %e, "replication refused");
+                return reply_error(&shard, &mut send, ErrorCode::Unauthenticated, &e).await;
+            }
+            r.log.clone()
+        }
+        Request::EpochEnd { log, .. } => log.clone(),
+        _ => {
+            let msg = "a peer connection carries only list_logs, replicate and epoch_end";
+            return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
+        }
+    };
+    let recv = matches!(req, Request::Replicate(_)).then_some(recv);
+    forward(shard, &log, req, send, recv).await;
 }
 
 /// The first stream must carry a valid token. Never logs the token.
@@ -169,24 +239,29 @@ pub(crate) async fn read_request(
     limits: &protocol::Limits,
 ) -> Result<Request, ReadFail> {
     let timeout = Duration::from_millis(cfg.limits.request_timeout_ms as u64);
-    let read = async {
-        let mut hdr = [0u8; FRAME_HEADER_LEN];
-        read_exact(recv, &mut hdr, "frame header").await?;
-        let h = FrameHeader::parse(&hdr, limits)?;
-        if !h.is_request() {
-            return Err(ProtocolError::UnknownKind(h.kind).into());
-        }
-        let mut body = BytesMut::zeroed(h.body_len as usize);
-        read_exact(recv, &mut body, "frame body").await?;
-        Ok(protocol::decode_request(&h, body.freeze(), limits)?)
-    };
-    match tokio::time::timeout(timeout, read).await {
+    match tokio::time::timeout(timeout, read_frame(recv, limits)).await {
         Ok(r) => r,
         Err(_) => Err(ReadFail::Answer(
             ErrorCode::Timeout,
             format!("no complete request within {} ms", timeout.as_millis()),
         )),
     }
+}
+
+/// Read one request frame, however long it takes to come.
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    limits: &protocol::Limits,
+) -> Result<Request, ReadFail> {
+    let mut hdr = [0u8; FRAME_HEADER_LEN];
+    read_exact(recv, &mut hdr, "frame header").await?;
+    let h = FrameHeader::parse(&hdr, limits)?;
+    if !h.is_request() {
+        return Err(ProtocolError::UnknownKind(h.kind).into());
+    }
+    let mut body = BytesMut::zeroed(h.body_len as usize);
+    read_exact(recv, &mut body, "frame body").await?;
+    Ok(protocol::decode_request(&h, body.freeze(), limits)?)
 }
 
 async fn read_exact(
@@ -225,19 +300,25 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
         }
         Request::Auth { .. } => return reply(&shard, &mut send, &Response::Ok).await,
         Request::ListLogs => {
-            let logs = all_logs(&shard).await;
+            let (logs, _) = all_logs(&shard).await;
             return reply(&shard, &mut send, &Response::Logs(logs)).await;
         }
         Request::Status => {
             let c = &shard.common;
+            let (logs, replication) = all_logs(&shard).await;
             let status = StatusResponse {
                 node_id: c.node_id.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                role: "standalone".into(),
+                role: c.role.name().into(),
                 shards: c.shards.len() as u16,
                 uptime_ms: c.started.elapsed().as_millis() as u64,
                 connections: c.metrics.c.connections_open.load(Ordering::Relaxed) as u32,
-                logs: all_logs(&shard).await,
+                logs,
+                leader: match c.role {
+                    crate::config::Role::Follower(a) => a.to_string(),
+                    _ => String::new(),
+                },
+                replication,
             };
             return reply(&shard, &mut send, &Response::Status(status)).await;
         }
@@ -249,9 +330,21 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
             unreachable!("peer requests are answered above")
         }
     };
+    let log = log.clone();
+    forward(shard, &log, req, send, None).await
+}
+
+/// Serve a request for `log` here if this shard owns it, else hand it to the owner.
+async fn forward(
+    shard: Rc<Shard>,
+    log: &str,
+    req: Request,
+    send: quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+) {
     let owner = crate::shard_of(log, shard.common.shards.len());
     if owner == shard.id {
-        return crate::service::serve(shard, req, send).await;
+        return crate::service::serve(shard, req, send, recv).await;
     }
     shard
         .common
@@ -260,7 +353,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
         .forwarded
         .fetch_add(1, Ordering::Relaxed);
     if let Err(e) = shard.common.shards[owner]
-        .send(ShardMsg::Stream { req, send })
+        .send(ShardMsg::Stream { req, send, recv })
         .await
     {
         if let ShardMsg::Stream { mut send, .. } = e.0 {
@@ -275,22 +368,24 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
     }
 }
 
-/// The logs of every shard, by name.
-async fn all_logs(shard: &Rc<Shard>) -> Vec<LogInfo> {
-    let mut logs = shard.describe();
+/// The logs of every shard, by name, and the replication of those this node leads.
+async fn all_logs(shard: &Rc<Shard>) -> (Vec<LogInfo>, Vec<LogReplication>) {
+    let (mut logs, mut repl) = shard.describe();
     for (i, s) in shard.common.shards.iter().enumerate() {
         if i == shard.id {
             continue;
         }
         let (tx, rx) = oneshot::channel();
         if s.send(ShardMsg::ListLogs(tx)).await.is_ok() {
-            if let Ok(more) = rx.await {
+            if let Ok((more, more_repl)) = rx.await {
                 logs.extend(more);
+                repl.extend(more_repl);
             }
         }
     }
     logs.sort_by(|a, b| a.name.cmp(&b.name));
-    logs
+    repl.sort_by(|a, b| a.log.cmp(&b.log));
+    (logs, repl)
 }
 
 #[cfg(test)]

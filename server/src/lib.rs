@@ -14,6 +14,8 @@
 pub mod config;
 mod conn;
 mod files;
+mod follow;
+mod leader;
 pub mod metrics;
 mod service;
 mod shard;
@@ -56,6 +58,7 @@ pub fn shard_of(name: &str, shards: usize) -> usize {
 /// A running node. Dropping it without [`Node::shutdown`] leaves its threads running.
 pub struct Node {
     id: String,
+    role: config::Role,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shards: Vec<mpsc::Sender<shard::ShardMsg>>,
@@ -158,7 +161,8 @@ impl Node {
         files::private_dir(&dir.join("logs"))?;
         let lock = lock_data_dir(dir)?;
         let id = node_id(&cfg)?;
-        let server_config = tls::server_config(&cfg, &id)?;
+        let node_tls = tls::node_tls(&cfg, &id)?;
+        let server_config = node_tls.server.clone();
         let endpoint_config = endpoint_config(dir)?;
         let shards = cfg.shard_count();
         let metrics = metrics::Metrics::new(shards);
@@ -184,6 +188,10 @@ impl Node {
             metrics,
             tokens: conn::load_tokens(&cfg)?,
             started: std::time::Instant::now(),
+            role: cfg.role(),
+            advertise: cfg.replication.advertise.unwrap_or(local_addr),
+            peer_client: node_tls.peer_client,
+            cluster: node_tls.cluster,
             log_count: Default::default(),
         });
         let mut threads = Vec::new();
@@ -201,6 +209,7 @@ impl Node {
         }
         let node = Node {
             id,
+            role: cfg.role(),
             local_addr,
             metrics_addr,
             shards: senders,
@@ -226,6 +235,11 @@ impl Node {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// `standalone`, `leader` or `follower`.
+    pub fn role(&self) -> &'static str {
+        self.role.name()
     }
 
     /// The QUIC endpoint's address (useful with port 0).

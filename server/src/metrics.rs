@@ -37,6 +37,11 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     pub slow_readers_cut: AtomicU64,
     pub forwarded: AtomicU64,
+    pub sync_set_changes: AtomicU64,
+    pub appends_degraded: AtomicU64,
+    pub replicated_bytes: AtomicU64,
+    pub replication_refusals: AtomicU64,
+    pub bootstraps: AtomicU64,
 }
 
 pub struct ShardHistograms {
@@ -50,6 +55,8 @@ pub struct Metrics {
     pub c: Counters,
     shards: Vec<Mutex<ShardHistograms>>,
     error_codes: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// The latest replication state of each log this node leads, by log name.
+    replication: Mutex<std::collections::BTreeMap<String, protocol::LogReplication>>,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -69,6 +76,7 @@ impl Metrics {
                 })
                 .collect(),
             error_codes: Mutex::new(Default::default()),
+            replication: Mutex::new(Default::default()),
         })
     }
 
@@ -78,6 +86,14 @@ impl Metrics {
         if let Some(f) = flush {
             h.flush.saturating_record(f.as_micros() as u64);
         }
+    }
+
+    /// Publish a log's replication state (lag, sync set, commit) for the next scrape.
+    pub fn set_replication(&self, log: &str, state: protocol::LogReplication) {
+        self.replication
+            .lock()
+            .unwrap()
+            .insert(log.to_string(), state);
     }
 
     pub fn record_error(&self, code: protocol::ErrorCode) {
@@ -94,7 +110,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let c = &self.c;
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             (
                 "replog_appends_total",
                 "Append requests stored.",
@@ -155,6 +171,31 @@ impl Metrics {
                 "Error answers sent, all codes.",
                 &c.errors,
             ),
+            (
+                "replog_sync_set_changes_total",
+                "Followers that joined or left a sync set.",
+                &c.sync_set_changes,
+            ),
+            (
+                "replog_appends_degraded_total",
+                "acks=sync appends acknowledged degraded (sync set short, insufficient_replicas = degrade).",
+                &c.appends_degraded,
+            ),
+            (
+                "replog_replicated_bytes_total",
+                "Batch bytes sent to followers.",
+                &c.replicated_bytes,
+            ),
+            (
+                "replog_replication_refusals_total",
+                "Replication sessions a follower ended because of a refused frame or a failed step.",
+                &c.replication_refusals,
+            ),
+            (
+                "replog_bootstraps_total",
+                "Local replicas replaced by a bootstrap from the leader's first stored offset.",
+                &c.bootstraps,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(
@@ -175,6 +216,7 @@ impl Metrics {
         for (code, n) in self.error_codes.lock().unwrap().iter() {
             let _ = writeln!(out, "replog_error_answers_total{{code=\"{code}\"}} {n}");
         }
+        self.render_replication(&mut out);
         let (mut append, mut flush) = (new_hist(), new_hist());
         for s in &self.shards {
             let s = s.lock().unwrap();
@@ -194,6 +236,36 @@ impl Metrics {
             &flush,
         );
         out
+    }
+}
+
+impl Metrics {
+    fn render_replication(&self, out: &mut String) {
+        let repl = self.replication.lock().unwrap();
+        type Field = fn(&protocol::FollowerStatus) -> f64;
+        let per_follower: [(&str, &str, Field); 5] = [
+            ("replog_follower_lag_records", "Records the follower is behind the leader's end.", |f| f.lag_records as f64),
+            ("replog_follower_lag_bytes", "Bytes the follower is behind the leader's end (by segment position).", |f| f.lag_bytes as f64),
+            ("replog_follower_lag_seconds", "Time since the follower last had everything the leader has.", |f| f.lag_ms as f64 / 1e3),
+            ("replog_follower_in_sync_set", "1 if the follower is in the sync set.", |f| f64::from(u8::from(f.in_sync_set))),
+            ("replog_follower_connected", "1 if the follower's replication stream is open.", |f| f64::from(u8::from(f.connected))),
+        ];
+        for (name, help, get) in per_follower {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (log, l) in repl.iter() {
+                for f in &l.followers {
+                    let _ = writeln!(out, "{name}{{log=\"{log}\",follower=\"{}\"}} {}", f.id, get(f));
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP replog_sync_shortfall Empty sync-set places: the durability debt while degraded.\n# TYPE replog_sync_shortfall gauge");
+        for (log, l) in repl.iter() {
+            let _ = writeln!(out, "replog_sync_shortfall{{log=\"{log}\"}} {}", l.sync_shortfall);
+        }
+        let _ = writeln!(out, "# HELP replog_commit_offset The log's commit offset on its leader.\n# TYPE replog_commit_offset gauge");
+        for (log, l) in repl.iter() {
+            let _ = writeln!(out, "replog_commit_offset{{log=\"{log}\"}} {}", l.commit);
+        }
     }
 }
 

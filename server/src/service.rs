@@ -11,7 +11,7 @@ use protocol::close_code;
 use protocol::idempotence::{Decision, StoredAppend};
 use protocol::{
     Acks, AppendRequest, ErrorCode, ErrorResponse, ReadRequest, Receipt, Request, Response,
-    TailRequest, RECEIPT_DUPLICATE,
+    TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
 };
 
 use crate::shard::{LogEntry, Shard};
@@ -19,7 +19,7 @@ use crate::shard::{LogEntry, Shard};
 /// Write `chunks` in full, as long as the peer keeps taking data: a stream whose peer accepts
 /// nothing for `stall` is reset with the slow-reader code. Returns whether everything was
 /// written (a peer that went away, or was cut off, is not an error of the node's).
-async fn write_all(shard: &Shard, send: &mut quinn::SendStream, chunks: &mut [Bytes]) -> bool {
+pub(crate) async fn write_all(shard: &Shard, send: &mut quinn::SendStream, chunks: &mut [Bytes]) -> bool {
     let stall = Duration::from_millis(shard.common.config.limits.write_stall_timeout_ms as u64);
     let mut i = 0;
     while i < chunks.len() {
@@ -74,10 +74,14 @@ async fn send_error(
     detail: u64,
 ) {
     shard.common.metrics.record_error(code);
+    let leader = match (code, &shard.common.role) {
+        (ErrorCode::NotLeader, crate::config::Role::Follower(a)) => a.to_string(),
+        _ => String::new(),
+    };
     let resp = Response::Error(ErrorResponse {
         code,
         message: msg.to_string(),
-        leader: String::new(),
+        leader,
         detail,
     });
     reply(shard, send, &resp).await
@@ -113,9 +117,17 @@ fn fail(code: ErrorCode, msg: impl Into<String>) -> Fail {
     Fail(code, msg.into(), 0)
 }
 
-pub(crate) async fn serve(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
+pub(crate) async fn serve(
+    shard: Rc<Shard>,
+    req: Request,
+    mut send: quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+) {
     let result = match req {
-        Request::CreateLog { name } => create(&shard, &name).await.map(|()| Response::Ok),
+        Request::CreateLog { name } => match not_leader(&shard) {
+            Some(f) => Err(f),
+            None => create(&shard, &name).await.map(|()| Response::Ok),
+        },
         Request::Append(a) => append(&shard, a, &mut send).await.map(Response::Receipt),
         Request::Read(r) => match read(&shard, &r, &mut send).await {
             Ok(()) => return,
@@ -128,13 +140,40 @@ pub(crate) async fn serve(shard: Rc<Shard>, req: Request, mut send: quinn::SendS
         Request::Auth { .. } | Request::ListLogs | Request::Status => {
             unreachable!("served by the accepting shard")
         }
-        Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
-            unreachable!("refused by the accepting shard")
-        }
+        Request::Replicate(r) => match (entry(&shard, &r.log), recv) {
+            (Ok(e), Some(recv)) => {
+                match crate::leader::serve(shard.clone(), e, r, &mut send, recv).await {
+                    Ok(()) => return,
+                    Err((code, msg, detail)) => Err(Fail(code, msg, detail)),
+                }
+            }
+            (Err(f), _) => Err(f),
+            (Ok(_), None) => Err(fail(ErrorCode::Internal, "replication stream without its receive side")),
+        },
+        Request::EpochEnd { log, epoch } => entry(&shard, &log).map(|e| {
+            let (epoch, end) = crate::leader::epoch_end(&e.log, epoch);
+            Response::EpochEnd { epoch, end }
+        }),
+        Request::Ack { .. } => Err(fail(
+            ErrorCode::UnknownMessage,
+            "ack is sent only on a replication stream",
+        )),
     };
     match result {
         Ok(resp) => reply(&shard, &mut send, &resp).await,
         Err(Fail(code, msg, detail)) => send_error(&shard, &mut send, code, &msg, detail).await,
+    }
+}
+
+/// On a follower: the redirect to the leader that every write gets.
+fn not_leader(shard: &Shard) -> Option<Fail> {
+    match shard.common.role {
+        crate::config::Role::Follower(leader) => Some(Fail(
+            ErrorCode::NotLeader,
+            format!("this node follows {leader}; write there"),
+            0,
+        )),
+        _ => None,
     }
 }
 
@@ -144,7 +183,7 @@ fn entry(shard: &Shard, name: &str) -> Result<Rc<LogEntry>, Fail> {
         .ok_or_else(|| fail(ErrorCode::LogNotFound, format!("no log named {name:?}")))
 }
 
-async fn create(shard: &Shard, name: &str) -> Result<(), Fail> {
+async fn create(shard: &Rc<Shard>, name: &str) -> Result<(), Fail> {
     log_core::validate_log_name(name)?;
     let dir = shard.logs_dir().join(name);
     if shard.get(name).is_some() || shard.creating.borrow().contains(name) || dir.exists() {
@@ -215,15 +254,33 @@ async fn append(
     send: &mut quinn::SendStream,
 ) -> Result<Receipt, Fail> {
     let started = Instant::now();
+    if let Some(f) = not_leader(shard) {
+        return Err(f);
+    }
     let e = entry(shard, &a.log)?;
-    if matches!(a.acks, Acks::Sync | Acks::Quorum) {
-        return Err(fail(
-            ErrorCode::NotEnoughReplicas,
-            format!(
-                "acks={} needs followers; this node runs standalone (no replicas), so only none and leader are available",
-                a.acks.name()
-            ),
-        ));
+    let repl = e.leading();
+    match &repl {
+        None if matches!(a.acks, Acks::Sync | Acks::Quorum) => {
+            return Err(fail(
+                ErrorCode::NotEnoughReplicas,
+                format!(
+                    "acks={} needs followers; this node runs standalone (no replicas), so only none and leader are available",
+                    a.acks.name()
+                ),
+            ))
+        }
+        Some(r) => {
+            if let Err((have, need)) = r.admits(a.acks) {
+                return Err(fail(
+                    ErrorCode::NotEnoughReplicas,
+                    format!(
+                        "acks={} needs {need} replicas in step with the leader, {have} are (insufficient_replicas = reject); nothing was stored",
+                        a.acks.name()
+                    ),
+                ));
+            }
+        }
+        None => {}
     }
     let timeout = match a.timeout_ms {
         0 => shard.common.config.append_timeout(),
@@ -281,6 +338,9 @@ async fn append(
         }
         match e.log.try_append_producer(e.epoch, producer, &a.records) {
             Ok(done) => {
+                if let Some(r) = &repl {
+                    r.appended(done.next);
+                }
                 let stored = StoredAppend {
                     first: done.first.0,
                     next: done.next.0,
@@ -300,7 +360,44 @@ async fn append(
         }
     };
     let queued = Instant::now();
-    wait_level(&e.log, a.acks, Offset(appended.next), deadline).await?;
+    let next = Offset(appended.next);
+    let (level, holders, degraded) = match (&repl, a.acks) {
+        (Some(r), Acks::Sync | Acks::Quorum) => {
+            // The leader's own flush counts too: wait for it first (it is usually the shorter).
+            wait_level(&e.log, Acks::Leader, next, deadline).await?;
+            match r.wait(&a.log, shard, a.acks, next, deadline).await {
+                Ok((holders, true)) => (Acks::Leader, holders, true),
+                Ok((holders, false)) => (a.acks, holders, false),
+                Err(crate::leader::WaitFail::Deadline) => {
+                    return Err(fail(
+                        ErrorCode::Timeout,
+                        format!(
+                            "acks={} not reached in time; the append is stored on the leader and may be replicated",
+                            a.acks.name()
+                        ),
+                    ))
+                }
+                Err(crate::leader::WaitFail::Replicas { have, need }) => {
+                    return Err(fail(
+                        ErrorCode::Timeout,
+                        format!(
+                            "acks={}: replicas left while waiting ({have} of {need}); the append is stored on the leader, its replication is unknown",
+                            a.acks.name()
+                        ),
+                    ))
+                }
+            }
+        }
+        _ => {
+            wait_level(&e.log, a.acks, next, deadline).await?;
+            let holders = match (&repl, a.acks) {
+                (_, Acks::None) => Vec::new(),
+                (Some(r), _) => r.holders(next),
+                (None, _) => vec![shard.common.node_id.clone()],
+            };
+            (a.acks, holders, false)
+        }
+    };
     let m = &shard.common.metrics;
     if duplicate {
         m.c.append_duplicates.fetch_add(1, Ordering::Relaxed);
@@ -312,32 +409,30 @@ async fn append(
         let flush = (a.acks != Acks::None).then(|| queued.elapsed());
         m.record_append(shard.id, started.elapsed(), flush);
     }
+    let mut flags = if duplicate { RECEIPT_DUPLICATE } else { 0 };
+    if degraded {
+        flags |= RECEIPT_DEGRADED;
+    }
     Ok(Receipt {
         first: appended.first,
         next: appended.next,
         epoch: appended.epoch,
-        level: a.acks,
-        flags: if duplicate { RECEIPT_DUPLICATE } else { 0 },
-        // Replicas holding the records durably: none yet at acks=none.
-        replicas: if a.acks == Acks::None { 0 } else { 1 },
+        level,
+        flags,
+        replicas: holders.len() as u16,
+        holders,
     })
 }
 
 /// Wait until the committed horizon reaches `target`, or `deadline`. Returns whether it did.
-async fn wait_committed(log: &Log, target: Offset, deadline: Instant) -> Result<bool, Fail> {
+async fn wait_committed(e: &LogEntry, target: Offset, deadline: Instant) -> bool {
     loop {
-        if log.flush_offset() >= target {
-            return Ok(true);
+        let changed = e.changed.notified();
+        if e.committed() >= target {
+            return true;
         }
-        let next = log.next_offset();
-        let waited = if next >= target {
-            until(deadline, log.wait_flushed(target)).await
-        } else {
-            until(deadline, log.wait_appended(next)).await
-        };
-        match waited {
-            Some(r) => r?,
-            None => return Ok(false),
+        if until(deadline, changed).await.is_none() {
+            return false;
         }
     }
 }
@@ -357,12 +452,13 @@ fn check_from(log: &Log, from: u64) -> Result<(), Fail> {
 /// Write one Batches frame: the prefix, then the batch bytes straight from the mappings.
 async fn send_batches(
     shard: &Shard,
-    log: &Log,
+    e: &LogEntry,
     send: &mut quinn::SendStream,
     from: Offset,
     bytes_max: u32,
 ) -> Result<Option<Offset>, Fail> {
-    let committed = log.flush_offset();
+    let log = &e.log;
+    let committed = e.committed();
     let cap = bytes_max.clamp(1, shard.common.config.limits.read_bytes_max) as usize;
     let read = log.read(from, committed, cap)?;
     let len: usize = read.batches.iter().map(|b| b.len()).sum();
@@ -389,12 +485,12 @@ async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> R
         Duration::from_millis(r.wait_ms.min(shard.common.config.limits.read_wait_max_ms) as u64);
     let deadline = Instant::now() + wait;
     let waited = async {
-        if r.min_offset > 0 && !wait_committed(&e.log, Offset(r.min_offset), deadline).await? {
+        if r.min_offset > 0 && !wait_committed(&e, Offset(r.min_offset), deadline).await {
             return Ok(false);
         }
         check_from(&e.log, r.from)?;
-        if e.log.flush_offset().0 <= r.from && !wait.is_zero() {
-            wait_committed(&e.log, Offset(r.from + 1), deadline).await?;
+        if e.committed().0 <= r.from && !wait.is_zero() {
+            wait_committed(&e, Offset(r.from + 1), deadline).await;
         }
         Ok::<bool, Fail>(true)
     };
@@ -404,16 +500,17 @@ async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> R
         _ = send.stopped() => return Ok(()),
     };
     if !reached {
-        return Err(fail(
-            ErrorCode::Timeout,
+        let committed = e.committed().0;
+        return Err(Fail(
+            ErrorCode::Behind,
             format!(
-                "this node has committed up to {}, below min_offset {}",
-                e.log.flush_offset(),
+                "this node has committed up to {committed}, below min_offset {}",
                 r.min_offset
             ),
+            committed,
         ));
     }
-    if send_batches(shard, &e.log, send, Offset(r.from), r.bytes_max)
+    if send_batches(shard, &e, send, Offset(r.from), r.bytes_max)
         .await?
         .is_some()
     {
@@ -427,15 +524,15 @@ async fn tail(shard: &Shard, t: &TailRequest, send: &mut quinn::SendStream) -> R
     check_from(&e.log, t.from)?;
     let mut pos = Offset(t.from);
     loop {
-        if e.log.flush_offset() <= pos {
+        if e.committed() <= pos {
             // Wait for new records, or for the client to go away.
             tokio::select! {
-                r = wait_committed(&e.log, pos.plus(1), Instant::now() + Duration::from_secs(3600)) => { r?; }
+                _ = wait_committed(&e, pos.plus(1), Instant::now() + Duration::from_secs(3600)) => {}
                 _ = send.stopped() => return Ok(()),
             }
             continue;
         }
-        match send_batches(shard, &e.log, send, pos, t.bytes_max).await? {
+        match send_batches(shard, &e, send, pos, t.bytes_max).await? {
             Some(next) => pos = next,
             None => return Ok(()),
         }

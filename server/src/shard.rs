@@ -7,12 +7,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use log_core::{Epoch, Log};
+use log_core::{Epoch, Log, Offset};
 use protocol::idempotence::{ProducerTable, StoredAppend};
-use protocol::{LogInfo, Request};
-use tokio::sync::{mpsc, oneshot};
+use protocol::{LogInfo, LogReplication, Request};
+use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, Role};
 use crate::metrics::Metrics;
 use crate::Error;
 
@@ -24,6 +24,14 @@ pub(crate) struct Common {
     pub metrics: Arc<Metrics>,
     pub tokens: Vec<Vec<u8>>,
     pub started: Instant,
+    /// This node's role for every log it holds.
+    pub role: Role,
+    /// Where clients reach this node (announced to the leader by a follower).
+    pub advertise: std::net::SocketAddr,
+    /// TLS towards peers: the client configuration to reach a leader, and the verifier of
+    /// peer certificates.
+    pub peer_client: quinn::ClientConfig,
+    pub cluster: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     /// Logs open or being created on the node, over all shards (checked against `logs_max`).
     pub log_count: std::sync::atomic::AtomicUsize,
 }
@@ -34,9 +42,11 @@ pub(crate) enum ShardMsg {
     Stream {
         req: Request,
         send: quinn::SendStream,
+        /// The request side, for streams that carry more than one request (replication).
+        recv: Option<quinn::RecvStream>,
     },
-    /// Describe the logs this shard owns.
-    ListLogs(oneshot::Sender<Vec<LogInfo>>),
+    /// Describe the logs this shard owns (and, on a leader, their replication).
+    ListLogs(oneshot::Sender<(Vec<LogInfo>, Vec<LogReplication>)>),
     /// Close the endpoint and the logs, then answer.
     Shutdown(oneshot::Sender<Result<(), Error>>),
 }
@@ -44,9 +54,41 @@ pub(crate) enum ShardMsg {
 /// A log and the node-side state that goes with it.
 pub(crate) struct LogEntry {
     pub log: Log,
-    /// The epoch this node appends in (a standalone node leads every log it has).
+    /// The epoch this node appends in. A leader starts a new epoch every time it opens the log,
+    /// so records it lost in a crash (written, never durable) can never be confused with
+    /// different records at the same offsets later.
     pub epoch: Epoch,
     pub producers: RefCell<ProducerTable>,
+    pub role: EntryRole,
+    /// Notified whenever the committed horizon may have moved (readers and tails wait on it).
+    pub changed: Rc<Notify>,
+}
+
+/// What the node does for one log.
+pub(crate) enum EntryRole {
+    Standalone,
+    Leader(Rc<crate::leader::Replication>),
+    /// Following: the leader's commit offset as the last frame brought it.
+    Follower(Rc<std::cell::Cell<u64>>),
+}
+
+impl LogEntry {
+    pub fn leading(&self) -> Option<Rc<crate::leader::Replication>> {
+        match &self.role {
+            EntryRole::Leader(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// What readers see: the flushed horizon on a standalone node, the commit offset on a
+    /// leader, and on a follower the leader's commit offset as far as it is durable here.
+    pub fn committed(&self) -> Offset {
+        match &self.role {
+            EntryRole::Standalone => self.log.flush_offset(),
+            EntryRole::Leader(r) => r.commit().min(self.log.flush_offset()),
+            EntryRole::Follower(c) => Offset(c.get()).min(self.log.flush_offset()),
+        }
+    }
 }
 
 /// The shard-local state, shared by the tasks of one thread.
@@ -74,35 +116,89 @@ impl Shard {
     }
 
     /// Open an existing log (at start) or create one, and rebuild its producer table.
-    pub async fn open_log(&self, name: &str) -> Result<Rc<LogEntry>, Error> {
+    pub async fn open_log(self: &Rc<Self>, name: &str) -> Result<Rc<LogEntry>, Error> {
         let log = Log::open(self.logs_dir().join(name), self.common.config.log_config()).await?;
-        let epoch = log.last_epoch().unwrap_or(Epoch(1)).max(Epoch(1));
+        self.install(name, log)
+    }
+
+    /// Take `log` into service under `name`, in this node's role.
+    pub fn install(self: &Rc<Self>, name: &str, log: Log) -> Result<Rc<LogEntry>, Error> {
+        let last = log.last_epoch().map_or(0, |e| e.0);
+        let changed = Rc::new(Notify::new());
+        let (epoch, role) = match &self.common.role {
+            Role::Standalone => (Epoch(last.max(1)), EntryRole::Standalone),
+            Role::Leader => {
+                let epoch = Epoch(last + 1);
+                log.begin_epoch(epoch)?;
+                let repl =
+                    crate::leader::Replication::new(&self.common.node_id, self, &log, changed.clone());
+                (epoch, EntryRole::Leader(Rc::new(repl)))
+            }
+            Role::Follower(_) => (
+                Epoch(last),
+                EntryRole::Follower(Rc::new(std::cell::Cell::new(0))),
+            ),
+        };
         let mut producers = ProducerTable::new(self.common.config.limits.producers_per_log_max);
         rebuild_producers(&log, &mut producers)?;
         let entry = Rc::new(LogEntry {
             log,
             epoch,
             producers: RefCell::new(producers),
+            role,
+            changed,
         });
         self.logs
             .borrow_mut()
             .insert(name.to_string(), entry.clone());
+        if entry.leading().is_some() {
+            tokio_uring::spawn(crate::leader::drive(self.clone(), name.to_string(), entry.clone()));
+        } else {
+            tokio_uring::spawn(watch_flush(self.clone(), entry.clone()));
+        }
         Ok(entry)
     }
 
-    pub fn describe(&self) -> Vec<LogInfo> {
-        self.logs
-            .borrow()
+    pub fn describe(&self) -> (Vec<LogInfo>, Vec<LogReplication>) {
+        let logs = self.logs.borrow();
+        let info = logs
             .iter()
             .map(|(name, e)| LogInfo {
                 name: name.clone(),
                 start: e.log.start_offset().0,
                 end: e.log.next_offset().0,
-                committed: e.log.flush_offset().0,
-                epoch: e.epoch.0,
+                committed: e.committed().0,
+                flushed: e.log.flush_offset().0,
+                epoch: match e.role {
+                    EntryRole::Follower(_) => e.log.last_epoch().map_or(0, |x| x.0),
+                    _ => e.epoch.0,
+                },
                 disk_bytes: e.log.disk_bytes(),
             })
-            .collect()
+            .collect();
+        let repl = logs
+            .iter()
+            .filter_map(|(name, e)| Some(e.leading()?.status(name, &e.log)))
+            .collect();
+        (info, repl)
+    }
+}
+
+/// Wake a log's readers whenever its flushed horizon moves (standalone and follower logs; a
+/// leader's [`crate::leader::drive`] does this and more).
+async fn watch_flush(shard: Rc<Shard>, entry: Rc<LogEntry>) {
+    let log = &entry.log;
+    loop {
+        let flushed = log.flush_offset();
+        let r = if log.next_offset() > flushed {
+            log.wait_flushed(flushed.plus(1)).await
+        } else {
+            log.wait_appended(flushed).await
+        };
+        if r.is_err() || shard.closing.get() {
+            return;
+        }
+        entry.changed.notify_waiters();
     }
 }
 
@@ -205,6 +301,12 @@ pub(crate) fn run(
             }
         };
         let _ = ready.send(Ok(()));
+        if let Some(policy) = common.config.retention() {
+            tokio_uring::spawn(retention(shard.clone(), policy));
+        }
+        if let Role::Follower(leader) = common.role {
+            tokio_uring::spawn(crate::follow::run(shard.clone(), leader));
+        }
 
         let accept = {
             let shard = shard.clone();
@@ -218,8 +320,8 @@ pub(crate) fn run(
 
         let done = loop {
             match rx.recv().await {
-                Some(ShardMsg::Stream { req, send }) => {
-                    tokio_uring::spawn(crate::service::serve(shard.clone(), req, send));
+                Some(ShardMsg::Stream { req, send, recv }) => {
+                    tokio_uring::spawn(crate::service::serve(shard.clone(), req, send, recv));
                 }
                 Some(ShardMsg::ListLogs(reply)) => {
                     let _ = reply.send(shard.describe());
@@ -237,6 +339,36 @@ pub(crate) fn run(
             let _ = reply.send(result);
         }
     });
+}
+
+/// Apply the retention policy to every log of the shard, every `log.retention_check_ms`.
+async fn retention(shard: Rc<Shard>, policy: log_core::RetentionPolicy) {
+    let every = std::time::Duration::from_millis(shard.common.config.log.retention_check_ms);
+    while !shard.closing.get() {
+        tokio::time::sleep(every).await;
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let logs: Vec<(String, Rc<LogEntry>)> = shard
+            .logs
+            .borrow()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        for (name, e) in logs {
+            if let Some(repl) = e.leading() {
+                repl.release_far_pins(&name, &e.log, shard.common.config.replication.retention_pin_bytes_max);
+            }
+            let before = e.log.start_offset();
+            match e.log.apply_retention(&policy, now_us) {
+                Ok(start) if start > before => {
+                    tracing::info!(log = %name, start = start.0, "retention moved the log start");
+                }
+                Ok(_) => {}
+                Err(err) => tracing::error!(log = %name, error = %err, "retention failed"),
+            }
+        }
+    }
 }
 
 async fn close_logs(shard: &Shard) -> Result<(), Error> {

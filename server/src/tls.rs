@@ -109,8 +109,9 @@ fn dev_node_identity(
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
     let (_, issuer) = dev_ca(&dev_ca_dir()?)?;
     let key = KeyPair::generate().map_err(tls_err("generate node key"))?;
-    let mut params =
-        CertificateParams::new(dev_names(cfg.node.listen)).map_err(tls_err("node names"))?;
+    let mut names = dev_names(cfg.node.listen);
+    names.push(peer_name(node_id));
+    let mut params = CertificateParams::new(names).map_err(tls_err("node names"))?;
     params
         .distinguished_name
         .push(DnType::CommonName, format!("replog node {node_id}"));
@@ -170,43 +171,200 @@ pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, Error> {
     Ok(roots)
 }
 
-/// The quinn server configuration: TLS 1.3 only, ALPN `replog/1`, 0-RTT off, optional client
-/// certificates, and explicit stream and window limits.
-pub fn server_config(cfg: &NodeConfig, node_id: &str) -> Result<quinn::ServerConfig, Error> {
+/// The DNS name a node's certificate must carry (as a subject alternative name) to act as node
+/// `id` towards other nodes: `<id>.node.replog`.
+pub fn peer_name(id: &str) -> String {
+    format!("{id}.node.replog")
+}
+
+/// Everything TLS a node needs: its server configuration (clients and peers), the client
+/// configuration it uses to reach a leader, and the verifier that decides whether a peer is a
+/// node of this cluster.
+pub struct NodeTls {
+    pub server: quinn::ServerConfig,
+    pub peer_client: quinn::ClientConfig,
+    pub cluster: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+/// The CA(s) that signed every node's certificate: `tls.ca`, or the development CA.
+fn cluster_roots(cfg: &NodeConfig) -> Result<rustls::RootCertStore, Error> {
     if let Some(ca) = &cfg.tls.ca {
-        load_roots(ca)?;
+        return load_roots(ca);
     }
+    if cfg.tls.cert.is_some() {
+        // Production certificates without tls.ca: there is no cluster to verify peers against
+        // (the configuration check refuses replication in this case).
+        return Ok(rustls::RootCertStore::empty());
+    }
+    let (pem, _) = dev_ca(&dev_ca_dir()?)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let c = c.map_err(|e| Error::Tls(format!("development CA: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| Error::Tls(format!("development CA: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// The TLS configurations of a node: TLS 1.3 only, ALPN `replog/1` (clients) and
+/// `replog-peer/1` (nodes), 0-RTT off, and explicit stream and window limits. Client
+/// certificates are verified against `tls.client_ca` and the cluster CA; they are required when
+/// `tls.client_ca` is set. A peer is further checked by [`verify_peer`].
+pub fn node_tls(cfg: &NodeConfig, node_id: &str) -> Result<NodeTls, Error> {
     let (chain, key) = match (&cfg.tls.cert, &cfg.tls.key) {
         (Some(c), Some(k)) => load_pem_identity(c, k)?,
         _ => dev_node_identity(cfg, node_id)?,
     };
+    let cluster = cluster_roots(cfg)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+    let mut accepted = cluster.clone();
+    if let Some(ca) = &cfg.tls.client_ca {
+        for anchor in load_roots(ca)?.roots {
+            accepted.roots.push(anchor);
+        }
+    }
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?;
-    let builder = match &cfg.tls.client_ca {
-        Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(load_roots(ca)?),
-                provider,
-            )
+    let builder = if accepted.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(accepted),
+            provider.clone(),
+        );
+        let verifier = if cfg.tls.client_ca.is_some() {
+            verifier
+        } else {
+            verifier.allow_unauthenticated()
+        };
+        let verifier = verifier
             .build()
-            .map_err(|e| Error::Tls(format!("client CA {}: {e}", ca.display())))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
+            .map_err(|e| Error::Tls(format!("client certificate verifier: {e}")))?;
+        builder.with_client_cert_verifier(verifier)
     };
     let mut crypto = builder
-        .with_single_cert(chain, key)
+        .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| Error::Tls(format!("certificate and key: {e}")))?;
-    crypto.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    crypto.alpn_protocols = vec![protocol::ALPN.to_vec(), protocol::PEER_ALPN.to_vec()];
     crypto.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
         .map_err(|e| Error::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(cfg)));
-    Ok(server)
+
+    let cluster_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = if cluster
+        .is_empty()
+    {
+        Arc::new(NoPeers)
+    } else {
+        rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(cluster.clone()),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| Error::Tls(format!("cluster CA: {e}")))?
+    };
+
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(cluster)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| Error::Tls(format!("certificate and key: {e}")))?;
+    client.alpn_protocols = vec![protocol::PEER_ALPN.to_vec()];
+    client.enable_early_data = false;
+    let client = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut peer_client = quinn::ClientConfig::new(Arc::new(client));
+    peer_client.transport_config(Arc::new(peer_transport_config(cfg)));
+    Ok(NodeTls {
+        server,
+        peer_client,
+        cluster: cluster_verifier,
+    })
 }
+
+/// A verifier for a node without a cluster CA: refuses every peer.
+#[derive(Debug)]
+struct NoPeers;
+
+impl rustls::server::danger::ClientCertVerifier for NoPeers {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Err(rustls::Error::General("this node has no cluster CA (tls.ca)".into()))
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no peers".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no peers".into()))
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        Vec::new()
+    }
+}
+
+/// Check that a peer connection's client certificate was issued by the cluster CA and names
+/// node `id` (`<id>.node.replog`). The TLS handshake already proved the peer holds the key.
+pub fn verify_peer(
+    cluster: &dyn rustls::server::danger::ClientCertVerifier,
+    conn: &quinn::Connection,
+    id: &str,
+) -> Result<(), String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or("the peer presented no certificate")?;
+    let (leaf, intermediates) = certs.split_first().ok_or("empty certificate chain")?;
+    cluster
+        .verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now())
+        .map_err(|e| format!("certificate not issued by the cluster CA: {e}"))?;
+    let parsed = rustls::server::ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from(peer_name(id))
+        .map_err(|_| format!("node id {id:?} is not a valid name"))?;
+    rustls::client::verify_server_name(&parsed, &name)
+        .map_err(|_| format!("the certificate does not name node {id:?} ({})", peer_name(id)))
+}
+
+/// Peer connections detect a dead peer quickly: keep-alives every second and a 10 s idle
+/// timeout (the smaller of the two sides' applies).
+fn peer_transport_config(cfg: &NodeConfig) -> quinn::TransportConfig {
+    let mut t = transport_config(cfg);
+    t.max_idle_timeout(Some(
+        PEER_IDLE_TIMEOUT
+            .min(Duration::from_millis(cfg.limits.idle_timeout_ms as u64))
+            .try_into()
+            .expect("idle timeout in range"),
+    ))
+    .keep_alive_interval(Some(PEER_KEEP_ALIVE))
+    .max_concurrent_bidi_streams(0u32.into());
+    t
+}
+
+/// Idle timeout of connections to a leader.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval of connections to a leader.
+pub const PEER_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 fn transport_config(cfg: &NodeConfig) -> quinn::TransportConfig {
     let l = &cfg.limits;

@@ -1,5 +1,6 @@
 //! A small in-process stand-in for a replog node, speaking the wire protocol over QUIC, with
-//! switches to misbehave (redirect, lose answers, stay silent, corrupt reads, reset tails).
+//! switches to misbehave (redirect, lose answers, stay silent, corrupt reads, reset tails, lag
+//! behind as a replica).
 //! It exists to exercise the client's network paths; it is not a reference implementation.
 
 #![allow(dead_code)]
@@ -98,6 +99,9 @@ pub struct Behaviour {
     pub corrupt_reads: bool,
     /// Reset a tail stream after sending this many frames on it, once.
     pub reset_tail_after: Option<usize>,
+    /// Act as a replica that has committed only up to this offset, whatever it stores: reads
+    /// with a higher `min_offset` are answered `behind` with this offset in `detail`.
+    pub behind: Option<u64>,
 }
 
 #[derive(Default)]
@@ -195,6 +199,18 @@ impl FakeNode {
         f(&mut self.state.lock().unwrap())
     }
 
+    /// Create an empty log directly, as another client would.
+    pub fn create_direct(&self, log: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.logs.insert(
+            log.to_string(),
+            LogState {
+                producers: Some(ProducerTable::new(100)),
+                ..LogState::default()
+            },
+        );
+    }
+
     /// Append records directly, as another writer would.
     pub fn append_direct(&self, log: &str, records: &[&[u8]]) {
         let mut s = self.state.lock().unwrap();
@@ -215,6 +231,11 @@ impl FakeNode {
             out.extend(view.records().map(|r| Bytes::copy_from_slice(r.value)));
         }
         out
+    }
+
+    /// The stored batches of `log`, exactly as encoded, in offset order.
+    pub fn stored_batches(&self, log: &str) -> Vec<Bytes> {
+        self.state.lock().unwrap().logs[log].batches.clone()
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -285,6 +306,7 @@ fn info(name: &str, l: &LogState) -> LogInfo {
         start: 0,
         end: l.end,
         committed: l.end,
+        flushed: l.end,
         epoch: 1,
         disk_bytes: l.batches.iter().map(|b| b.len() as u64).sum(),
     }
@@ -360,6 +382,8 @@ async fn serve_stream(
                 uptime_ms: 1,
                 connections: s.connections as u32,
                 logs: s.logs.iter().map(|(n, l)| info(n, l)).collect(),
+                leader: String::new(),
+                replication: Vec::new(),
             })
         }
         Request::Append(a) => {
@@ -414,6 +438,7 @@ async fn serve_stream(
                                 level: a.acks,
                                 flags: 0,
                                 replicas: 1,
+                                holders: vec!["fake".into()],
                             })
                         }
                         Decision::Duplicate(st) => Response::Receipt(Receipt {
@@ -423,6 +448,7 @@ async fn serve_stream(
                             level: a.acks,
                             flags: RECEIPT_DUPLICATE,
                             replicas: 1,
+                            holders: vec!["fake".into()],
                         }),
                         Decision::SequenceGap { expected } => Response::Error(ErrorResponse {
                             code: ErrorCode::SequenceGap,
@@ -454,11 +480,24 @@ async fn serve_stream(
                 return;
             }
             let corrupt = s.behaviour.corrupt_reads;
-            match s.logs.get(&r.log) {
+            let behind = s.behaviour.behind;
+            // The committed horizon a replica lagging at `behind` would have.
+            let log = s
+                .logs
+                .get(&r.log)
+                .map(|l| (l, behind.map_or(l.end, |b| b.min(l.end))));
+            match log {
                 None => error(ErrorCode::LogNotFound, ""),
-                Some(l) if r.from > l.end => error(ErrorCode::OffsetOutOfRange, ""),
-                Some(l) if r.min_offset > l.end => error(ErrorCode::Timeout, ""),
-                Some(l) => {
+                Some((_, committed)) if r.min_offset > committed => {
+                    Response::Error(ErrorResponse {
+                        code: ErrorCode::Behind,
+                        message: String::new(),
+                        leader: String::new(),
+                        detail: committed,
+                    })
+                }
+                Some((l, _)) if r.from > l.end => error(ErrorCode::OffsetOutOfRange, ""),
+                Some((l, _)) => {
                     let (mut batches, next) = batches_from(l, r.from, r.bytes_max);
                     if corrupt && !batches.is_empty() {
                         let last = batches.len() - 1;

@@ -143,7 +143,7 @@ impl NodeProc {
         self.addr.to_string()
     }
 
-    fn signal(&self, sig: i32) {
+    pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, sig);
@@ -206,6 +206,16 @@ pub async fn raw_connect(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<quinn::Connection, String> {
+    raw_connect_alpn(addr, ca, identity, protocol::ALPN).await
+}
+
+/// [`raw_connect`] offering another ALPN protocol (the peer one, say).
+pub async fn raw_connect_alpn(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    alpn: &[u8],
+) -> Result<quinn::Connection, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -229,7 +239,7 @@ pub async fn raw_connect(
         }
         None => builder.with_no_client_auth(),
     };
-    crypto.alpn_protocols = vec![protocol::ALPN.to_vec()];
+    crypto.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
@@ -298,6 +308,19 @@ pub fn batch_values(batches: &[u8], from: u64) -> Vec<(u64, Vec<u8>)> {
         rest = &rest[view.len()..];
     }
     out
+}
+
+/// Poll `f` every 100 ms until it returns `Some`, for at most `secs` seconds (a generous bound:
+/// tests wait for convergence, they do not time it).
+pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 pub fn rt() -> tokio::runtime::Runtime {

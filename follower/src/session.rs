@@ -1,0 +1,228 @@
+//! One replication session for one log over a peer connection to the leader: find where the
+//! local log agrees with the leader's (KIP-101), truncate a divergent suffix, ask for
+//! everything after the local end, store each frame through [`Replica::apply`], and
+//! acknowledge the durable offset as the local fdatasync moves.
+
+use std::cell::Cell;
+
+use bytes::BytesMut;
+use log_core::{Log, Offset};
+use protocol::replication::{follower_step, LeaderLog, LocalLog, Step};
+use protocol::{
+    ErrorCode, FrameHeader, Limits, ReplicateRequest, Request, Response, FRAME_HEADER_LEN,
+};
+use tokio::sync::Notify;
+
+use crate::{ApplyError, Replica};
+
+/// Who is asking, and how big a frame may be.
+pub struct SessionConfig {
+    /// The follower's node id (its certificate must name it).
+    pub node_id: String,
+    /// The address clients reach this follower at.
+    pub addr: String,
+    pub limits: Limits,
+}
+
+/// How a session ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The leader no longer stores what this follower needs next: the local log must be
+    /// replaced by one that starts at the leader's start (`Some`), or, when the divergence
+    /// point lies before the local start, by an empty one (`None`; the next session learns
+    /// the leader's start).
+    Bootstrap { start: Option<u64> },
+    /// The leader ended the stream (it is shutting down, or a newer stream replaced this one).
+    Ended,
+}
+
+/// Why a session failed. Nothing a leader sent that failed validation was written.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection: {0}")]
+    Connection(String),
+    #[error("the leader answered {code:?}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("bad frame from the leader: {0}")]
+    Protocol(String),
+    #[error("replicated frame refused: {0}")]
+    Apply(#[from] ApplyError),
+    #[error("storage: {0}")]
+    Storage(#[from] log_core::Error),
+    #[error("{0}")]
+    Unsafe(String),
+}
+
+async fn write_frame(send: &mut quinn::SendStream, req: &Request) -> Result<(), SessionError> {
+    let mut out = BytesMut::new();
+    protocol::encode_request(req, &mut out);
+    send.write_all(&out)
+        .await
+        .map_err(|e| SessionError::Connection(e.to_string()))
+}
+
+/// Read one response frame; `None` when the stream ended cleanly between frames.
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+) -> Result<Option<Response>, SessionError> {
+    let mut hdr = [0u8; FRAME_HEADER_LEN];
+    match recv.read_exact(&mut hdr).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(SessionError::Connection(e.to_string())),
+    }
+    let h = FrameHeader::parse(&hdr, limits).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let mut body = BytesMut::zeroed(h.body_len as usize);
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| SessionError::Connection(e.to_string()))?;
+    protocol::decode_response(&h, body.freeze(), limits)
+        .map(Some)
+        .map_err(|e| SessionError::Protocol(e.to_string()))
+}
+
+fn refused(resp: Response) -> SessionError {
+    match resp {
+        Response::Error(e) => SessionError::Refused {
+            code: e.code,
+            message: e.message,
+        },
+        other => SessionError::Protocol(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Ask the leader where `epoch` ends in its log.
+async fn ask_epoch_end(
+    conn: &quinn::Connection,
+    log: &str,
+    epoch: u64,
+    limits: &Limits,
+) -> Result<(u64, u64), SessionError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::Connection(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &Request::EpochEnd {
+            log: log.to_string(),
+            epoch,
+        },
+    )
+    .await?;
+    let _ = send.finish();
+    match read_frame(&mut recv, limits).await? {
+        Some(Response::EpochEnd { epoch, end }) => Ok((epoch, end)),
+        Some(other) => Err(refused(other)),
+        None => Err(SessionError::Connection("stream ended".into())),
+    }
+}
+
+/// Run one session for `log` (named `name` on the leader). `commit` receives the leader's
+/// commit offset as frames bring it, and `changed` is notified whenever it or the local
+/// durable offset moves. Returns when the stream or connection ends.
+pub async fn run(
+    conn: &quinn::Connection,
+    name: &str,
+    log: &Log,
+    cfg: &SessionConfig,
+    commit: &Cell<u64>,
+    changed: &Notify,
+) -> Result<Outcome, SessionError> {
+    // 1. Agree with the leader on where the logs diverge, if they may (KIP-101).
+    if let Some(e) = log.last_epoch() {
+        let (leader_epoch, end) = ask_epoch_end(conn, name, e.0, &cfg.limits).await?;
+        let local = LocalLog {
+            start: log.start_offset().0,
+            end: log.next_offset().0,
+            last_epoch: Some(e.0),
+        };
+        let leader = LeaderLog {
+            epoch: 0,
+            start: 0,
+            end: 0,
+            end_of_follower_epoch: Some(end),
+        };
+        match follower_step(local, leader) {
+            Step::Truncate { to } => {
+                if leader_epoch == 0 && to == 0 {
+                    return Err(SessionError::Unsafe(format!(
+                        "the leader has no history at or below epoch {e} while this follower holds records up to {}; refusing to truncate them",
+                        local.end
+                    )));
+                }
+                tracing::warn!(log = name, from = to, to = local.end, "truncating a divergent suffix");
+                log.truncate_after(Offset(to)).await?;
+            }
+            Step::Bootstrap => return Ok(Outcome::Bootstrap { start: None }),
+            Step::Fetch { .. } | Step::AskEpochEnd { .. } => {}
+        }
+    }
+
+    // 2. Ask for everything after the local end.
+    let mut replica = Replica::new(log.clone());
+    let from = log.next_offset().0;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::Connection(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &Request::Replicate(ReplicateRequest {
+            log: name.to_string(),
+            follower: cfg.node_id.clone(),
+            addr: cfg.addr.clone(),
+            from,
+            last_epoch: log.last_epoch().map_or(0, |e| e.0),
+            durable: log.flush_offset().0,
+        }),
+    )
+    .await?;
+
+    // 3. Store frames as they come; acknowledge as the local fdatasync moves.
+    let receive = async {
+        loop {
+            match read_frame(&mut recv, &cfg.limits).await? {
+                Some(Response::Replicated(frame)) => {
+                    replica.apply(&frame).await?;
+                    if frame.commit > commit.get() {
+                        commit.set(frame.commit);
+                        changed.notify_waiters();
+                    }
+                }
+                Some(Response::Error(e))
+                    if e.code == ErrorCode::OffsetOutOfRange && from < e.detail =>
+                {
+                    return Ok(Outcome::Bootstrap {
+                        start: Some(e.detail),
+                    });
+                }
+                Some(other) => return Err(refused(other)),
+                None => return Ok(Outcome::Ended),
+            }
+        }
+    };
+    let acks = async {
+        let mut acked = 0u64;
+        loop {
+            let flushed = log.flush_offset();
+            if flushed.0 > acked {
+                write_frame(&mut send, &Request::Ack { durable: flushed.0 }).await?;
+                acked = flushed.0;
+                changed.notify_waiters();
+            }
+            if log.next_offset() > flushed {
+                log.wait_flushed(flushed.plus(1)).await?;
+            } else {
+                log.wait_appended(flushed).await?;
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<Outcome, SessionError>(Outcome::Ended)
+    };
+    tokio::select! {
+        r = receive => r,
+        r = acks => r,
+    }
+}

@@ -1,0 +1,235 @@
+//! The follower role on a node: each shard keeps one peer connection to the leader, learns the
+//! leader's logs, and runs a replication session (`follower::session`) for every log it owns.
+//! A log the leader has and this node does not is created here; one whose needed records the
+//! leader no longer stores is replaced by a log that starts at the leader's start (bootstrap).
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use follower::session::{Outcome, SessionConfig};
+use log_core::{Log, Offset};
+use protocol::{Request, Response, FRAME_HEADER_LEN};
+
+use crate::shard::{EntryRole, Shard};
+use crate::Error;
+
+/// How often the follower asks the leader for its list of logs (new logs start replicating
+/// within this).
+const LIST_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to reach the leader.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
+    let cfg = &shard.common.config;
+    // Outgoing connections use a socket of their own: the node's port is shared by every
+    // shard (SO_REUSEPORT), so answers to a connection made from it could reach another
+    // shard's socket, which does not know the connection.
+    let local: SocketAddr = if leader.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = match quinn::Endpoint::client(local) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open a socket towards the leader; not following");
+            return;
+        }
+    };
+    let server_name = cfg
+        .replication
+        .leader_name
+        .clone()
+        .unwrap_or_else(|| leader.ip().to_string());
+    let scfg = Rc::new(SessionConfig {
+        node_id: shard.common.node_id.clone(),
+        addr: shard.common.advertise.to_string(),
+        limits: cfg.protocol_limits(),
+    });
+    let running: Rc<RefCell<BTreeSet<String>>> = Default::default();
+    let mut backoff = Duration::from_millis(50);
+    let mut warned = false;
+    while !shard.closing.get() {
+        let attempt = match endpoint.connect_with(shard.common.peer_client.clone(), leader, &server_name) {
+            Ok(c) => c.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let conn = match attempt {
+            Ok(c) => {
+                tracing::info!(%leader, shard = shard.id, "connected to the leader");
+                backoff = Duration::from_millis(50);
+                warned = false;
+                c
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(%leader, error = %e, "cannot reach the leader; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        loop {
+            match list_logs(&conn, &scfg.limits).await {
+                Ok(names) => {
+                    for name in names {
+                        if crate::shard_of(&name, shard.common.shards.len()) != shard.id
+                            || !running.borrow_mut().insert(name.clone())
+                        {
+                            continue;
+                        }
+                        tokio_uring::spawn(follow_log(
+                            shard.clone(),
+                            conn.clone(),
+                            name,
+                            scfg.clone(),
+                            running.clone(),
+                        ));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%leader, error = %e, "listing the leader's logs failed");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LIST_INTERVAL) => {}
+                _ = conn.closed() => break,
+            }
+            if shard.closing.get() {
+                break;
+            }
+        }
+        conn.close(protocol::close_code::NORMAL.into(), b"reconnecting");
+    }
+    endpoint.close(protocol::close_code::NORMAL.into(), b"shutting down");
+}
+
+async fn list_logs(conn: &quinn::Connection, limits: &protocol::Limits) -> Result<Vec<String>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    protocol::encode_request(&Request::ListLogs, &mut out);
+    send.write_all(&out).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let mut hdr = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut hdr).await.map_err(|e| e.to_string())?;
+    let h = protocol::FrameHeader::parse(&hdr, limits).map_err(|e| e.to_string())?;
+    let mut body = BytesMut::zeroed(h.body_len as usize);
+    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    match protocol::decode_response(&h, body.freeze(), limits).map_err(|e| e.to_string())? {
+        Response::Logs(logs) => Ok(logs
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| log_core::validate_log_name(n).is_ok())
+            .collect()),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Replicate one log for as long as the connection lasts.
+async fn follow_log(
+    shard: Rc<Shard>,
+    conn: quinn::Connection,
+    name: String,
+    scfg: Rc<SessionConfig>,
+    running: Rc<RefCell<BTreeSet<String>>>,
+) {
+    while !shard.closing.get() && conn.close_reason().is_none() {
+        let entry = match shard.get(&name) {
+            Some(e) => e,
+            None => match create_local(&shard, &name).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(log = %name, error = %e, "cannot create the local replica");
+                    tokio::time::sleep(BACKOFF_MAX).await;
+                    continue;
+                }
+            },
+        };
+        let EntryRole::Follower(commit) = &entry.role else {
+            break;
+        };
+        let result =
+            follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed).await;
+        match result {
+            Ok(Outcome::Ended) => break,
+            Ok(Outcome::Bootstrap { start }) => {
+                if let Err(e) = bootstrap(&shard, &name, start).await {
+                    tracing::error!(log = %name, error = %e, "bootstrap failed");
+                    tokio::time::sleep(BACKOFF_MAX).await;
+                }
+            }
+            Err(e) => {
+                if conn.close_reason().is_some() || shard.closing.get() {
+                    break;
+                }
+                shard.common.metrics.c.replication_refusals.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(log = %name, error = %e, "replication session failed; resuming from the local end");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    running.borrow_mut().remove(&name);
+}
+
+/// Create the local replica of a log the leader has.
+async fn create_local(shard: &Rc<Shard>, name: &str) -> Result<Rc<crate::shard::LogEntry>, Error> {
+    let count = &shard.common.log_count;
+    let max = shard.common.config.limits.logs_max;
+    if count.fetch_add(1, Ordering::Relaxed) >= max {
+        count.fetch_sub(1, Ordering::Relaxed);
+        return Err(Error::Config(format!(
+            "the node holds logs_max = {max} logs; log {name:?} is not replicated here"
+        )));
+    }
+    match shard.open_log(name).await {
+        Ok(e) => {
+            tracing::info!(log = name, "created the local replica");
+            Ok(e)
+        }
+        Err(e) => {
+            count.fetch_sub(1, Ordering::Relaxed);
+            Err(e)
+        }
+    }
+}
+
+/// Replace the local log by an empty one starting at `start` (the leader's first stored
+/// offset): the local records are all before it (the leader deleted what follows them), or
+/// diverge from the leader before the local start. Batches then come from the leader's sealed
+/// segments, each checked on arrival, at bulk priority.
+async fn bootstrap(shard: &Rc<Shard>, name: &str, start: Option<u64>) -> Result<(), Error> {
+    let start = Offset(start.unwrap_or(0));
+    let old = shard.logs.borrow_mut().remove(name);
+    let dir = shard.logs_dir().join(name);
+    if let Some(old) = old {
+        let (from, to) = (old.log.start_offset(), old.log.next_offset());
+        tracing::warn!(
+            log = name,
+            local_start = from.0,
+            local_end = to.0,
+            leader_start = start.0,
+            "bootstrapping: the leader no longer stores what this replica needs next; replacing the local log"
+        );
+        old.log.clone().close().await?;
+    }
+    let aside = shard.logs_dir().join(format!(".{name}.replaced"));
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).map_err(crate::files::io_err("remove", &aside))?;
+    }
+    if dir.exists() {
+        std::fs::rename(&dir, &aside).map_err(crate::files::io_err("rename", &dir))?;
+    }
+    let log = Log::open_at(&dir, shard.common.config.log_config(), start).await?;
+    shard.install(name, log)?;
+    std::fs::remove_dir_all(&aside).ok();
+    shard.common.metrics.c.bootstraps.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,529 @@
+//! The leader role: replication streams to followers, the sync set, the commit offset, and
+//! appends that wait for replicas.
+//!
+//! Decisions are `protocol::replication::Leader`'s; this module feeds it events (appends, the
+//! log's fdatasync progress, acknowledgements, connections, time) and acts on what it says.
+//! One [`Replication`] per log lives on the shard that owns the log.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use log_core::{Epoch, Log, Offset};
+use protocol::replication::{Event, Leader, Progress};
+use protocol::{Acks, ErrorCode, FollowerStatus, LogReplication, ReplicateRequest, Request};
+use tokio::sync::Notify;
+
+use crate::shard::{LogEntry, Shard};
+
+/// How often the leader re-checks lag bounds by time (and refreshes exported lag figures).
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+
+/// The pin a follower holds on the leader's log, so retention keeps what it still needs.
+fn pin_name(follower: &str) -> String {
+    format!("follower:{follower}")
+}
+
+/// A follower's stream, as the leader tracks it beyond the replication state.
+#[derive(Default)]
+struct Peer {
+    addr: String,
+    /// Bumped by every new stream from this follower: an older stream that ends does not mark
+    /// the follower disconnected, and stops sending.
+    generation: u64,
+    /// Bulk catch-up progress (bytes sent, bytes there were to send); zero when live.
+    catchup_done: u64,
+    catchup_total: u64,
+}
+
+/// The leader's replication state of one log.
+pub(crate) struct Replication {
+    pub state: RefCell<Leader>,
+    /// Woken whenever acknowledgements, fdatasync or membership moved anything.
+    pub changed: Rc<Notify>,
+    peers: RefCell<BTreeMap<String, Peer>>,
+    origin: Instant,
+    /// Set while acks=sync appends are acknowledged degraded (to warn once per episode).
+    degraded: std::cell::Cell<bool>,
+}
+
+impl Replication {
+    pub fn new(node_id: &str, shard: &Shard, log: &Log, changed: Rc<Notify>) -> Replication {
+        let cfg = &shard.common.config;
+        let policy = cfg
+            .replication_config()
+            .expect("validated at start");
+        let flushed = log.flush_offset().0;
+        let mut state = Leader::new(node_id, policy, log.next_offset().0, flushed, 0);
+        for f in &cfg.replication.followers {
+            state.register(f, 0);
+        }
+        state.flushed(flushed, 0);
+        Replication {
+            state: RefCell::new(state),
+            changed,
+            peers: RefCell::new(BTreeMap::new()),
+            origin: Instant::now(),
+            degraded: Default::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    pub fn commit(&self) -> Offset {
+        Offset(self.state.borrow().commit_offset())
+    }
+
+    /// Act on what the state machine said: log membership changes, and wake waiters.
+    fn events(&self, log: &str, shard: &Shard, events: Vec<Event>) {
+        let mut woke = false;
+        for e in events {
+            match e {
+                Event::Joined(id) => {
+                    tracing::info!(log, follower = %id, "follower joined the sync set");
+                    shard
+                        .common
+                        .metrics
+                        .c
+                        .sync_set_changes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Event::Left(id, reason) => {
+                    tracing::warn!(log, follower = %id, ?reason, "follower left the sync set");
+                    shard
+                        .common
+                        .metrics
+                        .c
+                        .sync_set_changes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Event::Committed(_) => {}
+            }
+            woke = true;
+        }
+        if woke {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The leader appended: its log now ends at `end`.
+    pub fn appended(&self, end: Offset) {
+        self.state.borrow_mut().appended(end.0);
+    }
+
+    /// Whether `acks` can be reached at all now; an append that cannot is refused before it is
+    /// stored (so `not_enough_replicas` always means "not stored").
+    pub fn admits(&self, acks: Acks) -> Result<(), (usize, usize)> {
+        match self.state.borrow().progress(acks, u64::MAX) {
+            Progress::NotEnoughReplicas { have, need } => Err((have, need)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Wait until the append ending at `next` reaches `acks`, or `deadline`.
+    pub async fn wait(
+        &self,
+        log_name: &str,
+        shard: &Shard,
+        acks: Acks,
+        next: Offset,
+        deadline: Instant,
+    ) -> Result<(Vec<String>, bool), WaitFail> {
+        loop {
+            let changed = self.changed.notified();
+            let progress = self.state.borrow().progress(acks, next.0);
+            match progress {
+                Progress::Done { replicas, degraded } => {
+                    if degraded {
+                        shard
+                            .common
+                            .metrics
+                            .c
+                            .appends_degraded
+                            .fetch_add(1, Ordering::Relaxed);
+                        if !self.degraded.replace(true) {
+                            tracing::warn!(
+                                log = log_name,
+                                shortfall = self.state.borrow().sync_shortfall(),
+                                "acks=sync appends are acknowledged degraded: the sync set is short"
+                            );
+                        }
+                    } else if acks == Acks::Sync {
+                        self.degraded.set(false);
+                    }
+                    return Ok((replicas, degraded));
+                }
+                Progress::NotEnoughReplicas { have, need } => {
+                    return Err(WaitFail::Replicas { have, need })
+                }
+                Progress::Pending => {}
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
+                return Err(WaitFail::Deadline);
+            }
+        }
+    }
+
+    /// Drop the retention pin of every follower that would hold more than `cap` bytes.
+    pub fn release_far_pins(&self, log_name: &str, log: &Log, cap: u64) {
+        for (id, f) in self.state.borrow().followers() {
+            let held = log.bytes_from(Offset(f.durable)).unwrap_or(0);
+            if held > cap && self.peers.borrow().contains_key(id) {
+                log.unpin(&pin_name(id));
+                tracing::warn!(log = log_name, follower = %id, held, cap, "retention no longer waits for this follower; it will bootstrap");
+            }
+        }
+    }
+
+    /// The replicas (leader included) holding everything below `next` durably.
+    pub fn holders(&self, next: Offset) -> Vec<String> {
+        match self.state.borrow().progress(Acks::None, next.0) {
+            Progress::Done { replicas, .. } => replicas,
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn status(&self, log_name: &str, log: &Log) -> LogReplication {
+        let now = self.now_ms();
+        let st = self.state.borrow();
+        let peers = self.peers.borrow();
+        let end = log.end_offset().0.max(log.next_offset().0);
+        LogReplication {
+            log: log_name.to_string(),
+            commit: st.commit_offset(),
+            sync_replicas: st.config().sync_replicas as u16,
+            sync_shortfall: st.sync_shortfall() as u16,
+            followers: st
+                .followers()
+                .iter()
+                .map(|(id, f)| {
+                    let peer = peers.get(id);
+                    let lag_records = end.saturating_sub(f.durable);
+                    FollowerStatus {
+                        id: id.clone(),
+                        addr: peer.map(|p| p.addr.clone()).unwrap_or_default(),
+                        durable: f.durable,
+                        connected: f.connected,
+                        in_sync_set: f.in_sync_set,
+                        lag_records,
+                        lag_bytes: if lag_records == 0 {
+                            0
+                        } else {
+                            log.bytes_from(Offset(f.durable)).unwrap_or(0)
+                        },
+                        lag_ms: if lag_records == 0 {
+                            0
+                        } else {
+                            now.saturating_sub(f.caught_up_ms.unwrap_or(0))
+                        },
+                        catchup_done_bytes: peer.map_or(0, |p| p.catchup_done),
+                        catchup_total_bytes: peer.map_or(0, |p| p.catchup_total),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why an append did not reach its level.
+pub(crate) enum WaitFail {
+    Deadline,
+    Replicas { have: usize, need: usize },
+}
+
+/// Keep the state machine fed with the log's fdatasync progress and the passing of time, until
+/// the log closes.
+pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
+    let Some(repl) = entry.leading() else { return };
+    let log = &entry.log;
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let flushed = log.flush_offset();
+        let next = log.next_offset();
+        let progressed = async {
+            if next > flushed {
+                log.wait_flushed(flushed.plus(1)).await
+            } else {
+                log.wait_appended(flushed).await
+            }
+        };
+        tokio::select! {
+            r = progressed => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = ticker.tick() => {}
+        }
+        if shard.closing.get() {
+            return;
+        }
+        let now = repl.now_ms();
+        let events = {
+            let mut st = repl.state.borrow_mut();
+            st.appended(log.next_offset().0);
+            st.flushed(log.flush_offset().0, now)
+        };
+        repl.events(&name, &shard, events);
+        // Committed horizon may have moved with the flush: wake readers and tails.
+        entry.changed.notify_waiters();
+        shard
+            .common
+            .metrics
+            .set_replication(&name, repl.status(&name, log));
+    }
+}
+
+/// Serve a follower's replication stream: send it everything from `req.from` as it is written,
+/// with the commit offset, and take its acknowledgements.
+pub(crate) async fn serve(
+    shard: Rc<Shard>,
+    entry: Rc<LogEntry>,
+    req: ReplicateRequest,
+    send: &mut quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), (ErrorCode, String, u64)> {
+    let Some(repl) = entry.leading() else {
+        return Err((
+            ErrorCode::NotLeader,
+            "this node does not lead the log".into(),
+            0,
+        ));
+    };
+    let cfg = &shard.common.config;
+    if !cfg.replication.followers.contains(&req.follower) {
+        return Err((
+            ErrorCode::Unauthenticated,
+            format!(
+                "node {:?} is not a follower of this leader (replication.followers)",
+                req.follower
+            ),
+            0,
+        ));
+    }
+    let log = &entry.log;
+    let (start, end) = (log.start_offset().0, log.next_offset().0);
+    if req.from < start {
+        return Err((
+            ErrorCode::OffsetOutOfRange,
+            format!(
+                "offset {} is no longer stored (the log starts at {start}): bootstrap",
+                req.from
+            ),
+            start,
+        ));
+    }
+    if req.from > end {
+        return Err((
+            ErrorCode::OffsetOutOfRange,
+            format!(
+                "the follower is at {} beyond the leader's end {end}: it must truncate at the epoch divergence point first",
+                req.from
+            ),
+            start,
+        ));
+    }
+    let name = req.log.clone();
+    let follower = req.follower.clone();
+    let generation = {
+        let mut peers = repl.peers.borrow_mut();
+        let p = peers.entry(follower.clone()).or_default();
+        p.generation += 1;
+        p.addr = req.addr.clone();
+        p.catchup_done = 0;
+        p.catchup_total = 0;
+        p.generation
+    };
+    let current = |repl: &Replication| {
+        repl.peers
+            .borrow()
+            .get(&follower)
+            .is_some_and(|p| p.generation == generation)
+    };
+    log.pin(&pin_name(&follower), Offset(req.from));
+    let events = repl
+        .state
+        .borrow_mut()
+        .connected(&follower, req.durable.min(req.from), repl.now_ms());
+    repl.events(&name, &shard, events);
+    tracing::info!(log = %name, follower = %follower, from = req.from, "follower connected");
+
+    // Everything below `sent` has been sent: a follower cannot acknowledge more.
+    let sent = Rc::new(std::cell::Cell::new(req.from));
+    let acks = {
+        let (shard, repl, follower, sent, name) = (
+            shard.clone(),
+            repl.clone(),
+            follower.clone(),
+            sent.clone(),
+            name.clone(),
+        );
+        let entry = entry.clone();
+        async move {
+            let mut recv = recv;
+            let limits = shard.common.config.protocol_limits();
+            loop {
+                match crate::conn::read_frame(&mut recv, &limits).await {
+                    Ok(Request::Ack { durable }) => {
+                        if !current(&repl) {
+                            return;
+                        }
+                        let durable = durable.min(sent.get());
+                        entry.log.pin(&pin_name(&follower), Offset(durable));
+                        let events =
+                            repl.state
+                                .borrow_mut()
+                                .acked(&follower, durable, repl.now_ms());
+                        repl.events(&name, &shard, events);
+                    }
+                    Ok(other) => {
+                        tracing::warn!(log = %name, follower = %follower, ?other, "unexpected message on a replication stream");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    let sending = send_loop(&shard, &entry, &repl, &follower, send, req.from, &sent, &current);
+    tokio::select! {
+        () = acks => {}
+        () = sending => {}
+    }
+    if current(&repl) {
+        let events = repl
+            .state
+            .borrow_mut()
+            .disconnected(&follower, repl.now_ms());
+        repl.events(&name, &shard, events);
+        tracing::info!(log = %name, follower = %follower, "follower disconnected");
+    }
+    let _ = send.reset(protocol::close_code::NORMAL.into());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_loop(
+    shard: &Shard,
+    entry: &LogEntry,
+    repl: &Replication,
+    follower: &str,
+    send: &mut quinn::SendStream,
+    from: u64,
+    sent: &std::cell::Cell<u64>,
+    current: &dyn Fn(&Replication) -> bool,
+) {
+    let log = &entry.log;
+    let cfg = &shard.common.config.replication;
+    let epoch: Epoch = entry.epoch;
+    let mut pos = Offset(from);
+    let mut commit_sent = None;
+    let mut bulk = false;
+    loop {
+        if !current(repl) || shard.closing.get() {
+            return;
+        }
+        let changed = repl.changed.notified();
+        let written = log.end_offset();
+        let commit = repl.commit().0;
+        if pos < written {
+            let read = match log.read(pos, written, cfg.frame_bytes_max as usize) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(follower, error = %e, "reading for a follower failed");
+                    return;
+                }
+            };
+            let len: usize = read.batches.iter().map(|b| b.len()).sum();
+            // A follower far behind is served at bulk priority: the live tail of every other
+            // log on the same connection goes first.
+            let behind = log.bytes_from(read.next_offset).unwrap_or(0);
+            let now_bulk = behind > cfg.catchup_bytes_min;
+            if now_bulk != bulk {
+                bulk = now_bulk;
+                let _ = send.set_priority(if bulk { -1 } else { 0 });
+                let mut peers = repl.peers.borrow_mut();
+                if let Some(p) = peers.get_mut(follower) {
+                    if bulk {
+                        p.catchup_done = 0;
+                        p.catchup_total = behind + len as u64;
+                    }
+                }
+            }
+            let mut chunks: Vec<Bytes> = Vec::with_capacity(read.batches.len() + 1);
+            chunks.push(Bytes::copy_from_slice(&protocol::encode_replicated_prefix(
+                epoch.0,
+                commit,
+                read.next_offset.0,
+                len,
+            )));
+            chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
+            if !crate::service::write_all(shard, send, &mut chunks).await {
+                return;
+            }
+            {
+                let mut peers = repl.peers.borrow_mut();
+                if let Some(p) = peers.get_mut(follower) {
+                    if bulk {
+                        p.catchup_done += len as u64;
+                    } else {
+                        p.catchup_done = 0;
+                        p.catchup_total = 0;
+                    }
+                }
+            }
+            pos = read.next_offset;
+            sent.set(pos.0);
+            commit_sent = Some(commit);
+            let m = &shard.common.metrics.c;
+            m.replicated_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            continue;
+        }
+        if commit_sent != Some(commit) {
+            // Nothing new to send, but the commit offset moved: followers serve reads up to it.
+            let prefix = protocol::encode_replicated_prefix(epoch.0, commit, pos.0, 0);
+            if !crate::service::write_all(shard, send, &mut [Bytes::copy_from_slice(&prefix)])
+                .await
+            {
+                return;
+            }
+            commit_sent = Some(commit);
+            continue;
+        }
+        let next = log.next_offset();
+        let more = async {
+            if next > pos {
+                log.wait_written(pos.plus(1)).await
+            } else {
+                log.wait_appended(pos).await
+            }
+        };
+        tokio::select! {
+            r = more => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            _ = changed => {}
+            _ = send.stopped() => return,
+        }
+    }
+}
+
+/// Where `epoch` ends in this log (KIP-101): the largest epoch of the history that is at most
+/// `epoch`, and the offset where it ends. (0, 0) when the history has nothing at or below it.
+pub(crate) fn epoch_end(log: &Log, epoch: u64) -> (u64, u64) {
+    match log.end_offset_for_epoch(Epoch(epoch)) {
+        Some((e, end)) => (e.0, end.0),
+        None => (0, 0),
+    }
+}
