@@ -295,6 +295,55 @@ impl Client {
         }
     }
 
+    /// Store an application snapshot of `log`: state that reflects every record below
+    /// `offset` (a copy of a database, say). A reader can start from it with
+    /// [`Client::latest_snapshot`] and read the log from `offset` on; the node keeps every
+    /// record after the latest snapshot's offset from retention (up to its cap). Snapshots
+    /// only move forward: one at an offset below the latest fails with `offset_conflict`.
+    /// Written on the leader (followed by redirect) and copied to every follower.
+    pub async fn put_snapshot(&self, log: &str, offset: u64, data: Bytes) -> Result<()> {
+        check_name(&self.inner.config, "log name", log)?;
+        let limit = self.inner.config.limits.snapshot_bytes_max;
+        if data.len() as u64 > limit as u64 {
+            return Err(Error::Config(format!(
+                "a snapshot of {} bytes exceeds snapshot_bytes_max {limit}",
+                data.len()
+            )));
+        }
+        let req = Request::PutSnapshot(protocol::Snapshot {
+            log: log.into(),
+            offset,
+            crc32c: crc32c::crc32c(&data),
+            data,
+        });
+        match self.repeatable(&req).await?.resp {
+            Response::Ok => Ok(()),
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to PutSnapshot")),
+        }
+    }
+
+    /// The latest application snapshot of `log` on the node asked, checked against its
+    /// crc32c; `None` if it has none.
+    pub async fn latest_snapshot(&self, log: &str) -> Result<Option<protocol::Snapshot>> {
+        check_name(&self.inner.config, "log name", log)?;
+        let req = Request::GetSnapshot { log: log.into() };
+        match self.repeatable(&req).await?.resp {
+            Response::Snapshot(s) => {
+                if s.log != log || crc32c::crc32c(&s.data) != s.crc32c {
+                    return Err(Error::Corrupt(format!(
+                        "snapshot of {log:?} at offset {}: crc32c mismatch",
+                        s.offset
+                    )));
+                }
+                Ok(Some(s))
+            }
+            Response::Error(e) if e.code == ErrorCode::SnapshotNotFound => Ok(None),
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to GetSnapshot")),
+        }
+    }
+
     /// The logs on the node.
     pub async fn list_logs(&self) -> Result<Vec<LogInfo>> {
         match self.repeatable(&Request::ListLogs).await?.resp {

@@ -152,7 +152,12 @@ pub async fn run(
                         local.end
                     )));
                 }
-                tracing::warn!(log = name, from = to, to = local.end, "truncating a divergent suffix");
+                tracing::warn!(
+                    log = name,
+                    from = to,
+                    to = local.end,
+                    "truncating a divergent suffix"
+                );
                 log.truncate_after(Offset(to)).await?;
             }
             Step::Bootstrap => return Ok(Outcome::Bootstrap { start: None }),

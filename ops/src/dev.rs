@@ -76,7 +76,10 @@ fn spawn_node(
         None if a.nodes > 1 => {
             let followers: Vec<String> = (2..=a.nodes).map(|n| format!("node-{n}")).collect();
             cmd.args(["--follower", &followers.join(",")]);
-            cmd.args(["--sync-replicas", &a.sync_replicas.min(a.nodes - 1).to_string()]);
+            cmd.args([
+                "--sync-replicas",
+                &a.sync_replicas.min(a.nodes - 1).to_string(),
+            ]);
             "leader"
         }
         None => "standalone",
@@ -147,7 +150,10 @@ pub fn run(a: DevArgs) -> Result<(), String> {
         println!("data under {}; Ctrl-C stops every node", a.dir.display());
         let all: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
         println!("try: replog create --server {first} --log demo && echo hello | replog append --server {first} --log demo --acks sync");
-        println!("     replog read --server {} --log demo   # any replica serves reads", all.join(","));
+        println!(
+            "     replog read --server {} --log demo   # any replica serves reads",
+            all.join(",")
+        );
         println!("     replog status --server {first}   # followers, sync set, lag");
     }
     supervise(&mut nodes);

@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run a local development cluster of node processes on loopback until Ctrl-C.
     Dev(dev::DevArgs),
     /// Create a log.
@@ -92,6 +92,21 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Store or fetch an application snapshot (state at a log offset).
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Wait until every follower of a log has caught up, showing a progress bar for each.
+    Catchup {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+    },
     /// Compare crc32c of the stored batches over offset ranges on every replica of a log.
     Verify {
         #[command(flatten)]
@@ -101,6 +116,32 @@ enum Command {
         /// Records per compared range.
         #[arg(long, default_value_t = 10_000)]
         range_records: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Store the bytes of --file (or standard input) as the snapshot of the log at --offset.
+    Put {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        /// The snapshot reflects every record below this offset.
+        #[arg(long)]
+        offset: u64,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Fetch the latest snapshot of the log: its bytes go to --file (or standard output), and
+    /// its offset to standard error (or, with --json, standard output).
+    Get {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -242,7 +283,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Node(args) => run_node(args),
+        Command::Node(args) => run_node(*args),
         Command::Dev(args) => dev::run(args).map_err(failure),
         other => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -525,6 +566,12 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
             log,
             range_records,
         } => verify::run(&conn, &log, range_records.max(1)).await,
+        Command::Snapshot { action } => snapshot(action).await,
+        Command::Catchup {
+            conn,
+            log,
+            timeout_s,
+        } => verify::catchup(&conn, &log, Duration::from_secs(timeout_s)).await,
         Command::Append(a) => append(a).await,
         Command::Read {
             conn,
@@ -594,6 +641,72 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
     }
 }
 
+async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
+    match action {
+        SnapshotAction::Put {
+            conn,
+            log,
+            offset,
+            file,
+        } => {
+            let data = match &file {
+                Some(f) => {
+                    std::fs::read(f).map_err(|e| failure(format!("{}: {e}", f.display())))?
+                }
+                None => {
+                    let mut v = Vec::new();
+                    std::io::stdin()
+                        .lock()
+                        .read_to_end(&mut v)
+                        .map_err(|e| failure(format!("stdin: {e}")))?;
+                    v
+                }
+            };
+            let len = data.len();
+            connect(&conn)
+                .await?
+                .put_snapshot(&log, offset, Bytes::from(data))
+                .await?;
+            if conn.json {
+                out(json!({"log": log, "offset": offset, "bytes": len}).to_string())
+            } else {
+                out(format!(
+                    "stored a snapshot of {log} at offset {offset} ({len} bytes)"
+                ))
+            }
+        }
+        SnapshotAction::Get { conn, log, file } => {
+            let s = connect(&conn)
+                .await?
+                .latest_snapshot(&log)
+                .await?
+                .ok_or_else(|| failure(format!("log {log:?} has no snapshot on this node")))?;
+            match &file {
+                Some(f) => std::fs::write(f, &s.data)
+                    .map_err(|e| failure(format!("{}: {e}", f.display())))?,
+                None if !conn.json => std::io::stdout()
+                    .lock()
+                    .write_all(&s.data)
+                    .map_err(|e| failure(format!("stdout: {e}")))?,
+                None => {}
+            }
+            if conn.json {
+                out(json!({
+                    "log": log, "offset": s.offset, "bytes": s.data.len(), "crc32c": s.crc32c,
+                })
+                .to_string())
+            } else {
+                eprintln!(
+                    "snapshot of {log} at offset {} ({} bytes)",
+                    s.offset,
+                    s.data.len()
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
 /// `[#####     ] 52% (1.2 MiB of 2.3 MiB)`.
 pub(crate) fn progress_bar(done: u64, total: u64) -> String {
     let total = total.max(1);
@@ -614,7 +727,7 @@ fn receipt_json(offset: u64, r: &protocol::Receipt) -> serde_json::Value {
         "offset": offset,
         "epoch": r.epoch,
         "level": r.level.name(),
-"replicas": r.replicas,
+    "replicas": r.replicas,
         "holders": r.holders,
         "duplicate": r.flags & protocol::RECEIPT_DUPLICATE != 0,
         "degraded": r.flags & protocol::RECEIPT_DEGRADED != 0,

@@ -6,6 +6,8 @@
 //! the crc32c of the batch bytes is computed per range of `range_records` offsets (a batch
 //! counts in the range its first offset falls in). Any range whose checksum differs from the
 //! leader's is reported; the exit status is 1 if there is one, or if a replica could not be read.
+//!
+//! `replog catchup` waits for the followers of a log to catch up, with a progress bar each.
 
 use std::collections::BTreeMap;
 
@@ -63,13 +65,7 @@ async fn open(conn: &ConnArgs, id: String, addr: String, log: &str) -> Replica {
     r
 }
 
-async fn checksum(
-    c: &Client,
-    log: &str,
-    lo: u64,
-    hi: u64,
-    range: u64,
-) -> Result<Sums, Failure> {
+async fn checksum(c: &Client, log: &str, lo: u64, hi: u64, range: u64) -> Result<Sums, Failure> {
     let mut sums = Sums::new();
     let mut pos = lo;
     let opts = ReadOptions {
@@ -86,8 +82,8 @@ async fn checksum(
             )));
         }
         for b in &read.batches {
-            let view = log_core::batch::decode(b)
-                .map_err(|e| failure(format!("batch at {pos}: {e}")))?;
+            let view =
+                log_core::batch::decode(b).map_err(|e| failure(format!("batch at {pos}: {e}")))?;
             let h = view.header();
             let (base, next) = (h.base_offset().0, h.next_offset().0);
             if base < lo || next > hi {
@@ -103,17 +99,13 @@ async fn checksum(
 }
 
 pub(crate) async fn run(conn: &ConnArgs, log: &str, range: u64) -> Result<(), Failure> {
-    let first = connect(conn).await?;
-    let mut status = first.status().await?;
-    let mut leader_addr = conn.servers[0].clone();
-    if status.role == "follower" && !status.leader.is_empty() {
-        leader_addr = status.leader.clone();
-        let args = ConnArgs {
-            servers: vec![leader_addr.clone()],
-            ..conn.clone()
-        };
-        status = connect(&args).await?.status().await?;
-    }
+    let first = connect(conn).await?.status().await?;
+    let leader_addr = if first.role == "follower" && !first.leader.is_empty() {
+        first.leader.clone()
+    } else {
+        conn.servers[0].clone()
+    };
+    let status = leader_status(conn).await?;
     let mut replicas = vec![open(conn, status.node_id.clone(), leader_addr, log).await];
     if let Some(r) = status.replication.iter().find(|r| r.log == log) {
         for f in &r.followers {
@@ -125,7 +117,10 @@ pub(crate) async fn run(conn: &ConnArgs, log: &str, range: u64) -> Result<(), Fa
                     start: 0,
                     committed: 0,
                     sums: Sums::new(),
-                    error: Some("its address is unknown (it has not connected since the leader started)".into()),
+                    error: Some(
+                        "its address is unknown (it has not connected since the leader started)"
+                            .into(),
+                    ),
                 });
             } else {
                 replicas.push(open(conn, f.id.clone(), f.addr.clone(), log).await);
@@ -201,5 +196,92 @@ pub(crate) async fn run(conn: &ConnArgs, log: &str, range: u64) -> Result<(), Fa
         Ok(())
     } else {
         Err(failure("the replicas are not verified identical"))
+    }
+}
+
+/// The leader's status (asking `conn`'s node, or the leader it follows).
+async fn leader_status(conn: &ConnArgs) -> Result<protocol::StatusResponse, Failure> {
+    let status = connect(conn).await?.status().await?;
+    if status.role != "follower" || status.leader.is_empty() {
+        return Ok(status);
+    }
+    let args = ConnArgs {
+        servers: vec![status.leader.clone()],
+        ..conn.clone()
+    };
+    Ok(connect(&args).await?.status().await?)
+}
+
+pub(crate) async fn catchup(
+    conn: &ConnArgs,
+    log: &str,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    use std::io::Write;
+    let deadline = std::time::Instant::now() + timeout;
+    let tty = !conn.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        let status = leader_status(conn).await?;
+        let r = status
+            .replication
+            .iter()
+            .find(|r| r.log == log)
+            .ok_or_else(|| failure(format!("the leader has no replicated log {log:?}")))?;
+        let end = status
+            .logs
+            .iter()
+            .find(|l| l.name == log)
+            .map_or(0, |l| l.end);
+        let done = r
+            .followers
+            .iter()
+            .all(|f| f.connected && f.lag_records == 0);
+        let lines: Vec<String> = r
+            .followers
+            .iter()
+            .map(|f| {
+                let (d, t) = if f.catchup_total_bytes > 0 {
+                    (f.catchup_done_bytes, f.catchup_total_bytes)
+                } else {
+                    (f.durable, end.max(1))
+                };
+                let bar = if f.catchup_total_bytes > 0 {
+                    crate::progress_bar(d, t)
+                } else {
+                    format!("{} of {end} records", f.durable)
+                };
+                format!(
+                    "{:<12} {} {bar}",
+                    f.id,
+                    if f.connected {
+                        "connected   "
+                    } else {
+                        "disconnected"
+                    }
+                )
+            })
+            .collect();
+        if conn.json {
+            out(crate::replication_json(r).to_string())?;
+        } else if tty {
+            let mut err = std::io::stderr().lock();
+            for l in &lines {
+                let _ = writeln!(err, "\x1b[2K{l}");
+            }
+            if !done {
+                let _ = write!(err, "\x1b[{}A", lines.len());
+            }
+        } else if done {
+            for l in &lines {
+                eprintln!("{l}");
+            }
+        }
+        if done {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(failure("followers did not catch up in time"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

@@ -32,6 +32,19 @@ fn dev_starts_three_nodes_and_stops_them_all() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    // If the test fails, its dev process (and so its nodes) must not outlive it.
+    struct Stop(Option<u32>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                // SAFETY: kill(2) on the dev process this test started and has not reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+    }
+    let mut stop = Stop(Some(dev.id()));
     let nodes: Vec<serde_json::Value> = (0..3)
         .map(|_| serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap())
         .collect();
@@ -39,31 +52,81 @@ fn dev_starts_three_nodes_and_stops_them_all() {
         .iter()
         .map(|n| n["pid"].as_u64().unwrap() as u32)
         .collect();
+    let roles: Vec<&str> = nodes.iter().map(|n| n["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["leader", "follower", "follower"]);
     for (i, n) in nodes.iter().enumerate() {
         assert_eq!(n["node"], format!("node-{}", i + 1));
         let addr = n["addr"].as_str().unwrap();
         let status = env.cli_json(&["status", "--server", addr, "--json"], "");
         assert_eq!(status[0]["node_id"], format!("node-{}", i + 1));
-        assert!(env
-            .path("cluster")
-            .join(format!("node-{}", i + 1))
-            .join("node-id")
-            .exists());
+        assert_eq!(status[0]["role"], roles[i]);
+        let data = std::path::PathBuf::from(n["data_dir"].as_str().unwrap());
+        assert_eq!(data, env.path("cluster").join(format!("node-{}", i + 1)));
+        assert!(data.join("node-id").exists());
     }
-    // Each node is its own process: killing one leaves the others serving.
+    let addr = |i: usize| nodes[i]["addr"].as_str().unwrap().to_string();
+    // A semi-synchronous write on the leader is readable on every follower.
+    env.cli_ok(&["create", "--server", &addr(0), "--log", "demo"], "");
+    let r = env.cli_json(
+        &[
+            "append",
+            "--server",
+            &addr(0),
+            "--log",
+            "demo",
+            "--acks",
+            "sync",
+            "--json",
+        ],
+        "hello\n",
+    );
+    assert_eq!(r[0]["level"], "sync", "{r:?}");
+    for i in 1..3 {
+        let got = env.cli_ok(
+            &[
+                "read",
+                "--server",
+                &addr(i),
+                "--log",
+                "demo",
+                "--min-offset",
+                "1",
+                "--wait-ms",
+                "30000",
+            ],
+            "",
+        );
+        assert_eq!(got, "hello\n");
+    }
+    // Each node is its own process: killing one follower leaves the others serving, and the
+    // other follower takes the sync place.
     // SAFETY: kill(2) on a node process started by the dev command under test.
     unsafe {
-        libc::kill(pids[0] as libc::pid_t, libc::SIGKILL);
+        libc::kill(pids[2] as libc::pid_t, libc::SIGKILL);
     }
-    let addr = nodes[1]["addr"].as_str().unwrap();
-    env.cli_ok(&["create", "--server", addr, "--log", "still-up"], "");
+    let r = env.cli_json(
+        &[
+            "append",
+            "--server",
+            &addr(1),
+            "--log",
+            "demo",
+            "--acks",
+            "sync",
+            "--json",
+        ],
+        "again\n",
+    );
+    assert_eq!(r[0]["offset"], 1, "{r:?}");
     // SIGTERM to dev stops every node it started.
     // SAFETY: kill(2) on the dev process this test started.
     unsafe {
         libc::kill(dev.id() as libc::pid_t, libc::SIGTERM);
     }
-    assert!(dev.wait().unwrap().success());
-    for pid in &pids[1..] {
+    let status = dev.wait().unwrap();
+    stop.0 = None;
+    assert!(status.success());
+    for pid in &pids[..2] {
         assert!(!alive(*pid), "node {pid} outlived replog dev");
     }
 }

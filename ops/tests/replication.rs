@@ -58,8 +58,16 @@ fn append(env: &Env, node: &NodeProc, acks: &str, lines: &[String]) -> Vec<Value
     let input = lines.join("\n") + "\n";
     env.cli_json(
         &[
-            "append", "--server", &node.server(), "--log", LOG, "--acks", acks, "--json",
-            "--batch", "8",
+            "append",
+            "--server",
+            &node.server(),
+            "--log",
+            LOG,
+            "--acks",
+            acks,
+            "--json",
+            "--batch",
+            "8",
         ],
         &input,
     )
@@ -86,8 +94,7 @@ fn verify(env: &Env, node: &NodeProc, extra: &[&str]) -> Value {
     args.extend_from_slice(extra);
     let out = env.cli(&args, "");
     let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.trim())
-        .unwrap_or_else(|_| panic!("{out:?}"));
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| panic!("{out:?}"));
     assert_eq!(out.status.success(), v["identical"] == true, "{v}");
     v
 }
@@ -123,7 +130,9 @@ fn sync_appends_survive_follower_kills_and_replicas_stay_identical() {
 
     let mut expected = Vec::new();
     for round in 0..4 {
-        let lines: Vec<String> = (0..40).map(|i| format!("round {round} record {i}")).collect();
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!("round {round} record {i}"))
+            .collect();
         let receipts = append(&env, &lead, "sync", &lines);
         assert_eq!(receipts.len(), lines.len());
         for r in &receipts {
@@ -168,7 +177,14 @@ fn a_stopped_sync_follower_is_replaced_and_then_reject_refuses() {
     let env = Env::new();
     let lead = leader(
         &env,
-        &["--sync-replicas", "1", "--sync-lag-ms-max", "500", "--insufficient-replicas", "reject"],
+        &[
+            "--sync-replicas",
+            "1",
+            "--sync-lag-ms-max",
+            "500",
+            "--insufficient-replicas",
+            "reject",
+        ],
     );
     let f1 = follower(&env, "f1", &lead);
     let f2 = follower(&env, "f2", &lead);
@@ -176,13 +192,20 @@ fn a_stopped_sync_follower_is_replaced_and_then_reject_refuses() {
     wait_caught_up(&env, &lead, &["f1", "f2"]);
     append(&env, &lead, "sync", &["before".into()]);
     let first = eventually(30, "a sync set", || sync_set(&env, &lead).pop());
-    let (stopped, other) = if first == "f1" { (&f1, "f2") } else { (&f2, "f1") };
+    let (stopped, other) = if first == "f1" {
+        (&f1, "f2")
+    } else {
+        (&f2, "f1")
+    };
     stopped.signal(libc::SIGSTOP);
 
     // The stopped follower falls behind and leaves; the caught-up one takes its place.
     let r = append(&env, &lead, "sync", &["while one is stopped".into()]).remove(0);
     assert_eq!(r["level"], "sync", "{r}");
-    assert!(r["holders"].as_array().unwrap().iter().any(|h| h == other), "{r}");
+    assert!(
+        r["holders"].as_array().unwrap().iter().any(|h| h == other),
+        "{r}"
+    );
     assert_eq!(sync_set(&env, &lead), vec![other.to_string()]);
 
     // With both stopped, nothing can take the place: reject refuses before storing.
@@ -192,14 +215,30 @@ fn a_stopped_sync_follower_is_replaced_and_then_reject_refuses() {
     eventually(30, "the sync set to empty", || {
         // An append in flight when the last member leaves has an unknown outcome (exit 3).
         let out = env.cli(
-            &["append", "--server", &lead.server(), "--log", LOG, "--acks", "sync"],
+            &[
+                "append",
+                "--server",
+                &lead.server(),
+                "--log",
+                LOG,
+                "--acks",
+                "sync",
+            ],
             "x\n",
         );
         sync_set(&env, &lead).is_empty().then_some(out)
     });
     let end_mid = log_info(&env, &lead)["end"].as_u64().unwrap();
     let out = env.cli(
-        &["append", "--server", &lead.server(), "--log", LOG, "--acks", "sync"],
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--acks",
+            "sync",
+        ],
         "refused\n",
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -241,9 +280,13 @@ fn degrade_acknowledges_marked_and_raises_the_gauge() {
     assert_eq!(r["holders"], serde_json::json!(["lead"]), "{r}");
     let metrics = eventually(10, "the replication gauges", || {
         let m = scrape(lead.metrics.as_deref().unwrap());
-        m.contains("replog_sync_shortfall{log=\"orders\"} 1").then_some(m)
+        m.contains("replog_sync_shortfall{log=\"orders\"} 1")
+            .then_some(m)
     });
-    assert!(metrics.contains("replog_appends_degraded_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("replog_appends_degraded_total 1"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("replog_follower_connected{log=\"orders\",follower=\"f1\"} 0"),
         "{metrics}"
@@ -278,7 +321,15 @@ fn quorum_needs_a_majority() {
             .then_some(())
     });
     let out = env.cli(
-        &["append", "--server", &lead.server(), "--log", LOG, "--acks", "quorum"],
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--acks",
+            "quorum",
+        ],
         "q2\n",
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -292,12 +343,22 @@ fn followers_redirect_writes_and_serve_reads_up_to_the_commit_offset() {
     // pass what f1 holds; f2, asynchronous, receives and stores more.
     let lead = leader(
         &env,
-        &["--sync-replicas", "1", "--sync-lag-ms-max", "600000", "--sync-lag-records-max", "1000000"],
+        &[
+            "--sync-replicas",
+            "1",
+            "--sync-lag-ms-max",
+            "600000",
+            "--sync-lag-records-max",
+            "1000000",
+        ],
     );
     let f1 = follower(&env, "f1", &lead);
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
     eventually(30, "f1 connected", || {
-        followers(&env, &lead).iter().any(|f| f["id"] == "f1" && f["connected"] == true).then_some(())
+        followers(&env, &lead)
+            .iter()
+            .any(|f| f["id"] == "f1" && f["connected"] == true)
+            .then_some(())
     });
     let committed: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
     append(&env, &lead, "sync", &committed);
@@ -316,7 +377,11 @@ fn followers_redirect_writes_and_serve_reads_up_to_the_commit_offset() {
     let l = log_info(&env, &f2);
     assert_eq!(l["committed"], 5, "{l}");
     assert_eq!(log_info(&env, &lead)["committed"], 5);
-    assert_eq!(values(&env, &f2, 0), committed, "never beyond the commit offset");
+    assert_eq!(
+        values(&env, &f2, 0),
+        committed,
+        "never beyond the commit offset"
+    );
     assert_eq!(values(&env, &lead, 0), committed);
 
     // Writes on a follower are redirected: the CLI follows to the leader.
@@ -345,7 +410,15 @@ fn read_your_writes_on_a_lagging_follower_waits_or_moves_on() {
     // A token the follower has not reached: a typed error naming where it is.
     let out = env.cli(
         &[
-            "read", "--server", &f1.server(), "--log", LOG, "--min-offset", "1000", "--wait-ms", "200",
+            "read",
+            "--server",
+            &f1.server(),
+            "--log",
+            LOG,
+            "--min-offset",
+            "1000",
+            "--wait-ms",
+            "200",
         ],
         "",
     );
@@ -363,7 +436,13 @@ fn read_your_writes_on_a_lagging_follower_waits_or_moves_on() {
     let both = format!("{},{}", f1.server(), lead.server());
     let out = env.cli_ok(
         &[
-            "read", "--server", &both, "--log", LOG, "--min-offset", &token.to_string(),
+            "read",
+            "--server",
+            &both,
+            "--log",
+            LOG,
+            "--min-offset",
+            &token.to_string(),
         ],
         "",
     );
@@ -383,13 +462,32 @@ fn an_empty_follower_bootstraps_after_the_leader_purged_early_segments() {
     .unwrap();
     let lead = env.node(
         "lead",
-        &["--node-id", "lead", "--follower", "f1", "--sync-replicas", "0", "--config", cfg.to_str().unwrap()],
+        &[
+            "--node-id",
+            "lead",
+            "--follower",
+            "f1",
+            "--sync-replicas",
+            "0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
     );
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
-    let lines: Vec<String> = (0..4000).map(|i| format!("record {i:05} {}", "x".repeat(100))).collect();
+    let lines: Vec<String> = (0..4000)
+        .map(|i| format!("record {i:05} {}", "x".repeat(100)))
+        .collect();
     let input = lines.join("\n") + "\n";
     env.cli_ok(
-        &["append", "--server", &lead.server(), "--log", LOG, "--batch", "100"],
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
         &input,
     );
     let start = eventually(30, "retention to purge early segments", || {
@@ -405,20 +503,41 @@ fn an_empty_follower_bootstraps_after_the_leader_purged_early_segments() {
     let expected: Vec<String> = lines[l["start"].as_u64().unwrap() as usize..].to_vec();
     let got = env.cli_ok(
         &[
-            "read", "--server", &f1.server(), "--log", LOG, "--from", &l["start"].to_string(),
-            "--min-offset", "4000", "--wait-ms", "30000",
+            "read",
+            "--server",
+            &f1.server(),
+            "--log",
+            LOG,
+            "--from",
+            &l["start"].to_string(),
+            "--min-offset",
+            "4000",
+            "--wait-ms",
+            "30000",
         ],
         "",
     );
-    assert_eq!(got.lines().map(str::to_string).collect::<Vec<_>>(), expected);
+    assert_eq!(
+        got.lines().map(str::to_string).collect::<Vec<_>>(),
+        expected
+    );
     let v = verify(&env, &lead, &[]);
     assert_eq!(v["identical"], true, "{v}");
     // It keeps following live appends.
     append(&env, &lead, "leader", &["after bootstrap".into()]);
     let got = env.cli_ok(
         &[
-            "read", "--server", &f1.server(), "--log", LOG, "--from", "4000", "--min-offset",
-            "4001", "--wait-ms", "30000",
+            "read",
+            "--server",
+            &f1.server(),
+            "--log",
+            LOG,
+            "--from",
+            "4000",
+            "--min-offset",
+            "4001",
+            "--wait-ms",
+            "30000",
         ],
         "",
     );
@@ -516,4 +635,168 @@ fn foreign_identity(dir: &std::path::Path, id: &str) -> (std::path::PathBuf, std
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
+}
+
+#[test]
+fn snapshots_replicate_stay_whole_and_hold_retention_back() {
+    let env = Env::new();
+    let cfg = env.path("leader.toml");
+    std::fs::write(
+        &cfg,
+        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 100000\nretention_check_ms = 100\n[limits]\nsnapshot_bytes_max = 1048576\n",
+    )
+    .unwrap();
+    let lead = env.node(
+        "lead",
+        &[
+            "--node-id",
+            "lead",
+            "--follower",
+            "f1",
+            "--sync-replicas",
+            "0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    let f1 = follower(&env, "f1", &lead);
+    env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
+    let line = |i: usize| format!("record {i:05} {}", "x".repeat(100));
+    let first: String = (0..2000).map(|i| line(i) + "\n").collect();
+    env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
+        &first,
+    );
+
+    // Stored through a follower: redirected to the leader.
+    let state: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let file = env.path("state.db");
+    std::fs::write(&file, &state).unwrap();
+    let f = file.to_str().unwrap();
+    env.cli_ok(
+        &[
+            "snapshot",
+            "put",
+            "--server",
+            &f1.server(),
+            "--log",
+            LOG,
+            "--offset",
+            "1500",
+            "--file",
+            f,
+        ],
+        "",
+    );
+    // Copied to the follower, whole.
+    let got = env.path("got.db");
+    eventually(30, "the follower's copy of the snapshot", || {
+        let out = env.cli(
+            &[
+                "snapshot",
+                "get",
+                "--server",
+                &f1.server(),
+                "--log",
+                LOG,
+                "--json",
+                "--file",
+                got.to_str().unwrap(),
+            ],
+            "",
+        );
+        out.status.success().then_some(())
+    });
+    let meta = env
+        .cli_json(
+            &[
+                "snapshot",
+                "get",
+                "--server",
+                &f1.server(),
+                "--log",
+                LOG,
+                "--json",
+            ],
+            "",
+        )
+        .remove(0);
+    assert_eq!(meta["offset"], 1500, "{meta}");
+    assert_eq!(std::fs::read(&got).unwrap(), state);
+
+    // Snapshots move forward only, never past the log's end, and within snapshot_bytes_max.
+    for (offset, size, code) in [
+        ("1000", 10, "offset_conflict"),
+        ("999999", 10, "offset_out_of_range"),
+        ("1600", (1 << 20) + 1, "limit_exceeded"),
+    ] {
+        std::fs::write(&file, vec![7u8; size]).unwrap();
+        let out = env.cli(
+            &[
+                "snapshot",
+                "put",
+                "--server",
+                &lead.server(),
+                "--log",
+                LOG,
+                "--offset",
+                offset,
+                "--file",
+                f,
+            ],
+            "",
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(code), "{offset}: {err}");
+    }
+
+    // Retention deletes old segments, but nothing after the snapshot's offset.
+    let more: String = (2000..5000).map(|i| line(i) + "\n").collect();
+    env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
+        &more,
+    );
+    eventually(30, "retention to purge early segments", || {
+        (log_info(&env, &lead)["start"].as_u64()? > 0).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let start = log_info(&env, &lead)["start"].as_u64().unwrap();
+    assert!(start > 0 && start <= 1500, "start {start}");
+    // The snapshot survives a restart of the leader.
+    let lead = lead.restart();
+    let meta = env
+        .cli_json(
+            &[
+                "snapshot",
+                "get",
+                "--server",
+                &lead.server(),
+                "--log",
+                LOG,
+                "--json",
+                "--file",
+                got.to_str().unwrap(),
+            ],
+            "",
+        )
+        .remove(0);
+    assert_eq!(meta["offset"], 1500);
+    assert_eq!(std::fs::read(&got).unwrap(), state);
 }

@@ -24,6 +24,8 @@ mod kind {
     pub const APPEND: u8 = 0x05;
     pub const READ: u8 = 0x06;
     pub const TAIL: u8 = 0x07;
+    pub const PUT_SNAPSHOT: u8 = 0x08;
+    pub const GET_SNAPSHOT: u8 = 0x09;
     pub const REPLICATE: u8 = 0x10;
     pub const ACK: u8 = 0x11;
     pub const EPOCH_END: u8 = 0x12;
@@ -34,15 +36,16 @@ mod kind {
     pub const LOGS: u8 = 0x83;
     pub const STATUS_RESP: u8 = 0x84;
     pub const BATCHES: u8 = 0x85;
+    pub const SNAPSHOT: u8 = 0x86;
     pub const REPLICATED: u8 = 0x90;
     pub const EPOCH_END_RESP: u8 = 0x91;
 
     pub fn is_request(k: u8) -> bool {
-        (AUTH..=TAIL).contains(&k) || (REPLICATE..=EPOCH_END).contains(&k)
+        (AUTH..=GET_SNAPSHOT).contains(&k) || (REPLICATE..=EPOCH_END).contains(&k)
     }
 
     pub fn is_response(k: u8) -> bool {
-        (OK..=BATCHES).contains(&k) || (REPLICATED..=EPOCH_END_RESP).contains(&k)
+        (OK..=SNAPSHOT).contains(&k) || (REPLICATED..=EPOCH_END_RESP).contains(&k)
     }
 }
 
@@ -64,7 +67,15 @@ pub struct Limits {
     pub token_bytes_max: u16,
     /// Longest free-text field (error message, node id, addresses), in bytes.
     pub text_bytes_max: u16,
+    /// Largest application snapshot: the body of a `PutSnapshot` or `Snapshot` frame may be
+    /// this plus its fixed fields (those two kinds are checked against this instead of
+    /// `frame_bytes_max`).
+    pub snapshot_bytes_max: u32,
 }
+
+/// Fixed fields in front of a snapshot's data: log name (at most 2 + name_bytes_max), offset,
+/// crc32c and data length.
+const SNAPSHOT_FIXED_MAX: u32 = 2 + 255 + 8 + 4 + 4;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -74,6 +85,7 @@ impl Default for Limits {
             name_bytes_max: log_core::LOG_NAME_BYTES_MAX as u16,
             token_bytes_max: 4096,
             text_bytes_max: 4096,
+            snapshot_bytes_max: 64 << 20,
         }
     }
 }
@@ -106,10 +118,15 @@ impl FrameHeader {
         if !kind::is_request(kind) && !kind::is_response(kind) {
             return Err(ProtocolError::UnknownKind(kind));
         }
-        if body_len > limits.frame_bytes_max {
+        let max = if kind == kind::PUT_SNAPSHOT || kind == kind::SNAPSHOT {
+            limits.snapshot_bytes_max.saturating_add(SNAPSHOT_FIXED_MAX)
+        } else {
+            limits.frame_bytes_max
+        };
+        if body_len > max {
             return Err(ProtocolError::FrameTooLarge {
                 len: body_len as u64,
-                max: limits.frame_bytes_max,
+                max,
             });
         }
         Ok(FrameHeader { kind, body_len })
@@ -158,6 +175,8 @@ fn put_log_info(out: &mut BytesMut, logs: &[LogInfo]) {
         out.put_u64_le(l.flushed);
         out.put_u64_le(l.epoch);
         out.put_u64_le(l.disk_bytes);
+        out.put_u8(u8::from(l.snapshot.is_some()));
+        out.put_u64_le(l.snapshot.unwrap_or(0));
     }
 }
 
@@ -221,6 +240,20 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             put_str(out, t.log.as_bytes());
             out.put_u64_le(t.from);
             out.put_u32_le(t.bytes_max);
+            finish(out, at);
+        }
+        Request::PutSnapshot(p) => {
+            let at = begin(out, kind::PUT_SNAPSHOT);
+            put_str(out, p.log.as_bytes());
+            out.put_u64_le(p.offset);
+            out.put_u32_le(p.crc32c);
+            out.put_u32_le(p.data.len() as u32);
+            out.put_slice(&p.data);
+            finish(out, at);
+        }
+        Request::GetSnapshot { log } => {
+            let at = begin(out, kind::GET_SNAPSHOT);
+            put_str(out, log.as_bytes());
             finish(out, at);
         }
         Request::Replicate(r) => {
@@ -321,6 +354,15 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
                 b.batches.len(),
             ));
             out.put_slice(&b.batches);
+        }
+        Response::Snapshot(p) => {
+            let at = begin(out, kind::SNAPSHOT);
+            put_str(out, p.log.as_bytes());
+            out.put_u64_le(p.offset);
+            out.put_u32_le(p.crc32c);
+            out.put_u32_le(p.data.len() as u32);
+            out.put_slice(&p.data);
+            finish(out, at);
         }
         Response::Replicated(r) => {
             out.put_slice(&encode_replicated_prefix(
@@ -562,6 +604,10 @@ pub fn decode_request(
             from: r.u64("from")?,
             bytes_max: r.u32("bytes_max")?,
         }),
+        kind::PUT_SNAPSHOT => Request::PutSnapshot(decode_snapshot(&mut r, limits)?),
+        kind::GET_SNAPSHOT => Request::GetSnapshot {
+            log: r.string(limits.name_bytes_max, "log name")?,
+        },
         kind::REPLICATE => Request::Replicate(ReplicateRequest {
             log: r.string(limits.name_bytes_max, "log name")?,
             follower: r.string(limits.text_bytes_max, "follower id")?,
@@ -583,10 +629,31 @@ pub fn decode_request(
     Ok(req)
 }
 
+fn decode_snapshot(r: &mut Reader<'_>, limits: &Limits) -> Result<Snapshot, ProtocolError> {
+    let log = r.string(limits.name_bytes_max, "log name")?;
+    let offset = r.u64("snapshot offset")?;
+    let crc32c = r.u32("snapshot crc32c")?;
+    let len = r.u32("snapshot length")?;
+    if len > limits.snapshot_bytes_max {
+        return Err(ProtocolError::TooLong {
+            what: "snapshot",
+            len: len as u64,
+            max: limits.snapshot_bytes_max as u64,
+        });
+    }
+    let data = r.bytes(len as usize, "snapshot data")?;
+    Ok(Snapshot {
+        log,
+        offset,
+        crc32c,
+        data,
+    })
+}
+
 fn decode_log_info(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<LogInfo>, ProtocolError> {
     let count = r.u32("log count")? as usize;
-    // name length (2) + six u64 = 50 bytes at least per entry.
-    if count > r.remaining() / 50 {
+    // name length (2) + seven u64 + a flag = 59 bytes at least per entry.
+    if count > r.remaining() / 59 {
         return Err(ProtocolError::Truncated("log list"));
     }
     let mut logs = Vec::with_capacity(count);
@@ -599,6 +666,15 @@ fn decode_log_info(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<LogInfo>, 
             flushed: r.u64("flushed")?,
             epoch: r.u64("epoch")?,
             disk_bytes: r.u64("disk bytes")?,
+            snapshot: {
+                let has = r.u8("snapshot flag")?;
+                let offset = r.u64("snapshot offset")?;
+                match has {
+                    0 if offset == 0 => None,
+                    1 => Some(offset),
+                    _ => return Err(ProtocolError::Malformed("bad snapshot flag")),
+                }
+            },
         });
     }
     Ok(logs)
@@ -724,6 +800,7 @@ pub fn decode_response(
             committed: r.u64("committed")?,
             batches: r.rest(),
         }),
+        kind::SNAPSHOT => Response::Snapshot(decode_snapshot(&mut r, limits)?),
         kind::REPLICATED => Response::Replicated(ReplicatedResponse {
             epoch: r.u64("epoch")?,
             commit: r.u64("commit")?,
@@ -828,6 +905,7 @@ mod tests {
             flushed: 10,
             epoch: 1,
             disk_bytes: 4096,
+            snapshot: Some(7),
         }];
         roundtrip_resp(Response::Logs(logs.clone()));
         roundtrip_resp(Response::Status(StatusResponse {
@@ -872,6 +950,15 @@ mod tests {
             durable: 9,
         }));
         roundtrip_req(Request::Ack { durable: 77 });
+        let snap = Snapshot {
+            log: "l".into(),
+            offset: 12,
+            crc32c: 0xdead_beef,
+            data: Bytes::from_static(b"state"),
+        };
+        roundtrip_req(Request::PutSnapshot(snap.clone()));
+        roundtrip_req(Request::GetSnapshot { log: "l".into() });
+        roundtrip_resp(Response::Snapshot(snap));
         roundtrip_req(Request::EpochEnd {
             log: "l".into(),
             epoch: 3,

@@ -46,6 +46,8 @@ pub enum ErrorCode {
     /// A replica has not reached the read's `min_offset` within the wait; `detail` = the
     /// offset it has committed. Another replica (or the leader) may answer.
     Behind = 21,
+    /// The log has no application snapshot (on this node).
+    SnapshotNotFound = 22,
 }
 
 impl ErrorCode {
@@ -73,6 +75,7 @@ impl ErrorCode {
             19 => ShuttingDown,
             20 => Internal,
             21 => Behind,
+            22 => SnapshotNotFound,
             _ => return None,
         })
     }
@@ -102,6 +105,7 @@ impl ErrorCode {
             ShuttingDown => "shutting_down",
             Internal => "internal",
             Behind => "behind",
+            SnapshotNotFound => "snapshot_not_found",
         }
     }
 

@@ -31,8 +31,8 @@ pub use codec::{
 pub use error::{ErrorCode, ProtocolError};
 pub use message::{
     Acks, AppendRequest, BatchesResponse, ErrorResponse, FollowerStatus, LogInfo, LogReplication,
-    ReadRequest, Receipt, ReplicateRequest, ReplicatedResponse, Request, Response, StatusResponse, TailRequest,
-    RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
+    ReadRequest, Receipt, ReplicateRequest, ReplicatedResponse, Request, Response, Snapshot,
+    StatusResponse, TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
 };
 
 /// QUIC application error codes a node uses when it closes a connection or resets a stream

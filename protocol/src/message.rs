@@ -135,6 +135,13 @@ pub enum Request {
     Append(AppendRequest),
     Read(ReadRequest),
     Tail(TailRequest),
+    /// Store an application snapshot of a log at an offset (leader only).
+    PutSnapshot(Snapshot),
+    /// The latest application snapshot of a log: answered by [`Response::Snapshot`], or
+    /// [`ErrorCode::SnapshotNotFound`].
+    GetSnapshot {
+        log: String,
+    },
     /// Peer: replicate a log (see [`ReplicateRequest`]).
     Replicate(ReplicateRequest),
     /// Peer: a follower holds everything below `durable` durably (on a replication stream).
@@ -156,6 +163,18 @@ impl Request {
             Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. }
         )
     }
+}
+
+/// An application snapshot: opaque state (a database file, say) that reflects the log's records
+/// below `offset`. A reader can start from it and read the log from `offset` on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub log: String,
+    pub offset: u64,
+    /// crc32c (Castagnoli) of `data`, checked by every node that stores it and every client
+    /// that receives it.
+    pub crc32c: u32,
+    pub data: Bytes,
 }
 
 /// [`Receipt::flags`] bit: the append was a retry of one already stored; the receipt is the
@@ -196,6 +215,8 @@ pub struct LogInfo {
     pub flushed: u64,
     pub epoch: u64,
     pub disk_bytes: u64,
+    /// Offset of the latest application snapshot this node holds, if any.
+    pub snapshot: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,6 +299,8 @@ pub enum Response {
     Logs(Vec<LogInfo>),
     Status(StatusResponse),
     Batches(BatchesResponse),
+    /// The latest application snapshot of a log.
+    Snapshot(Snapshot),
     /// Peer: records for a follower.
     Replicated(ReplicatedResponse),
     /// Peer: the answer to [`Request::EpochEnd`]: the largest epoch of the leader's history that

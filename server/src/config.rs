@@ -165,6 +165,9 @@ pub struct LimitsSection {
     pub producers_per_log_max: usize,
     /// Most logs on the node. Each log costs two prepared segments of disk.
     pub logs_max: usize,
+    /// Largest application snapshot accepted (bytes); one is held in memory while it is
+    /// stored or served.
+    pub snapshot_bytes_max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -212,6 +215,7 @@ impl Default for LimitsSection {
             shard_queue_depth: 1024,
             producers_per_log_max: 10_000,
             logs_max: 1024,
+            snapshot_bytes_max: 64 << 20,
         }
     }
 }
@@ -298,7 +302,7 @@ impl NodeConfig {
                 "node id {id:?}: use 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'"
             )));
         }
-        if r.followers.iter().any(|f| *f == self.node.id) {
+        if r.followers.contains(&self.node.id) {
             return bad("replication.followers names this node itself");
         }
         if r.sync_replicas > r.followers.len() && !r.followers.is_empty() {
@@ -310,7 +314,9 @@ impl NodeConfig {
         }
         self.replication_config()?;
         if r.frame_bytes_max < 64 << 10 || r.frame_bytes_max > self.limits.frame_bytes_max {
-            return bad("replication.frame_bytes_max must be between 65536 and limits.frame_bytes_max");
+            return bad(
+                "replication.frame_bytes_max must be between 65536 and limits.frame_bytes_max",
+            );
         }
         if (r.leader.is_some() || !r.followers.is_empty())
             && self.tls.cert.is_some()
@@ -323,7 +329,10 @@ impl NodeConfig {
 
     /// This node's role, from the replication section.
     pub fn role(&self) -> Role {
-        match (self.replication.leader, self.replication.followers.is_empty()) {
+        match (
+            self.replication.leader,
+            self.replication.followers.is_empty(),
+        ) {
             (Some(a), _) => Role::Follower(a),
             (None, false) => Role::Leader,
             (None, true) => Role::Standalone,
@@ -363,6 +372,7 @@ impl NodeConfig {
         protocol::Limits {
             frame_bytes_max: self.limits.frame_bytes_max,
             records_max: self.limits.records_max,
+            snapshot_bytes_max: self.limits.snapshot_bytes_max,
             ..protocol::Limits::default()
         }
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use protocol::{
-    ErrorCode, FrameHeader, LogInfo, LogReplication, ProtocolError, Request, Response, StatusResponse,
-    FRAME_HEADER_LEN,
+    ErrorCode, FrameHeader, LogInfo, LogReplication, ProtocolError, Request, Response,
+    StatusResponse, FRAME_HEADER_LEN,
 };
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
@@ -130,18 +130,30 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 /// names.
 async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
     let cluster = shard.common.cluster.clone();
-    let certs = conn
-        .peer_identity()
-        .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
-    let trusted = certs.as_ref().and_then(|c| c.split_first()).is_some_and(|(leaf, rest)| {
-        cluster
-            .verify_client_cert(leaf, rest, rustls_pki_types::UnixTime::now())
-            .is_ok()
+    let certs = conn.peer_identity().and_then(|i| {
+        i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()
     });
+    let trusted = certs
+        .as_ref()
+        .and_then(|c| c.split_first())
+        .is_some_and(|(leaf, rest)| {
+            cluster
+                .verify_client_cert(leaf, rest, rustls_pki_types::UnixTime::now())
+                .is_ok()
+        });
     if !trusted {
-        shard.common.metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
+        shard
+            .common
+            .metrics
+            .c
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %conn.remote_address(), "peer connection refused: no certificate from the cluster CA");
-        conn.close(close_code::UNAUTHENTICATED.into(), b"not a node of this cluster");
+        conn.close(
+            close_code::UNAUTHENTICATED.into(),
+            b"not a node of this cluster",
+        );
         return;
     }
     while let Ok((send, recv)) = conn.accept_bi().await {
@@ -158,7 +170,9 @@ async fn serve_peer_stream(
     let cfg = &shard.common.config;
     let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
         Ok(r) => r,
-        Err(ReadFail::Answer(code, msg)) => return reply_error(&shard, &mut send, code, &msg).await,
+        Err(ReadFail::Answer(code, msg)) => {
+            return reply_error(&shard, &mut send, code, &msg).await
+        }
         Err(ReadFail::Gone) => return,
     };
     let log = match &req {
@@ -168,15 +182,21 @@ async fn serve_peer_stream(
         }
         Request::Replicate(r) => {
             if let Err(e) = crate::tls::verify_peer(&*shard.common.cluster, &conn, &r.follower) {
-                shard.common.metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
+                shard
+                    .common
+                    .metrics
+                    .c
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %conn.remote_address(), follower = %r.follower, error = %e, "replication refused");
                 return reply_error(&shard, &mut send, ErrorCode::Unauthenticated, &e).await;
             }
             r.log.clone()
         }
-        Request::EpochEnd { log, .. } => log.clone(),
+        Request::EpochEnd { log, .. } | Request::GetSnapshot { log } => log.clone(),
         _ => {
-            let msg = "a peer connection carries only list_logs, replicate and epoch_end";
+            let msg =
+                "a peer connection carries only list_logs, replicate, epoch_end and get_snapshot";
             return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
         }
     };
@@ -196,6 +216,7 @@ async fn authenticate(shard: &Rc<Shard>, conn: &quinn::Connection) -> bool {
     let cfg = &shard.common.config;
     let limits = protocol::Limits {
         frame_bytes_max: 2 + u32::from(cfg.protocol_limits().token_bytes_max),
+        snapshot_bytes_max: 0,
         ..cfg.protocol_limits()
     };
     let ok = match read_request(&mut recv, cfg, &limits).await {
@@ -326,6 +347,8 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
         Request::Append(a) => &a.log,
         Request::Read(r) => &r.log,
         Request::Tail(t) => &t.log,
+        Request::PutSnapshot(p) => &p.log,
+        Request::GetSnapshot { log } => log,
         Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
             unreachable!("peer requests are answered above")
         }

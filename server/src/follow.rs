@@ -18,9 +18,9 @@ use protocol::{Request, Response, FRAME_HEADER_LEN};
 use crate::shard::{EntryRole, Shard};
 use crate::Error;
 
-/// How often the follower asks the leader for its list of logs (new logs start replicating
-/// within this).
-const LIST_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the follower asks the leader for its list of logs (new logs and new snapshots
+/// start replicating within this).
+const LIST_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest wait between attempts to reach the leader.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -52,13 +52,15 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
         limits: cfg.protocol_limits(),
     });
     let running: Rc<RefCell<BTreeSet<String>>> = Default::default();
+    let fetching: Rc<RefCell<BTreeSet<String>>> = Default::default();
     let mut backoff = Duration::from_millis(50);
     let mut warned = false;
     while !shard.closing.get() {
-        let attempt = match endpoint.connect_with(shard.common.peer_client.clone(), leader, &server_name) {
-            Ok(c) => c.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let attempt =
+            match endpoint.connect_with(shard.common.peer_client.clone(), leader, &server_name) {
+                Ok(c) => c.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
         let conn = match attempt {
             Ok(c) => {
                 tracing::info!(%leader, shard = shard.id, "connected to the leader");
@@ -78,11 +80,28 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
         };
         loop {
             match list_logs(&conn, &scfg.limits).await {
-                Ok(names) => {
-                    for name in names {
-                        if crate::shard_of(&name, shard.common.shards.len()) != shard.id
-                            || !running.borrow_mut().insert(name.clone())
-                        {
+                Ok(logs) => {
+                    for info in logs {
+                        let name = info.name.clone();
+                        if crate::shard_of(&name, shard.common.shards.len()) != shard.id {
+                            continue;
+                        }
+                        let local = shard.get(&name);
+                        let newer = info.snapshot.is_some_and(|o| {
+                            local
+                                .as_ref()
+                                .is_some_and(|e| e.snapshot.get().is_none_or(|l| l < o))
+                        });
+                        if newer && fetching.borrow_mut().insert(name.clone()) {
+                            tokio_uring::spawn(fetch_snapshot(
+                                shard.clone(),
+                                conn.clone(),
+                                name.clone(),
+                                scfg.clone(),
+                                fetching.clone(),
+                            ));
+                        }
+                        if !running.borrow_mut().insert(name.clone()) {
                             continue;
                         }
                         tokio_uring::spawn(follow_log(
@@ -112,25 +131,69 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
     endpoint.close(protocol::close_code::NORMAL.into(), b"shutting down");
 }
 
-async fn list_logs(conn: &quinn::Connection, limits: &protocol::Limits) -> Result<Vec<String>, String> {
+/// One request, one response, on a new stream of the peer connection.
+async fn exchange(
+    conn: &quinn::Connection,
+    req: &Request,
+    limits: &protocol::Limits,
+) -> Result<Response, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
-    protocol::encode_request(&Request::ListLogs, &mut out);
+    protocol::encode_request(req, &mut out);
     send.write_all(&out).await.map_err(|e| e.to_string())?;
     let _ = send.finish();
     let mut hdr = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut hdr).await.map_err(|e| e.to_string())?;
     let h = protocol::FrameHeader::parse(&hdr, limits).map_err(|e| e.to_string())?;
     let mut body = BytesMut::zeroed(h.body_len as usize);
-    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    match protocol::decode_response(&h, body.freeze(), limits).map_err(|e| e.to_string())? {
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    protocol::decode_response(&h, body.freeze(), limits).map_err(|e| e.to_string())
+}
+
+async fn list_logs(
+    conn: &quinn::Connection,
+    limits: &protocol::Limits,
+) -> Result<Vec<protocol::LogInfo>, String> {
+    match exchange(conn, &Request::ListLogs, limits).await? {
         Response::Logs(logs) => Ok(logs
             .into_iter()
-            .map(|l| l.name)
-            .filter(|n| log_core::validate_log_name(n).is_ok())
+            .filter(|l| log_core::validate_log_name(&l.name).is_ok())
             .collect()),
         other => Err(format!("unexpected answer {other:?}")),
     }
+}
+
+/// Copy the leader's latest application snapshot of a log, checked against its crc32c before
+/// it is stored.
+async fn fetch_snapshot(
+    shard: Rc<Shard>,
+    conn: quinn::Connection,
+    name: String,
+    scfg: Rc<SessionConfig>,
+    fetching: Rc<RefCell<BTreeSet<String>>>,
+) {
+    let req = Request::GetSnapshot { log: name.clone() };
+    let result = match exchange(&conn, &req, &scfg.limits).await {
+        Ok(Response::Snapshot(s)) if s.log == name => {
+            if crc32c::crc32c(&s.data) != s.crc32c {
+                Err("the snapshot's crc32c does not match its data".to_string())
+            } else if let Some(e) = shard.get(&name) {
+                crate::service::store_snapshot(&shard, &e, &name, s.offset, s.data)
+                    .await
+                    .map_err(|f| f.1)
+            } else {
+                Ok(())
+            }
+        }
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(log = %name, error = %e, "copying the leader's snapshot failed; will retry");
+    }
+    fetching.borrow_mut().remove(&name);
 }
 
 /// Replicate one log for as long as the connection lasts.
@@ -170,7 +233,12 @@ async fn follow_log(
                 if conn.close_reason().is_some() || shard.closing.get() {
                     break;
                 }
-                shard.common.metrics.c.replication_refusals.fetch_add(1, Ordering::Relaxed);
+                shard
+                    .common
+                    .metrics
+                    .c
+                    .replication_refusals
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(log = %name, error = %e, "replication session failed; resuming from the local end");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -230,6 +298,11 @@ async fn bootstrap(shard: &Rc<Shard>, name: &str, start: Option<u64>) -> Result<
     let log = Log::open_at(&dir, shard.common.config.log_config(), start).await?;
     shard.install(name, log)?;
     std::fs::remove_dir_all(&aside).ok();
-    shard.common.metrics.c.bootstraps.fetch_add(1, Ordering::Relaxed);
+    shard
+        .common
+        .metrics
+        .c
+        .bootstraps
+        .fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

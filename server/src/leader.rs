@@ -53,9 +53,7 @@ pub(crate) struct Replication {
 impl Replication {
     pub fn new(node_id: &str, shard: &Shard, log: &Log, changed: Rc<Notify>) -> Replication {
         let cfg = &shard.common.config;
-        let policy = cfg
-            .replication_config()
-            .expect("validated at start");
+        let policy = cfg.replication_config().expect("validated at start");
         let flushed = log.flush_offset().0;
         let mut state = Leader::new(node_id, policy, log.next_offset().0, flushed, 0);
         for f in &cfg.replication.followers {
@@ -179,6 +177,22 @@ impl Replication {
             if held > cap && self.peers.borrow().contains_key(id) {
                 log.unpin(&pin_name(id));
                 tracing::warn!(log = log_name, follower = %id, held, cap, "retention no longer waits for this follower; it will bootstrap");
+            }
+        }
+    }
+
+    /// Wait until the sync set is full, or `deadline`. Returns whether it is.
+    pub async fn wait_sync_set(&self, deadline: Instant) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            if self.state.borrow().sync_shortfall() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
+                return false;
             }
         }
     }
@@ -350,10 +364,10 @@ pub(crate) async fn serve(
             .is_some_and(|p| p.generation == generation)
     };
     log.pin(&pin_name(&follower), Offset(req.from));
-    let events = repl
-        .state
-        .borrow_mut()
-        .connected(&follower, req.durable.min(req.from), repl.now_ms());
+    let events =
+        repl.state
+            .borrow_mut()
+            .connected(&follower, req.durable.min(req.from), repl.now_ms());
     repl.events(&name, &shard, events);
     tracing::info!(log = %name, follower = %follower, from = req.from, "follower connected");
 
@@ -394,7 +408,9 @@ pub(crate) async fn serve(
             }
         }
     };
-    let sending = send_loop(&shard, &entry, &repl, &follower, send, req.from, &sent, &current);
+    let sending = send_loop(
+        &shard, &entry, &repl, &follower, send, req.from, &sent, &current,
+    );
     tokio::select! {
         () = acks => {}
         () = sending => {}
@@ -491,8 +507,7 @@ async fn send_loop(
         if commit_sent != Some(commit) {
             // Nothing new to send, but the commit offset moved: followers serve reads up to it.
             let prefix = protocol::encode_replicated_prefix(epoch.0, commit, pos.0, 0);
-            if !crate::service::write_all(shard, send, &mut [Bytes::copy_from_slice(&prefix)])
-                .await
+            if !crate::service::write_all(shard, send, &mut [Bytes::copy_from_slice(&prefix)]).await
             {
                 return;
             }

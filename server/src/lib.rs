@@ -19,6 +19,7 @@ mod leader;
 pub mod metrics;
 mod service;
 mod shard;
+mod snapshots;
 pub mod tls;
 
 use std::fs::File;

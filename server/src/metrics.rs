@@ -244,23 +244,52 @@ impl Metrics {
         let repl = self.replication.lock().unwrap();
         type Field = fn(&protocol::FollowerStatus) -> f64;
         let per_follower: [(&str, &str, Field); 5] = [
-            ("replog_follower_lag_records", "Records the follower is behind the leader's end.", |f| f.lag_records as f64),
-            ("replog_follower_lag_bytes", "Bytes the follower is behind the leader's end (by segment position).", |f| f.lag_bytes as f64),
-            ("replog_follower_lag_seconds", "Time since the follower last had everything the leader has.", |f| f.lag_ms as f64 / 1e3),
-            ("replog_follower_in_sync_set", "1 if the follower is in the sync set.", |f| f64::from(u8::from(f.in_sync_set))),
-            ("replog_follower_connected", "1 if the follower's replication stream is open.", |f| f64::from(u8::from(f.connected))),
+            (
+                "replog_follower_lag_records",
+                "Records the follower is behind the leader's end.",
+                |f| f.lag_records as f64,
+            ),
+            (
+                "replog_follower_lag_bytes",
+                "Bytes the follower is behind the leader's end (by segment position).",
+                |f| f.lag_bytes as f64,
+            ),
+            (
+                "replog_follower_lag_seconds",
+                "Time since the follower last had everything the leader has.",
+                |f| f.lag_ms as f64 / 1e3,
+            ),
+            (
+                "replog_follower_in_sync_set",
+                "1 if the follower is in the sync set.",
+                |f| f64::from(u8::from(f.in_sync_set)),
+            ),
+            (
+                "replog_follower_connected",
+                "1 if the follower's replication stream is open.",
+                |f| f64::from(u8::from(f.connected)),
+            ),
         ];
         for (name, help, get) in per_follower {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for (log, l) in repl.iter() {
                 for f in &l.followers {
-                    let _ = writeln!(out, "{name}{{log=\"{log}\",follower=\"{}\"}} {}", f.id, get(f));
+                    let _ = writeln!(
+                        out,
+                        "{name}{{log=\"{log}\",follower=\"{}\"}} {}",
+                        f.id,
+                        get(f)
+                    );
                 }
             }
         }
         let _ = writeln!(out, "# HELP replog_sync_shortfall Empty sync-set places: the durability debt while degraded.\n# TYPE replog_sync_shortfall gauge");
         for (log, l) in repl.iter() {
-            let _ = writeln!(out, "replog_sync_shortfall{{log=\"{log}\"}} {}", l.sync_shortfall);
+            let _ = writeln!(
+                out,
+                "replog_sync_shortfall{{log=\"{log}\"}} {}",
+                l.sync_shortfall
+            );
         }
         let _ = writeln!(out, "# HELP replog_commit_offset The log's commit offset on its leader.\n# TYPE replog_commit_offset gauge");
         for (log, l) in repl.iter() {

@@ -19,7 +19,11 @@ use crate::shard::{LogEntry, Shard};
 /// Write `chunks` in full, as long as the peer keeps taking data: a stream whose peer accepts
 /// nothing for `stall` is reset with the slow-reader code. Returns whether everything was
 /// written (a peer that went away, or was cut off, is not an error of the node's).
-pub(crate) async fn write_all(shard: &Shard, send: &mut quinn::SendStream, chunks: &mut [Bytes]) -> bool {
+pub(crate) async fn write_all(
+    shard: &Shard,
+    send: &mut quinn::SendStream,
+    chunks: &mut [Bytes],
+) -> bool {
     let stall = Duration::from_millis(shard.common.config.limits.write_stall_timeout_ms as u64);
     let mut i = 0;
     while i < chunks.len() {
@@ -105,7 +109,7 @@ fn code_of(e: &log_core::Error) -> ErrorCode {
 }
 
 /// An error to answer with: a code, a message and the code's `detail` number.
-struct Fail(ErrorCode, String, u64);
+pub(crate) struct Fail(pub ErrorCode, pub String, pub u64);
 
 impl From<log_core::Error> for Fail {
     fn from(e: log_core::Error) -> Self {
@@ -140,6 +144,11 @@ pub(crate) async fn serve(
         Request::Auth { .. } | Request::ListLogs | Request::Status => {
             unreachable!("served by the accepting shard")
         }
+        Request::PutSnapshot(p) => match not_leader(&shard) {
+            Some(f) => Err(f),
+            None => put_snapshot(&shard, p).await.map(|()| Response::Ok),
+        },
+        Request::GetSnapshot { log } => get_snapshot(&shard, &log).await.map(Response::Snapshot),
         Request::Replicate(r) => match (entry(&shard, &r.log), recv) {
             (Ok(e), Some(recv)) => {
                 match crate::leader::serve(shard.clone(), e, r, &mut send, recv).await {
@@ -148,7 +157,10 @@ pub(crate) async fn serve(
                 }
             }
             (Err(f), _) => Err(f),
-            (Ok(_), None) => Err(fail(ErrorCode::Internal, "replication stream without its receive side")),
+            (Ok(_), None) => Err(fail(
+                ErrorCode::Internal,
+                "replication stream without its receive side",
+            )),
         },
         Request::EpochEnd { log, epoch } => entry(&shard, &log).map(|e| {
             let (epoch, end) = crate::leader::epoch_end(&e.log, epoch);
@@ -215,7 +227,95 @@ async fn create(shard: &Rc<Shard>, name: &str) -> Result<(), Fail> {
         return Err(fail(ErrorCode::StorageFailed, e.to_string()));
     }
     tracing::info!(log = name, "log created");
+    // Followers learn of a new log within a second; waiting for the sync set here means an
+    // acks=sync append right after the create finds it full, instead of not_enough_replicas.
+    if let Some(e) = shard.get(name) {
+        if let Some(repl) = e.leading() {
+            let deadline = Instant::now() + CREATE_SYNC_WAIT;
+            if !repl.wait_sync_set(deadline).await {
+                tracing::warn!(
+                    log = name,
+                    "created without a full sync set: not enough followers caught up in time"
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// How long a create waits for the new log's sync set to fill.
+const CREATE_SYNC_WAIT: Duration = Duration::from_secs(3);
+
+async fn put_snapshot(shard: &Shard, p: protocol::Snapshot) -> Result<(), Fail> {
+    let e = entry(shard, &p.log)?;
+    if crc32c::crc32c(&p.data) != p.crc32c {
+        return Err(fail(
+            ErrorCode::Malformed,
+            "the snapshot's crc32c does not match its data",
+        ));
+    }
+    let end = e.log.next_offset().0;
+    if p.offset > end {
+        return Err(Fail(
+            ErrorCode::OffsetOutOfRange,
+            format!("snapshot offset {} is beyond the log's end {end}", p.offset),
+            e.log.start_offset().0,
+        ));
+    }
+    if let Some(latest) = e.snapshot.get() {
+        if p.offset < latest {
+            return Err(Fail(
+                ErrorCode::OffsetConflict,
+                format!("a snapshot at offset {latest} exists; snapshots only move forward"),
+                latest,
+            ));
+        }
+    }
+    store_snapshot(shard, &e, &p.log, p.offset, p.data).await
+}
+
+/// Store a snapshot durably (off the shard thread), then make it the log's latest and keep the
+/// records after it from retention.
+pub(crate) async fn store_snapshot(
+    shard: &Shard,
+    e: &LogEntry,
+    log: &str,
+    offset: u64,
+    data: Bytes,
+) -> Result<(), Fail> {
+    let dir = shard.snapshots_dir(log);
+    let bytes = data.len();
+    tokio::task::spawn_blocking(move || crate::snapshots::write(&dir, offset, &data))
+        .await
+        .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| fail(ErrorCode::StorageFailed, e.to_string()))?;
+    if e.snapshot.get().is_none_or(|o| o <= offset) {
+        e.snapshot.set(Some(offset));
+        e.log.pin(crate::shard::SNAPSHOT_PIN, Offset(offset));
+    }
+    tracing::info!(log, offset, bytes, "snapshot stored");
+    Ok(())
+}
+
+async fn get_snapshot(shard: &Shard, log: &str) -> Result<protocol::Snapshot, Fail> {
+    let e = entry(shard, log)?;
+    let Some(offset) = e.snapshot.get() else {
+        return Err(fail(
+            ErrorCode::SnapshotNotFound,
+            format!("log {log:?} has no snapshot here"),
+        ));
+    };
+    let dir = shard.snapshots_dir(log);
+    let (data, crc32c) = tokio::task::spawn_blocking(move || crate::snapshots::load(&dir, offset))
+        .await
+        .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| fail(ErrorCode::StorageFailed, e.to_string()))?;
+    Ok(protocol::Snapshot {
+        log: log.to_string(),
+        offset,
+        crc32c,
+        data,
+    })
 }
 
 /// Wait for `fut` until `deadline`; `None` if the deadline passed first.

@@ -60,6 +60,8 @@ pub(crate) struct LogEntry {
     pub epoch: Epoch,
     pub producers: RefCell<ProducerTable>,
     pub role: EntryRole,
+    /// Offset of the latest application snapshot stored here.
+    pub snapshot: std::cell::Cell<Option<u64>>,
     /// Notified whenever the committed horizon may have moved (readers and tails wait on it).
     pub changed: Rc<Notify>,
 }
@@ -106,9 +108,16 @@ pub(crate) struct Shard {
 /// stored again (its original receipt is no longer known).
 pub(crate) const PRODUCER_SCAN_SEGMENTS: usize = 2;
 
+/// The retention pin that keeps every record after a log's latest application snapshot.
+pub(crate) const SNAPSHOT_PIN: &str = "snapshot";
+
 impl Shard {
     pub fn logs_dir(&self) -> PathBuf {
         self.common.config.node.data_dir.join("logs")
+    }
+
+    pub fn snapshots_dir(&self, log: &str) -> PathBuf {
+        crate::snapshots::dir(&self.common.config.node.data_dir, log)
     }
 
     pub fn get(&self, name: &str) -> Option<Rc<LogEntry>> {
@@ -130,8 +139,12 @@ impl Shard {
             Role::Leader => {
                 let epoch = Epoch(last + 1);
                 log.begin_epoch(epoch)?;
-                let repl =
-                    crate::leader::Replication::new(&self.common.node_id, self, &log, changed.clone());
+                let repl = crate::leader::Replication::new(
+                    &self.common.node_id,
+                    self,
+                    &log,
+                    changed.clone(),
+                );
                 (epoch, EntryRole::Leader(Rc::new(repl)))
             }
             Role::Follower(_) => (
@@ -141,18 +154,27 @@ impl Shard {
         };
         let mut producers = ProducerTable::new(self.common.config.limits.producers_per_log_max);
         rebuild_producers(&log, &mut producers)?;
+        let snapshot = crate::snapshots::latest(&self.snapshots_dir(name))?;
+        if let Some(o) = snapshot {
+            log.pin(SNAPSHOT_PIN, Offset(o));
+        }
         let entry = Rc::new(LogEntry {
             log,
             epoch,
             producers: RefCell::new(producers),
             role,
+            snapshot: std::cell::Cell::new(snapshot),
             changed,
         });
         self.logs
             .borrow_mut()
             .insert(name.to_string(), entry.clone());
         if entry.leading().is_some() {
-            tokio_uring::spawn(crate::leader::drive(self.clone(), name.to_string(), entry.clone()));
+            tokio_uring::spawn(crate::leader::drive(
+                self.clone(),
+                name.to_string(),
+                entry.clone(),
+            ));
         } else {
             tokio_uring::spawn(watch_flush(self.clone(), entry.clone()));
         }
@@ -174,6 +196,7 @@ impl Shard {
                     _ => e.epoch.0,
                 },
                 disk_bytes: e.log.disk_bytes(),
+                snapshot: e.snapshot.get(),
             })
             .collect();
         let repl = logs
@@ -356,8 +379,14 @@ async fn retention(shard: Rc<Shard>, policy: log_core::RetentionPolicy) {
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
         for (name, e) in logs {
+            let cap = shard.common.config.replication.retention_pin_bytes_max;
             if let Some(repl) = e.leading() {
-                repl.release_far_pins(&name, &e.log, shard.common.config.replication.retention_pin_bytes_max);
+                repl.release_far_pins(&name, &e.log, cap);
+            }
+            if let Some(o) = e.snapshot.get() {
+                if e.log.bytes_from(Offset(o)).unwrap_or(0) > cap {
+                    e.log.unpin(SNAPSHOT_PIN);
+                }
             }
             let before = e.log.start_offset();
             match e.log.apply_retention(&policy, now_us) {

@@ -255,18 +255,17 @@ pub fn node_tls(cfg: &NodeConfig, node_id: &str) -> Result<NodeTls, Error> {
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(cfg)));
 
-    let cluster_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = if cluster
-        .is_empty()
-    {
-        Arc::new(NoPeers)
-    } else {
-        rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(cluster.clone()),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| Error::Tls(format!("cluster CA: {e}")))?
-    };
+    let cluster_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+        if cluster.is_empty() {
+            Arc::new(NoPeers)
+        } else {
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(cluster.clone()),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| Error::Tls(format!("cluster CA: {e}")))?
+        };
 
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -301,7 +300,9 @@ impl rustls::server::danger::ClientCertVerifier for NoPeers {
         _: &[CertificateDer<'_>],
         _: rustls_pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        Err(rustls::Error::General("this node has no cluster CA (tls.ca)".into()))
+        Err(rustls::Error::General(
+            "this node has no cluster CA (tls.ca)".into(),
+        ))
     }
     fn verify_tls12_signature(
         &self,
@@ -342,8 +343,12 @@ pub fn verify_peer(
     let parsed = rustls::server::ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from(peer_name(id))
         .map_err(|_| format!("node id {id:?} is not a valid name"))?;
-    rustls::client::verify_server_name(&parsed, &name)
-        .map_err(|_| format!("the certificate does not name node {id:?} ({})", peer_name(id)))
+    rustls::client::verify_server_name(&parsed, &name).map_err(|_| {
+        format!(
+            "the certificate does not name node {id:?} ({})",
+            peer_name(id)
+        )
+    })
 }
 
 /// Peer connections detect a dead peer quickly: keep-alives every second and a 10 s idle

@@ -309,6 +309,7 @@ fn info(name: &str, l: &LogState) -> LogInfo {
         flushed: l.end,
         epoch: 1,
         disk_bytes: l.batches.iter().map(|b| b.len() as u64).sum(),
+        snapshot: None,
     }
 }
 
@@ -349,9 +350,11 @@ async fn serve_stream(
         return;
     }
     let resp = match req {
-        Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
-            error(ErrorCode::UnknownMessage, "peer request")
-        }
+        Request::Replicate(_)
+        | Request::Ack { .. }
+        | Request::EpochEnd { .. }
+        | Request::PutSnapshot(_)
+        | Request::GetSnapshot { .. } => error(ErrorCode::UnknownMessage, "peer request"),
         Request::Auth { .. } => Response::Ok,
         Request::CreateLog { name } => {
             let mut s = state.lock().unwrap();
