@@ -800,3 +800,89 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
     assert_eq!(meta["offset"], 1500);
     assert_eq!(std::fs::read(&got).unwrap(), state);
 }
+
+#[test]
+fn retention_waits_for_a_registered_follower_up_to_its_cap() {
+    let env = Env::new();
+    let cfg = env.path("leader.toml");
+    std::fs::write(
+        &cfg,
+        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 100000\nretention_check_ms = 100\n[replication]\nretention_pin_bytes_max = 400000\n",
+    )
+    .unwrap();
+    let lead = env.node(
+        "lead",
+        &[
+            "--node-id",
+            "lead",
+            "--follower",
+            "f1",
+            "--sync-replicas",
+            "0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    let mut f1 = follower(&env, "f1", &lead);
+    env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
+    let line = |i: usize| format!("record {i:05} {}", "x".repeat(100));
+    let batch = |r: std::ops::Range<usize>| -> String { r.map(|i| line(i) + "\n").collect() };
+    env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
+        &batch(0..500),
+    );
+    wait_caught_up(&env, &lead, &["f1"]);
+    // Gone (a stopped process would still get what the leader has queued on its stream).
+    f1.kill();
+    // About 230 KB more: beyond retention_bytes_max, within the follower's cap: kept for it.
+    env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
+        &batch(500..2500),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let start = log_info(&env, &lead)["start"].as_u64().unwrap();
+    assert!(
+        start <= 500,
+        "retention keeps what f1 still needs: start {start}"
+    );
+    // Past the cap, retention lets the follower go.
+    env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
+        &batch(2500..6000),
+    );
+    let start = eventually(30, "retention to pass the follower", || {
+        let s = log_info(&env, &lead)["start"].as_u64()?;
+        (s > 500).then_some(s)
+    });
+    // Back, it bootstraps from the leader's start and converges.
+    let f1 = f1.respawn();
+    wait_caught_up(&env, &lead, &["f1"]);
+    let l = log_info(&env, &f1);
+    assert!(l["start"].as_u64().unwrap() >= start, "{l} {start}");
+    assert_eq!(l["end"], 6000, "{l}");
+    assert_eq!(verify(&env, &lead, &[])["identical"], true);
+}

@@ -49,7 +49,7 @@ pub struct ReplicationSection {
     /// A follower further behind than this many bytes is served at bulk priority, below the
     /// live tail of every other stream on the connection.
     pub catchup_bytes_min: u64,
-    /// Most bytes of batches in one replication frame.
+    /// Most bytes of batches in one replication frame (a single larger batch goes alone).
     pub frame_bytes_max: u32,
     /// Retention keeps what a registered follower still needs (connected or not), unless that
     /// is more than this many bytes: then the follower will bootstrap when it returns.
@@ -440,10 +440,59 @@ mod tests {
         let c = NodeConfig::parse(&readme[start..start + len]).unwrap();
         assert_eq!(c.limits, LimitsSection::default());
         assert_eq!(c.log, LogSection::default());
+        let mut r = c.replication.clone();
+        assert_eq!(r.followers, ["node-2", "node-3"]);
+        r.followers.clear();
+        assert_eq!(r, ReplicationSection::default());
         assert_eq!(
             c.node.metrics_listen,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn replication_settings_are_checked() {
+        let base = || {
+            let mut c = NodeConfig::default();
+            c.node.data_dir = "/tmp/x".into();
+            c.node.id = "lead".into();
+            c
+        };
+        let err = |c: NodeConfig| c.validate().unwrap_err().to_string();
+        let mut c = base();
+        c.replication.followers = vec!["f1".into()];
+        c.validate().unwrap();
+        assert_eq!(c.role(), Role::Leader);
+        c.replication.leader = Some("127.0.0.1:1".parse().unwrap());
+        assert!(err(c).contains("exclude each other"));
+        let mut c = base();
+        c.replication.followers = vec!["Bad_Id".into()];
+        assert!(err(c).contains("Bad_Id"));
+        let mut c = base();
+        c.replication.followers = vec!["lead".into()];
+        assert!(err(c).contains("itself"));
+        let mut c = base();
+        c.replication.followers = vec!["f1".into()];
+        c.replication.sync_replicas = 2;
+        assert!(err(c).contains("exceeds the 1 configured followers"));
+        let mut c = base();
+        c.replication.insufficient_replicas = "maybe".into();
+        assert!(err(c).contains("insufficient_replicas"));
+        let mut c = base();
+        c.replication.frame_bytes_max = 1000;
+        assert!(err(c).contains("replication.frame_bytes_max"));
+        let mut c = base();
+        c.replication.leader = Some("127.0.0.1:1".parse().unwrap());
+        c.tls.cert = Some("/c".into());
+        c.tls.key = Some("/k".into());
+        assert!(err(c).contains("tls.ca"));
+        let mut c = base();
+        c.log.retention_check_ms = 0;
+        assert!(err(c).contains("retention_check_ms"));
+        // A standalone node has no followers: the sync set is empty whatever sync_replicas says.
+        assert_eq!(base().replication_config().unwrap().sync_replicas, 0);
+        assert!(valid_node_id("node-1") && valid_node_id("a"));
+        assert!(!valid_node_id("-a") && !valid_node_id("a-") && !valid_node_id(&"a".repeat(64)));
     }
 
     #[test]

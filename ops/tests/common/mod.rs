@@ -165,7 +165,14 @@ impl NodeProc {
         self.respawn()
     }
 
-    fn respawn(&self) -> NodeProc {
+    /// SIGKILL, and wait for it; [`NodeProc::respawn`] starts it again.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.child.wait().unwrap();
+    }
+
+    /// Start again on the same data directory, address and flags (after it stopped).
+    pub fn respawn(&self) -> NodeProc {
         let listen = self.addr.to_string();
         Self::spawn(
             self.ca_dir.clone(),
