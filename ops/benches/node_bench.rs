@@ -87,6 +87,10 @@ const LAT_HEADER: &str =
 struct Params {
     dir: Option<PathBuf>,
     quick: bool,
+    /// Run the replication benchmark (a leader and two followers) instead of the single node.
+    replication: bool,
+    /// Bytes a follower is behind when the catch-up measurement starts.
+    catchup_bytes: u64,
     json: bool,
     warmup: usize,
     samples: usize,
@@ -95,13 +99,14 @@ struct Params {
 }
 
 fn parse_args() -> Params {
-    let (mut dir, mut quick, mut json) = (None, false, false);
+    let (mut dir, mut quick, mut json, mut replication) = (None, false, false, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--dir" => dir = Some(args.next().expect("--dir needs a path").into()),
             "--quick" => quick = true,
             "--json" => json = true,
+            "--replication" => replication = true,
             // `cargo bench` passes `--bench` (and any filter) to every bench binary.
             _ => {}
         }
@@ -109,6 +114,8 @@ fn parse_args() -> Params {
     Params {
         dir,
         quick,
+        replication,
+        catchup_bytes: if quick { 64 << 20 } else { 1 << 30 },
         json,
         warmup: if quick { 20 } else { 100 },
         samples: if quick { 300 } else { 2000 },
@@ -319,12 +326,17 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(data_dir: &Path, ca_dir: &Path, shards: usize) -> NodeProc {
+        Self::start_with(data_dir, ca_dir, shards, &[])
+    }
+
+    fn start_with(data_dir: &Path, ca_dir: &Path, shards: usize, extra: &[&str]) -> NodeProc {
         let mut child = Command::new(REPLOG)
             .arg("node")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(["--shards", &shards.to_string()])
+            .args(extra)
             .env(DEV_CA_DIR_ENV, ca_dir)
             .env("REPLOG_LOG", "warn")
             .stdin(Stdio::null())
@@ -469,9 +481,9 @@ fn config(node: &NodeProc) -> ClientConfig {
         .with_request_timeout(Duration::from_secs(20))
 }
 
-fn leader() -> AppendOptions {
+fn at(acks: Acks) -> AppendOptions {
     AppendOptions {
-        acks: Acks::Leader,
+        acks,
         ..AppendOptions::default()
     }
 }
@@ -497,11 +509,21 @@ async fn append_latency(
     warmup: usize,
     samples: usize,
 ) -> Histogram<u64> {
+    append_latency_at(client, log, warmup, samples, Acks::Leader).await
+}
+
+async fn append_latency_at(
+    client: &Client,
+    log: &str,
+    warmup: usize,
+    samples: usize,
+    acks: Acks,
+) -> Histogram<u64> {
     let rec = record();
     let mut h = hist();
     for i in 0..warmup + samples {
         let t = Instant::now();
-        step("an append", client.append(log, vec![rec.clone()], leader())).await;
+        step("an append", client.append(log, vec![rec.clone()], at(acks))).await;
         if i >= warmup {
             h.saturating_record(ns(t));
         }
@@ -556,6 +578,17 @@ async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
 /// Item 5: `tasks` tasks, task i on `clients[i % len]`, each appending one record at a time
 /// until `dur` has passed.
 async fn load(node: &NodeProc, clients: &[Client], tasks: usize, log: &str, dur: Duration) -> Load {
+    load_at(node, clients, tasks, log, dur, Acks::Leader).await
+}
+
+async fn load_at(
+    node: &NodeProc,
+    clients: &[Client],
+    tasks: usize,
+    log: &str,
+    dur: Duration,
+    acks: Acks,
+) -> Load {
     let cpu = CpuMark::now(node);
     let start = Instant::now();
     let deadline = start + dur;
@@ -566,7 +599,7 @@ async fn load(node: &NodeProc, clients: &[Client], tasks: usize, log: &str, dur:
                 let (rec, mut h) = (record(), hist());
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let append = client.append(&log, vec![rec.clone()], leader());
+                    let append = client.append(&log, vec![rec.clone()], at(acks));
                     step("an append under load", append).await;
                     h.saturating_record(ns(t));
                 }
@@ -584,8 +617,22 @@ async fn load(node: &NodeProc, clients: &[Client], tasks: usize, log: &str, dur:
 /// Item 5, producer: keep `IN_FLIGHT` records sent and unacknowledged, awaiting receipts in
 /// order, until `dur` has passed; then drain.
 async fn producer_load(node: &NodeProc, client: &Client, log: &str, dur: Duration) -> Load {
+    producer_load_at(node, client, log, dur, Acks::Leader).await
+}
+
+async fn producer_load_at(
+    node: &NodeProc,
+    client: &Client,
+    log: &str,
+    dur: Duration,
+    acks: Acks,
+) -> Load {
     let cpu = CpuMark::now(node);
-    let producer = client.producer(log, ProducerOptions::default());
+    let options = ProducerOptions {
+        acks,
+        ..ProducerOptions::default()
+    };
+    let producer = client.producer(log, options);
     let (rec, mut lat) = (record(), hist());
     let mut queue = VecDeque::with_capacity(IN_FLIGHT);
     let start = Instant::now();
@@ -689,6 +736,12 @@ fn main() {
     ));
     put! { o, "conditions", cpus = cpus, quick = u8::from(p.quick), record_bytes = REC }
     let samples = format!("{} samples after {} warm-up", p.samples, p.warmup);
+    if p.replication {
+        replication(&p, &dir, &ca_dir, &mut o);
+        drop(tmp);
+        finish(&p, o, started);
+        return;
+    }
 
     eprintln!("node_bench: floor: 4 KiB write + fdatasync");
     let disk = disk_floor(&dir, p.warmup, p.samples);
@@ -901,6 +954,10 @@ fn main() {
     node_stop_secs_shards2 = stop2.as_secs_f64() }
     drop(rt);
     drop(tmp);
+    finish(&p, o, started);
+}
+
+fn finish(p: &Params, mut o: Out, started: Instant) {
     let total = started.elapsed().as_secs_f64();
     o.num("conditions.total_secs", total);
     if p.json {
@@ -908,5 +965,274 @@ fn main() {
     } else {
         print!("{}", o.text);
         println!("\ntotal {total:.0} s");
+    }
+}
+
+/// The leader's status, for one log: (end offset, per follower (id, durable, connected)).
+async fn follower_progress(client: &Client, log: &str) -> (u64, Vec<(String, u64, bool)>) {
+    let s = step("status", client.status()).await;
+    let end = s.logs.iter().find(|l| l.name == log).map_or(0, |l| l.end);
+    let f = s
+        .replication
+        .iter()
+        .find(|r| r.log == log)
+        .map(|r| {
+            r.followers
+                .iter()
+                .map(|f| (f.id.clone(), f.durable, f.connected))
+                .collect()
+        })
+        .unwrap_or_default();
+    (end, f)
+}
+
+/// Wait until follower `id` holds all of `log` durably (polling the leader every 20 ms).
+async fn caught_up(client: &Client, log: &str, id: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let (end, f) = follower_progress(client, log).await;
+        if f.iter().any(|(i, d, c)| i == id && *c && *d >= end) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// The replication benchmark: a leader and two followers (three `replog node` processes on
+/// this machine, one shard each), semi-synchronous (sync set of one).
+fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
+    let samples = format!("{} samples after {} warm-up", p.samples, p.warmup);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    eprintln!("node_bench: floors");
+    let disk = disk_floor(dir, p.warmup, p.samples);
+    let echo = Echo::start();
+    let rtt = rt.block_on(rtt_floor(&echo, p.warmup, p.samples));
+    o.say(&format!(
+        "\n1. Floors ({samples}): {BLOCK} B write + fdatasync into a pre-written file, QD1; quinn"
+    ));
+    o.say(&format!(
+        "   round trip on loopback ({REC} B request, {ANSWER} B answer)\n{LAT_HEADER}"
+    ));
+    o.lat("floor.disk", "fdatasync 4096", &disk);
+    o.lat("floor.rtt", "round trip", &rtt);
+    let (d, r) = (pcts(&disk), pcts(&rtt));
+    // The floor of an acks=sync append: the leader's fdatasync, a round trip, the follower's
+    // fdatasync, taken one after the other (percentiles added).
+    let floor = [2.0 * d[0] + r[0], 2.0 * d[2] + r[2], 2.0 * d[3] + r[3]];
+    // A tighter one, if the leader flushes while the follower receives and flushes:
+    // RTT(client) + max(fdatasync, RTT(leader-follower) + fdatasync).
+    let tight = [2.0 * r[0] + d[0], 2.0 * r[2] + d[2], 2.0 * r[3] + d[3]];
+    o.say("\n2. Floor for acks=sync = fdatasync + RTT + fdatasync (percentiles added); and the");
+    o.say("   tighter RTT + max(fdatasync, RTT + fdatasync) = 2 RTT + fdatasync");
+    o.say("                                p50      p99    p99.9");
+    o.say(&format!(
+        "  {:<24} {:>8.1} {:>8.1} {:>8.1}",
+        "fsync + RTT + fsync", floor[0], floor[1], floor[2]
+    ));
+    o.say(&format!(
+        "  {:<24} {:>8.1} {:>8.1} {:>8.1}",
+        "2 RTT + fsync", tight[0], tight[1], tight[2]
+    ));
+    put! { o, "floor.sync", p50_us = floor[0], p99_us = floor[1], p999_us = floor[2] }
+    put! { o, "floor.tight", p50_us = tight[0], p99_us = tight[1], p999_us = tight[2] }
+    drop(echo);
+
+    eprintln!("node_bench: starting a leader and two followers");
+    let lead = NodeProc::start_with(
+        &dir.join("lead"),
+        ca_dir,
+        1,
+        &[
+            "--node-id",
+            "lead",
+            "--follower",
+            "f1,f2",
+            "--sync-replicas",
+            "1",
+        ],
+    );
+    let follower = |id: &str| {
+        NodeProc::start_with(
+            &dir.join(id),
+            ca_dir,
+            1,
+            &["--node-id", id, "--leader", &lead.addr.to_string()],
+        )
+    };
+    let f1 = follower("f1");
+    let mut f2 = Some(follower("f2"));
+    let client = rt.block_on(async {
+        let c = step("connecting to the leader", Client::connect(config(&lead))).await;
+        create_log(&c, "live").await;
+        for id in ["f1", "f2"] {
+            assert!(caught_up(&c, "live", id, STEP).await, "{id} did not join");
+        }
+        c
+    });
+
+    o.say(&format!(
+        "\n3. Append latency, 3 replicas (leader + 2 followers, one shard each, all on this machine):"
+    ));
+    o.say(&format!(
+        "   one {REC} B record per append, one client, one request outstanding ({samples})\n{LAT_HEADER}"
+    ));
+    let mut lat_sync = None;
+    for acks in [Acks::Leader, Acks::Sync, Acks::Quorum] {
+        eprintln!("node_bench: append latency, acks={}", acks.name());
+        let h = rt.block_on(append_latency_at(
+            &client, "live", p.warmup, p.samples, acks,
+        ));
+        let key = format!("repl.acks_{}", acks.name());
+        o.lat(&key, &format!("acks={}", acks.name()), &h);
+        if acks == Acks::Sync {
+            lat_sync = Some(h);
+        }
+    }
+    let l = pcts(lat_sync.as_ref().unwrap());
+    let (r50, r99, r999) = (l[0] / floor[0], l[2] / floor[1], l[3]);
+    let ok = |v: bool| if v { "met" } else { "MISSED" };
+    o.say(&format!(
+        "  acks=sync / floor: p50 {r50:.2}x (target <= 1.3x: {}), p99 {r99:.2}x (target <= 1.5x: {}),",
+        ok(r50 <= 1.3),
+        ok(r99 <= 1.5)
+    ));
+    o.say(&format!(
+        "  p99.9 {r999:.0} µs (target < 1500 µs: {}); against the tighter floor: p50 {:.2}x, p99 {:.2}x",
+        ok(r999 < 1500.0),
+        l[0] / tight[0],
+        l[2] / tight[1]
+    ));
+    put! { o, "repl.acks_sync", ratio_p50 = r50, ratio_p99 = r99, ratio_tight_p50 = l[0] / tight[0],
+    ratio_tight_p99 = l[2] / tight[1] }
+
+    let secs = p.load.as_secs_f64();
+    o.say(&format!(
+        "\n4. Throughput, acks=sync: C tasks over one shared client, one {REC} B record per append,"
+    ));
+    o.say(&format!(
+        "   {secs:.0} s; and one Producer ({IN_FLIGHT} records outstanding)"
+    ));
+    o.say("     C  clients         rec/s     MB/s   p50 µs   p99 µs p99.9 µs leader cpu");
+    let row = |o: &mut Out, c: usize, label: &str, key: &str, l: &Load| {
+        let rec_s = l.records as f64 / l.secs;
+        let lat = pcts(&l.lat);
+        o.say(&format!(
+            "  {c:>4}  {label:<12} {rec_s:>8.0} {:>8.1} {:>8.0} {:>8.0} {:>8.0} {:>9.0}%",
+            rec_s * REC as f64 / 1e6,
+            lat[0],
+            lat[2],
+            lat[3],
+            l.node_cpu * 100.0
+        ));
+        put! { o, key, records_s = rec_s, p50_us = lat[0], p99_us = lat[2], p999_us = lat[3],
+        leader_cpu = l.node_cpu }
+    };
+    for &c in p.concurrency {
+        eprintln!("node_bench: acks=sync throughput, {c} tasks");
+        let l = rt.block_on(load_at(
+            &lead,
+            std::slice::from_ref(&client),
+            c,
+            "live",
+            p.load,
+            Acks::Sync,
+        ));
+        row(o, c, "1 shared", &format!("repl.load_{c}"), &l);
+    }
+    eprintln!("node_bench: acks=sync throughput, producer");
+    let l = rt.block_on(producer_load_at(&lead, &client, "live", p.load, Acks::Sync));
+    row(o, 1, "producer", "repl.load_producer", &l);
+
+    // Catch-up: f2 is away while `catchup_bytes` go into another log, then comes back; the live
+    // log's acks=sync latency (f1 in the sync set) is measured while f2 catches up.
+    let total = p.catchup_bytes;
+    eprintln!("node_bench: catch-up of {} MiB", total >> 20);
+    let mut away = f2.take().unwrap();
+    let f2_dir = dir.join("f2");
+    away.signal(libc::SIGKILL);
+    let _ = away.child.wait();
+    drop(away);
+    let records = total / REC as u64;
+    let write_secs = rt.block_on(async {
+        create_log(&client, "bulk").await;
+        let producer = client.producer(
+            "bulk",
+            ProducerOptions {
+                acks: Acks::Leader,
+                ..ProducerOptions::default()
+            },
+        );
+        let t = Instant::now();
+        let mut queue = VecDeque::with_capacity(IN_FLIGHT);
+        for _ in 0..records {
+            if queue.len() == IN_FLIGHT {
+                step("a bulk receipt", queue.pop_front().unwrap()).await;
+            }
+            queue.push_back(producer.send(record()));
+        }
+        for r in queue {
+            step("a bulk receipt", r).await;
+        }
+        assert!(caught_up(&client, "bulk", "f1", Duration::from_secs(600)).await);
+        t.elapsed().as_secs_f64()
+    });
+    let bulk_bytes = rt.block_on(async {
+        let s = step("status", client.status()).await;
+        s.logs
+            .iter()
+            .find(|l| l.name == "bulk")
+            .map_or(0, |l| l.disk_bytes)
+    });
+    let f2 = NodeProc::start_with(
+        &f2_dir,
+        ca_dir,
+        1,
+        &["--node-id", "f2", "--leader", &lead.addr.to_string()],
+    );
+    let t = Instant::now();
+    let (live, catch_secs) = rt.block_on(async {
+        let mut live = hist();
+        let rec = record();
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        loop {
+            let a = Instant::now();
+            step(
+                "a live append",
+                client.append("live", vec![rec.clone()], at(Acks::Sync)),
+            )
+            .await;
+            live.saturating_record(ns(a));
+            let (end, f) = follower_progress(&client, "bulk").await;
+            if f.iter().any(|(i, d, c)| i == "f2" && *c && *d >= end) || Instant::now() > deadline {
+                break;
+            }
+        }
+        (live, t.elapsed().as_secs_f64())
+    });
+    let payload = records as f64 * REC as f64;
+    o.say(&format!(
+        "\n5. Catch-up: follower f2 killed, {:.0} MiB ({records} records of {REC} B) appended to another",
+        payload / (1 << 20) as f64
+    ));
+    o.say(&format!(
+        "   log (written in {write_secs:.1} s, acks=leader, f1 following live), then f2 restarted."
+    ));
+    o.say(&format!(
+        "   Caught up in {catch_secs:.1} s: {:.0} MB/s of payload. Meanwhile acks=sync appends to the live",
+        payload / catch_secs / 1e6
+    ));
+    o.say(&format!(
+        "   log, one at a time (each followed by a status poll)\n{LAT_HEADER}"
+    ));
+    o.lat("repl.catchup_live", "live acks=sync", &live);
+    put! { o, "repl.catchup", payload_bytes = payload, log_bytes = bulk_bytes, secs = catch_secs,
+    mb_s = payload / catch_secs / 1e6, write_secs = write_secs }
+    rt.block_on(close_all(vec![client]));
+    for n in [f2, f1, lead] {
+        n.stop();
     }
 }
