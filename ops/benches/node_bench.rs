@@ -1074,9 +1074,7 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         c
     });
 
-    o.say(&format!(
-        "\n3. Append latency, 3 replicas (leader + 2 followers, one shard each, all on this machine):"
-    ));
+    o.say("\n3. Append latency, 3 replicas (leader + 2 followers, one shard each, all on this machine):");
     o.say(&format!(
         "   one {REC} B record per append, one client, one request outstanding ({samples})\n{LAT_HEADER}"
     ));
