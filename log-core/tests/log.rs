@@ -385,6 +385,34 @@ fn retention_by_offset_size_age_and_pins() {
 }
 
 #[test]
+fn bytes_from_counts_what_a_reader_has_left() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let mut sizes = Vec::new();
+        for i in 0..150u64 {
+            let a = log.try_append(Epoch(1), &[payload(0, i, 300)]).unwrap();
+            assert_eq!(a.first, Offset(i));
+        }
+        log.wait_flushed(Offset(150)).await.unwrap();
+        assert!(log.segment_count() > 2, "the test needs several segments");
+        let read = log.read(Offset(0), Offset(150), usize::MAX).unwrap();
+        for b in &read.batches {
+            sizes.push(b.len() as u64);
+        }
+        let total: u64 = sizes.iter().sum();
+        assert_eq!(log.bytes_from(Offset(0)).unwrap(), total);
+        for from in [1u64, 17, 33, 90, 149] {
+            let rest: u64 = sizes[from as usize..].iter().sum();
+            assert_eq!(log.bytes_from(Offset(from)).unwrap(), rest, "from {from}");
+        }
+        assert_eq!(log.bytes_from(Offset(150)).unwrap(), 0);
+        assert_eq!(log.bytes_from(Offset(1000)).unwrap(), 0);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn every_limit_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
     tokio_uring::start(async {

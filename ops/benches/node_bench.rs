@@ -185,6 +185,30 @@ fn disk_floor(dir: &Path, warmup: usize, samples: usize) -> Histogram<u64> {
     h
 }
 
+/// The disk floor with `writers` threads doing it at once, each on its own file: what each
+/// replica's fdatasync costs when the replicas of a cluster share this disk.
+fn shared_disk_floor(dir: &Path, writers: usize, warmup: usize, samples: usize) -> Histogram<u64> {
+    let hists: Vec<Histogram<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..writers)
+            .map(|i| {
+                let d = dir.join(format!("shared-{i}"));
+                s.spawn(move || {
+                    std::fs::create_dir_all(&d).unwrap();
+                    let h = disk_floor(&d, warmup, samples);
+                    std::fs::remove_dir(&d).unwrap();
+                    h
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all = hist();
+    for h in hists {
+        all.add(h).unwrap();
+    }
+    all
+}
+
 /// An in-process QUIC echo server on its own thread and current-thread runtime: for every
 /// bidirectional stream, read the request to its end and answer `ANSWER` bytes.
 struct Echo {
@@ -1009,15 +1033,18 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         .unwrap();
     eprintln!("node_bench: floors");
     let disk = disk_floor(dir, p.warmup, p.samples);
+    let shared = shared_disk_floor(dir, 3, p.warmup, p.samples);
     let echo = Echo::start();
     let rtt = rt.block_on(rtt_floor(&echo, p.warmup, p.samples));
     o.say(&format!(
-        "\n1. Floors ({samples}): {BLOCK} B write + fdatasync into a pre-written file, QD1; quinn"
+        "\n1. Floors ({samples}): {BLOCK} B write + fdatasync into a pre-written file, QD1, alone and"
     ));
+    o.say("   with 3 threads doing it at once on 3 files (the 3 replicas share this disk); quinn");
     o.say(&format!(
         "   round trip on loopback ({REC} B request, {ANSWER} B answer)\n{LAT_HEADER}"
     ));
     o.lat("floor.disk", "fdatasync 4096", &disk);
+    o.lat("floor.disk_shared3", "fdatasync, 3 at once", &shared);
     o.lat("floor.rtt", "round trip", &rtt);
     let (d, r) = (pcts(&disk), pcts(&rtt));
     // The floor of an acks=sync append: the leader's fdatasync, a round trip, the follower's
@@ -1037,9 +1064,28 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         "  {:<24} {:>8.1} {:>8.1} {:>8.1}",
         "2 RTT + fsync", tight[0], tight[1], tight[2]
     ));
+    let sh = pcts(&shared);
+    let shared_floor = [2.0 * sh[0] + r[0], 2.0 * sh[2] + r[2], 2.0 * sh[3] + r[3]];
+    o.say(&format!(
+        "  {:<24} {:>8.1} {:>8.1} {:>8.1}",
+        "same, fsyncs 3 at once", shared_floor[0], shared_floor[1], shared_floor[2]
+    ));
     put! { o, "floor.sync", p50_us = floor[0], p99_us = floor[1], p999_us = floor[2] }
     put! { o, "floor.tight", p50_us = tight[0], p99_us = tight[1], p999_us = tight[2] }
+    put! { o, "floor.sync_shared", p50_us = shared_floor[0], p99_us = shared_floor[1],
+    p999_us = shared_floor[2] }
     drop(echo);
+
+    eprintln!("node_bench: a standalone node for comparison");
+    let alone = NodeProc::start(&dir.join("alone"), ca_dir, 1);
+    let base = rt.block_on(async {
+        let c = step("connecting to the node", Client::connect(config(&alone))).await;
+        create_log(&c, "live").await;
+        let h = append_latency_at(&c, "live", p.warmup, p.samples, Acks::Leader).await;
+        close_all(vec![c]).await;
+        h
+    });
+    alone.stop();
 
     eprintln!("node_bench: starting a leader and two followers");
     let lead = NodeProc::start_with(
@@ -1078,6 +1124,7 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
     o.say(&format!(
         "   one {REC} B record per append, one client, one request outstanding ({samples})\n{LAT_HEADER}"
     ));
+    o.lat("repl.standalone", "standalone, acks=leader", &base);
     let mut lat_sync = None;
     for acks in [Acks::Leader, Acks::Sync, Acks::Quorum] {
         eprintln!("node_bench: append latency, acks={}", acks.name());
@@ -1099,13 +1146,24 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         ok(r99 <= 1.5)
     ));
     o.say(&format!(
-        "  p99.9 {r999:.0} µs (target < 1500 µs: {}); against the tighter floor: p50 {:.2}x, p99 {:.2}x",
+        "  p99.9 {r999:.0} µs (target < 1500 µs: {}); against the tighter floor: p50 {:.2}x, p99 {:.2}x;",
         ok(r999 < 1500.0),
         l[0] / tight[0],
         l[2] / tight[1]
     ));
+    o.say(&format!(
+        "  against the floor with shared-disk fdatasyncs: p50 {:.2}x, p99 {:.2}x",
+        l[0] / shared_floor[0],
+        l[2] / shared_floor[1]
+    ));
+    let b = pcts(&base);
+    o.say(&format!(
+        "  standalone acks=leader / (RTT + fdatasync): p50 {:.2}x",
+        b[0] / (r[0] + d[0])
+    ));
     put! { o, "repl.acks_sync", ratio_p50 = r50, ratio_p99 = r99, ratio_tight_p50 = l[0] / tight[0],
-    ratio_tight_p99 = l[2] / tight[1] }
+    ratio_tight_p99 = l[2] / tight[1], ratio_shared_p50 = l[0] / shared_floor[0],
+    ratio_shared_p99 = l[2] / shared_floor[1] }
 
     let secs = p.load.as_secs_f64();
     o.say(&format!(

@@ -686,6 +686,32 @@ mod tests {
     }
 
     #[test]
+    fn registered_followers_count_towards_the_majority_before_they_connect() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        l.register("a", 0);
+        l.register("b", 0);
+        // Three replicas, only the leader reachable: no majority, and no sync set.
+        assert_eq!(
+            l.progress(Acks::Quorum, 1),
+            Progress::NotEnoughReplicas { have: 1, need: 2 }
+        );
+        assert_eq!(
+            l.progress(Acks::Sync, 1),
+            Progress::NotEnoughReplicas { have: 0, need: 1 }
+        );
+        assert!(l
+            .followers()
+            .values()
+            .all(|f| !f.connected && !f.in_sync_set));
+        // Registering again does not reset what is known.
+        l.connected("a", 0, 1);
+        l.register("a", 2);
+        assert!(l.followers()["a"].connected);
+        assert_eq!(l.sync_set(), ["a"]);
+        assert!(matches!(l.progress(Acks::Quorum, 0), Progress::Done { .. }));
+    }
+
+    #[test]
     fn followers_refuse_stale_epochs_gaps_and_future_batches_and_serve_only_committed() {
         let mut f = Follower::new(10, 10, 2);
         assert_eq!(

@@ -21,6 +21,8 @@ use crate::shard::{LogEntry, Shard};
 
 /// How often the leader re-checks lag bounds by time (and refreshes exported lag figures).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
+/// How long a new commit offset waits for records to travel with before it is sent alone.
+const COMMIT_LINGER: Duration = Duration::from_millis(1);
 
 /// The pin a follower holds on the leader's log, so retention keeps what it still needs.
 fn pin_name(follower: &str) -> String {
@@ -270,14 +272,15 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
                 log.wait_appended(flushed).await
             }
         };
-        tokio::select! {
+        let ticked = tokio::select! {
             r = progressed => {
                 if r.is_err() {
                     return;
                 }
+                false
             }
-            _ = ticker.tick() => {}
-        }
+            _ = ticker.tick() => true,
+        };
         if shard.closing.get() {
             return;
         }
@@ -290,10 +293,13 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
         repl.events(&name, &shard, events);
         // Committed horizon may have moved with the flush: wake readers and tails.
         entry.changed.notify_waiters();
-        shard
-            .common
-            .metrics
-            .set_replication(&name, repl.status(&name, log));
+        if ticked {
+            // The exported figures (lag, sync set) are refreshed with the tick, not per flush.
+            shard
+                .common
+                .metrics
+                .set_replication(&name, repl.status(&name, log));
+        }
     }
 }
 
@@ -506,6 +512,19 @@ async fn send_loop(
         }
         if commit_sent != Some(commit) {
             // Nothing new to send, but the commit offset moved: followers serve reads up to it.
+            // New records usually follow at once and carry the commit offset with them, so a
+            // frame for the commit offset alone waits a moment for them.
+            let more = async {
+                if log.next_offset() > pos {
+                    log.wait_written(pos.plus(1)).await
+                } else {
+                    log.wait_appended(pos).await
+                }
+            };
+            if tokio::time::timeout(COMMIT_LINGER, more).await.is_ok() {
+                continue;
+            }
+            let commit = repl.commit().0;
             let prefix = protocol::encode_replicated_prefix(epoch.0, commit, pos.0, 0);
             if !crate::service::write_all(shard, send, &mut [Bytes::copy_from_slice(&prefix)]).await
             {

@@ -148,7 +148,11 @@ pub(crate) async fn serve(
             Some(f) => Err(f),
             None => put_snapshot(&shard, p).await.map(|()| Response::Ok),
         },
-        Request::GetSnapshot { log } => get_snapshot(&shard, &log).await.map(Response::Snapshot),
+        Request::GetSnapshot { log } => {
+            // A snapshot transfer goes after the live streams of the same connection.
+            let _ = send.set_priority(-1);
+            get_snapshot(&shard, &log).await.map(Response::Snapshot)
+        }
         Request::Replicate(r) => match (entry(&shard, &r.log), recv) {
             (Ok(e), Some(recv)) => {
                 match crate::leader::serve(shard.clone(), e, r, &mut send, recv).await {
