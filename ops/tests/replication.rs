@@ -155,6 +155,16 @@ fn sync_appends_survive_follower_kills_and_replicas_stay_identical() {
         // Kill a follower (in or out of the sync set) and start it again at once.
         f1 = f1.crash_and_restart();
     }
+    // The leader too: it comes back in a new epoch, and the followers resume after the
+    // KIP-101 check.
+    let lead = lead.crash_and_restart();
+    wait_caught_up(&env, &lead, &["f1", "f2"]);
+    let lines: Vec<String> = (0..10).map(|i| format!("after the leader's restart {i}")).collect();
+    for r in append(&env, &lead, "sync", &lines) {
+        assert_eq!(r["level"], "sync", "{r}");
+        assert_eq!(r["epoch"], 2, "a restarted leader appends in a new epoch: {r}");
+    }
+    expected.extend(lines);
     wait_caught_up(&env, &lead, &["f1", "f2"]);
     let end = expected.len() as u64;
     for node in [&lead, &f1, &f2] {
@@ -167,7 +177,7 @@ fn sync_appends_survive_follower_kills_and_replicas_stay_identical() {
     for r in replicas {
         assert!(r["error"].is_null(), "{v}");
         assert_eq!(r["batches"], replicas[0]["batches"], "{v}");
-        assert!(r["ranges"].as_u64().unwrap() >= 10, "{v}");
+        assert!(r["ranges"].as_u64().unwrap() >= 11, "{v}");
     }
     assert_eq!(v["to"], end, "{v}");
 }
