@@ -91,6 +91,8 @@ struct Params {
     replication: bool,
     /// Bytes a follower is behind when the catch-up measurement starts.
     catchup_bytes: u64,
+    /// Leader setting `replication.catchup_bytes_per_sec_max` (None: the node's default).
+    catchup_rate: Option<u64>,
     json: bool,
     warmup: usize,
     samples: usize,
@@ -100,6 +102,7 @@ struct Params {
 
 fn parse_args() -> Params {
     let (mut dir, mut quick, mut json, mut replication) = (None, false, false, false);
+    let mut catchup_rate = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -107,6 +110,12 @@ fn parse_args() -> Params {
             "--quick" => quick = true,
             "--json" => json = true,
             "--replication" => replication = true,
+            "--catchup-rate" => {
+                let v = args
+                    .next()
+                    .expect("--catchup-rate needs bytes per second (0: no limit)");
+                catchup_rate = Some(v.parse().expect("--catchup-rate: a number"));
+            }
             // `cargo bench` passes `--bench` (and any filter) to every bench binary.
             _ => {}
         }
@@ -116,6 +125,7 @@ fn parse_args() -> Params {
         quick,
         replication,
         catchup_bytes: if quick { 64 << 20 } else { 1 << 30 },
+        catchup_rate,
         json,
         warmup: if quick { 20 } else { 100 },
         samples: if quick { 300 } else { 2000 },
@@ -1250,24 +1260,27 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         &["--node-id", "f2", "--leader", &lead.addr.to_string()],
     );
     let t = Instant::now();
-    let (live, catch_secs) = rt.block_on(async {
+    let (live, catch_secs, failed) = rt.block_on(async {
         let mut live = hist();
+        let mut failed: Vec<String> = Vec::new();
         let rec = record();
         let deadline = Instant::now() + Duration::from_secs(1200);
         loop {
             let a = Instant::now();
-            step(
-                "a live append",
-                client.append("live", vec![rec.clone()], at(Acks::Sync)),
-            )
-            .await;
-            live.saturating_record(ns(a));
+            // A live append may fail here (its sync follower can fall out of the sync set while
+            // the disk is busy with the catch-up): those are counted, not fatal.
+            let append = client.append("live", vec![rec.clone()], at(Acks::Sync));
+            match tokio::time::timeout(STEP, append).await {
+                Ok(Ok(_)) => live.saturating_record(ns(a)),
+                Ok(Err(e)) => failed.push(e.to_string()),
+                Err(_) => failed.push("no answer within the step limit".into()),
+            }
             let (end, f) = follower_progress(&client, "bulk").await;
             if f.iter().any(|(i, d, c)| i == "f2" && *c && *d >= end) || Instant::now() > deadline {
                 break;
             }
         }
-        (live, t.elapsed().as_secs_f64())
+        (live, t.elapsed().as_secs_f64(), failed)
     });
     let payload = records as f64 * REC as f64;
     o.say(&format!(
@@ -1275,7 +1288,15 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         payload / (1 << 20) as f64
     ));
     o.say(&format!(
-        "   log (written in {write_secs:.1} s, acks=leader, f1 following live), then f2 restarted."
+        "   log (written in {write_secs:.1} s, acks=leader, f1 following live), then f2 restarted;"
+    ));
+    o.say(&format!(
+        "   leader's catchup_bytes_per_sec_max: {}.",
+        match p.catchup_rate {
+            None => "the default".to_string(),
+            Some(0) => "0 (no limit)".to_string(),
+            Some(r) => r.to_string(),
+        }
     ));
     o.say(&format!(
         "   Caught up in {catch_secs:.1} s: {:.0} MB/s of payload. Meanwhile acks=sync appends to the live",
@@ -1285,6 +1306,14 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
         "   log, one at a time (each followed by a status poll)\n{LAT_HEADER}"
     ));
     o.lat("repl.catchup_live", "live acks=sync", &live);
+    if !failed.is_empty() {
+        o.say(&format!(
+            "  {} live appends failed meanwhile; the first: {}",
+            failed.len(),
+            failed[0]
+        ));
+    }
+    put! { o, "repl.catchup_live", failed = failed.len() }
     put! { o, "repl.catchup", payload_bytes = payload, log_bytes = bulk_bytes, secs = catch_secs,
     mb_s = payload / catch_secs / 1e6, write_secs = write_secs }
     rt.block_on(close_all(vec![client]));

@@ -159,10 +159,15 @@ fn sync_appends_survive_follower_kills_and_replicas_stay_identical() {
     // KIP-101 check.
     let lead = lead.crash_and_restart();
     wait_caught_up(&env, &lead, &["f1", "f2"]);
-    let lines: Vec<String> = (0..10).map(|i| format!("after the leader's restart {i}")).collect();
+    let lines: Vec<String> = (0..10)
+        .map(|i| format!("after the leader's restart {i}"))
+        .collect();
     for r in append(&env, &lead, "sync", &lines) {
         assert_eq!(r["level"], "sync", "{r}");
-        assert_eq!(r["epoch"], 2, "a restarted leader appends in a new epoch: {r}");
+        assert_eq!(
+            r["epoch"], 2,
+            "a restarted leader appends in a new epoch: {r}"
+        );
     }
     expected.extend(lines);
     wait_caught_up(&env, &lead, &["f1", "f2"]);
@@ -467,7 +472,9 @@ fn an_empty_follower_bootstraps_after_the_leader_purged_early_segments() {
     let cfg = env.path("leader.toml");
     std::fs::write(
         &cfg,
-        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 200000\nretention_check_ms = 100\n",
+        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 200000\n\
+         retention_check_ms = 100\n[replication]\ncatchup_bytes_min = 32768\n\
+         catchup_bytes_per_sec_max = 50000\nframe_bytes_max = 65536\n",
     )
     .unwrap();
     let lead = env.node(
@@ -505,8 +512,29 @@ fn an_empty_follower_bootstraps_after_the_leader_purged_early_segments() {
         (s > 0).then_some(s)
     });
 
+    let behind = 4000 - start;
+    let began = std::time::Instant::now();
     let f1 = follower(&env, "f1", &lead);
+    // Far behind, it is served in bulk, at catchup_bytes_per_sec_max, with its progress shown.
+    let progress = eventually(60, "catch-up progress in the leader's status", || {
+        let f = followers(&env, &lead)
+            .into_iter()
+            .find(|f| f["id"] == "f1")?;
+        (f["catchup_total_bytes"].as_u64()? > 0).then_some(f)
+    });
+    assert!(
+        progress["catchup_done_bytes"].as_u64().unwrap()
+            <= progress["catchup_total_bytes"].as_u64().unwrap(),
+        "{progress}"
+    );
     wait_caught_up(&env, &lead, &["f1"]);
+    // More than catchup_bytes_min went in bulk, at no more than 50,000 bytes a second.
+    let bulk = behind * 113 - 32768;
+    assert!(
+        began.elapsed().as_secs_f64() >= bulk as f64 / 50_000.0 * 0.9,
+        "{behind} records caught up in {:?}",
+        began.elapsed()
+    );
     let l = log_info(&env, &f1);
     assert!(l["start"].as_u64().unwrap() >= start, "{l}");
     assert_eq!(l["end"], 4000, "{l}");

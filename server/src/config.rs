@@ -51,6 +51,10 @@ pub struct ReplicationSection {
     pub catchup_bytes_min: u64,
     /// Most bytes of batches in one replication frame (a single larger batch goes alone).
     pub frame_bytes_max: u32,
+    /// Bulk catch-up (a follower more than `catchup_bytes_min` behind) is sent at no more than
+    /// this many bytes a second per follower and log, so that it leaves CPU, network and the
+    /// followers' disks to the live tail (0 = no limit).
+    pub catchup_bytes_per_sec_max: u64,
     /// Retention keeps what a registered follower still needs (connected or not), unless that
     /// is more than this many bytes: then the follower will bootstrap when it returns.
     pub retention_pin_bytes_max: u64,
@@ -70,6 +74,7 @@ impl Default for ReplicationSection {
             insufficient_replicas: "reject".into(),
             catchup_bytes_min: 4 << 20,
             frame_bytes_max: 1 << 20,
+            catchup_bytes_per_sec_max: 64 << 20,
             retention_pin_bytes_max: 16 << 30,
         }
     }

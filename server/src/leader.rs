@@ -450,6 +450,9 @@ async fn send_loop(
     let mut pos = Offset(from);
     let mut commit_sent = None;
     let mut bulk = false;
+    // Bulk bytes sent since bulk mode began, and when it began (for the rate limit).
+    let mut bulk_sent = 0u64;
+    let mut bulk_since = Instant::now();
     loop {
         if !current(repl) || shard.closing.get() {
             return;
@@ -458,6 +461,19 @@ async fn send_loop(
         let written = log.end_offset();
         let commit = repl.commit().0;
         if pos < written {
+            // A follower far behind is served at bulk priority (the live tail of every other
+            // log on the same connection goes first) and at a bounded rate.
+            let behind = log.bytes_from(pos).unwrap_or(0);
+            let now_bulk = behind > cfg.catchup_bytes_min;
+            if now_bulk != bulk {
+                bulk = now_bulk;
+                (bulk_sent, bulk_since) = (0, Instant::now());
+                let _ = send.set_priority(if bulk { -1 } else { 0 });
+                let mut peers = repl.peers.borrow_mut();
+                if let Some(p) = peers.get_mut(follower) {
+                    (p.catchup_done, p.catchup_total) = (0, if bulk { behind } else { 0 });
+                }
+            }
             let read = match log.read(pos, written, cfg.frame_bytes_max as usize) {
                 Ok(r) => r,
                 Err(e) => {
@@ -466,21 +482,6 @@ async fn send_loop(
                 }
             };
             let len: usize = read.batches.iter().map(|b| b.len()).sum();
-            // A follower far behind is served at bulk priority: the live tail of every other
-            // log on the same connection goes first.
-            let behind = log.bytes_from(read.next_offset).unwrap_or(0);
-            let now_bulk = behind > cfg.catchup_bytes_min;
-            if now_bulk != bulk {
-                bulk = now_bulk;
-                let _ = send.set_priority(if bulk { -1 } else { 0 });
-                let mut peers = repl.peers.borrow_mut();
-                if let Some(p) = peers.get_mut(follower) {
-                    if bulk {
-                        p.catchup_done = 0;
-                        p.catchup_total = behind + len as u64;
-                    }
-                }
-            }
             let mut chunks: Vec<Bytes> = Vec::with_capacity(read.batches.len() + 1);
             chunks.push(Bytes::copy_from_slice(&protocol::encode_replicated_prefix(
                 epoch.0,
@@ -492,15 +493,9 @@ async fn send_loop(
             if !crate::service::write_all(shard, send, &mut chunks).await {
                 return;
             }
-            {
-                let mut peers = repl.peers.borrow_mut();
-                if let Some(p) = peers.get_mut(follower) {
-                    if bulk {
-                        p.catchup_done += len as u64;
-                    } else {
-                        p.catchup_done = 0;
-                        p.catchup_total = 0;
-                    }
+            if bulk {
+                if let Some(p) = repl.peers.borrow_mut().get_mut(follower) {
+                    p.catchup_done += len as u64;
                 }
             }
             pos = read.next_offset;
@@ -508,7 +503,29 @@ async fn send_loop(
             commit_sent = Some(commit);
             let m = &shard.common.metrics.c;
             m.replicated_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            if bulk {
+                bulk_sent += len as u64;
+                let rate = cfg.catchup_bytes_per_sec_max;
+                let due = if rate == 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs_f64(bulk_sent as f64 / rate as f64)
+                };
+                match due.checked_sub(bulk_since.elapsed()) {
+                    Some(ahead) if !ahead.is_zero() => tokio::time::sleep(ahead).await,
+                    // Let the live streams and requests of this shard run between frames.
+                    _ => tokio::task::yield_now().await,
+                }
+            }
             continue;
+        }
+        if bulk {
+            // Caught up with what is written: live again.
+            bulk = false;
+            let _ = send.set_priority(0);
+            if let Some(p) = repl.peers.borrow_mut().get_mut(follower) {
+                (p.catchup_done, p.catchup_total) = (0, 0);
+            }
         }
         if commit_sent != Some(commit) {
             // Nothing new to send, but the commit offset moved: followers serve reads up to it.
