@@ -1098,6 +1098,11 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
     alone.stop();
 
     eprintln!("node_bench: starting a leader and two followers");
+    let lead_cfg = dir.join("lead.toml");
+    let rate = p.catchup_rate.map_or(String::new(), |r| {
+        format!("[replication]\ncatchup_bytes_per_sec_max = {r}\n")
+    });
+    std::fs::write(&lead_cfg, rate).unwrap();
     let lead = NodeProc::start_with(
         &dir.join("lead"),
         ca_dir,
@@ -1109,6 +1114,8 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
             "f1,f2",
             "--sync-replicas",
             "1",
+            "--config",
+            lead_cfg.to_str().unwrap(),
         ],
     );
     let follower = |id: &str| {

@@ -511,10 +511,8 @@ async fn send_loop(
                 } else {
                     Duration::from_secs_f64(bulk_sent as f64 / rate as f64)
                 };
-                match due.checked_sub(bulk_since.elapsed()) {
-                    Some(ahead) if !ahead.is_zero() => tokio::time::sleep(ahead).await,
-                    // Let the live streams and requests of this shard run between frames.
-                    _ => tokio::task::yield_now().await,
+                if let Some(ahead) = due.checked_sub(bulk_since.elapsed()) {
+                    tokio::time::sleep(ahead).await;
                 }
             }
             continue;
