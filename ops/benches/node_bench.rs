@@ -454,6 +454,8 @@ impl NodeProc {
             append_s: m("replog_append_latency_seconds_sum"),
             flushes: m("replog_flush_latency_seconds_count"),
             flush_s: m("replog_flush_latency_seconds_sum"),
+            acks: m("replog_follower_ack_latency_seconds_count"),
+            ack_s: m("replog_follower_ack_latency_seconds_sum"),
         }
     }
 
@@ -492,9 +494,16 @@ struct NodeStats {
     append_s: f64,
     flushes: f64,
     flush_s: f64,
+    acks: f64,
+    ack_s: f64,
 }
 
 impl NodeStats {
+    /// Mean of the followers' acknowledgement latency since `before`, in µs.
+    fn ack_mean_since(&self, before: &NodeStats) -> f64 {
+        (self.ack_s - before.ack_s) / (self.acks - before.acks).max(1.0) * 1e6
+    }
+
     /// The change since `before`: (forwarded, node-side append mean µs, fdatasync wait mean µs).
     fn since(&self, before: &NodeStats) -> (f64, f64, f64) {
         let mean = |s: f64, n: f64| s / n.max(1.0) * 1e6;
@@ -1143,17 +1152,31 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
     ));
     o.lat("repl.standalone", "standalone, acks=leader", &base);
     let mut lat_sync = None;
+    let mut stages = None;
     for acks in [Acks::Leader, Acks::Sync, Acks::Quorum] {
         eprintln!("node_bench: append latency, acks={}", acks.name());
+        let before = lead.stats();
         let h = rt.block_on(append_latency_at(
             &client, "live", p.warmup, p.samples, acks,
         ));
+        let after = lead.stats();
         let key = format!("repl.acks_{}", acks.name());
         o.lat(&key, &format!("acks={}", acks.name()), &h);
         if acks == Acks::Sync {
             lat_sync = Some(h);
+            let (_, node_mean, flush_mean) = after.since(&before);
+            stages = Some((node_mean, flush_mean, after.ack_mean_since(&before)));
         }
     }
+    let (node_mean, flush_mean, ack_mean) = stages.expect("acks=sync was measured");
+    o.say(&format!(
+        "  acks=sync, leader side, means: request decoded -> receipt {node_mean:.1}; queued ->"
+    ));
+    o.say(&format!(
+        "    flushed on the leader {flush_mean:.1}; frame sent -> follower's durable ack {ack_mean:.1}"
+    ));
+    put! { o, "repl.acks_sync", node_mean_us = node_mean, leader_flush_mean_us = flush_mean,
+    follower_ack_mean_us = ack_mean }
     let l = pcts(lat_sync.as_ref().unwrap());
     let (r50, r99, r999) = (l[0] / floor[0], l[2] / floor[1], l[3]);
     let ok = |v: bool| if v { "met" } else { "MISSED" };

@@ -6,7 +6,7 @@
 //! One [`Replication`] per log lives on the shard that owns the log.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -21,6 +21,12 @@ use crate::shard::{LogEntry, Shard};
 
 /// How often the leader re-checks lag bounds by time (and refreshes exported lag figures).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
+/// Frames sent to a follower and not yet acknowledged: (end offset, when sent), oldest first.
+type InFlight = RefCell<VecDeque<(u64, Instant)>>;
+
+/// Most frames per follower stream whose send time is kept for the acknowledgement latency
+/// histogram (older ones are forgotten, not measured).
+const IN_FLIGHT_TIMED_MAX: usize = 4096;
 /// How long a new commit offset waits for records to travel with before it is sent alone.
 const COMMIT_LINGER: Duration = Duration::from_millis(1);
 
@@ -379,6 +385,8 @@ pub(crate) async fn serve(
 
     // Everything below `sent` has been sent: a follower cannot acknowledge more.
     let sent = Rc::new(std::cell::Cell::new(req.from));
+    // When each frame went out (its end offset), to time the follower's acknowledgements.
+    let in_flight: Rc<InFlight> = Default::default();
     let acks = {
         let (shard, repl, follower, sent, name) = (
             shard.clone(),
@@ -387,6 +395,7 @@ pub(crate) async fn serve(
             sent.clone(),
             name.clone(),
         );
+        let in_flight = in_flight.clone();
         let entry = entry.clone();
         async move {
             let mut recv = recv;
@@ -398,6 +407,19 @@ pub(crate) async fn serve(
                             return;
                         }
                         let durable = durable.min(sent.get());
+                        let mut newest = None;
+                        {
+                            let mut q = in_flight.borrow_mut();
+                            while q.front().is_some_and(|&(end, _)| end <= durable) {
+                                newest = q.pop_front();
+                            }
+                        }
+                        if let Some((_, at)) = newest {
+                            shard
+                                .common
+                                .metrics
+                                .record_follower_ack(shard.id, at.elapsed());
+                        }
                         entry.log.pin(&pin_name(&follower), Offset(durable));
                         let events =
                             repl.state
@@ -415,7 +437,14 @@ pub(crate) async fn serve(
         }
     };
     let sending = send_loop(
-        &shard, &entry, &repl, &follower, send, req.from, &sent, &current,
+        &shard,
+        &entry,
+        &repl,
+        &follower,
+        send,
+        req.from,
+        (&sent, &in_flight),
+        &current,
     );
     tokio::select! {
         () = acks => {}
@@ -441,7 +470,7 @@ async fn send_loop(
     follower: &str,
     send: &mut quinn::SendStream,
     from: u64,
-    sent: &std::cell::Cell<u64>,
+    (sent, in_flight): (&std::cell::Cell<u64>, &InFlight),
     current: &dyn Fn(&Replication) -> bool,
 ) {
     let log = &entry.log;
@@ -500,6 +529,13 @@ async fn send_loop(
             }
             pos = read.next_offset;
             sent.set(pos.0);
+            {
+                let mut q = in_flight.borrow_mut();
+                if q.len() == IN_FLIGHT_TIMED_MAX {
+                    q.pop_front();
+                }
+                q.push_back((pos.0, Instant::now()));
+            }
             commit_sent = Some(commit);
             let m = &shard.common.metrics.c;
             m.replicated_bytes.fetch_add(len as u64, Ordering::Relaxed);

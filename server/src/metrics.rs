@@ -49,6 +49,9 @@ pub struct ShardHistograms {
     pub append: Histogram<u64>,
     /// Append queued to fdatasync covering it, microseconds.
     pub flush: Histogram<u64>,
+    /// Leader: a replication frame sent to a follower to the follower's acknowledgement that
+    /// it holds it durably, microseconds.
+    pub follower_ack: Histogram<u64>,
 }
 
 pub struct Metrics {
@@ -72,6 +75,7 @@ impl Metrics {
                     Mutex::new(ShardHistograms {
                         append: new_hist(),
                         flush: new_hist(),
+                        follower_ack: new_hist(),
                     })
                 })
                 .collect(),
@@ -86,6 +90,11 @@ impl Metrics {
         if let Some(f) = flush {
             h.flush.saturating_record(f.as_micros() as u64);
         }
+    }
+
+    pub fn record_follower_ack(&self, shard: usize, latency: Duration) {
+        let mut h = self.shards[shard].lock().unwrap();
+        h.follower_ack.saturating_record(latency.as_micros() as u64);
     }
 
     /// Publish a log's replication state (lag, sync set, commit) for the next scrape.
@@ -217,11 +226,12 @@ impl Metrics {
             let _ = writeln!(out, "replog_error_answers_total{{code=\"{code}\"}} {n}");
         }
         self.render_replication(&mut out);
-        let (mut append, mut flush) = (new_hist(), new_hist());
+        let (mut append, mut flush, mut ack) = (new_hist(), new_hist(), new_hist());
         for s in &self.shards {
             let s = s.lock().unwrap();
             append.add(&s.append).expect("same bounds");
             flush.add(&s.flush).expect("same bounds");
+            ack.add(&s.follower_ack).expect("same bounds");
         }
         render_histogram(
             &mut out,
@@ -234,6 +244,12 @@ impl Metrics {
             "replog_flush_latency_seconds",
             "From an append queued to the fdatasync that covers it.",
             &flush,
+        );
+        render_histogram(
+            &mut out,
+            "replog_follower_ack_latency_seconds",
+            "Leader: from a replication frame sent to the follower's acknowledgement that it is durable there.",
+            &ack,
         );
         out
     }

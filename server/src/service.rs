@@ -464,11 +464,14 @@ async fn append(
         }
     };
     let queued = Instant::now();
+    // When the leader's own fdatasync covered the append (for the flush latency histogram).
+    let flushed_after;
     let next = Offset(appended.next);
     let (level, holders, degraded) = match (&repl, a.acks) {
         (Some(r), Acks::Sync | Acks::Quorum) => {
             // The leader's own flush counts too: wait for it first (it is usually the shorter).
             wait_level(&e.log, Acks::Leader, next, deadline).await?;
+            flushed_after = Some(queued.elapsed());
             match r.wait(&a.log, shard, a.acks, next, deadline).await {
                 Ok((holders, true)) => (Acks::Leader, holders, true),
                 Ok((holders, false)) => (a.acks, holders, false),
@@ -494,6 +497,7 @@ async fn append(
         }
         _ => {
             wait_level(&e.log, a.acks, next, deadline).await?;
+            flushed_after = (a.acks != Acks::None).then(|| queued.elapsed());
             let holders = match (&repl, a.acks) {
                 (_, Acks::None) => Vec::new(),
                 (Some(r), _) => r.holders(next),
@@ -510,8 +514,7 @@ async fn append(
         m.c.append_records
             .fetch_add(count as u64, Ordering::Relaxed);
         m.c.append_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let flush = (a.acks != Acks::None).then(|| queued.elapsed());
-        m.record_append(shard.id, started.elapsed(), flush);
+        m.record_append(shard.id, started.elapsed(), flushed_after);
     }
     let mut flags = if duplicate { RECEIPT_DUPLICATE } else { 0 };
     if degraded {
