@@ -503,9 +503,35 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
         Command::Status { conn } => {
             let client = connect(&conn).await?;
             let s = client.status().await?;
+            let replicas = follower_logs(&conn, &s).await;
+            let replica = |addr: &str, log: &str| -> serde_json::Value {
+                match replicas.get(addr) {
+                    Some(Ok(logs)) => logs.iter().find(|l| l.name == log).map_or(
+                        json!({"error": "no such log there yet"}),
+                        |l| json!({"end": l.end, "flushed": l.flushed, "committed": l.committed}),
+                    ),
+                    Some(Err(e)) => json!({ "error": e }),
+                    None => json!({"error": "address unknown"}),
+                }
+            };
             if conn.json {
                 let logs: Vec<_> = s.logs.iter().map(log_json).collect();
-                let replication: Vec<_> = s.replication.iter().map(replication_json).collect();
+                let replication: Vec<_> = s
+                    .replication
+                    .iter()
+                    .map(|r| {
+                        let mut v = replication_json(r);
+                        for (f, j) in r.followers.iter().zip(
+                            v["followers"]
+                                .as_array_mut()
+                                .expect("followers array")
+                                .iter_mut(),
+                        ) {
+                            j["replica"] = replica(&f.addr, &r.log);
+                        }
+                        v
+                    })
+                    .collect();
                 out(json!({
                     "node_id": s.node_id, "version": s.version, "role": s.role, "shards": s.shards,
                     "uptime_ms": s.uptime_ms, "connections": s.connections,
@@ -555,6 +581,14 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                                 );
                             }
                             out(line)?;
+                            let r = replica(&f.addr, &r.log);
+                            out(match r["error"].as_str() {
+                                Some(e) => format!("      its own view: {e}"),
+                                None => format!(
+                                    "      its own view: end={} flushed={} committed={}",
+                                    r["end"], r["flushed"], r["committed"]
+                                ),
+                            })?;
                         }
                     }
                 }
@@ -705,6 +739,39 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// On a leader: each follower's own view of its logs (asked at the address it announced), so
+/// that status shows every replica's end, flushed and committed offsets. A follower that does
+/// not answer within 2 s is reported, not waited for.
+async fn follower_logs(
+    conn: &ConnArgs,
+    s: &protocol::StatusResponse,
+) -> std::collections::HashMap<String, Result<Vec<LogInfo>, String>> {
+    let mut out = std::collections::HashMap::new();
+    let addrs: std::collections::BTreeSet<&str> = s
+        .replication
+        .iter()
+        .flat_map(|r| r.followers.iter())
+        .map(|f| f.addr.as_str())
+        .filter(|a| !a.is_empty())
+        .collect();
+    for addr in addrs {
+        let args = ConnArgs {
+            servers: vec![addr.to_string()],
+            ..conn.clone()
+        };
+        let ask = async {
+            let c = connect(&args).await.map_err(|f| f.message)?;
+            c.list_logs().await.map_err(|e| e.to_string())
+        };
+        let answer = match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(r) => r,
+            Err(_) => Err("no answer within 2 s".to_string()),
+        };
+        out.insert(addr.to_string(), answer);
+    }
+    out
 }
 
 /// `[#####     ] 52% (1.2 MiB of 2.3 MiB)`.

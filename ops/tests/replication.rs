@@ -391,6 +391,15 @@ fn followers_redirect_writes_and_serve_reads_up_to_the_commit_offset() {
     });
     let l = log_info(&env, &f2);
     assert_eq!(l["committed"], 5, "{l}");
+    // The leader's status shows each replica's own end, flushed and committed offsets.
+    let view = followers(&env, &lead)
+        .into_iter()
+        .find(|f| f["id"] == "f2")
+        .unwrap()["replica"]
+        .clone();
+    assert_eq!(view["end"], 10, "{view}");
+    assert_eq!(view["flushed"], 10, "{view}");
+    assert_eq!(view["committed"], 5, "{view}");
     assert_eq!(log_info(&env, &lead)["committed"], 5);
     assert_eq!(
         values(&env, &f2, 0),
@@ -526,6 +535,24 @@ fn an_empty_follower_bootstraps_after_the_leader_purged_early_segments() {
         progress["catchup_done_bytes"].as_u64().unwrap()
             <= progress["catchup_total_bytes"].as_u64().unwrap(),
         "{progress}"
+    );
+    // `replog catchup` waits until the follower has caught up.
+    let out = env.cli(
+        &[
+            "catchup",
+            "--server",
+            &lead.server(),
+            "--log",
+            LOG,
+            "--timeout-s",
+            "120",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("f1"),
+        "{out:?}"
     );
     wait_caught_up(&env, &lead, &["f1"]);
     // More than catchup_bytes_min went in bulk, at no more than 50,000 bytes a second.
