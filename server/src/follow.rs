@@ -23,6 +23,8 @@ use crate::Error;
 const LIST_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest wait between attempts to reach the leader.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Longest wait between failed replication sessions of one log.
+const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(8);
 
 pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
     let cfg = &shard.common.config;
@@ -204,6 +206,8 @@ async fn follow_log(
     scfg: Rc<SessionConfig>,
     running: Rc<RefCell<BTreeSet<String>>>,
 ) {
+    // Consecutive failed sessions back off from 500 ms to SESSION_BACKOFF_MAX.
+    let mut backoff = Duration::from_millis(500);
     while !shard.closing.get() && conn.close_reason().is_none() {
         let entry = match shard.get(&name) {
             Some(e) => e,
@@ -219,8 +223,13 @@ async fn follow_log(
         let EntryRole::Follower(commit) = &entry.role else {
             break;
         };
+        let began = std::time::Instant::now();
         let result =
             follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed).await;
+        if began.elapsed() > SESSION_BACKOFF_MAX {
+            // A session that ran for a while was not a fast failure loop.
+            backoff = Duration::from_millis(500);
+        }
         match result {
             Ok(Outcome::Ended) => break,
             Ok(Outcome::Bootstrap { start }) => {
@@ -239,8 +248,9 @@ async fn follow_log(
                     .c
                     .replication_refusals
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(log = %name, error = %e, "replication session failed; resuming from the local end");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tracing::warn!(log = %name, error = %e, retry_in = ?backoff, "replication session failed; resuming from the local end");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
             }
         }
     }
