@@ -87,6 +87,55 @@ fn wait_caught_up(env: &Env, leader: &NodeProc, ids: &[&str]) {
     });
 }
 
+/// A leader of `f1` alone, asynchronous, with 64 KiB segments, retention by size checked every
+/// 100 ms, and more settings (whole TOML sections) from `extra`.
+fn small_leader(env: &Env, retention_bytes_max: u64, extra: &str) -> NodeProc {
+    let cfg = env.path("leader.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\n\
+             retention_bytes_max = {retention_bytes_max}\nretention_check_ms = 100\n{extra}"
+        ),
+    )
+    .unwrap();
+    env.node(
+        "lead",
+        &[
+            "--node-id",
+            "lead",
+            "--follower",
+            "f1",
+            "--sync-replicas",
+            "0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Record `i` of the retention tests: 113 bytes.
+fn record_line(i: usize) -> String {
+    format!("record {i:05} {}", "x".repeat(100))
+}
+
+/// Append records `range` (one [`record_line`] each) to `node`, 100 per append.
+fn append_lines(env: &Env, node: &NodeProc, range: std::ops::Range<usize>) {
+    let input: String = range.map(|i| record_line(i) + "\n").collect();
+    env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &node.server(),
+            "--log",
+            LOG,
+            "--batch",
+            "100",
+        ],
+        &input,
+    );
+}
+
 /// `replog verify --json`; its report whatever the exit status.
 fn verify(env: &Env, node: &NodeProc, extra: &[&str]) -> Value {
     let server = node.server();
@@ -478,44 +527,10 @@ fn read_your_writes_on_a_lagging_follower_waits_or_moves_on() {
 #[test]
 fn an_empty_follower_bootstraps_after_the_leader_purged_early_segments() {
     let env = Env::new();
-    let cfg = env.path("leader.toml");
-    std::fs::write(
-        &cfg,
-        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 200000\n\
-         retention_check_ms = 100\n[replication]\ncatchup_bytes_min = 32768\n\
-         catchup_bytes_per_sec_max = 50000\nframe_bytes_max = 65536\n",
-    )
-    .unwrap();
-    let lead = env.node(
-        "lead",
-        &[
-            "--node-id",
-            "lead",
-            "--follower",
-            "f1",
-            "--sync-replicas",
-            "0",
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
-    );
+    let lead = small_leader(&env, 200000, "[replication]\ncatchup_bytes_min = 32768\ncatchup_bytes_per_sec_max = 50000\nframe_bytes_max = 65536\n");
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
-    let lines: Vec<String> = (0..4000)
-        .map(|i| format!("record {i:05} {}", "x".repeat(100)))
-        .collect();
-    let input = lines.join("\n") + "\n";
-    env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &lead.server(),
-            "--log",
-            LOG,
-            "--batch",
-            "100",
-        ],
-        &input,
-    );
+    let lines: Vec<String> = (0..4000).map(record_line).collect();
+    append_lines(&env, &lead, 0..4000);
     let start = eventually(30, "retention to purge early segments", || {
         let s = log_info(&env, &lead)["start"].as_u64()?;
         (s > 0).then_some(s)
@@ -706,41 +721,10 @@ fn foreign_identity(dir: &std::path::Path, id: &str) -> (std::path::PathBuf, std
 #[test]
 fn snapshots_replicate_stay_whole_and_hold_retention_back() {
     let env = Env::new();
-    let cfg = env.path("leader.toml");
-    std::fs::write(
-        &cfg,
-        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 100000\nretention_check_ms = 100\n[limits]\nsnapshot_bytes_max = 1048576\n",
-    )
-    .unwrap();
-    let lead = env.node(
-        "lead",
-        &[
-            "--node-id",
-            "lead",
-            "--follower",
-            "f1",
-            "--sync-replicas",
-            "0",
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
-    );
+    let lead = small_leader(&env, 100000, "[limits]\nsnapshot_bytes_max = 1048576\n");
     let f1 = follower(&env, "f1", &lead);
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
-    let line = |i: usize| format!("record {i:05} {}", "x".repeat(100));
-    let first: String = (0..2000).map(|i| line(i) + "\n").collect();
-    env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &lead.server(),
-            "--log",
-            LOG,
-            "--batch",
-            "100",
-        ],
-        &first,
-    );
+    append_lines(&env, &lead, 0..2000);
 
     // Stored through a follower: redirected to the leader.
     let state: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -826,19 +810,7 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
     }
 
     // Retention deletes old segments, but nothing after the snapshot's offset.
-    let more: String = (2000..5000).map(|i| line(i) + "\n").collect();
-    env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &lead.server(),
-            "--log",
-            LOG,
-            "--batch",
-            "100",
-        ],
-        &more,
-    );
+    append_lines(&env, &lead, 2000..5000);
     eventually(30, "retention to purge early segments", || {
         (log_info(&env, &lead)["start"].as_u64()? > 0).then_some(())
     });
@@ -870,57 +842,19 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
 #[test]
 fn retention_waits_for_a_registered_follower_up_to_its_cap() {
     let env = Env::new();
-    let cfg = env.path("leader.toml");
-    std::fs::write(
-        &cfg,
-        "[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\nretention_bytes_max = 100000\nretention_check_ms = 100\n[replication]\nretention_pin_bytes_max = 400000\n",
-    )
-    .unwrap();
-    let lead = env.node(
-        "lead",
-        &[
-            "--node-id",
-            "lead",
-            "--follower",
-            "f1",
-            "--sync-replicas",
-            "0",
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
+    let lead = small_leader(
+        &env,
+        100000,
+        "[replication]\nretention_pin_bytes_max = 400000\n",
     );
     let mut f1 = follower(&env, "f1", &lead);
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
-    let line = |i: usize| format!("record {i:05} {}", "x".repeat(100));
-    let batch = |r: std::ops::Range<usize>| -> String { r.map(|i| line(i) + "\n").collect() };
-    env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &lead.server(),
-            "--log",
-            LOG,
-            "--batch",
-            "100",
-        ],
-        &batch(0..500),
-    );
+    append_lines(&env, &lead, 0..500);
     wait_caught_up(&env, &lead, &["f1"]);
     // Gone (a stopped process would still get what the leader has queued on its stream).
     f1.kill();
     // About 230 KB more: beyond retention_bytes_max, within the follower's cap: kept for it.
-    env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &lead.server(),
-            "--log",
-            LOG,
-            "--batch",
-            "100",
-        ],
-        &batch(500..2500),
-    );
+    append_lines(&env, &lead, 500..2500);
     std::thread::sleep(std::time::Duration::from_millis(1000));
     let start = log_info(&env, &lead)["start"].as_u64().unwrap();
     assert!(
@@ -928,18 +862,7 @@ fn retention_waits_for_a_registered_follower_up_to_its_cap() {
         "retention keeps what f1 still needs: start {start}"
     );
     // Past the cap, retention lets the follower go.
-    env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &lead.server(),
-            "--log",
-            LOG,
-            "--batch",
-            "100",
-        ],
-        &batch(2500..6000),
-    );
+    append_lines(&env, &lead, 2500..6000);
     let start = eventually(30, "retention to pass the follower", || {
         let s = log_info(&env, &lead)["start"].as_u64()?;
         (s > 500).then_some(s)
