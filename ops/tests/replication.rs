@@ -723,7 +723,13 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
     let lead = small_leader(&env, 100000, "[limits]\nsnapshot_bytes_max = 1048576\n");
     let f1 = follower(&env, "f1", &lead);
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
-    append_lines(&env, &lead, 0..2000);
+    append_lines(&env, &lead, 0..1000);
+    // Retention deletes the first segment (the rest fits retention_bytes_max).
+    let first_start = eventually(30, "retention to purge the first segment", || {
+        let s = log_info(&env, &lead)["start"].as_u64()?;
+        (s > 0).then_some(s)
+    });
+    assert!(first_start < 800, "start {first_start}");
 
     // Stored through a follower: redirected to the leader.
     let state: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -739,7 +745,7 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
             "--log",
             LOG,
             "--offset",
-            "1500",
+            "800",
             "--file",
             f,
         ],
@@ -778,14 +784,15 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
             "",
         )
         .remove(0);
-    assert_eq!(meta["offset"], 1500, "{meta}");
+    assert_eq!(meta["offset"], 800, "{meta}");
     assert_eq!(std::fs::read(&got).unwrap(), state);
 
     // Snapshots move forward only, never past the log's end, and within snapshot_bytes_max.
     for (offset, size, code) in [
-        ("1000", 10, "offset_conflict"),
+        ("700", 10, "offset_conflict"),
+        ("10", 10, "offset_out_of_range"),
         ("999999", 10, "offset_out_of_range"),
-        ("1600", (1 << 20) + 1, "limit_exceeded"),
+        ("900", (1 << 20) + 1, "limit_exceeded"),
     ] {
         std::fs::write(&file, vec![7u8; size]).unwrap();
         let out = env.cli(
@@ -808,14 +815,16 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
         assert!(err.contains(code), "{offset}: {err}");
     }
 
-    // Retention deletes old segments, but nothing after the snapshot's offset.
-    append_lines(&env, &lead, 2000..5000);
-    eventually(30, "retention to purge early segments", || {
-        (log_info(&env, &lead)["start"].as_u64()? > 0).then_some(())
-    });
+    // Retention would now delete far past the snapshot, but keeps everything after its offset.
+    append_lines(&env, &lead, 1000..4000);
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    let start = log_info(&env, &lead)["start"].as_u64().unwrap();
-    assert!(start > 0 && start <= 1500, "start {start}");
+    let l = log_info(&env, &lead);
+    let start = l["start"].as_u64().unwrap();
+    assert!(start > 0 && start <= 800, "start {start}");
+    assert!(
+        (4000 - start) * 113 > 100_000,
+        "retention was held back: {l}"
+    );
     // The snapshot survives a restart of the leader.
     let lead = lead.restart();
     let meta = env
@@ -834,7 +843,7 @@ fn snapshots_replicate_stay_whole_and_hold_retention_back() {
             "",
         )
         .remove(0);
-    assert_eq!(meta["offset"], 1500);
+    assert_eq!(meta["offset"], 800);
     assert_eq!(std::fs::read(&got).unwrap(), state);
 }
 

@@ -258,12 +258,16 @@ async fn put_snapshot(shard: &Shard, p: protocol::Snapshot) -> Result<(), Fail> 
             "the snapshot's crc32c does not match its data",
         ));
     }
-    let end = e.log.next_offset().0;
-    if p.offset > end {
+    let (start, end) = (e.log.start_offset().0, e.log.next_offset().0);
+    if p.offset > end || p.offset < start {
+        // Below the start, the records a reader needs after the snapshot are gone.
         return Err(Fail(
             ErrorCode::OffsetOutOfRange,
-            format!("snapshot offset {} is beyond the log's end {end}", p.offset),
-            e.log.start_offset().0,
+            format!(
+                "snapshot offset {} is outside the log's range {start}..{end}",
+                p.offset
+            ),
+            start,
         ));
     }
     if let Some(latest) = e.snapshot.get() {
