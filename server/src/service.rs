@@ -14,6 +14,7 @@ use protocol::{
     TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
 };
 
+use crate::config::Role;
 use crate::shard::{LogEntry, Shard};
 
 /// Write `chunks` in full, as long as the peer keeps taking data: a stream whose peer accepts
@@ -79,7 +80,7 @@ async fn send_error(
 ) {
     shard.common.metrics.record_error(code);
     let leader = match (code, &shard.common.role) {
-        (ErrorCode::NotLeader, crate::config::Role::Follower(a)) => a.to_string(),
+        (ErrorCode::NotLeader, Role::Follower(a)) => a.to_string(),
         _ => String::new(),
     };
     let resp = Response::Error(ErrorResponse {
@@ -184,7 +185,7 @@ pub(crate) async fn serve(
 /// On a follower: the redirect to the leader that every write gets.
 fn not_leader(shard: &Shard) -> Option<Fail> {
     match shard.common.role {
-        crate::config::Role::Follower(leader) => Some(Fail(
+        Role::Follower(leader) => Some(Fail(
             ErrorCode::NotLeader,
             format!("this node follows {leader}; write there"),
             0,
@@ -535,6 +536,23 @@ async fn append(
     })
 }
 
+/// Wait for a log to be created here (a follower creates the leader's new logs within
+/// `follow::LIST_INTERVAL`), until `deadline`.
+async fn log_appearing(shard: &Shard, name: &str, deadline: Instant) -> Option<Rc<LogEntry>> {
+    loop {
+        if let Some(e) = shard.get(name) {
+            return Some(e);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        let nap = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(50));
+        tokio::time::sleep(nap).await;
+    }
+}
+
 /// Wait until the committed horizon reaches `target`, or `deadline`. Returns whether it did.
 async fn wait_committed(e: &LogEntry, target: Offset, deadline: Instant) -> bool {
     loop {
@@ -591,10 +609,30 @@ async fn send_batches(
 }
 
 async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> Result<(), Fail> {
-    let e = entry(shard, &r.log)?;
     let wait =
         Duration::from_millis(r.wait_ms.min(shard.common.config.limits.read_wait_max_ms) as u64);
     let deadline = Instant::now() + wait;
+    let e = match entry(shard, &r.log) {
+        Ok(e) => e,
+        // A follower may not have created a new log yet: for a read that names an offset it
+        // must reach, that is being behind, not a missing log.
+        Err(_) if r.min_offset > 0 && matches!(shard.common.role, Role::Follower(_)) => {
+            match log_appearing(shard, &r.log, deadline).await {
+                Some(e) => e,
+                None => {
+                    return Err(Fail(
+                        ErrorCode::Behind,
+                        format!(
+                            "this follower does not hold log {:?} yet, below min_offset {}",
+                            r.log, r.min_offset
+                        ),
+                        0,
+                    ))
+                }
+            }
+        }
+        Err(f) => return Err(f),
+    };
     let waited = async {
         if r.min_offset > 0 && !wait_committed(&e, Offset(r.min_offset), deadline).await {
             return Ok(false);

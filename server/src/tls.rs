@@ -82,15 +82,17 @@ pub fn dev_ca(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), Error> {
     Ok((cert.pem(), Issuer::new(ca_params(), key)))
 }
 
-/// Names a dev certificate is valid for: loopback names, the listen IP and the host name.
+/// Names a dev certificate is valid for: loopback names, the listen IP (any loopback address
+/// included) and the host name.
 fn dev_names(listen: SocketAddr) -> Vec<String> {
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
-        names.push(listen.ip().to_string());
+    let ip = listen.ip().to_string();
+    if !listen.ip().is_unspecified() && !names.contains(&ip) {
+        names.push(ip);
     }
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim();

@@ -16,12 +16,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_replog");
 /// A scratch area: a development CA directory shared by the nodes and CLIs of one test.
 pub struct Env {
     pub tmp: tempfile::TempDir,
+    /// The loopback address this environment's nodes listen on: one of 127.0.0.0/8 chosen at
+    /// random, so that a node restarted on its old port never meets another test's node there.
+    pub ip: std::net::Ipv4Addr,
 }
 
 impl Env {
     pub fn new() -> Env {
+        use std::hash::{BuildHasher, Hasher};
+        let r = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let [a, b, c, ..] = r.to_le_bytes();
         Env {
             tmp: tempfile::tempdir().unwrap(),
+            ip: std::net::Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254)),
         }
     }
 
@@ -102,7 +111,8 @@ pub struct NodeProc {
 impl NodeProc {
     pub fn start(env: &Env, data_dir: &Path, extra: &[&str]) -> NodeProc {
         let args = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn(env.ca_dir(), data_dir.to_path_buf(), "127.0.0.1:0", args)
+        let listen = format!("{}:0", env.ip);
+        Self::spawn(env.ca_dir(), data_dir.to_path_buf(), &listen, args)
     }
 
     fn spawn(ca_dir: PathBuf, data_dir: PathBuf, listen: &str, args: Vec<String>) -> NodeProc {
