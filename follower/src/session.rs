@@ -119,6 +119,29 @@ async fn ask_epoch_end(
     }
 }
 
+/// Acknowledge the local durable offset to the leader each time the local fdatasync moves it.
+/// Returns only with an error (the stream or the log failed).
+async fn acknowledge(
+    log: &Log,
+    send: &mut quinn::SendStream,
+    changed: &Notify,
+) -> Result<Outcome, SessionError> {
+    let mut acked = 0u64;
+    loop {
+        let flushed = log.flush_offset();
+        if flushed.0 > acked {
+            write_frame(send, &Request::Ack { durable: flushed.0 }).await?;
+            acked = flushed.0;
+            changed.notify_waiters();
+        }
+        if log.next_offset() > flushed {
+            log.wait_flushed(flushed.plus(1)).await?;
+        } else {
+            log.wait_appended(flushed).await?;
+        }
+    }
+}
+
 /// Run one session for `log` (named `name` on the leader). `commit` receives the leader's
 /// commit offset as frames bring it, and `changed` is notified whenever it or the local
 /// durable offset moves. Returns when the stream or connection ends.
@@ -208,24 +231,7 @@ pub async fn run(
             }
         }
     };
-    let acks = async {
-        let mut acked = 0u64;
-        loop {
-            let flushed = log.flush_offset();
-            if flushed.0 > acked {
-                write_frame(&mut send, &Request::Ack { durable: flushed.0 }).await?;
-                acked = flushed.0;
-                changed.notify_waiters();
-            }
-            if log.next_offset() > flushed {
-                log.wait_flushed(flushed.plus(1)).await?;
-            } else {
-                log.wait_appended(flushed).await?;
-            }
-        }
-        #[allow(unreachable_code)]
-        Ok::<Outcome, SessionError>(Outcome::Ended)
-    };
+    let acks = acknowledge(log, &mut send, changed);
     tokio::select! {
         r = receive => r,
         r = acks => r,
