@@ -92,6 +92,23 @@ fn refused(resp: Response) -> SessionError {
     }
 }
 
+/// One request and its one answer, on a new stream of the peer connection.
+pub async fn exchange(
+    conn: &quinn::Connection,
+    req: &Request,
+    limits: &Limits,
+) -> Result<Response, SessionError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::Connection(e.to_string()))?;
+    write_frame(&mut send, req).await?;
+    let _ = send.finish();
+    read_frame(&mut recv, limits)
+        .await?
+        .ok_or_else(|| SessionError::Connection("stream ended".into()))
+}
+
 /// Ask the leader where `epoch` ends in its log.
 async fn ask_epoch_end(
     conn: &quinn::Connection,
@@ -99,23 +116,13 @@ async fn ask_epoch_end(
     epoch: u64,
     limits: &Limits,
 ) -> Result<(u64, u64), SessionError> {
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| SessionError::Connection(e.to_string()))?;
-    write_frame(
-        &mut send,
-        &Request::EpochEnd {
-            log: log.to_string(),
-            epoch,
-        },
-    )
-    .await?;
-    let _ = send.finish();
-    match read_frame(&mut recv, limits).await? {
-        Some(Response::EpochEnd { epoch, end }) => Ok((epoch, end)),
-        Some(other) => Err(refused(other)),
-        None => Err(SessionError::Connection("stream ended".into())),
+    let req = Request::EpochEnd {
+        log: log.to_string(),
+        epoch,
+    };
+    match exchange(conn, &req, limits).await? {
+        Response::EpochEnd { epoch, end } => Ok((epoch, end)),
+        other => Err(refused(other)),
     }
 }
 

@@ -749,7 +749,18 @@ impl Log {
     pub fn bytes_from(&self, from: Offset) -> Result<u64> {
         let st = self.inner.st.borrow();
         let mut total = 0u64;
-        for s in st.sealed.values().chain(std::iter::once(&st.active)) {
+        // From the segment holding `from` on: the cost does not grow with the log's history.
+        let first = st
+            .sealed
+            .range(..=from)
+            .next_back()
+            .map_or(from, |(&b, _)| b);
+        for s in st
+            .sealed
+            .range(first..)
+            .map(|(_, s)| s)
+            .chain(std::iter::once(&st.active))
+        {
             if s.next_offset <= from {
                 continue;
             }

@@ -180,6 +180,15 @@ fn put_log_info(out: &mut BytesMut, logs: &[LogInfo]) {
     }
 }
 
+/// The body of `PutSnapshot` and `Snapshot` (the same fields).
+fn put_snapshot(out: &mut BytesMut, p: &Snapshot) {
+    put_str(out, p.log.as_bytes());
+    out.put_u64_le(p.offset);
+    out.put_u32_le(p.crc32c);
+    out.put_u32_le(p.data.len() as u32);
+    out.put_slice(&p.data);
+}
+
 /// Append one request frame (header and body) to `out`.
 pub fn encode_request(req: &Request, out: &mut BytesMut) {
     match req {
@@ -244,11 +253,7 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
         }
         Request::PutSnapshot(p) => {
             let at = begin(out, kind::PUT_SNAPSHOT);
-            put_str(out, p.log.as_bytes());
-            out.put_u64_le(p.offset);
-            out.put_u32_le(p.crc32c);
-            out.put_u32_le(p.data.len() as u32);
-            out.put_slice(&p.data);
+            put_snapshot(out, p);
             finish(out, at);
         }
         Request::GetSnapshot { log } => {
@@ -357,11 +362,7 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
         }
         Response::Snapshot(p) => {
             let at = begin(out, kind::SNAPSHOT);
-            put_str(out, p.log.as_bytes());
-            out.put_u64_le(p.offset);
-            out.put_u32_le(p.crc32c);
-            out.put_u32_le(p.data.len() as u32);
-            out.put_slice(&p.data);
+            put_snapshot(out, p);
             finish(out, at);
         }
         Response::Replicated(r) => {

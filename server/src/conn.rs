@@ -129,19 +129,7 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 /// by the cluster CA; each replication stream must further come from the node its certificate
 /// names.
 async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
-    let cluster = shard.common.cluster.clone();
-    let certs = conn.peer_identity().and_then(|i| {
-        i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-            .ok()
-    });
-    let trusted = certs
-        .as_ref()
-        .and_then(|c| c.split_first())
-        .is_some_and(|(leaf, rest)| {
-            cluster
-                .verify_client_cert(leaf, rest, rustls_pki_types::UnixTime::now())
-                .is_ok()
-        });
+    let trusted = crate::tls::verify_cluster_cert(&*shard.common.cluster, &conn).is_ok();
     if !trusted {
         shard
             .common

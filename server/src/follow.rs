@@ -10,10 +10,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use follower::session::{Outcome, SessionConfig};
 use log_core::{Log, Offset};
-use protocol::{Request, Response, FRAME_HEADER_LEN};
+use protocol::{Request, Response};
 
 use crate::shard::{EntryRole, Shard};
 use crate::Error;
@@ -133,32 +132,14 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
     endpoint.close(protocol::close_code::NORMAL.into(), b"shutting down");
 }
 
-/// One request, one response, on a new stream of the peer connection.
-async fn exchange(
-    conn: &quinn::Connection,
-    req: &Request,
-    limits: &protocol::Limits,
-) -> Result<Response, String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut out = BytesMut::new();
-    protocol::encode_request(req, &mut out);
-    send.write_all(&out).await.map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let mut hdr = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut hdr).await.map_err(|e| e.to_string())?;
-    let h = protocol::FrameHeader::parse(&hdr, limits).map_err(|e| e.to_string())?;
-    let mut body = BytesMut::zeroed(h.body_len as usize);
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    protocol::decode_response(&h, body.freeze(), limits).map_err(|e| e.to_string())
-}
-
 async fn list_logs(
     conn: &quinn::Connection,
     limits: &protocol::Limits,
 ) -> Result<Vec<protocol::LogInfo>, String> {
-    match exchange(conn, &Request::ListLogs, limits).await? {
+    let answer = follower::session::exchange(conn, &Request::ListLogs, limits)
+        .await
+        .map_err(|e| e.to_string())?;
+    match answer {
         Response::Logs(logs) => Ok(logs
             .into_iter()
             .filter(|l| log_core::validate_log_name(&l.name).is_ok())
@@ -177,7 +158,10 @@ async fn fetch_snapshot(
     fetching: Rc<RefCell<BTreeSet<String>>>,
 ) {
     let req = Request::GetSnapshot { log: name.clone() };
-    let result = match exchange(&conn, &req, &scfg.limits).await {
+    let result = match follower::session::exchange(&conn, &req, &scfg.limits)
+        .await
+        .map_err(|e| e.to_string())
+    {
         Ok(Response::Snapshot(s)) if s.log == name => {
             if crc32c::crc32c(&s.data) != s.crc32c {
                 Err("the snapshot's crc32c does not match its data".to_string())

@@ -327,13 +327,12 @@ impl rustls::server::danger::ClientCertVerifier for NoPeers {
     }
 }
 
-/// Check that a peer connection's client certificate was issued by the cluster CA and names
-/// node `id` (`<id>.node.replog`). The TLS handshake already proved the peer holds the key.
-pub fn verify_peer(
+/// Check that a peer connection's client certificate was issued by the cluster CA; returns
+/// its chain (leaf first).
+pub fn verify_cluster_cert(
     cluster: &dyn rustls::server::danger::ClientCertVerifier,
     conn: &quinn::Connection,
-    id: &str,
-) -> Result<(), String> {
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = conn
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -342,6 +341,18 @@ pub fn verify_peer(
     cluster
         .verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now())
         .map_err(|e| format!("certificate not issued by the cluster CA: {e}"))?;
+    Ok(*certs)
+}
+
+/// Check that a peer connection's client certificate was issued by the cluster CA and names
+/// node `id` (`<id>.node.replog`). The TLS handshake already proved the peer holds the key.
+pub fn verify_peer(
+    cluster: &dyn rustls::server::danger::ClientCertVerifier,
+    conn: &quinn::Connection,
+    id: &str,
+) -> Result<(), String> {
+    let certs = verify_cluster_cert(cluster, conn)?;
+    let leaf = &certs[0];
     let parsed = rustls::server::ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from(peer_name(id))
         .map_err(|_| format!("node id {id:?} is not a valid name"))?;
