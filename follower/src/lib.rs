@@ -6,8 +6,9 @@
 //! come from a leader epoch older than one already seen (R2), nor carry batches of a later
 //! epoch than its own. The decisions are `protocol::replication::Follower`'s; this crate binds
 //! them to a `log_core::Log`. [`session`] is the network side: one replication stream
-//! per log over a peer QUIC connection, with KIP-101 truncation, acknowledgements and the
-//! bootstrap signal; the node (the `server` crate) manages connections and local logs.
+//! per log over a peer QUIC connection, with KIP-101 truncation, acknowledgements, the
+//! bootstrap signal and per-stage latency reports ([`session::FollowerStage`]); the node (the
+//! `server` crate) manages connections and local logs and turns those reports into metrics.
 
 pub mod session;
 

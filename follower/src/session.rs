@@ -1,9 +1,13 @@
 //! One replication session for one log over a peer connection to the leader: find where the
 //! local log agrees with the leader's (KIP-101), truncate a divergent suffix, ask for
 //! everything after the local end, store each frame through [`Replica::apply`], and
-//! acknowledge the durable offset as the local fdatasync moves.
+//! acknowledge the durable offset as the local fdatasync moves. A session can report how long
+//! frames spend in each [`FollowerStage`] through [`SessionConfig::stages`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use log_core::{Log, Offset};
@@ -15,14 +19,45 @@ use tokio::sync::Notify;
 
 use crate::{ApplyError, Replica};
 
-/// Who is asking, and how big a frame may be.
+/// Who is asking, how big a frame may be, and who hears the stage latencies.
 pub struct SessionConfig {
     /// The follower's node id (its certificate must name it).
     pub node_id: String,
     /// The address clients reach this follower at.
     pub addr: String,
     pub limits: Limits,
+    /// Called with each stage latency the session measures (see [`FollowerStage`]); `None`
+    /// measures nothing.
+    pub stages: Option<StageObserver>,
 }
+
+/// The stages a replicated frame goes through on a follower, as reported to a
+/// [`StageObserver`]. Only frames that carry records are timed (a frame that only moves the
+/// commit offset stores nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FollowerStage {
+    /// From a `Replicated` frame read whole off the stream (and decoded) to the frame stored:
+    /// [`Replica::apply`] returned, its batches are queued into the local log (this includes
+    /// waiting for room in a full write queue).
+    Receive,
+    /// From a frame stored to the local fdatasync covering its last record: the
+    /// acknowledgement loop sees the log's flush offset reach the frame's end. One report per
+    /// frame; at most [`FLUSH_TIMED_MAX`] frames per session wait to be timed, older ones are
+    /// dropped unmeasured.
+    Flush,
+}
+
+/// Hears each [`FollowerStage`] latency of a session. It is called on the session's own task
+/// (never from another thread), once per timed frame and stage, so it should be cheap.
+pub type StageObserver = Rc<dyn Fn(FollowerStage, Duration)>;
+
+/// Most stored frames per session whose store time is kept for [`FollowerStage::Flush`]; when
+/// more wait for the fdatasync, the oldest is dropped (not measured).
+pub const FLUSH_TIMED_MAX: usize = 4096;
+
+/// Frames stored and not yet covered by the local fdatasync: (end offset, when stored), oldest
+/// first. Shared by a session's receive and acknowledgement loops, which run in one task.
+type StoredFrames = RefCell<VecDeque<(u64, Instant)>>;
 
 /// How a session ended without an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -126,16 +161,40 @@ async fn ask_epoch_end(
     }
 }
 
-/// Acknowledge the local durable offset to the leader each time the local fdatasync moves it.
-/// Returns only with an error (the stream or the log failed).
+/// Report [`FollowerStage::Flush`] for every stored frame that the local durable offset
+/// `flushed` now covers.
+fn time_flushed(stored: &StoredFrames, flushed: u64, observe: &StageObserver) {
+    let now = Instant::now();
+    loop {
+        let at = {
+            let mut q = stored.borrow_mut();
+            match q.front() {
+                Some(&(end, at)) if end <= flushed => {
+                    q.pop_front();
+                    at
+                }
+                _ => return,
+            }
+        };
+        observe(FollowerStage::Flush, now.saturating_duration_since(at));
+    }
+}
+
+/// Acknowledge the local durable offset to the leader each time the local fdatasync moves it
+/// (and time the stored frames it covers, if `timed`). Returns only with an error (the stream
+/// or the log failed).
 async fn acknowledge(
     log: &Log,
     send: &mut quinn::SendStream,
     changed: &Notify,
+    timed: Option<(&StoredFrames, &StageObserver)>,
 ) -> Result<Outcome, SessionError> {
     let mut acked = 0u64;
     loop {
         let flushed = log.flush_offset();
+        if let Some((stored, observe)) = timed {
+            time_flushed(stored, flushed.0, observe);
+        }
         if flushed.0 > acked {
             write_frame(send, &Request::Ack { durable: flushed.0 }).await?;
             acked = flushed.0;
@@ -216,11 +275,26 @@ pub async fn run(
     .await?;
 
     // 3. Store frames as they come; acknowledge as the local fdatasync moves.
+    let stored = StoredFrames::default();
     let receive = async {
         loop {
             match read_frame(&mut recv, &cfg.limits).await? {
                 Some(Response::Replicated(frame)) => {
-                    replica.apply(&frame).await?;
+                    let read = Instant::now();
+                    let end = replica.apply(&frame).await?;
+                    // Frames that only move the commit offset store nothing to time.
+                    match &cfg.stages {
+                        Some(observe) if !frame.batches.is_empty() => {
+                            let now = Instant::now();
+                            observe(FollowerStage::Receive, now.saturating_duration_since(read));
+                            let mut q = stored.borrow_mut();
+                            if q.len() >= FLUSH_TIMED_MAX {
+                                q.pop_front();
+                            }
+                            q.push_back((end, now));
+                        }
+                        _ => {}
+                    }
                     if frame.commit > commit.get() {
                         commit.set(frame.commit);
                         changed.notify_waiters();
@@ -238,7 +312,12 @@ pub async fn run(
             }
         }
     };
-    let acks = acknowledge(log, &mut send, changed);
+    let acks = acknowledge(
+        log,
+        &mut send,
+        changed,
+        cfg.stages.as_ref().map(|o| (&stored, o)),
+    );
     tokio::select! {
         r = receive => r,
         r = acks => r,

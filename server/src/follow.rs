@@ -10,10 +10,11 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use follower::session::{Outcome, SessionConfig};
+use follower::session::{FollowerStage, Outcome, SessionConfig, StageObserver};
 use log_core::{Log, Offset};
 use protocol::{Request, Response};
 
+use crate::metrics::Stage;
 use crate::shard::{EntryRole, Shard};
 use crate::Error;
 
@@ -51,6 +52,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
         node_id: shard.common.node_id.clone(),
         addr: shard.common.advertise.to_string(),
         limits: cfg.protocol_limits(),
+        stages: Some(stage_metrics(&shard)),
     });
     let running: Rc<RefCell<BTreeSet<String>>> = Default::default();
     let fetching: Rc<RefCell<BTreeSet<String>>> = Default::default();
@@ -130,6 +132,19 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
         conn.close(protocol::close_code::NORMAL.into(), b"reconnecting");
     }
     endpoint.close(protocol::close_code::NORMAL.into(), b"shutting down");
+}
+
+/// Record the replication sessions' stage latencies in this shard's histograms
+/// (`replog_stage_latency_seconds`, stages `follower_receive` and `follower_flush`).
+fn stage_metrics(shard: &Shard) -> StageObserver {
+    let (metrics, id) = (shard.common.metrics.clone(), shard.id);
+    Rc::new(move |stage, latency| {
+        let stage = match stage {
+            FollowerStage::Receive => Stage::FollowerReceive,
+            FollowerStage::Flush => Stage::FollowerFlush,
+        };
+        metrics.record_stage(id, stage, latency);
+    })
 }
 
 async fn list_logs(

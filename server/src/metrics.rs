@@ -3,6 +3,10 @@
 //! Counters are atomics shared by every shard. Latency histograms are HdrHistograms, one per
 //! shard behind an uncontended mutex (only the scrape takes it from another thread); a scrape
 //! merges them and renders Prometheus histogram buckets from the merged counts.
+//!
+//! `replog_stage_latency_seconds{stage=...}` splits an append's time into [`Stage`]s, with the
+//! finer [`STAGE_BUCKETS_S`] so that a tool scraping before and after a run can estimate
+//! percentiles per stage from the bucket deltas.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -18,6 +22,79 @@ const BUCKETS_S: &[f64] = &[
     0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
     0.25, 0.5, 1.0, 2.5, 10.0,
 ];
+
+/// Upper bounds (seconds) of the `replog_stage_latency_seconds` buckets: six per decade
+/// (1, 1.5, 2, 3, 5, 7) from 10 µs to 10 s, fine enough to estimate percentiles from the
+/// difference of two scrapes.
+pub const STAGE_BUCKETS_S: &[f64] = &[
+    0.000_01, 0.000_015, 0.000_02, 0.000_03, 0.000_05, 0.000_07, // 10 µs
+    0.000_1, 0.000_15, 0.000_2, 0.000_3, 0.000_5, 0.000_7, // 100 µs
+    0.001, 0.001_5, 0.002, 0.003, 0.005, 0.007, // 1 ms
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.07, // 10 ms
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.7, // 100 ms
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.0, // 1 s
+    10.0,
+];
+
+/// The stages of an append's path that `replog_stage_latency_seconds` times, each the value of
+/// its `stage` label. On a leader (or standalone node) the stages of one append follow each
+/// other: `receive`, then `leader_flush`, and for acks=sync/quorum `commit`, which starts where
+/// `leader_flush` starts (the leader waits for its own flush, then for the replicas).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Leader or standalone: from the shard that owns the log starting to serve the (decoded)
+    /// append request to the append queued into the log. It includes the admission checks and
+    /// waiting for room in a full write queue; a request forwarded from the shard that
+    /// accepted it starts on the owning shard, so the forwarding hop is not included (the same
+    /// start as `replog_append_latency_seconds`).
+    Receive,
+    /// Leader or standalone: from the append queued to the node's own fdatasync covering it
+    /// (the same value as `replog_flush_latency_seconds`; appends with acks=none have none).
+    LeaderFlush,
+    /// Follower: from a replication frame with records read whole off the stream to the frame
+    /// stored (queued into the local log).
+    FollowerReceive,
+    /// Follower: from a frame stored to the follower's fdatasync covering its last record.
+    FollowerFlush,
+    /// Leader, acks=sync/quorum appends only: from the append queued to the requested commit
+    /// level reached (not recorded for appends acknowledged degraded).
+    Commit,
+}
+
+impl Stage {
+    /// Every stage, in the order they are rendered.
+    pub const ALL: [Stage; 5] = [
+        Stage::Receive,
+        Stage::LeaderFlush,
+        Stage::FollowerReceive,
+        Stage::FollowerFlush,
+        Stage::Commit,
+    ];
+
+    /// The `stage` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Receive => "receive",
+            Stage::LeaderFlush => "leader_flush",
+            Stage::FollowerReceive => "follower_receive",
+            Stage::FollowerFlush => "follower_flush",
+            Stage::Commit => "commit",
+        }
+    }
+}
+
+/// What one successful (not duplicate) append measured, for [`Metrics::record_append`].
+#[derive(Clone, Copy, Debug)]
+pub struct AppendTimes {
+    /// Request decoded to receipt ready.
+    pub total: Duration,
+    /// [`Stage::Receive`].
+    pub receive: Duration,
+    /// [`Stage::LeaderFlush`], also `replog_flush_latency_seconds`; `None` for acks=none.
+    pub flush: Option<Duration>,
+    /// [`Stage::Commit`]; `None` unless acks=sync/quorum reached without degrading.
+    pub commit: Option<Duration>,
+}
 
 /// Largest request the endpoint reads before answering.
 const HTTP_REQUEST_BYTES_MAX: usize = 8192;
@@ -52,6 +129,8 @@ pub struct ShardHistograms {
     /// Leader: a replication frame sent to a follower to the follower's acknowledgement that
     /// it holds it durably, microseconds.
     pub follower_ack: Histogram<u64>,
+    /// Per [`Stage`] (indexed by its position in [`Stage::ALL`]), microseconds.
+    pub stages: [Histogram<u64>; Stage::ALL.len()],
 }
 
 pub struct Metrics {
@@ -66,6 +145,10 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Metrics {
     pub fn new(shards: usize) -> Arc<Metrics> {
         Arc::new(Metrics {
@@ -76,6 +159,7 @@ impl Metrics {
                         append: new_hist(),
                         flush: new_hist(),
                         follower_ack: new_hist(),
+                        stages: std::array::from_fn(|_| new_hist()),
                     })
                 })
                 .collect(),
@@ -84,12 +168,25 @@ impl Metrics {
         })
     }
 
-    pub fn record_append(&self, shard: usize, total: Duration, flush: Option<Duration>) {
+    /// Record a stored append: its total latency, its flush latency (into both
+    /// `replog_flush_latency_seconds` and the `leader_flush` stage) and its other stages.
+    pub fn record_append(&self, shard: usize, t: AppendTimes) {
         let mut h = self.shards[shard].lock().unwrap();
-        h.append.saturating_record(total.as_micros() as u64);
-        if let Some(f) = flush {
-            h.flush.saturating_record(f.as_micros() as u64);
+        h.append.saturating_record(micros(t.total));
+        h.stages[Stage::Receive as usize].saturating_record(micros(t.receive));
+        if let Some(f) = t.flush {
+            h.flush.saturating_record(micros(f));
+            h.stages[Stage::LeaderFlush as usize].saturating_record(micros(f));
         }
+        if let Some(c) = t.commit {
+            h.stages[Stage::Commit as usize].saturating_record(micros(c));
+        }
+    }
+
+    /// Record one stage latency (the follower's stages come this way).
+    pub fn record_stage(&self, shard: usize, stage: Stage, latency: Duration) {
+        self.shards[shard].lock().unwrap().stages[stage as usize]
+            .saturating_record(micros(latency));
     }
 
     pub fn record_follower_ack(&self, shard: usize, latency: Duration) {
@@ -227,29 +324,47 @@ impl Metrics {
         }
         self.render_replication(&mut out);
         let (mut append, mut flush, mut ack) = (new_hist(), new_hist(), new_hist());
+        let mut stages: [Histogram<u64>; Stage::ALL.len()] = std::array::from_fn(|_| new_hist());
         for s in &self.shards {
             let s = s.lock().unwrap();
             append.add(&s.append).expect("same bounds");
             flush.add(&s.flush).expect("same bounds");
             ack.add(&s.follower_ack).expect("same bounds");
+            for (all, one) in stages.iter_mut().zip(&s.stages) {
+                all.add(one).expect("same bounds");
+            }
         }
         render_histogram(
             &mut out,
             "replog_append_latency_seconds",
             "Append latency on the node, from request decoded to receipt ready.",
-            &append,
+            BUCKETS_S,
+            &[("", &append)],
         );
         render_histogram(
             &mut out,
             "replog_flush_latency_seconds",
             "From an append queued to the fdatasync that covers it.",
-            &flush,
+            BUCKETS_S,
+            &[("", &flush)],
         );
         render_histogram(
             &mut out,
             "replog_follower_ack_latency_seconds",
             "Leader: from a replication frame sent to the follower's acknowledgement that it is durable there.",
-            &ack,
+            BUCKETS_S,
+            &[("", &ack)],
+        );
+        let labels: [String; Stage::ALL.len()] =
+            Stage::ALL.map(|s| format!("stage=\"{}\"", s.name()));
+        let series: Vec<(&str, &Histogram<u64>)> =
+            labels.iter().map(String::as_str).zip(&stages).collect();
+        render_histogram(
+            &mut out,
+            "replog_stage_latency_seconds",
+            "Time an append spends in each stage: receive (request served on the owning shard to queued in the log), leader_flush (queued to the leader's fdatasync), commit (queued to acks=sync/quorum reached), follower_receive (replication frame read to stored), follower_flush (frame stored to the follower's fdatasync).",
+            STAGE_BUCKETS_S,
+            &series,
         );
         out
     }
@@ -314,20 +429,38 @@ impl Metrics {
     }
 }
 
-fn render_histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+/// Render one histogram family (microsecond HdrHistograms) with `buckets` (upper bounds in
+/// seconds): one `# HELP`/`# TYPE` header, then per series its cumulative buckets, sum and
+/// count. A series is its labels (`key="value",...`, or empty) and its histogram; its labels
+/// go before `le`.
+fn render_histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    series: &[(&str, &Histogram<u64>)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for le in BUCKETS_S {
-        let us = (le * 1e6) as u64;
-        let n = h.count_between(0, us);
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    for &(labels, h) in series {
+        let (sep, braced) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
+        for le in buckets {
+            let us = (le * 1e6).round() as u64;
+            let n = h.count_between(0, us);
+            let _ = writeln!(out, "{name}_bucket{{{sep}le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{sep}le=\"+Inf\"}} {}", h.len());
+        // Summed in whole microseconds: exact, and `0` (not the `-0` of an empty f64 sum).
+        let sum_us: u64 = h
+            .iter_recorded()
+            .map(|v| v.value_iterated_to().saturating_mul(v.count_at_value()))
+            .fold(0, u64::saturating_add);
+        let _ = writeln!(out, "{name}_sum{braced} {}", sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braced} {}", h.len());
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
-    let sum: f64 = h
-        .iter_recorded()
-        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-        .sum();
-    let _ = writeln!(out, "{name}_sum {}", sum / 1e6);
-    let _ = writeln!(out, "{name}_count {}", h.len());
 }
 
 /// Serve `GET /metrics` on `listener` until the runtime stops. Anything else gets a 404.
@@ -411,10 +544,22 @@ mod tests {
         m.c.appends.fetch_add(3, Ordering::Relaxed);
         m.record_append(
             0,
-            Duration::from_micros(150),
-            Some(Duration::from_micros(120)),
+            AppendTimes {
+                total: Duration::from_micros(150),
+                receive: Duration::from_micros(20),
+                flush: Some(Duration::from_micros(120)),
+                commit: None,
+            },
         );
-        m.record_append(1, Duration::from_millis(3), None);
+        m.record_append(
+            1,
+            AppendTimes {
+                total: Duration::from_millis(3),
+                receive: Duration::from_micros(20),
+                flush: None,
+                commit: None,
+            },
+        );
         m.record_error(protocol::ErrorCode::OffsetConflict);
         let text = m.render();
         assert!(text.contains("replog_appends_total 3"), "{text}");
@@ -438,5 +583,146 @@ mod tests {
             text.contains("replog_error_answers_total{code=\"offset_conflict\"} 1"),
             "{text}"
         );
+    }
+
+    /// The lines of `text` that belong to the series of `stage`.
+    fn stage_lines<'a>(text: &'a str, stage: &str) -> Vec<&'a str> {
+        let bucket = format!("replog_stage_latency_seconds_bucket{{stage=\"{stage}\",le=");
+        let other = format!("{{stage=\"{stage}\"}} ");
+        text.lines()
+            .filter(|l| {
+                l.starts_with(&bucket)
+                    || (l.starts_with("replog_stage_latency_seconds_") && l.contains(&other))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stage_buckets_cover_10us_to_10s_at_six_per_decade() {
+        assert_eq!(STAGE_BUCKETS_S.first(), Some(&0.000_01));
+        assert_eq!(STAGE_BUCKETS_S.last(), Some(&10.0));
+        assert!(STAGE_BUCKETS_S.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(STAGE_BUCKETS_S.len(), 6 * 6 + 1);
+    }
+
+    #[test]
+    fn renders_every_stage_with_exact_buckets() {
+        let m = Metrics::new(2);
+        // Shard 0 and 1 both record: the scrape merges them.
+        m.record_append(
+            0,
+            AppendTimes {
+                total: Duration::from_millis(2),
+                receive: Duration::from_micros(12),
+                flush: Some(Duration::from_micros(700)),
+                commit: Some(Duration::from_micros(1_500)),
+            },
+        );
+        m.record_append(
+            1,
+            AppendTimes {
+                total: Duration::from_millis(1),
+                receive: Duration::from_micros(150),
+                flush: None,
+                commit: None,
+            },
+        );
+        m.record_stage(1, Stage::Receive, Duration::from_micros(1_500));
+        m.record_stage(0, Stage::FollowerReceive, Duration::from_micros(40));
+        let text = m.render();
+
+        assert_eq!(
+            text.matches("# TYPE replog_stage_latency_seconds histogram")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# HELP replog_stage_latency_seconds ").count(),
+            1,
+            "{text}"
+        );
+        for stage in Stage::ALL {
+            let lines = stage_lines(&text, stage.name());
+            // Every bound, +Inf, _sum and _count, even for a stage nothing recorded.
+            assert_eq!(
+                lines.len(),
+                STAGE_BUCKETS_S.len() + 3,
+                "{}: {lines:#?}",
+                stage.name()
+            );
+        }
+
+        // receive: 12 µs, 150 µs, 1500 µs (all exact in the HdrHistogram).
+        let receive = stage_lines(&text, "receive");
+        let mut expected: Vec<String> = STAGE_BUCKETS_S
+            .iter()
+            .map(|&le| {
+                let n = [12u64, 150, 1_500]
+                    .iter()
+                    .filter(|&&v| v as f64 <= le * 1e6 + 1e-6)
+                    .count();
+                format!("replog_stage_latency_seconds_bucket{{stage=\"receive\",le=\"{le}\"}} {n}")
+            })
+            .collect();
+        expected
+            .push("replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"+Inf\"} 3".into());
+        expected.push("replog_stage_latency_seconds_sum{stage=\"receive\"} 0.001662".into());
+        expected.push("replog_stage_latency_seconds_count{stage=\"receive\"} 3".into());
+        assert_eq!(receive, expected);
+        for line in [
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"0.00001\"} 0",
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"0.000015\"} 1",
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"0.0001\"} 1",
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"0.00015\"} 2",
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"0.001\"} 2",
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"0.0015\"} 3",
+            "replog_stage_latency_seconds_bucket{stage=\"receive\",le=\"10\"} 3",
+            // leader_flush is the flush latency, recorded in both families.
+            "replog_stage_latency_seconds_bucket{stage=\"leader_flush\",le=\"0.0005\"} 0",
+            "replog_stage_latency_seconds_bucket{stage=\"leader_flush\",le=\"0.0007\"} 1",
+            "replog_stage_latency_seconds_sum{stage=\"leader_flush\"} 0.0007",
+            "replog_stage_latency_seconds_count{stage=\"leader_flush\"} 1",
+            "replog_flush_latency_seconds_count 1",
+            "replog_stage_latency_seconds_count{stage=\"commit\"} 1",
+            "replog_stage_latency_seconds_sum{stage=\"commit\"} 0.0015",
+            "replog_stage_latency_seconds_bucket{stage=\"follower_receive\",le=\"0.00003\"} 0",
+            "replog_stage_latency_seconds_bucket{stage=\"follower_receive\",le=\"0.00005\"} 1",
+            "replog_stage_latency_seconds_count{stage=\"follower_receive\"} 1",
+            // Nothing recorded: still rendered, all zero.
+            "replog_stage_latency_seconds_bucket{stage=\"follower_flush\",le=\"0.00001\"} 0",
+            "replog_stage_latency_seconds_bucket{stage=\"follower_flush\",le=\"+Inf\"} 0",
+            "replog_stage_latency_seconds_sum{stage=\"follower_flush\"} 0",
+            "replog_stage_latency_seconds_count{stage=\"follower_flush\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        // The stages come in Stage::ALL order, each as one contiguous block.
+        let order: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("replog_stage_latency_seconds_count{stage=\""))
+            .map(|l| l.split('"').next().unwrap())
+            .collect();
+        assert_eq!(order, Stage::ALL.map(Stage::name));
+    }
+
+    #[test]
+    fn unlabelled_histograms_keep_their_format() {
+        let m = Metrics::new(1);
+        m.record_follower_ack(0, Duration::from_micros(250));
+        let text = m.render();
+        for line in [
+            "# TYPE replog_follower_ack_latency_seconds histogram",
+            "replog_follower_ack_latency_seconds_bucket{le=\"0.0002\"} 0",
+            "replog_follower_ack_latency_seconds_bucket{le=\"0.0003\"} 1",
+            "replog_follower_ack_latency_seconds_bucket{le=\"+Inf\"} 1",
+            "replog_follower_ack_latency_seconds_sum 0.00025",
+            "replog_follower_ack_latency_seconds_count 1",
+            // Nothing recorded: a plain zero sum.
+            "replog_flush_latency_seconds_sum 0",
+            "replog_flush_latency_seconds_count 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
     }
 }

@@ -469,8 +469,10 @@ async fn append(
         }
     };
     let queued = Instant::now();
-    // When the leader's own fdatasync covered the append (for the flush latency histogram).
+    // When the leader's own fdatasync covered the append (for the flush latency histogram and
+    // the leader_flush stage), and when acks=sync/quorum was reached (the commit stage).
     let flushed_after;
+    let mut committed_after = None;
     let next = Offset(appended.next);
     let (level, holders, degraded) = match (&repl, a.acks) {
         (Some(r), Acks::Sync | Acks::Quorum) => {
@@ -479,7 +481,10 @@ async fn append(
             flushed_after = Some(queued.elapsed());
             match r.wait(&a.log, shard, a.acks, next, deadline).await {
                 Ok((holders, true)) => (Acks::Leader, holders, true),
-                Ok((holders, false)) => (a.acks, holders, false),
+                Ok((holders, false)) => {
+                    committed_after = Some(queued.elapsed());
+                    (a.acks, holders, false)
+                }
                 Err(crate::leader::WaitFail::Deadline) => {
                     return Err(fail(
                         ErrorCode::Timeout,
@@ -519,7 +524,15 @@ async fn append(
         m.c.append_records
             .fetch_add(count as u64, Ordering::Relaxed);
         m.c.append_bytes.fetch_add(bytes, Ordering::Relaxed);
-        m.record_append(shard.id, started.elapsed(), flushed_after);
+        m.record_append(
+            shard.id,
+            crate::metrics::AppendTimes {
+                total: started.elapsed(),
+                receive: queued.saturating_duration_since(started),
+                flush: flushed_after,
+                commit: committed_after,
+            },
+        );
     }
     let mut flags = if duplicate { RECEIPT_DUPLICATE } else { 0 };
     if degraded {
