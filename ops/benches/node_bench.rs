@@ -6,18 +6,17 @@ use std::collections::VecDeque;
 use std::fmt::Display;
 use std::fs::File;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bench::cluster::Node;
+use bench::floor::{round_trip, Echo};
 use bytes::Bytes;
 use client::{Acks, AppendOptions, Client, ClientConfig, ProducerOptions, DEV_CA_DIR_ENV};
 use hdrhistogram::Histogram;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 const REPLOG: &str = env!("CARGO_BIN_EXE_replog");
 /// Payload of one record, and of one echo request.
@@ -25,8 +24,7 @@ const REC: usize = 1024;
 /// The disk floor's write size.
 const BLOCK: usize = 4096;
 /// The echo server's answer, about the size of a replog receipt frame.
-const ANSWER: usize = 40;
-const ECHO_ALPN: &[u8] = b"node-bench-echo";
+const ANSWER: usize = bench::floor::RTT_ANSWER_BYTES;
 const CONCURRENCY: [usize; 2] = [16, 64];
 /// Records a producer keeps sent and not yet acknowledged.
 const IN_FLIGHT: usize = 1024;
@@ -219,125 +217,10 @@ fn shared_disk_floor(dir: &Path, writers: usize, warmup: usize, samples: usize) 
     all
 }
 
-/// An in-process QUIC echo server on its own thread and current-thread runtime: for every
-/// bidirectional stream, read the request to its end and answer `ANSWER` bytes.
-struct Echo {
-    addr: SocketAddr,
-    cert: CertificateDer<'static>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-impl Echo {
-    fn start() -> Echo {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let cert = ck.cert.der().clone();
-        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        tls.alpn_protocols = vec![ECHO_ALPN.to_vec()];
-        tls.max_early_data_size = 0;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("echo".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let ep = quinn::Endpoint::server(config, ([127, 0, 0, 1], 0).into()).unwrap();
-                    addr_tx.send(ep.local_addr().unwrap()).unwrap();
-                    let accept = async {
-                        while let Some(incoming) = ep.accept().await {
-                            tokio::spawn(echo_connection(incoming));
-                        }
-                    };
-                    tokio::select! {
-                        _ = accept => {}
-                        _ = stopped => {}
-                    }
-                    ep.close(0u32.into(), b"");
-                    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-                });
-            })
-            .unwrap();
-        let addr = addr_rx
-            .recv_timeout(STEP)
-            .expect("the echo server did not start");
-        Echo {
-            addr,
-            cert,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn echo_connection(incoming: quinn::Incoming) {
-    let Ok(conn) = incoming.await else { return };
-    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        tokio::spawn(async move {
-            if recv.read_to_end(64 << 10).await.is_ok() {
-                let _ = send.write_all(&[0x5A; ANSWER]).await;
-                let _ = send.finish();
-            }
-        });
-    }
-}
-
-/// One round trip the way replog uses streams: a new bidirectional stream, the request and
-/// finish, the answer read to its end.
-async fn round_trip(conn: &quinn::Connection, req: &[u8]) -> Result<(), String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(req).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    let answer = recv
-        .read_to_end(4 * ANSWER)
-        .await
-        .map_err(|e| e.to_string())?;
-    match answer.len() {
-        ANSWER => Ok(()),
-        n => Err(format!("answer of {n} bytes instead of {ANSWER}")),
-    }
-}
-
 /// Item 2: QUIC round trips to the echo server, one at a time, on one connection.
 async fn rtt_floor(echo: &Echo, warmup: usize, samples: usize) -> Histogram<u64> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(echo.cert.clone()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ECHO_ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connecting = ep.connect(echo.addr, "localhost").unwrap();
-    let conn = step("connecting to the echo server", connecting).await;
-    let req = vec![0x42u8; REC];
+    let (ep, conn) = step("connecting to the echo server", echo.connect()).await;
+    let req = vec![b'r'; REC];
     let mut h = hist();
     for i in 0..warmup + samples {
         let t = Instant::now();
@@ -353,7 +236,7 @@ async fn rtt_floor(echo: &Echo, warmup: usize, samples: usize) -> Histogram<u64>
 
 /// A `replog node` child process.
 struct NodeProc {
-    child: Child,
+    node: Node,
     addr: SocketAddr,
     metrics: SocketAddr,
 }
@@ -364,73 +247,40 @@ impl NodeProc {
     }
 
     fn start_with(data_dir: &Path, ca_dir: &Path, shards: usize, extra: &[&str]) -> NodeProc {
-        let mut child = Command::new(REPLOG)
-            .arg("node")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .args(["--shards", &shards.to_string()])
-            .args(extra)
-            .env(DEV_CA_DIR_ENV, ca_dir)
-            .env("REPLOG_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("node_bench: cannot run {REPLOG}: {e}"));
-        // Read the first line on a thread, so that a node that never prints cannot hang the
-        // bench; the thread then drains stdout until the node exits.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut out = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = out.read_line(&mut line);
-            let _ = tx.send(line);
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
-        });
-        let mut node = NodeProc {
-            child,
-            addr: ([0, 0, 0, 0], 0).into(),
-            metrics: ([0, 0, 0, 0], 0).into(),
-        };
-        let line = rx
-            .recv_timeout(STEP)
-            .expect("node_bench: replog node did not print its address in time");
-        let v: serde_json::Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|_| panic!("node_bench: replog node did not start: {line:?}"));
-        let addr = |k: &str| -> SocketAddr {
-            v[k].as_str()
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("node_bench: no {k} address in {line:?}"))
-        };
-        assert_eq!(v["event"], "listening", "unexpected first line {line:?}");
-        (node.addr, node.metrics) = (addr("addr"), addr("metrics"));
-        node
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--shards".into(),
+            shards.to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let name = data_dir
+            .file_name()
+            .map_or("node".into(), |n| n.to_string_lossy());
+        let node = Node::start(REPLOG.as_ref(), ca_dir, &name, args)
+            .unwrap_or_else(|e| panic!("node_bench: {e}"));
+        NodeProc {
+            addr: node.addr,
+            metrics: node.metrics,
+            node,
+        }
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, sig);
-        }
+        self.node.signal(sig);
     }
 
-    /// SIGTERM, then wait for the exit (SIGKILL and fail after `STEP`).
+    /// SIGTERM, then wait for the exit (fail after the node's stop timeout).
     fn stop(mut self) -> Duration {
         let t = Instant::now();
-        self.signal(libc::SIGTERM);
-        while t.elapsed() < STEP {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "node_bench: replog node exited with {status}"
-                );
-                return t.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        panic!("node_bench: replog node did not exit within {STEP:?} of SIGTERM");
+        self.node
+            .stop()
+            .unwrap_or_else(|e| panic!("node_bench: {e}"));
+        t.elapsed()
     }
 
     /// Counters and latency sums from the node's Prometheus endpoint.
@@ -461,17 +311,7 @@ impl NodeProc {
 
     /// CPU time the node process has used (all threads), in seconds.
     fn cpu_secs(&self) -> f64 {
-        cpu_secs(&format!("/proc/{}/stat", self.child.id()))
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        // Reached with the node still running only when the bench failed.
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGKILL);
-            let _ = self.child.wait();
-        }
+        cpu_secs(&format!("/proc/{}/stat", self.node.pid()))
     }
 }
 
@@ -800,7 +640,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let echo = Echo::start();
+    let echo = Echo::start().expect("node_bench: the echo server");
     eprintln!("node_bench: floor: QUIC round trip");
     let rtt = rt.block_on(rtt_floor(&echo, p.warmup, p.samples));
     o.say("\n2. Floor, network: quinn round trip on loopback, TLS 1.3 (ring); echo server on its");
@@ -1053,7 +893,7 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
     eprintln!("node_bench: floors");
     let disk = disk_floor(dir, p.warmup, p.samples);
     let shared = shared_disk_floor(dir, 3, p.warmup, p.samples);
-    let echo = Echo::start();
+    let echo = Echo::start().expect("node_bench: the echo server");
     let rtt = rt.block_on(rtt_floor(&echo, p.warmup, p.samples));
     o.say(&format!(
         "\n1. Floors ({samples}): {BLOCK} B write + fdatasync into a pre-written file, QD1, alone and"
@@ -1247,10 +1087,9 @@ fn replication(p: &Params, dir: &Path, ca_dir: &Path, o: &mut Out) {
     // log's acks=sync latency (f1 in the sync set) is measured while f2 catches up.
     let total = p.catchup_bytes;
     eprintln!("node_bench: catch-up of {} MiB", total >> 20);
-    let mut away = f2.take().unwrap();
+    let away = f2.take().unwrap();
     let f2_dir = dir.join("f2");
     away.signal(libc::SIGKILL);
-    let _ = away.child.wait();
     drop(away);
     let records = total / REC as u64;
     let write_secs = rt.block_on(async {

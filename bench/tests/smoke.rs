@@ -1,0 +1,226 @@
+//! Short runs of `replog-bench` against clusters of real `replog node` processes it starts
+//! itself: every command completes, its JSON parses and holds what it claims, and the files it
+//! writes (.hgrm, SVG) parse.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_replog-bench");
+
+/// Run replog-bench with `args` in `dir`; its JSON report.
+fn bench(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--json", "--quiet"])
+        .current_dir(dir)
+        .output()
+        .expect("run replog-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "replog-bench {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn run<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no run {name} in {report}"))
+}
+
+fn stage_count(run: &serde_json::Value, node: &str, stage: &str) -> u64 {
+    run["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["node"] == node && s["stage"] == stage)
+        .map_or(0, |s| s["count"].as_u64().unwrap())
+}
+
+#[test]
+fn floor_reports_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &["floor", "--samples", "30", "--bulk-mib", "4", "--dir", "."],
+    );
+    let f = &r["floor"];
+    for k in ["write_sync_4k", "write_sync_64k", "quic_rtt_1k"] {
+        assert_eq!(f[k]["count"], 30, "{k}: {f}");
+        assert!(f[k]["p50_us"].as_f64().unwrap() > 0.0, "{k}: {f}");
+    }
+    assert!(f["seq_write_mb_s"].as_f64().unwrap() > 0.0);
+    assert!(f["quic_bulk_mb_s"].as_f64().unwrap() > 0.0);
+    // The floor cleaned up after itself.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn append_on_a_spawned_cluster_reports_latency_ratios_stages_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let r = bench(
+        dir.path(),
+        &[
+            "append",
+            "--spawn",
+            "3",
+            "--acks",
+            "leader,sync",
+            "--rate",
+            "100",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "1s",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    for (name, acks) in [
+        ("append-n3-leader-1k-r100", "leader"),
+        ("append-n3-sync-1k-r100", "sync"),
+    ] {
+        let run = run(&r, name);
+        assert_eq!(run["params"]["acks"], acks);
+        // 100 operations per second for one second, every one answered.
+        assert_eq!(run["latency"]["count"], 100, "{run}");
+        assert!(run["errors"].as_object().unwrap().is_empty(), "{run}");
+        let p50 = run["latency"]["p50_us"].as_f64().unwrap();
+        let floor = run["floor_p50_us"].as_f64().unwrap();
+        assert!(p50 > 0.0 && floor > 0.0);
+        assert!((run["ratio_p50"].as_f64().unwrap() - p50 / floor).abs() < 1e-6);
+        // The nodes' own stages cover the appends (warm-up included).
+        assert!(stage_count(run, "node-1", "receive") >= 100, "{run}");
+        assert!(stage_count(run, "node-1", "leader_flush") >= 100, "{run}");
+        assert!(stage_count(run, "node-2", "follower_receive") > 0, "{run}");
+        assert!(stage_count(run, "node-2", "follower_flush") > 0, "{run}");
+        let hgrm = std::fs::read_to_string(out.join(format!("{name}.hgrm"))).unwrap();
+        let points = bench::hist::parse_hgrm(&hgrm).unwrap();
+        assert_eq!(points.last().unwrap().total_count, 100);
+    }
+    assert!(stage_count(run(&r, "append-n3-sync-1k-r100"), "node-1", "commit") >= 100);
+    assert_eq!(
+        stage_count(run(&r, "append-n3-leader-1k-r100"), "node-1", "commit"),
+        0
+    );
+    let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(saved["runs"].as_array().unwrap().len(), 2);
+    // The spawned nodes' data went away with them.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("out")]);
+}
+
+#[test]
+fn e2e_sees_every_record_on_the_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "e2e",
+            "--spawn",
+            "2",
+            "--acks",
+            "sync",
+            "--rate",
+            "100",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "1s",
+            "--no-floor",
+        ],
+    );
+    let vis = run(&r, "e2e-n2-sync-1k-r100");
+    assert_eq!(vis["latency"]["count"], 100, "{vis}");
+    assert!(vis["errors"].as_object().unwrap().is_empty(), "{vis}");
+    let app = run(&r, "e2e-n2-sync-1k-r100-append");
+    assert_eq!(app["latency"]["count"], 100, "{app}");
+    assert!(vis["latency"]["p50_us"].as_f64().unwrap() > 0.0);
+    // Without a floor there is nothing to divide by.
+    assert!(vis["ratio_p50"].is_null());
+}
+
+#[test]
+fn catchup_measures_a_lagging_follower() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "catchup",
+            "--spawn",
+            "3",
+            "--behind-mib",
+            "8",
+            "--live-rate",
+            "50",
+            "--live-before",
+            "1s",
+            "--no-floor",
+        ],
+    );
+    let before = run(&r, "catchup-live-before");
+    assert_eq!(before["latency"]["count"], 50, "{before}");
+    let during = run(&r, "catchup-live-during");
+    let extra = &during["extra"];
+    assert_eq!(extra["behind_bytes"], 8 << 20);
+    assert!(extra["catchup_seconds"].as_f64().unwrap() > 0.0, "{extra}");
+    assert!(extra["catchup_mb_s"].as_f64().unwrap() > 0.0, "{extra}");
+    assert!(during["errors"].as_object().unwrap().is_empty(), "{during}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_plot_compares_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(BIN)
+        .args(["append", "--rate", "10"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(2), "neither --server nor --spawn");
+    let status = Command::new(BIN)
+        .args(["append", "--spawn", "1", "--acks", "most", "--no-floor"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(2), "an unknown acks level");
+
+    let mut a = bench::hist::new();
+    let mut b = bench::hist::new();
+    for i in 1..=100u64 {
+        bench::hist::record(&mut a, i * 1000);
+        bench::hist::record(&mut b, i * 3000);
+    }
+    std::fs::write(dir.path().join("a.hgrm"), bench::hist::to_hgrm(&a)).unwrap();
+    std::fs::write(dir.path().join("b.hgrm"), bench::hist::to_hgrm(&b)).unwrap();
+    let out = Command::new(BIN)
+        .args(["plot", "a.hgrm", "b.hgrm", "--out", "cmp.svg"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let svg = std::fs::read_to_string(dir.path().join("cmp.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(svg.contains(">a</text>") && svg.contains(">b</text>"));
+    std::fs::write(dir.path().join("bad.hgrm"), "not a distribution").unwrap();
+    let out = Command::new(BIN)
+        .args(["plot", "bad.hgrm", "--out", "x.svg"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
