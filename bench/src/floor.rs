@@ -98,7 +98,13 @@ impl Floor {
     /// Percentiles of sums are composed from the percentiles of the parts, which is exact for
     /// the p50 of constant parts and otherwise an approximation that errs low for the tail.
     pub fn append(&self, acks: &str, bytes: usize) -> Derived {
-        let (r, d) = (&self.quic_rtt_1k, self.disk(bytes));
+        self.append_with(acks, bytes, &self.quic_rtt_1k)
+    }
+
+    /// [`Floor::append`] with the round trip `r` (for example one measured at a load's pace,
+    /// see [`paced_rtt`]).
+    pub fn append_with(&self, acks: &str, bytes: usize, r: &Summary) -> Derived {
+        let d = self.disk(bytes);
         match acks {
             "none" => Derived {
                 p50_us: r.p50_us,
@@ -415,6 +421,44 @@ pub async fn bulk(conn: &quinn::Connection, total: u64) -> Result<f64, String> {
     Ok(sent as f64 / secs / 1e6)
 }
 
+/// QUIC round trips to an in-process echo server issued in an open loop at `rate` per second
+/// (the pacing of a load run), `samples` of them after a short warm-up. Between operations the
+/// client and the server go idle, so each round trip pays the wake-ups a paced load pays: this
+/// is the round-trip floor at that rate, which back-to-back round trips do not show.
+pub fn paced_rtt(rate: f64, samples: u64) -> Result<Summary, String> {
+    let echo = Echo::start()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let (ep, conn) = echo.connect().await?;
+        let c = conn.clone();
+        let req = bytes::Bytes::from(vec![b'r'; RTT_REQUEST_BYTES]);
+        let out = crate::pace::run(
+            crate::pace::Mode::Open {
+                rate,
+                in_flight_max: crate::pace::IN_FLIGHT_MAX,
+            },
+            Duration::from_millis(200),
+            Duration::from_secs_f64(samples as f64 / rate),
+            move |_, _| {
+                let (c, req) = (c.clone(), req.clone());
+                async move { round_trip(&c, &req).await }
+            },
+            None,
+            &crate::progress::Progress::quiet(),
+        )
+        .await;
+        conn.close(0u32.into(), b"");
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        match out.errors.iter().next() {
+            Some((e, n)) => Err(format!("{n} paced round trips failed: {e}")),
+            None => Ok(Summary::of(&out.latency)),
+        }
+    })
+}
+
 /// Round trips (one at a time) and one bulk transfer against an in-process echo server.
 fn quic_floor(plan: FloorPlan) -> Result<(Hist, f64), String> {
     let echo = Echo::start()?;
@@ -474,6 +518,10 @@ mod tests {
         assert_eq!(none.p50_us, f.quic_rtt_1k.p50_us);
         assert_eq!(leader.p50_us, f.quic_rtt_1k.p50_us + f.write_sync_4k.p50_us);
         assert!((sync.p50_us - (leader.p50_us + f.quic_rtt_1k.p50_us)).abs() < 1e-9);
+        let paced = paced_rtt(200.0, 40).unwrap();
+        assert_eq!(paced.count, 40);
+        let with = f.append_with("leader", 1024, &paced);
+        assert_eq!(with.p50_us, paced.p50_us + f.write_sync_4k.p50_us);
         let big = f.append("leader", 16 << 10);
         assert_eq!(big.p50_us, f.quic_rtt_1k.p50_us + f.write_sync_64k.p50_us);
     }

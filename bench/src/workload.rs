@@ -615,6 +615,27 @@ pub async fn catchup(
         unreachable!()
     };
     cluster.nodes[2].stop()?;
+    // The live log's sync set must be node-2 before the live load is measured: one acks=sync
+    // append through, retried while the leader replaces node-3.
+    let warm = Instant::now();
+    while let Err(e) = c
+        .append(
+            &live_log,
+            vec![Bytes::from_static(b"warm")],
+            AppendOptions {
+                acks: Acks::Sync,
+                ..AppendOptions::default()
+            },
+        )
+        .await
+    {
+        if warm.elapsed() > SETUP_TIMEOUT {
+            return Err(format!(
+                "the live log never reached acks=sync without node-3: {e}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The backlog, through a pipelined producer.
     let fill = Progress::start("catchup: writing the backlog", Duration::ZERO, !quiet);
