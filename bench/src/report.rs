@@ -323,20 +323,26 @@ pub fn svg(title: &str, curves: &[(String, Vec<Point>)]) -> String {
     );
     for (i, (name, points)) in curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
+        // Past the palette, the same colours come back dashed.
+        let dash = if (i / COLORS.len()) % 2 == 1 {
+            r#" stroke-dasharray="6 3""#
+        } else {
+            ""
+        };
         let path: Vec<String> = points
             .iter()
             .map(|p| format!("{:.1},{:.1}", x(p.percentile), y(p.value_ms)))
             .collect();
         let _ = writeln!(
             s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
             path.join(" ")
         );
         let ly = TOP + 10.0 + i as f64 * 20.0;
         let lx = LEFT + pw + 15.0;
         let _ = writeln!(
             s,
-            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/><text x="{}" y="{}">{}</text>"#,
             lx + 20.0,
             lx + 26.0,
             ly + 4.0,

@@ -666,6 +666,8 @@ pub async fn catchup(
     }
     fill.finish();
     let target_offset = log_end(&c, &plan.log).await?;
+    // node-2 follows the backlog too: the live load alone is measured once it has it all.
+    wait_durable(&c, &plan.log, "node-2", target_offset, plan.timeout, None).await?;
 
     // The live load alone.
     let live_name = |when: &str| format!("catchup-live-{when}");
