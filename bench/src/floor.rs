@@ -427,11 +427,7 @@ pub async fn bulk(conn: &quinn::Connection, total: u64) -> Result<f64, String> {
 /// is the round-trip floor at that rate, which back-to-back round trips do not show.
 pub fn paced_rtt(rate: f64, samples: u64) -> Result<Summary, String> {
     let echo = Echo::start()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
+    current_thread()?.block_on(async {
         let (ep, conn) = echo.connect().await?;
         let c = conn.clone();
         let req = bytes::Bytes::from(vec![b'r'; RTT_REQUEST_BYTES]);
@@ -459,14 +455,18 @@ pub fn paced_rtt(rate: f64, samples: u64) -> Result<Summary, String> {
     })
 }
 
+/// The client side's runtime: one thread, like a replog client's.
+fn current_thread() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Round trips (one at a time) and one bulk transfer against an in-process echo server.
 fn quic_floor(plan: FloorPlan) -> Result<(Hist, f64), String> {
     let echo = Echo::start()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
+    current_thread()?.block_on(async {
         let (ep, conn) = echo.connect().await?;
         let req = vec![b'r'; RTT_REQUEST_BYTES];
         let mut h = hist::new();
