@@ -68,6 +68,13 @@ fn spawn_node(
     .arg("--data-dir")
     .arg(&data)
     .args(["--shards", &a.shards.to_string()]);
+    // The embedded controller needs every member's address up front: fixed ports only.
+    if a.nodes > 1 && a.base_port != 0 {
+        let members: Vec<String> = (1..=a.nodes)
+            .map(|n| format!("node-{n}=127.0.0.1:{}", a.base_port as usize + n - 1))
+            .collect();
+        cmd.args(["--member", &members.join(",")]);
+    }
     let role = match leader {
         Some(l) => {
             cmd.args(["--leader", l]);

@@ -202,6 +202,16 @@ struct NodeArgs {
     /// On a follower: the address clients reach it at (default: --listen).
     #[arg(long)]
     advertise: Option<std::net::SocketAddr>,
+    /// A member of the cluster's embedded controller, `id=host:port` (repeat, or separate with
+    /// commas; the same list in the same order on every node, this node included).
+    #[arg(long = "member", value_delimiter = ',')]
+    members: Vec<String>,
+    /// A leader not heard from for this long is declared failed (ms).
+    #[arg(long)]
+    leader_timeout_ms: Option<u64>,
+    /// Elect the most up-to-date reachable replica when none holds every acknowledged append.
+    #[arg(long)]
+    unclean_failover: bool,
 }
 
 #[derive(Args, Clone)]
@@ -361,7 +371,26 @@ fn run_node(a: NodeArgs) -> Result<(), Failure> {
     if a.advertise.is_some() {
         r.advertise = a.advertise;
     }
-    let node = server::Node::start(cfg).map_err(|e| failure(e.to_string()))?;
+    let c = &mut cfg.controller;
+    if !a.members.is_empty() {
+        c.members = a.members;
+    }
+    if let Some(t) = a.leader_timeout_ms {
+        c.leader_timeout_ms = t;
+    }
+    c.unclean_failover |= a.unclean_failover;
+    let (node, controller) = if cfg.controller.members.is_empty() {
+        (server::Node::start(cfg.clone()), None)
+    } else {
+        let (make, slot) = ops::controller::node::factory(&cfg);
+        let node = server::Node::start_with(cfg.clone(), Some(make));
+        let started = slot.lock().unwrap().take();
+        (node, started)
+    };
+    let node = node.map_err(|e| failure(e.to_string()))?;
+    if let Some(nc) = controller {
+        ops::controller::node::run_reports(node.handle(), nc, cfg.clone());
+    }
     // One machine-readable line, so scripts started with port 0 learn the address.
     println!(
         "{}",
@@ -537,6 +566,7 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                     "uptime_ms": s.uptime_ms, "connections": s.connections,
                     "address": conn.servers[0], "leader": s.leader, "logs": logs,
                     "replication": replication,
+                    "controller": s.controller.as_ref().map(controller_json),
                 })
                 .to_string())?;
             } else {
@@ -551,6 +581,11 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                 ))?;
                 if !s.leader.is_empty() {
                     out(format!("  follows {}", s.leader))?;
+                }
+                if let Some(c) = &s.controller {
+                    for line in controller_lines(c) {
+                        out(line)?;
+                    }
                 }
                 for l in &s.logs {
                     out(format!(
@@ -886,4 +921,69 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// The controller part of `status --json`.
+fn controller_json(c: &protocol::ControllerStatus) -> serde_json::Value {
+    let logs: Vec<_> = c
+        .logs
+        .iter()
+        .map(|l| {
+            json!({
+                "log": l.log, "leader": (!l.leader.is_empty()).then_some(&l.leader),
+                "epoch": l.epoch, "sync_set": l.sync_set,
+                "no_leader": (!l.no_leader.is_empty()).then_some(&l.no_leader),
+                "transfer_to": (!l.transfer_to.is_empty()).then_some(&l.transfer_to),
+                "unclean_elections": l.unclean_elections,
+            })
+        })
+        .collect();
+    json!({
+        "cluster_id": c.cluster_id, "leader": (!c.leader.is_empty()).then_some(&c.leader),
+        "term": c.term, "applied": c.applied, "members": c.members, "logs": logs,
+    })
+}
+
+/// The controller part of `status`, as text.
+fn controller_lines(c: &protocol::ControllerStatus) -> Vec<String> {
+    let mut lines = vec![format!(
+        "  controller: cluster {}, led by {} (term {}), applied {}; members {}",
+        if c.cluster_id.is_empty() {
+            "(not formed)"
+        } else {
+            &c.cluster_id
+        },
+        if c.leader.is_empty() {
+            "nobody"
+        } else {
+            &c.leader
+        },
+        c.term,
+        c.applied,
+        c.members.join(" ")
+    )];
+    for l in &c.logs {
+        let mut line = format!(
+            "    {}\tepoch={}\tleader={}\tsync_set=[{}]",
+            l.log,
+            l.epoch,
+            if l.leader.is_empty() {
+                "none"
+            } else {
+                &l.leader
+            },
+            l.sync_set.join(",")
+        );
+        if !l.transfer_to.is_empty() {
+            line += &format!("\ttransferring to {}", l.transfer_to);
+        }
+        if l.unclean_elections > 0 {
+            line += &format!("\tunclean elections: {}", l.unclean_elections);
+        }
+        lines.push(line);
+        if !l.no_leader.is_empty() {
+            lines.push(format!("      no leader: {}", l.no_leader));
+        }
+    }
+    lines
 }

@@ -350,6 +350,7 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
                     out.put_u64_le(f.catchup_total_bytes);
                 }
             }
+            put_controller(out, s.controller.as_ref());
             finish(out, at);
         }
         Response::Batches(b) => {
@@ -681,6 +682,96 @@ fn decode_log_info(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<LogInfo>, 
     Ok(logs)
 }
 
+/// The controller section of a status answer: a presence byte, then the fields.
+fn put_controller(out: &mut BytesMut, c: Option<&ControllerStatus>) {
+    let Some(c) = c else {
+        out.put_u8(0);
+        return;
+    };
+    out.put_u8(1);
+    put_str(out, c.cluster_id.as_bytes());
+    put_str(out, c.leader.as_bytes());
+    out.put_u64_le(c.term);
+    out.put_u64_le(c.applied);
+    put_strs(out, &c.members);
+    out.put_u32_le(c.logs.len() as u32);
+    for l in &c.logs {
+        put_str(out, l.log.as_bytes());
+        put_str(out, l.leader.as_bytes());
+        out.put_u64_le(l.epoch);
+        put_strs(out, &l.sync_set);
+        put_str(out, l.no_leader.as_bytes());
+        put_str(out, l.transfer_to.as_bytes());
+        out.put_u32_le(l.unclean_elections);
+    }
+}
+
+fn put_strs(out: &mut BytesMut, list: &[String]) {
+    out.put_u32_le(list.len() as u32);
+    for s in list {
+        put_str(out, s.as_bytes());
+    }
+}
+
+fn decode_strs(
+    r: &mut Reader<'_>,
+    max: u16,
+    what: &'static str,
+) -> Result<Vec<String>, ProtocolError> {
+    let n = r.u32(what)? as usize;
+    // A length prefix (2) at least per string.
+    if n > r.remaining() / 2 {
+        return Err(ProtocolError::Truncated(what));
+    }
+    (0..n).map(|_| r.string(max, what)).collect()
+}
+
+fn decode_controller(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+) -> Result<Option<ControllerStatus>, ProtocolError> {
+    match r.u8("controller presence")? {
+        0 => return Ok(None),
+        1 => {}
+        _ => {
+            return Err(ProtocolError::Malformed(
+                "controller presence is not 0 or 1",
+            ))
+        }
+    }
+    let text = limits.text_bytes_max;
+    let cluster_id = r.string(text, "cluster id")?;
+    let leader = r.string(text, "controller leader")?;
+    let term = r.u64("term")?;
+    let applied = r.u64("applied")?;
+    let members = decode_strs(r, text, "members")?;
+    let n = r.u32("controlled log count")? as usize;
+    // name (2) + leader (2) + epoch (8) + list (4) + two strings (4) + count (4) at least.
+    if n > r.remaining() / 24 {
+        return Err(ProtocolError::Truncated("controlled log list"));
+    }
+    let mut logs = Vec::with_capacity(n);
+    for _ in 0..n {
+        logs.push(ControlledLog {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            leader: r.string(text, "log leader")?,
+            epoch: r.u64("epoch")?,
+            sync_set: decode_strs(r, text, "sync set")?,
+            no_leader: r.string(text, "no-leader reason")?,
+            transfer_to: r.string(text, "transfer target")?,
+            unclean_elections: r.u32("unclean elections")?,
+        });
+    }
+    Ok(Some(ControllerStatus {
+        cluster_id,
+        leader,
+        term,
+        applied,
+        members,
+        logs,
+    }))
+}
+
 fn decode_replication(
     r: &mut Reader<'_>,
     limits: &Limits,
@@ -795,6 +886,7 @@ pub fn decode_response(
             logs: decode_log_info(&mut r, limits)?,
             leader: r.string(limits.text_bytes_max, "leader address")?,
             replication: decode_replication(&mut r, limits)?,
+            controller: decode_controller(&mut r, limits)?,
         }),
         kind::BATCHES => Response::Batches(BatchesResponse {
             next_offset: r.u64("next offset")?,
@@ -936,6 +1028,22 @@ mod tests {
                     catchup_total_bytes: 6,
                 }],
             }],
+            controller: Some(ControllerStatus {
+                cluster_id: "c0ffee".into(),
+                leader: "n2".into(),
+                term: 4,
+                applied: 17,
+                members: vec!["n1=127.0.0.1:7001".into(), "n2=127.0.0.1:7002".into()],
+                logs: vec![ControlledLog {
+                    log: "x".into(),
+                    leader: String::new(),
+                    epoch: 3,
+                    sync_set: vec!["n2".into()],
+                    no_leader: "nobody holds it all".into(),
+                    transfer_to: String::new(),
+                    unclean_elections: 1,
+                }],
+            }),
         }));
         roundtrip_resp(Response::Batches(BatchesResponse {
             next_offset: 5,

@@ -30,9 +30,10 @@ pub use codec::{
 };
 pub use error::{ErrorCode, ProtocolError};
 pub use message::{
-    Acks, AppendRequest, BatchesResponse, ErrorResponse, FollowerStatus, LogInfo, LogReplication,
-    ReadRequest, Receipt, ReplicateRequest, ReplicatedResponse, Request, Response, Snapshot,
-    StatusResponse, TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
+    Acks, AppendRequest, BatchesResponse, ControlledLog, ControllerStatus, ErrorResponse,
+    FollowerStatus, LogInfo, LogReplication, ReadRequest, Receipt, ReplicateRequest,
+    ReplicatedResponse, Request, Response, Snapshot, StatusResponse, TailRequest, RECEIPT_DEGRADED,
+    RECEIPT_DUPLICATE,
 };
 
 /// QUIC application error codes a node uses when it closes a connection or resets a stream
@@ -46,6 +47,9 @@ pub mod close_code {
     pub const UNAUTHENTICATED: u32 = 5;
     /// A tail stream whose reader stopped taking data for longer than the node's stall timeout.
     pub const SLOW_READER: u32 = 6;
+    /// A unidirectional stream on a client connection (they carry controller frames between
+    /// nodes only): the node stops it.
+    pub const UNEXPECTED_STREAM: u32 = 7;
 }
 
 /// The ALPN protocol id a client must offer during the TLS handshake.

@@ -233,6 +233,40 @@ pub struct StatusResponse {
     pub leader: String,
     /// On a leader: the replication state of each log.
     pub replication: Vec<LogReplication>,
+    /// On a node that runs the embedded controller: its view of the cluster's metadata.
+    pub controller: Option<ControllerStatus>,
+}
+
+/// The embedded controller's view, as one node has applied it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControllerStatus {
+    /// Chosen when the cluster formed; empty until then.
+    pub cluster_id: String,
+    /// The node leading the controller (its Raft leader); empty while there is none.
+    pub leader: String,
+    /// The Raft term and the last applied Raft index on this node.
+    pub term: u64,
+    pub applied: u64,
+    /// Every member, as `id=address`.
+    pub members: Vec<String>,
+    pub logs: Vec<ControlledLog>,
+}
+
+/// One log in the controller's metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControlledLog {
+    pub log: String,
+    /// Its leader; empty while it has none.
+    pub leader: String,
+    pub epoch: u64,
+    /// The followers that hold every append acknowledged at `sync`.
+    pub sync_set: Vec<String>,
+    /// Why it has no leader (empty when it has one).
+    pub no_leader: String,
+    /// The target of a planned transfer in progress (empty: none).
+    pub transfer_to: String,
+    /// Elections that may have lost acknowledged appends (`unclean_failover`).
+    pub unclean_elections: u32,
 }
 
 /// The leader's view of one log's replication.

@@ -18,6 +18,69 @@ pub struct NodeConfig {
     pub limits: LimitsSection,
     pub log: LogSection,
     pub replication: ReplicationSection,
+    pub controller: ControllerSection,
+}
+
+/// The embedded controller: the cluster's members (the same list, in the same order, on every
+/// node) and its failure detection. No members: no controller.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerSection {
+    /// Every node of the cluster as `id=host:port` (its QUIC address), this node included.
+    /// Raft ids follow the order, so it must never change for a cluster.
+    pub members: Vec<String>,
+    /// A leader not heard from for this long is declared failed (ms). Shorter fails over
+    /// sooner, but a leader that is only slow (a long pause, a loaded disk) is replaced
+    /// needlessly; longer means a longer outage when a leader really dies.
+    pub leader_timeout_ms: u64,
+    /// Elect the most up-to-date reachable replica when none is guaranteed to hold every
+    /// acknowledged append (acknowledged appends may be lost; each such election is recorded).
+    pub unclean_failover: bool,
+    /// One controller (Raft) tick (ms); an election takes 10 to 20 ticks.
+    pub tick_ms: u64,
+}
+
+/// Bounds of `controller.tick_ms`.
+pub const CONTROLLER_TICK_MS_MIN: u64 = 10;
+pub const CONTROLLER_TICK_MS_MAX: u64 = 1000;
+/// Bounds of `controller.leader_timeout_ms`.
+pub const LEADER_TIMEOUT_MS_MIN: u64 = 100;
+pub const LEADER_TIMEOUT_MS_MAX: u64 = 600_000;
+/// Most members of a cluster.
+pub const CLUSTER_MEMBERS_MAX: usize = 64;
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        ControllerSection {
+            members: Vec::new(),
+            leader_timeout_ms: 3000,
+            unclean_failover: false,
+            tick_ms: 100,
+        }
+    }
+}
+
+impl ControllerSection {
+    /// The members as (id, address), in order; checked by [`NodeConfig::validate`].
+    pub fn member_list(&self) -> Result<Vec<(String, SocketAddr)>, Error> {
+        self.members
+            .iter()
+            .map(|m| {
+                let (id, addr) = m.split_once('=').ok_or_else(|| {
+                    Error::Config(format!("controller.members: {m:?} is not id=host:port"))
+                })?;
+                let addr = addr.parse().map_err(|_| {
+                    Error::Config(format!("controller.members: {addr:?} is not host:port"))
+                })?;
+                if !valid_node_id(id) {
+                    return Err(Error::Config(format!(
+                        "controller.members: node id {id:?}: use 1 to 63 lowercase letters, digits and '-'"
+                    )));
+                }
+                Ok((id.to_string(), addr))
+            })
+            .collect()
+    }
 }
 
 /// The node's place in replication. Until the controller decides leadership, it is fixed here:
@@ -318,6 +381,36 @@ impl NodeConfig {
             )));
         }
         self.replication_config()?;
+        let c = &self.controller;
+        if !c.members.is_empty() {
+            let list = c.member_list()?;
+            if list.len() > CLUSTER_MEMBERS_MAX {
+                return Err(Error::Config(format!(
+                    "controller.members: {} members, at most {CLUSTER_MEMBERS_MAX}",
+                    list.len()
+                )));
+            }
+            let mut ids: Vec<&str> = list.iter().map(|(id, _)| id.as_str()).collect();
+            ids.sort();
+            if ids.windows(2).any(|w| w[0] == w[1]) {
+                return bad("controller.members names a node twice");
+            }
+            if self.node.id.is_empty() || !ids.contains(&self.node.id.as_str()) {
+                return bad(
+                    "controller.members must name this node, and node.id (--node-id) must be set",
+                );
+            }
+            if !(CONTROLLER_TICK_MS_MIN..=CONTROLLER_TICK_MS_MAX).contains(&c.tick_ms) {
+                return Err(Error::Config(format!(
+                    "controller.tick_ms must be between {CONTROLLER_TICK_MS_MIN} and {CONTROLLER_TICK_MS_MAX}"
+                )));
+            }
+            if !(LEADER_TIMEOUT_MS_MIN..=LEADER_TIMEOUT_MS_MAX).contains(&c.leader_timeout_ms) {
+                return Err(Error::Config(format!(
+                    "controller.leader_timeout_ms must be between {LEADER_TIMEOUT_MS_MIN} and {LEADER_TIMEOUT_MS_MAX}"
+                )));
+            }
+        }
         if r.frame_bytes_max < 64 << 10 || r.frame_bytes_max > self.limits.frame_bytes_max {
             return bad(
                 "replication.frame_bytes_max must be between 65536 and limits.frame_bytes_max",
@@ -445,6 +538,7 @@ mod tests {
         let c = NodeConfig::parse(&readme[start..start + len]).unwrap();
         assert_eq!(c.limits, LimitsSection::default());
         assert_eq!(c.log, LogSection::default());
+        assert_eq!(c.controller, ControllerSection::default());
         let mut r = c.replication.clone();
         assert_eq!(r.followers, ["node-2", "node-3"]);
         r.followers.clear();
@@ -498,6 +592,64 @@ mod tests {
         assert_eq!(base().replication_config().unwrap().sync_replicas, 0);
         assert!(valid_node_id("node-1") && valid_node_id("a"));
         assert!(!valid_node_id("-a") && !valid_node_id("a-") && !valid_node_id(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn controller_settings_are_checked_at_their_limits() {
+        let base = || {
+            let mut c = NodeConfig::default();
+            c.node.data_dir = "/tmp/x".into();
+            c.node.id = "a".into();
+            c.controller.members = vec![
+                "a=127.0.0.1:7001".into(),
+                "b=127.0.0.1:7002".into(),
+                "c=127.0.0.1:7003".into(),
+            ];
+            c
+        };
+        let err = |c: NodeConfig| c.validate().unwrap_err().to_string();
+        base().validate().unwrap();
+        assert_eq!(base().controller.member_list().unwrap()[1].0, "b");
+        for (tick, ok) in [
+            (CONTROLLER_TICK_MS_MIN - 1, false),
+            (CONTROLLER_TICK_MS_MIN, true),
+            (CONTROLLER_TICK_MS_MAX, true),
+            (CONTROLLER_TICK_MS_MAX + 1, false),
+        ] {
+            let mut c = base();
+            c.controller.tick_ms = tick;
+            assert_eq!(c.validate().is_ok(), ok, "tick_ms {tick}");
+        }
+        for (t, ok) in [
+            (LEADER_TIMEOUT_MS_MIN - 1, false),
+            (LEADER_TIMEOUT_MS_MIN, true),
+            (LEADER_TIMEOUT_MS_MAX, true),
+            (LEADER_TIMEOUT_MS_MAX + 1, false),
+        ] {
+            let mut c = base();
+            c.controller.leader_timeout_ms = t;
+            assert_eq!(c.validate().is_ok(), ok, "leader_timeout_ms {t}");
+        }
+        let mut c = base();
+        c.controller.members.push("a=127.0.0.1:7009".into());
+        assert!(err(c).contains("twice"));
+        let mut c = base();
+        c.node.id = "z".into();
+        assert!(err(c).contains("must name this node"));
+        let mut c = base();
+        c.controller.members[2] = "c:127.0.0.1:7003".into();
+        assert!(err(c).contains("is not id=host:port"));
+        let mut c = base();
+        c.controller.members[2] = "C=127.0.0.1:7003".into();
+        assert!(err(c).contains("node id \"C\""));
+        let mut c = base();
+        c.controller.members = (0..=CLUSTER_MEMBERS_MAX)
+            .map(|i| format!("n{i}=127.0.0.1:{}", 7000 + i))
+            .collect();
+        c.node.id = "n0".into();
+        assert!(err(c.clone()).contains("at most 64"));
+        c.controller.members.pop();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use protocol::{
     ErrorCode, FrameHeader, LogInfo, LogReplication, ProtocolError, Request, Response,
     StatusResponse, FRAME_HEADER_LEN,
@@ -106,6 +106,8 @@ pub(crate) async fn handle_incoming(shard: Rc<Shard>, incoming: quinn::Incoming)
     if alpn(&conn).as_deref() == Some(protocol::PEER_ALPN) {
         return handle_peer(shard, conn).await;
     }
+    // Unidirectional streams carry controller frames between nodes; a client has none to send.
+    tokio_uring::spawn(refuse_uni_streams(conn.clone()));
     if !common.tokens.is_empty() && !authenticate(&shard, &conn).await {
         metrics.c.auth_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %conn.remote_address(), "connection closed: authentication failed");
@@ -114,6 +116,12 @@ pub(crate) async fn handle_incoming(shard: Rc<Shard>, incoming: quinn::Incoming)
     }
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio_uring::spawn(serve_stream(shard.clone(), send, recv));
+    }
+}
+
+async fn refuse_uni_streams(conn: quinn::Connection) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let _ = recv.stop(close_code::UNEXPECTED_STREAM.into());
     }
 }
 
@@ -144,8 +152,51 @@ async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
         );
         return;
     }
+    if let Some(control) = shard.common.control.clone() {
+        tokio_uring::spawn(control_frames(shard.clone(), conn.clone(), control));
+    }
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio_uring::spawn(serve_peer_stream(shard.clone(), conn.clone(), send, recv));
+    }
+}
+
+/// Hand the controller frames of a peer connection (one per unidirectional stream) to the
+/// controller, once the connection's certificate is known to name their sender.
+async fn control_frames(
+    shard: Rc<Shard>,
+    conn: quinn::Connection,
+    control: Arc<dyn crate::control::ControlPlane>,
+) {
+    let mut verified: Option<String> = None;
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let bytes = match recv
+            .read_to_end(crate::control::CONTROL_FRAME_BYTES_MAX)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(peer = %conn.remote_address(), error = %e, "controller frame not read");
+                continue;
+            }
+        };
+        let Some((from, frame)) = crate::control::parse_frame(&bytes) else {
+            tracing::warn!(peer = %conn.remote_address(), "malformed controller frame");
+            continue;
+        };
+        if verified.as_deref() != Some(from) {
+            if let Err(e) = crate::tls::verify_peer(&*shard.common.cluster, &conn, from) {
+                shard
+                    .common
+                    .metrics
+                    .c
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %conn.remote_address(), claimed = %from, error = %e, "controller frame refused");
+                continue;
+            }
+            verified = Some(from.to_string());
+        }
+        control.deliver(from, Bytes::copy_from_slice(frame));
     }
 }
 
@@ -328,6 +379,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                     _ => String::new(),
                 },
                 replication,
+                controller: c.control.as_ref().map(|c| c.status()),
             };
             return reply(&shard, &mut send, &Response::Status(status)).await;
         }

@@ -13,6 +13,7 @@
 
 pub mod config;
 mod conn;
+pub mod control;
 mod files;
 mod follow;
 mod leader;
@@ -54,6 +55,25 @@ pub fn shard_of(name: &str, shards: usize) -> usize {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (h % shards as u64) as usize
+}
+
+/// Asks a running node about its logs (from outside its shard threads).
+#[derive(Clone)]
+pub struct NodeHandle {
+    shards: Vec<mpsc::Sender<shard::ShardMsg>>,
+}
+
+impl NodeHandle {
+    /// Every log the node holds; `None` once the node has stopped.
+    pub async fn logs(&self) -> Option<Vec<protocol::LogInfo>> {
+        let mut all = Vec::new();
+        for s in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            s.send(shard::ShardMsg::ListLogs(tx)).await.ok()?;
+            all.extend(rx.await.ok()?.0);
+        }
+        Some(all)
+    }
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] leaves its threads running.
@@ -157,6 +177,16 @@ impl Node {
     /// Start a node: open its logs, bind its QUIC endpoint (and metrics endpoint, if
     /// configured), and serve until [`Node::shutdown`].
     pub fn start(cfg: NodeConfig) -> Result<Node, Error> {
+        Node::start_with(cfg, None)
+    }
+
+    /// [`Node::start`] with the embedded controller `control` makes, once the node knows its
+    /// id and TLS configuration: it receives the controller frames peers send and answers for
+    /// the controller part of `status`.
+    pub fn start_with(
+        cfg: NodeConfig,
+        control: Option<control::ControlFactory>,
+    ) -> Result<Node, Error> {
         cfg.validate()?;
         let dir = &cfg.node.data_dir;
         files::private_dir(&dir.join("logs"))?;
@@ -179,6 +209,17 @@ impl Node {
             sockets.push(bind_reuseport(local_addr)?);
         }
 
+        let control = match control {
+            Some(make) => Some(
+                make(control::ControlContext {
+                    node_id: id.clone(),
+                    peer_client: node_tls.peer_client.clone(),
+                    local_addr,
+                })
+                .map_err(|e| Error::Config(format!("controller: {e}")))?,
+            ),
+            None => None,
+        };
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| mpsc::channel(cfg.limits.shard_queue_depth))
             .unzip();
@@ -194,6 +235,7 @@ impl Node {
             peer_client: node_tls.peer_client,
             cluster: node_tls.cluster,
             log_count: Default::default(),
+            control,
         });
         let mut threads = Vec::new();
         let mut ready = Vec::new();
@@ -236,6 +278,13 @@ impl Node {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// A handle to ask the running node about its logs from another thread.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            shards: self.shards.clone(),
+        }
     }
 
     /// `standalone`, `leader` or `follower`.

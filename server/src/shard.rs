@@ -34,6 +34,8 @@ pub(crate) struct Common {
     pub cluster: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     /// Logs open or being created on the node, over all shards (checked against `logs_max`).
     pub log_count: std::sync::atomic::AtomicUsize,
+    /// The embedded controller, when the node runs one.
+    pub control: Option<Arc<dyn crate::control::ControlPlane>>,
 }
 
 /// Messages between shards.

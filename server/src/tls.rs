@@ -389,7 +389,7 @@ fn transport_config(cfg: &NodeConfig) -> quinn::TransportConfig {
     let window = l.connection_window_bytes;
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(l.streams_per_connection_max.into())
-        .max_concurrent_uni_streams(0u32.into())
+        .max_concurrent_uni_streams(crate::control::CONTROL_STREAMS_MAX.into())
         .receive_window(window.into())
         .stream_receive_window(window.min(l.frame_bytes_max.saturating_add(64)).into())
         .send_window(window as u64)

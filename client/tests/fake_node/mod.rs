@@ -387,6 +387,7 @@ async fn serve_stream(
                 logs: s.logs.iter().map(|(n, l)| info(n, l)).collect(),
                 leader: String::new(),
                 replication: Vec::new(),
+                controller: None,
             })
         }
         Request::Append(a) => {

@@ -54,8 +54,9 @@ pub struct ControllerConfig {
     pub dir: PathBuf,
     /// One Raft tick.
     pub tick: Duration,
-    /// Failure detection and election settings.
-    pub failover: FailoverConfig,
+    /// Failure detection and election settings; `None`: the controller makes no failover
+    /// decisions.
+    pub failover: Option<FailoverConfig>,
 }
 
 /// The controller's view, published after every change.
@@ -279,7 +280,7 @@ struct Driver {
     failed: Option<String>,
     /// The term in which this node proposed `Init`.
     init_term: Option<u64>,
-    failover: FailoverConfig,
+    failover: Option<FailoverConfig>,
     /// As the leader: the latest report of each node.
     heard: BTreeMap<NodeId, Heard>,
     /// When this node last became the Raft leader (None while it is not).
@@ -430,13 +431,13 @@ impl Driver {
             }
             _ => {}
         }
-        let Some(since) = self.leading_since else {
+        let (Some(since), Some(cfg)) = (self.leading_since, self.failover) else {
             return;
         };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        for cmd in decide(&self.meta, &self.heard, now, since, &self.failover, now_ms) {
+        for cmd in decide(&self.meta, &self.heard, now, since, &cfg, now_ms) {
             let (log, epoch) = match &cmd {
                 Command::Elect { log, epoch, .. }
                 | Command::Depose { log, epoch, .. }
@@ -655,10 +656,10 @@ mod tests {
             members: members(),
             dir: dir.join(id),
             tick: Duration::from_millis(20),
-            failover: FailoverConfig {
+            failover: Some(FailoverConfig {
                 leader_timeout: Duration::from_millis(600),
                 unclean: false,
-            },
+            }),
         };
         let link = Arc::new(Link {
             mesh: mesh.clone(),

@@ -98,6 +98,16 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `n` UDP addresses on this environment's loopback address that were free a moment ago.
+    pub fn free_addrs(&self, n: usize) -> Vec<SocketAddr> {
+        let sockets: Vec<std::net::UdpSocket> = (0..n)
+            .map(|_| std::net::UdpSocket::bind((self.ip, 0)).unwrap())
+            .collect();
+        sockets.iter().map(|s| s.local_addr().unwrap()).collect()
+    }
+}
+
 /// A `replog node` child process.
 pub struct NodeProc {
     pub child: Child,
@@ -113,6 +123,17 @@ impl NodeProc {
         let args = extra.iter().map(|s| s.to_string()).collect();
         let listen = format!("{}:0", env.ip);
         Self::spawn(env.ca_dir(), data_dir.to_path_buf(), &listen, args)
+    }
+
+    /// Start a node listening on `listen` (a fixed address, for members of a controller).
+    pub fn start_at(env: &Env, data_dir: &Path, listen: SocketAddr, extra: &[&str]) -> NodeProc {
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            env.ca_dir(),
+            data_dir.to_path_buf(),
+            &listen.to_string(),
+            args,
+        )
     }
 
     fn spawn(ca_dir: PathBuf, data_dir: PathBuf, listen: &str, args: Vec<String>) -> NodeProc {

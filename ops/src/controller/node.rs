@@ -1,0 +1,178 @@
+//! The controller inside a `replog node`: started by the node through
+//! [`server::control::ControlFactory`] once it knows its id and TLS configuration, fed the
+//! node's log states every two ticks, and answering for the controller part of `status`.
+//!
+//! The node's data roles are still fixed by its `[replication]` configuration: the controller
+//! keeps the cluster's metadata (members, and each log the configured leader holds) replicated
+//! and persisted, but makes no failover decisions until the node follows them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use server::control::{ControlContext, ControlFactory, ControlPlane};
+use server::NodeConfig;
+
+use super::driver::{Controller, ControllerConfig};
+use super::failover::{LogReport, NodeReport};
+use super::meta::{Command, Member, Policy};
+use super::transport::QuicTransport;
+
+/// The node's controller: the running [`Controller`], as the node sees it.
+pub struct NodeController {
+    pub controller: Controller,
+}
+
+impl ControlPlane for NodeController {
+    fn deliver(&self, from: &str, frame: Bytes) {
+        self.controller.deliver(from, frame);
+    }
+
+    fn status(&self) -> protocol::ControllerStatus {
+        let s = self.controller.state().borrow().clone();
+        protocol::ControllerStatus {
+            cluster_id: s.meta.cluster_id.clone(),
+            leader: s.leader.clone().unwrap_or_default(),
+            term: s.term,
+            applied: s.applied,
+            members: s
+                .meta
+                .members
+                .iter()
+                .map(|(id, m)| format!("{id}={}", m.addr))
+                .collect(),
+            logs: s
+                .meta
+                .logs
+                .iter()
+                .map(|(name, l)| protocol::ControlledLog {
+                    log: name.clone(),
+                    leader: l.leader.clone().unwrap_or_default(),
+                    epoch: l.epoch,
+                    sync_set: l.sync_set.clone(),
+                    no_leader: l.no_leader.clone().unwrap_or_default(),
+                    transfer_to: l.transfer.as_ref().map_or(String::new(), |t| t.to.clone()),
+                    unclean_elections: l.unclean.len() as u32,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The members of `cfg` as the controller numbers them (Raft id = position + 1).
+pub fn members(cfg: &NodeConfig) -> Result<BTreeMap<String, Member>, String> {
+    Ok(cfg
+        .controller
+        .member_list()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, addr))| {
+            (
+                id,
+                Member {
+                    raft_id: i as u64 + 1,
+                    addr: addr.to_string(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The factory the node calls, and the slot where the started controller is left for the
+/// caller (to feed it the node's log states).
+pub fn factory(cfg: &NodeConfig) -> (ControlFactory, Arc<Mutex<Option<Arc<NodeController>>>>) {
+    let slot: Arc<Mutex<Option<Arc<NodeController>>>> = Arc::default();
+    let keep = slot.clone();
+    let cfg = cfg.clone();
+    let make: ControlFactory = Box::new(move |ctx: ControlContext| {
+        let members = members(&cfg)?;
+        let addrs: HashMap<String, std::net::SocketAddr> = members
+            .iter()
+            .filter_map(|(id, m)| Some((id.clone(), m.addr.parse().ok()?)))
+            .collect();
+        let bind = std::net::SocketAddr::new(ctx.local_addr.ip(), 0);
+        let transport = QuicTransport::start(ctx.node_id.clone(), addrs, ctx.peer_client, bind)?;
+        let controller = Controller::start(
+            ControllerConfig {
+                node_id: ctx.node_id,
+                members,
+                dir: cfg.node.data_dir.join("controller"),
+                tick: Duration::from_millis(cfg.controller.tick_ms),
+                failover: None,
+            },
+            Arc::new(transport),
+        )
+        .map_err(|e| e.to_string())?;
+        let nc = Arc::new(NodeController { controller });
+        *keep.lock().unwrap() = Some(nc.clone());
+        Ok(nc as Arc<dyn ControlPlane>)
+    });
+    (make, slot)
+}
+
+/// Every two ticks, until the node stops: report the node's logs to the controller leader,
+/// and, on the configured leader, register the logs the metadata does not know yet.
+pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeConfig) {
+    let every = Duration::from_millis(cfg.controller.tick_ms * 2);
+    let leading = cfg.role() == server::config::Role::Leader;
+    let policy = if cfg.replication.sync_replicas > 0 {
+        Policy::SyncSet
+    } else {
+        Policy::Majority
+    };
+    let me = nc.controller.node_id().to_string();
+    let replicas: Vec<String> = cfg
+        .controller
+        .member_list()
+        .map(|l| l.into_iter().map(|(id, _)| id).collect())
+        .unwrap_or_default();
+    std::thread::Builder::new()
+        .name("controller-reports".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(logs) = node.logs().await else {
+                        return; // the node has stopped
+                    };
+                    nc.controller.report(NodeReport {
+                        node: me.clone(),
+                        logs: logs
+                            .iter()
+                            .map(|l| LogReport {
+                                log: l.name.clone(),
+                                epoch: l.epoch,
+                                last_epoch: l.epoch,
+                                end: l.end,
+                                commit: l.committed,
+                            })
+                            .collect(),
+                    });
+                    let state = nc.controller.state().borrow().clone();
+                    if !leading || state.meta.cluster_id.is_empty() {
+                        continue;
+                    }
+                    for l in logs.iter().filter(|l| !state.meta.logs.contains_key(&l.name)) {
+                        let cmd = Command::CreateLog {
+                            name: l.name.clone(),
+                            replicas: replicas.clone(),
+                            leader: me.clone(),
+                            policy,
+                        };
+                        if let Err(e) = nc.controller.propose(cmd, every * 5).await {
+                            tracing::debug!(log = %l.name, error = %e, "controller: log not registered yet");
+                        }
+                    }
+                }
+            });
+        })
+        .expect("spawn the controller report thread");
+}
