@@ -101,6 +101,33 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
         });
     }
 
+    // The leader's sync set (one follower) goes on record with the controller, which is what
+    // failover elects from.
+    c.env.cli_ok(
+        &[
+            "append",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+            "--acks",
+            "sync",
+        ],
+        "one\ntwo\n",
+    );
+    for n in &c.nodes {
+        eventually(30, "the sync set on record", || {
+            let v = controller(&c.env, n)?;
+            let l = v["logs"]
+                .as_array()?
+                .iter()
+                .find(|l| l["log"] == "orders")?
+                .clone();
+            let set = l["sync_set"].as_array()?.clone();
+            (set.len() == 1 && (set[0] == "n2" || set[0] == "n3")).then_some(())
+        });
+    }
+
     // Kill the controller leader: the other two elect one of themselves.
     let i = IDS.iter().position(|id| *id == first_leader).unwrap();
     c.nodes[i].kill();

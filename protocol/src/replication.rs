@@ -107,6 +107,8 @@ pub struct Leader {
     flushed: u64,
     commit: u64,
     followers: BTreeMap<String, FollowerProgress>,
+    /// The sync set the cluster's controller has on record (see [`Leader::set_confirmed`]).
+    confirmed: std::collections::BTreeSet<String>,
 }
 
 impl Leader {
@@ -126,7 +128,50 @@ impl Leader {
             flushed,
             commit,
             followers: BTreeMap::new(),
+            confirmed: Default::default(),
         }
+    }
+
+    /// The sync set the controller has on record. Failover elects only among the members the
+    /// controller knows, so until a change of the local sync set is on record there, the
+    /// members of both count: an append is committed only once the leader, every local
+    /// member and every recorded member hold it (a member that left locally is still waited
+    /// for until its removal is on record; one that joined counts at once).
+    pub fn set_confirmed(
+        &mut self,
+        ids: impl IntoIterator<Item = String>,
+        now_ms: u64,
+    ) -> Vec<Event> {
+        self.confirmed = ids.into_iter().collect();
+        self.settle(now_ms)
+    }
+
+    /// Whether the local sync set differs from the one on record with the controller.
+    pub fn unconfirmed(&self) -> bool {
+        self.sync_set()
+            .into_iter()
+            .ne(self.confirmed.iter().map(String::as_str))
+    }
+
+    /// Whether follower `id` (known or not) must hold an append before it commits.
+    fn required(&self, id: &str, f: Option<&FollowerProgress>) -> bool {
+        f.is_some_and(|f| f.in_sync_set) || self.confirmed.contains(id)
+    }
+
+    /// The lowest durable offset among the required followers (`u64::MAX` if none); a
+    /// recorded member the leader has never heard from holds nothing.
+    fn required_durable(&self) -> u64 {
+        let known = self
+            .followers
+            .iter()
+            .filter(|(id, f)| self.required(id, Some(f)))
+            .map(|(_, f)| f.durable);
+        let unknown = self
+            .confirmed
+            .iter()
+            .filter(|id| !self.followers.contains_key(*id))
+            .map(|_| 0);
+        known.chain(unknown).min().unwrap_or(u64::MAX)
     }
 
     pub fn config(&self) -> &ReplicationConfig {
@@ -284,7 +329,7 @@ impl Leader {
                         need,
                     };
                 }
-                if leader_durable && members.iter().all(|(_, f)| f.durable >= next) {
+                if leader_durable && self.required_durable() >= next {
                     Progress::Done {
                         replicas: holders(&durable_followers),
                         degraded: short,
@@ -374,12 +419,7 @@ impl Leader {
         }
         // The commit offset: durable on the leader and on every sync-set member. It only
         // moves forward: a member that joins is caught up, so it cannot pull it back.
-        let commit = self
-            .followers
-            .values()
-            .filter(|f| f.in_sync_set)
-            .map(|f| f.durable)
-            .fold(self.flushed, u64::min);
+        let commit = self.flushed.min(self.required_durable());
         if commit > self.commit {
             self.commit = commit;
             events.push(Event::Committed(commit));
@@ -580,6 +620,38 @@ mod tests {
         assert_eq!(l.commit_offset(), 0);
         assert_eq!(l.acked("a", 10, 3), vec![Event::Committed(10)]);
         assert_eq!(ids(&l.progress(Acks::Sync, 10)), ["L", "a", "b"]);
+    }
+
+    #[test]
+    fn members_on_record_with_the_controller_are_waited_for_until_their_removal_is_recorded() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        l.connected("a", 0, 0);
+        l.connected("b", 0, 0);
+        assert_eq!(l.sync_set(), ["a"]);
+        // The controller still has b (an earlier sync set): both must hold an append.
+        l.set_confirmed(["b".to_string()], 0);
+        assert!(l.unconfirmed());
+        l.appended(10);
+        l.flushed(10, 1);
+        l.acked("a", 10, 2);
+        assert_eq!(l.progress(Acks::Sync, 10), Progress::Pending);
+        assert_eq!(l.commit_offset(), 0);
+        l.acked("b", 10, 3);
+        assert_eq!(l.commit_offset(), 10);
+        assert!(matches!(l.progress(Acks::Sync, 10), Progress::Done { .. }));
+        // A recorded member the leader never heard from holds nothing.
+        l.set_confirmed(["a".to_string(), "z".to_string()], 4);
+        l.appended(20);
+        l.flushed(20, 5);
+        l.acked("a", 20, 6);
+        assert_eq!(l.progress(Acks::Sync, 20), Progress::Pending);
+        assert_eq!(l.commit_offset(), 10);
+        // Once the record matches the local set, only it counts.
+        assert_eq!(
+            l.set_confirmed(["a".to_string()], 7),
+            vec![Event::Committed(20)]
+        );
+        assert!(!l.unconfirmed());
     }
 
     #[test]

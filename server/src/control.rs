@@ -22,6 +22,20 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn deliver(&self, from: &str, frame: Bytes);
     /// The controller's view, for `status`.
     fn status(&self) -> protocol::ControllerStatus;
+    /// What the controller has on record for `log` (`None`: not registered).
+    fn log_record(&self, log: &str) -> Option<LogRecord>;
+    /// Ask the controller to record `sync_set` as the sync set of `log` in `epoch`. There is no
+    /// answer: [`ControlPlane::log_record`] shows the outcome.
+    fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>);
+}
+
+/// The controller's record of one log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    pub epoch: u64,
+    pub leader: Option<String>,
+    /// The followers failover may elect: they hold every append acknowledged at `sync`.
+    pub sync_set: Vec<String>,
 }
 
 /// What the node gives the controller it starts: who it is, and how to reach its peers.

@@ -27,6 +27,8 @@ type InFlight = RefCell<VecDeque<(u64, Instant)>>;
 /// Most frames per follower stream whose send time is kept for the acknowledgement latency
 /// histogram (older ones are forgotten, not measured).
 const IN_FLIGHT_TIMED_MAX: usize = 4096;
+/// How often a leader proposes its sync set to the controller while the record differs.
+const SYNC_SET_PROPOSE_EVERY: Duration = Duration::from_millis(500);
 /// How long a new commit offset waits for records to travel with before it is sent alone.
 const COMMIT_LINGER: Duration = Duration::from_millis(1);
 
@@ -56,6 +58,8 @@ pub(crate) struct Replication {
     origin: Instant,
     /// Set while acks=sync appends are acknowledged degraded (to warn once per episode).
     degraded: std::cell::Cell<bool>,
+    /// When the local sync set was last proposed to the controller (ms since `origin`).
+    proposed_ms: std::cell::Cell<Option<u64>>,
 }
 
 impl Replication {
@@ -74,6 +78,7 @@ impl Replication {
             peers: RefCell::new(BTreeMap::new()),
             origin: Instant::now(),
             degraded: Default::default(),
+            proposed_ms: Default::default(),
         }
     }
 
@@ -305,7 +310,48 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
                 .common
                 .metrics
                 .set_replication(&name, repl.status(&name, log));
+            if let Some(control) = &shard.common.control {
+                record_sync_set(&shard, &repl, &name, &**control, now);
+            }
         }
+    }
+}
+
+/// Keep the controller's record of the sync set in step with the local one: commit waits for
+/// the members of both (see `protocol::replication::Leader::set_confirmed`), and a local
+/// change is proposed to the controller, at most every [`SYNC_SET_PROPOSE_EVERY`].
+fn record_sync_set(
+    shard: &Rc<Shard>,
+    repl: &Replication,
+    name: &str,
+    control: &dyn crate::control::ControlPlane,
+    now_ms: u64,
+) {
+    let Some(record) = control.log_record(name) else {
+        return;
+    };
+    if record.leader.as_deref() != Some(shard.common.node_id.as_str()) {
+        return;
+    }
+    let events = repl
+        .state
+        .borrow_mut()
+        .set_confirmed(record.sync_set.iter().cloned(), now_ms);
+    repl.events(name, shard, events);
+    let local: Vec<String> = {
+        let st = repl.state.borrow();
+        if !st.unconfirmed() {
+            return;
+        }
+        st.sync_set().into_iter().map(str::to_string).collect()
+    };
+    let due = repl
+        .proposed_ms
+        .get()
+        .is_none_or(|at| now_ms.saturating_sub(at) >= SYNC_SET_PROPOSE_EVERY.as_millis() as u64);
+    if due {
+        repl.proposed_ms.set(Some(now_ms));
+        control.propose_sync_set(name, record.epoch, local);
     }
 }
 

@@ -246,6 +246,12 @@ impl Controller {
         }
     }
 
+    /// Propose `cmd` without waiting for its outcome (the published state shows it).
+    pub fn submit(&self, cmd: Command) {
+        let (done, _ignored) = oneshot::channel();
+        let _ = self.tx.send(Input::Propose(cmd, done));
+    }
+
     /// Stop the driver thread and wait for it.
     pub fn stop(mut self) {
         self.halt();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use server::control::{ControlContext, ControlFactory, ControlPlane};
+use server::control::{ControlContext, ControlFactory, ControlPlane, LogRecord};
 use server::NodeConfig;
 
 use super::driver::{Controller, ControllerConfig};
@@ -27,6 +27,24 @@ pub struct NodeController {
 impl ControlPlane for NodeController {
     fn deliver(&self, from: &str, frame: Bytes) {
         self.controller.deliver(from, frame);
+    }
+
+    fn log_record(&self, log: &str) -> Option<LogRecord> {
+        let s = self.controller.state();
+        let s = s.borrow();
+        s.meta.logs.get(log).map(|l| LogRecord {
+            epoch: l.epoch,
+            leader: l.leader.clone(),
+            sync_set: l.sync_set.clone(),
+        })
+    }
+
+    fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
+        self.controller.submit(Command::SetSyncSet {
+            log: log.to_string(),
+            epoch,
+            sync_set,
+        });
     }
 
     fn status(&self) -> protocol::ControllerStatus {
