@@ -397,6 +397,8 @@ impl Log {
         inner.st.borrow_mut().closed = true;
         inner.writer_wake.notify_one();
         inner.syncer_wake.notify_one();
+        // Waiters for appends that will never come end with `Closed`.
+        inner.appended.notify_waiters();
         drop(self);
         for t in tasks {
             t.await.expect("log task panicked");
@@ -635,7 +637,8 @@ impl Log {
     }
 
     /// Wait until `next_offset() > offset`: a record at `offset` has been appended (not
-    /// necessarily written). For readers waiting at the end of the log.
+    /// necessarily written). For readers waiting at the end of the log. Fails with
+    /// [`Error::Closed`] once the log is closed and nothing more will be appended.
     pub async fn wait_appended(&self, offset: Offset) -> Result<()> {
         loop {
             let appended = self.inner.appended.notified();
@@ -646,6 +649,9 @@ impl Log {
                 }
                 if st.next_offset > offset {
                     return Ok(());
+                }
+                if st.closed {
+                    return Err(Error::Closed);
                 }
             }
             appended.await;

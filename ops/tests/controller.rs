@@ -14,6 +14,12 @@ struct Cluster {
 }
 
 fn start() -> Cluster {
+    start_with(&[])
+}
+
+/// Three nodes, each with the controller's member list: n1 leads (configured), n2 and n3
+/// follow; `extra` flags go to every node.
+fn start_with(extra: &[&str]) -> Cluster {
     let env = Env::new();
     let addrs = env.free_addrs(3);
     let members: Vec<String> = IDS
@@ -28,6 +34,7 @@ fn start() -> Cluster {
         .enumerate()
         .map(|(i, (id, addr))| {
             let mut args = vec!["--node-id", id, "--member", &members];
+            args.extend(extra);
             let followers = "n2,n3".to_string();
             let leader = addrs[0].to_string();
             if i == 0 {
@@ -103,18 +110,10 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
 
     // The leader's sync set (one follower) goes on record with the controller, which is what
     // failover elects from.
-    c.env.cli_ok(
-        &[
-            "append",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-            "--acks",
-            "sync",
-        ],
-        "one\ntwo\n",
-    );
+    // (The first may be refused while the sync set is not on record yet.)
+    eventually(30, "acks=sync appends", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", "one\ntwo\n")
+    });
     for n in &c.nodes {
         eventually(30, "the sync set on record", || {
             let v = controller(&c.env, n)?;
@@ -176,4 +175,132 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
             .as_str()
             .map(|_| ())
     });
+}
+
+/// The controller's record of `log` on `node`: (leader, epoch).
+fn record(env: &Env, node: &NodeProc, log: &str) -> Option<(Option<String>, u64)> {
+    let v = controller(env, node)?;
+    let l = v["logs"]
+        .as_array()?
+        .iter()
+        .find(|l| l["log"] == log)?
+        .clone();
+    Some((
+        l["leader"].as_str().map(str::to_string),
+        l["epoch"].as_u64()?,
+    ))
+}
+
+/// Append `lines` at acks=sync through any of `servers`; the offsets, or `None` if the append
+/// did not succeed.
+fn append_sync(env: &Env, servers: &str, log: &str, lines: &str) -> Option<Vec<u64>> {
+    let out = env.cli(
+        &[
+            "append", "--server", servers, "--log", log, "--acks", "sync", "--json",
+        ],
+        lines,
+    );
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["offset"].as_u64())
+        .collect()
+}
+
+/// Every record of `log` on `node`, read without a read-your-writes floor.
+fn records(env: &Env, node: &NodeProc, log: &str) -> Vec<(u64, String)> {
+    let out = env.cli_json(
+        &[
+            "read",
+            "--server",
+            &node.server(),
+            "--log",
+            log,
+            "--from",
+            "0",
+            "--min-offset",
+            "0",
+            "--json",
+        ],
+        "",
+    );
+    out.iter()
+        .map(|v| {
+            (
+                v["offset"].as_u64().unwrap(),
+                v["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
+    let mut c = start_with(&["--leader-timeout-ms", "1000"]);
+    let all = c
+        .nodes
+        .iter()
+        .map(|n| n.server())
+        .collect::<Vec<_>>()
+        .join(",");
+    c.env.cli_ok(
+        &[
+            "create",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+        ],
+        "",
+    );
+    // Acknowledged at sync on n1 (the controller must know the log and n1's lease must hold).
+    let first: String = (0..10).map(|i| format!("before-{i}\n")).collect();
+    let acked = eventually(60, "acks=sync appends on n1", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", &first)
+    });
+    assert_eq!(acked, (0..10).collect::<Vec<u64>>());
+
+    // n1 dies: a member of the sync set takes over in a new epoch, and writes go there.
+    c.nodes[0].kill();
+    let (leader, epoch) = eventually(60, "a new leader of the log", || {
+        match record(&c.env, &c.nodes[1], "orders")? {
+            (Some(l), e) if l != "n1" => Some((l, e)),
+            _ => None,
+        }
+    });
+    assert!(epoch >= 2, "epoch {epoch}");
+    let after = eventually(60, "acks=sync appends on the new leader", || {
+        append_sync(&c.env, &all, "orders", "after-0\nafter-1\n")
+    });
+    assert_eq!(after, vec![10, 11]);
+
+    // n1 returns: it follows the new leader and holds exactly the same records.
+    let back = c.nodes[0].respawn();
+    c.nodes[0] = back;
+    let expected: Vec<(u64, String)> = (0..10)
+        .map(|i| (i, format!("before-{i}")))
+        .chain((0..2).map(|i| (10 + i, format!("after-{i}"))))
+        .collect();
+    for n in &c.nodes {
+        eventually(60, "every replica holds every acknowledged record", || {
+            (records(&c.env, n, "orders") == expected).then_some(())
+        });
+    }
+    assert_eq!(
+        record(&c.env, &c.nodes[0], "orders").unwrap().0.as_deref(),
+        Some(leader.as_str())
+    );
+    // n1 takes no writes for the log now: it answers not_leader naming the new leader, and
+    // the client library follows it there.
+    let via_n1 = eventually(30, "an append through n1", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", "through-n1\n")
+    });
+    assert_eq!(via_n1, vec![12]);
+    let on_n1 = records(&c.env, &c.nodes[0], "orders");
+    assert!(
+        on_n1.len() <= 13 && on_n1[..12] == expected[..],
+        "{on_n1:?}"
+    );
 }

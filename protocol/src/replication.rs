@@ -109,6 +109,8 @@ pub struct Leader {
     followers: BTreeMap<String, FollowerProgress>,
     /// The sync set the cluster's controller has on record (see [`Leader::set_confirmed`]).
     confirmed: std::collections::BTreeSet<String>,
+    /// Whether a controller keeps a record of the sync set at all.
+    controlled: bool,
 }
 
 impl Leader {
@@ -129,20 +131,25 @@ impl Leader {
             commit,
             followers: BTreeMap::new(),
             confirmed: Default::default(),
+            controlled: false,
         }
     }
 
     /// The sync set the controller has on record. Failover elects only among the members the
-    /// controller knows, so until a change of the local sync set is on record there, the
-    /// members of both count: an append is committed only once the leader, every local
-    /// member and every recorded member hold it (a member that left locally is still waited
-    /// for until its removal is on record; one that joined counts at once).
+    /// controller knows, so from the first call on:
+    /// - an append is committed only once the leader, every local member and every recorded
+    ///   member hold it (a member that left locally is still waited for until its removal is
+    ///   on record);
+    /// - only members both local and on record fill the `sync_replicas` places (one that
+    ///   joined locally counts once it is on record), so an append acknowledged at `sync` is
+    ///   always held by enough members the controller knows.
     pub fn set_confirmed(
         &mut self,
         ids: impl IntoIterator<Item = String>,
         now_ms: u64,
     ) -> Vec<Event> {
         self.confirmed = ids.into_iter().collect();
+        self.controlled = true;
         self.settle(now_ms)
     }
 
@@ -320,7 +327,9 @@ impl Leader {
                 let members: Vec<(&String, &FollowerProgress)> = self
                     .followers
                     .iter()
-                    .filter(|(_, f)| f.in_sync_set)
+                    .filter(|(id, f)| {
+                        f.in_sync_set && (!self.controlled || self.confirmed.contains(*id))
+                    })
                     .collect();
                 let short = members.len() < need;
                 if short && self.config.insufficient == Insufficient::Reject {
@@ -628,27 +637,34 @@ mod tests {
         l.connected("a", 0, 0);
         l.connected("b", 0, 0);
         assert_eq!(l.sync_set(), ["a"]);
-        // The controller still has b (an earlier sync set): both must hold an append.
-        l.set_confirmed(["b".to_string()], 0);
+        // Nothing on record yet: a joined locally, but does not fill the place until the
+        // controller knows it.
+        l.set_confirmed(Vec::new(), 0);
         assert!(l.unconfirmed());
         l.appended(10);
         l.flushed(10, 1);
         l.acked("a", 10, 2);
-        assert_eq!(l.progress(Acks::Sync, 10), Progress::Pending);
-        assert_eq!(l.commit_offset(), 0);
-        l.acked("b", 10, 3);
-        assert_eq!(l.commit_offset(), 10);
+        assert_eq!(
+            l.progress(Acks::Sync, 10),
+            Progress::NotEnoughReplicas { have: 0, need: 1 }
+        );
+        // On record with b still there (b left locally, its removal not yet recorded): a
+        // fills the place, and b must hold an append too before it is acknowledged.
+        l.set_confirmed(["a".to_string(), "b".to_string()], 3);
+        assert!(matches!(l.progress(Acks::Sync, 10), Progress::Pending));
+        l.acked("b", 10, 4);
         assert!(matches!(l.progress(Acks::Sync, 10), Progress::Done { .. }));
+        assert_eq!(l.commit_offset(), 10);
         // A recorded member the leader never heard from holds nothing.
-        l.set_confirmed(["a".to_string(), "z".to_string()], 4);
+        l.set_confirmed(["a".to_string(), "z".to_string()], 5);
         l.appended(20);
-        l.flushed(20, 5);
-        l.acked("a", 20, 6);
+        l.flushed(20, 6);
+        l.acked("a", 20, 7);
         assert_eq!(l.progress(Acks::Sync, 20), Progress::Pending);
         assert_eq!(l.commit_offset(), 10);
         // Once the record matches the local set, only it counts.
         assert_eq!(
-            l.set_confirmed(["a".to_string()], 7),
+            l.set_confirmed(["a".to_string()], 8),
             vec![Event::Committed(20)]
         );
         assert!(!l.unconfirmed());

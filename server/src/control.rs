@@ -27,6 +27,18 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Ask the controller to record `sync_set` as the sync set of `log` in `epoch`. There is no
     /// answer: [`ControlPlane::log_record`] shows the outcome.
     fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>);
+    /// Every log the controller knows.
+    fn logs(&self) -> Vec<(String, LogRecord)>;
+    /// Where member `id` is reached.
+    fn member_addr(&self, id: &str) -> Option<std::net::SocketAddr>;
+    /// Whether this node has heard from the controller's leader (or led it with its members'
+    /// answers) recently enough to keep leading logs: within half of `leader_timeout`, well
+    /// before the controller would replace it.
+    fn lease_ok(&self) -> bool;
+    /// Ask the controller to start a new epoch of `log` with this node, its recorded leader,
+    /// still leading from `end` (after a restart: records it lost unflushed must never share
+    /// an epoch with different records at the same offsets on a follower).
+    fn renew_epoch(&self, log: &str, epoch: u64, end: u64);
 }
 
 /// The controller's record of one log.
@@ -36,6 +48,8 @@ pub struct LogRecord {
     pub leader: Option<String>,
     /// The followers failover may elect: they hold every append acknowledged at `sync`.
     pub sync_set: Vec<String>,
+    /// Every node holding the log.
+    pub replicas: Vec<String>,
 }
 
 /// What the node gives the controller it starts: who it is, and how to reach its peers.

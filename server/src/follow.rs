@@ -15,7 +15,7 @@ use log_core::{Log, Offset};
 use protocol::{Request, Response};
 
 use crate::metrics::Stage;
-use crate::shard::{EntryRole, Shard};
+use crate::shard::{EntryRole, LogEntry, RoleChoice, Shard};
 use crate::Error;
 
 /// How often the follower asks the leader for its list of logs (new logs and new snapshots
@@ -25,6 +25,183 @@ const LIST_INTERVAL: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Longest wait between failed replication sessions of one log.
 const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(8);
+/// How often, with a controller, each log is checked against the controller's record.
+const STEER_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a leader asks again for a new epoch the controller has not granted yet.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// With a controller: every [`STEER_INTERVAL`], put each log of this shard in the role the
+/// controller has on record for it (closing and reopening it when that changes), ask for a
+/// new epoch where this node is the recorded leader of a log whose epoch is not newer than its
+/// own (after a restart), and keep one follow loop ([`run`]) per leader this shard's logs
+/// follow, which also creates the logs the controller has for this node and it lacks.
+pub(crate) async fn steer(shard: Rc<Shard>) {
+    let Some(control) = shard.common.control.clone() else {
+        return;
+    };
+    let me = shard.common.node_id.clone();
+    let loops: Rc<RefCell<BTreeSet<SocketAddr>>> = Default::default();
+    let mut renewed: std::collections::BTreeMap<String, (u64, std::time::Instant)> =
+        Default::default();
+    while !shard.closing.get() {
+        tokio::time::sleep(STEER_INTERVAL).await;
+        let local: Vec<(String, Rc<LogEntry>)> = shard
+            .logs
+            .borrow()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        let mut leaders = BTreeSet::new();
+        // Entries to take out of service, by name and identity: none is held across the
+        // change (the old log's directory lock goes with its last handle).
+        let mut changes: Vec<(String, usize)> = Vec::new();
+        for (name, entry) in local {
+            let choice = shard.choose_role(&name, &entry.log, Some(&entry));
+            if let RoleChoice::Follow(Some(a)) = choice {
+                leaders.insert(a);
+            }
+            if choice == RoleChoice::Follow(None) {
+                let record = control.log_record(&name);
+                if let Some(r) = record.filter(|r| r.leader.as_deref() == Some(me.as_str())) {
+                    let due = renewed
+                        .get(&name)
+                        .is_none_or(|(e, at)| *e != r.epoch || at.elapsed() > RENEW_EVERY);
+                    if due {
+                        control.renew_epoch(&name, r.epoch, entry.log.next_offset().0);
+                        renewed.insert(name.clone(), (r.epoch, std::time::Instant::now()));
+                    }
+                }
+            }
+            if !Shard::is_in_role(&entry, choice) {
+                changes.push((name, Rc::as_ptr(&entry) as usize));
+            }
+        }
+        for (name, id) in changes {
+            // In a task of its own: the old role's tasks may take a while to let go of the log.
+            if shard.creating.borrow().contains(&name) {
+                continue;
+            }
+            let shard = shard.clone();
+            tokio_uring::spawn(async move {
+                if let Err(e) = reassign(&shard, &name, id).await {
+                    tracing::error!(log = %name, error = %e, "changing the log's role failed");
+                }
+            });
+        }
+        for (name, r) in control.logs() {
+            if crate::shard_of(&name, shard.common.shards.len()) != shard.id
+                || shard.get(&name).is_some()
+                || !r.replicas.contains(&me)
+            {
+                continue;
+            }
+            let addr = r
+                .leader
+                .filter(|l| *l != me)
+                .and_then(|l| control.member_addr(&l));
+            leaders.extend(addr);
+        }
+        for a in leaders {
+            if loops.borrow_mut().insert(a) {
+                let (shard, loops) = (shard.clone(), loops.clone());
+                tokio_uring::spawn(async move {
+                    run(shard, a).await;
+                    loops.borrow_mut().remove(&a);
+                });
+            }
+        }
+    }
+}
+
+/// Close the log's entry `old` (by identity, if it is still the one in service) and take the
+/// log into service again in the role it should have now. Every task of the old role ends with the close: a deposed leader's waiting appends
+/// answer that their outcome is unknown, a follower's session to its old leader stops.
+async fn reassign(shard: &Rc<Shard>, name: &str, old: usize) -> Result<(), Error> {
+    let removed = {
+        let mut logs = shard.logs.borrow_mut();
+        match logs.get(name) {
+            Some(e) if Rc::as_ptr(e) as usize == old => logs.remove(name),
+            _ => None,
+        }
+    };
+    let Some(old) = removed else {
+        return Ok(());
+    };
+    shard.creating.borrow_mut().insert(name.to_string());
+    let result = async {
+        if let Some(r) = old.leading() {
+            r.depose();
+        }
+        old.retired.set(true);
+        old.retiring.notify_waiters();
+        old.changed.notify_waiters();
+        old.log.clone().close().await?;
+        drop(old);
+        // Tasks of the old role let go of the log as they notice the close; the directory
+        // lock goes with the last of them.
+        let dir = shard.logs_dir().join(name);
+        let mut wait = Duration::from_millis(10);
+        let log = loop {
+            match Log::open(&dir, shard.common.config.log_config()).await {
+                Ok(log) => break log,
+                Err(log_core::Error::Locked { .. })
+                    if !shard.closing.get() && shard.get(name).is_none() =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let entry = shard.install(name, log)?;
+        tracing::info!(
+            log = name,
+            leading = entry.leading().is_some(),
+            following = ?entry.following,
+            epoch = entry.epoch.0,
+            "the log changed role"
+        );
+        Ok(())
+    }
+    .await;
+    shard.creating.borrow_mut().remove(name);
+    result
+}
+
+/// Whether, with a controller, this shard has a log that follows (or should be created from)
+/// `leader`. Without a controller every log follows the configured leader.
+fn wants(shard: &Shard, leader: SocketAddr) -> bool {
+    let Some(control) = &shard.common.control else {
+        return true;
+    };
+    if shard
+        .logs
+        .borrow()
+        .values()
+        .any(|e| e.following == Some(leader))
+    {
+        return true;
+    }
+    control.logs().into_iter().any(|(name, r)| {
+        crate::shard_of(&name, shard.common.shards.len()) == shard.id
+            && r.replicas.contains(&shard.common.node_id)
+            && r.leader.and_then(|l| control.member_addr(&l)) == Some(leader)
+    })
+}
+
+/// Whether `name` is to be replicated from `leader` here (always without a controller).
+fn follows(shard: &Shard, name: &str, leader: SocketAddr) -> bool {
+    let Some(control) = &shard.common.control else {
+        return true;
+    };
+    match control.log_record(name) {
+        Some(r) => {
+            r.replicas.contains(&shard.common.node_id)
+                && r.leader.and_then(|l| control.member_addr(&l)) == Some(leader)
+        }
+        None => false,
+    }
+}
 
 pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
     let cfg = &shard.common.config;
@@ -58,7 +235,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
     let fetching: Rc<RefCell<BTreeSet<String>>> = Default::default();
     let mut backoff = Duration::from_millis(50);
     let mut warned = false;
-    while !shard.closing.get() {
+    while !shard.closing.get() && wants(&shard, leader) {
         let attempt =
             match endpoint.connect_with(shard.common.peer_client.clone(), leader, &server_name) {
                 Ok(c) => c.await.map_err(|e| e.to_string()),
@@ -86,7 +263,9 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
                 Ok(logs) => {
                     for info in logs {
                         let name = info.name.clone();
-                        if crate::shard_of(&name, shard.common.shards.len()) != shard.id {
+                        if crate::shard_of(&name, shard.common.shards.len()) != shard.id
+                            || !follows(&shard, &name, leader)
+                        {
                             continue;
                         }
                         let local = shard.get(&name);
@@ -110,6 +289,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
                         tokio_uring::spawn(follow_log(
                             shard.clone(),
                             conn.clone(),
+                            leader,
                             name,
                             scfg.clone(),
                             running.clone(),
@@ -125,7 +305,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
                 _ = tokio::time::sleep(LIST_INTERVAL) => {}
                 _ = conn.closed() => break,
             }
-            if shard.closing.get() {
+            if shard.closing.get() || !wants(&shard, leader) {
                 break;
             }
         }
@@ -201,6 +381,7 @@ async fn fetch_snapshot(
 async fn follow_log(
     shard: Rc<Shard>,
     conn: quinn::Connection,
+    leader: SocketAddr,
     name: String,
     scfg: Rc<SessionConfig>,
     running: Rc<RefCell<BTreeSet<String>>>,
@@ -210,6 +391,8 @@ async fn follow_log(
     while !shard.closing.get() && conn.close_reason().is_none() {
         let entry = match shard.get(&name) {
             Some(e) => e,
+            // Changing role: it comes back in its new role, with a session of its own.
+            None if shard.creating.borrow().contains(&name) => break,
             None => match create_local(&shard, &name).await {
                 Ok(e) => e,
                 Err(e) => {
@@ -222,9 +405,18 @@ async fn follow_log(
         let EntryRole::Follower(commit) = &entry.role else {
             break;
         };
+        if shard.common.control.is_some() && entry.following != Some(leader) {
+            break;
+        }
         let began = std::time::Instant::now();
-        let result =
-            follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed).await;
+        let retiring = entry.retiring.notified();
+        if entry.retired.get() {
+            break;
+        }
+        let result = tokio::select! {
+            r = follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed) => r,
+            _ = retiring => break,
+        };
         if began.elapsed() > SESSION_BACKOFF_MAX {
             // A session that ran for a while was not a fast failure loop.
             backoff = Duration::from_millis(500);

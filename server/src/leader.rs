@@ -60,15 +60,25 @@ pub(crate) struct Replication {
     degraded: std::cell::Cell<bool>,
     /// When the local sync set was last proposed to the controller (ms since `origin`).
     proposed_ms: std::cell::Cell<Option<u64>>,
+    /// Set when this node stops leading the log: appends still waiting give up.
+    deposed: std::cell::Cell<bool>,
 }
 
 impl Replication {
-    pub fn new(node_id: &str, shard: &Shard, log: &Log, changed: Rc<Notify>) -> Replication {
+    pub fn new(
+        node_id: &str,
+        shard: &Shard,
+        name: &str,
+        log: &Log,
+        changed: Rc<Notify>,
+    ) -> Replication {
         let cfg = &shard.common.config;
-        let policy = cfg.replication_config().expect("validated at start");
+        let followers = shard.followers_of(name);
+        let mut policy = cfg.replication_config().expect("validated at start");
+        policy.sync_replicas = cfg.replication.sync_replicas.min(followers.len());
         let flushed = log.flush_offset().0;
         let mut state = Leader::new(node_id, policy, log.next_offset().0, flushed, 0);
-        for f in &cfg.replication.followers {
+        for f in &followers {
             state.register(f, 0);
         }
         state.flushed(flushed, 0);
@@ -79,6 +89,7 @@ impl Replication {
             origin: Instant::now(),
             degraded: Default::default(),
             proposed_ms: Default::default(),
+            deposed: Default::default(),
         }
     }
 
@@ -147,6 +158,9 @@ impl Replication {
     ) -> Result<(Vec<String>, bool), WaitFail> {
         loop {
             let changed = self.changed.notified();
+            if self.deposed.get() {
+                return Err(WaitFail::Deposed);
+            }
             let progress = self.state.borrow().progress(acks, next.0);
             match progress {
                 Progress::Done { replicas, degraded } => {
@@ -210,6 +224,12 @@ impl Replication {
         }
     }
 
+    /// This node no longer leads the log: appends waiting for replicas give up.
+    pub fn depose(&self) {
+        self.deposed.set(true);
+        self.changed.notify_waiters();
+    }
+
     /// The replicas (leader included) holding everything below `next` durably.
     pub fn holders(&self, next: Offset) -> Vec<String> {
         match self.state.borrow().progress(Acks::None, next.0) {
@@ -263,7 +283,12 @@ impl Replication {
 /// Why an append did not reach its level.
 pub(crate) enum WaitFail {
     Deadline,
-    Replicas { have: usize, need: usize },
+    Replicas {
+        have: usize,
+        need: usize,
+    },
+    /// This node stopped leading the log while the append waited.
+    Deposed,
 }
 
 /// Keep the state machine fed with the log's fdatasync progress and the passing of time, until
@@ -371,12 +396,11 @@ pub(crate) async fn serve(
             0,
         ));
     };
-    let cfg = &shard.common.config;
-    if !cfg.replication.followers.contains(&req.follower) {
+    if !shard.followers_of(&req.log).contains(&req.follower) {
         return Err((
             ErrorCode::Unauthenticated,
             format!(
-                "node {:?} is not a follower of this leader (replication.followers)",
+                "node {:?} is not a follower of this leader (replication.followers, or the controller's replicas of the log)",
                 req.follower
             ),
             0,

@@ -68,7 +68,7 @@ pub(crate) async fn reply_error(
     code: ErrorCode,
     msg: &str,
 ) {
-    send_error(shard, send, code, msg, 0).await
+    send_error(shard, send, code, msg, 0, None).await
 }
 
 async fn send_error(
@@ -77,10 +77,11 @@ async fn send_error(
     code: ErrorCode,
     msg: &str,
     detail: u64,
+    log: Option<&str>,
 ) {
     shard.common.metrics.record_error(code);
-    let leader = match (code, &shard.common.role) {
-        (ErrorCode::NotLeader, Role::Follower(a)) => a.to_string(),
+    let leader = match code {
+        ErrorCode::NotLeader => shard.leader_hint(log),
         _ => String::new(),
     };
     let resp = Response::Error(ErrorResponse {
@@ -128,8 +129,16 @@ pub(crate) async fn serve(
     mut send: quinn::SendStream,
     recv: Option<quinn::RecvStream>,
 ) {
+    let log_name = match &req {
+        Request::CreateLog { name } => Some(name.clone()),
+        Request::Append(a) => Some(a.log.clone()),
+        Request::Read(r) => Some(r.log.clone()),
+        Request::Tail(t) => Some(t.log.clone()),
+        Request::PutSnapshot(p) => Some(p.log.clone()),
+        _ => None,
+    };
     let result = match req {
-        Request::CreateLog { name } => match not_leader(&shard) {
+        Request::CreateLog { name } => match not_leader(&shard, &name) {
             Some(f) => Err(f),
             None => create(&shard, &name).await.map(|()| Response::Ok),
         },
@@ -145,7 +154,7 @@ pub(crate) async fn serve(
         Request::Auth { .. } | Request::ListLogs | Request::Status => {
             unreachable!("served by the accepting shard")
         }
-        Request::PutSnapshot(p) => match not_leader(&shard) {
+        Request::PutSnapshot(p) => match not_leader(&shard, &p.log) {
             Some(f) => Err(f),
             None => put_snapshot(&shard, p).await.map(|()| Response::Ok),
         },
@@ -178,12 +187,32 @@ pub(crate) async fn serve(
     };
     match result {
         Ok(resp) => reply(&shard, &mut send, &resp).await,
-        Err(Fail(code, msg, detail)) => send_error(&shard, &mut send, code, &msg, detail).await,
+        Err(Fail(code, msg, detail)) => {
+            send_error(&shard, &mut send, code, &msg, detail, log_name.as_deref()).await
+        }
     }
 }
 
 /// On a follower: the redirect to the leader that every write gets.
-fn not_leader(shard: &Shard) -> Option<Fail> {
+/// Why this node does not take writes to `log`, if it does not. With a controller, a node
+/// takes them for the logs it leads while its lease holds (see
+/// [`crate::control::ControlPlane::lease_ok`]).
+fn not_leader(shard: &Shard, log: &str) -> Option<Fail> {
+    if let (Some(control), Some(e)) = (&shard.common.control, shard.get(log)) {
+        return match e.leading() {
+            Some(_) if control.lease_ok() => None,
+            Some(_) => Some(Fail(
+                ErrorCode::NotLeader,
+                "this node has lost contact with the controller: it takes no writes until it is back".into(),
+                0,
+            )),
+            None => Some(Fail(
+                ErrorCode::NotLeader,
+                format!("this node does not lead log {log:?}; write to its leader"),
+                0,
+            )),
+        };
+    }
     match shard.common.role {
         Role::Follower(leader) => Some(Fail(
             ErrorCode::NotLeader,
@@ -195,9 +224,16 @@ fn not_leader(shard: &Shard) -> Option<Fail> {
 }
 
 fn entry(shard: &Shard, name: &str) -> Result<Rc<LogEntry>, Fail> {
-    shard
-        .get(name)
-        .ok_or_else(|| fail(ErrorCode::LogNotFound, format!("no log named {name:?}")))
+    shard.get(name).ok_or_else(|| {
+        if shard.creating.borrow().contains(name) {
+            fail(
+                ErrorCode::Busy,
+                format!("log {name:?} is being created or is changing role (its leadership moved); retry"),
+            )
+        } else {
+            fail(ErrorCode::LogNotFound, format!("no log named {name:?}"))
+        }
+    })
 }
 
 async fn create(shard: &Rc<Shard>, name: &str) -> Result<(), Fail> {
@@ -363,7 +399,7 @@ async fn append(
     send: &mut quinn::SendStream,
 ) -> Result<Receipt, Fail> {
     let started = Instant::now();
-    if let Some(f) = not_leader(shard) {
+    if let Some(f) = not_leader(shard, &a.log) {
         return Err(f);
     }
     let e = entry(shard, &a.log)?;
@@ -494,6 +530,15 @@ async fn append(
                         ),
                     ))
                 }
+                Err(crate::leader::WaitFail::Deposed) => {
+                    return Err(fail(
+                        ErrorCode::Timeout,
+                        format!(
+                            "acks={}: this node stopped leading the log while the append waited; it is stored here, and a new leader may or may not have it",
+                            a.acks.name()
+                        ),
+                    ))
+                }
                 Err(crate::leader::WaitFail::Replicas { have, need }) => {
                     return Err(fail(
                         ErrorCode::Timeout,
@@ -516,6 +561,14 @@ async fn append(
             (a.acks, holders, false)
         }
     };
+    // A leader that lost contact with the controller may have been replaced meanwhile: what
+    // it stored may or may not survive, so it cannot say the append succeeded.
+    if a.acks != Acks::None && shard.common.control.as_ref().is_some_and(|c| !c.lease_ok()) {
+        return Err(fail(
+            ErrorCode::Timeout,
+            "this node lost contact with the controller while the append waited; it is stored here, and a new leader may or may not have it",
+        ));
+    }
     let m = &shard.common.metrics;
     if duplicate {
         m.c.append_duplicates.fetch_add(1, Ordering::Relaxed);
@@ -629,7 +682,11 @@ async fn read(shard: &Shard, r: &ReadRequest, send: &mut quinn::SendStream) -> R
         Ok(e) => e,
         // A follower may not have created a new log yet: for a read that names an offset it
         // must reach, that is being behind, not a missing log.
-        Err(_) if r.min_offset > 0 && matches!(shard.common.role, Role::Follower(_)) => {
+        Err(_)
+            if r.min_offset > 0
+                && (shard.common.control.is_some()
+                    || matches!(shard.common.role, Role::Follower(_))) =>
+        {
             match log_appearing(shard, &r.log, deadline).await {
                 Some(e) => e,
                 None => {

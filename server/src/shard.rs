@@ -66,6 +66,24 @@ pub(crate) struct LogEntry {
     pub snapshot: std::cell::Cell<Option<u64>>,
     /// Notified whenever the committed horizon may have moved (readers and tails wait on it).
     pub changed: Rc<Notify>,
+    /// As a follower: the leader it follows (`None`: none for now; reads only).
+    pub following: Option<std::net::SocketAddr>,
+    /// Set (and notified) when the entry is taken out of service to change its role: its
+    /// replication sessions end.
+    pub retired: std::cell::Cell<bool>,
+    pub retiring: Rc<Notify>,
+}
+
+/// The role a log is installed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RoleChoice {
+    Standalone,
+    /// Lead in a new epoch of its own (fixed roles: last epoch + 1).
+    LeadNewEpoch,
+    /// Lead in this epoch, given by the controller.
+    Lead(Epoch),
+    /// Follow this leader, or none for now.
+    Follow(Option<std::net::SocketAddr>),
 }
 
 /// What the node does for one log.
@@ -132,27 +150,123 @@ impl Shard {
         self.install(name, log)
     }
 
-    /// Take `log` into service under `name`, in this node's role.
+    /// The role `log` should have here: what the controller has on record, or, for a log it
+    /// does not know (or without a controller), the configured role. `current` is the entry
+    /// the log is in service as, if it is.
+    pub fn choose_role(&self, name: &str, log: &Log, current: Option<&LogEntry>) -> RoleChoice {
+        if let Some(control) = &self.common.control {
+            if let Some(r) = control.log_record(name) {
+                let last = log.last_epoch().map_or(0, |e| e.0);
+                let leading_now =
+                    current.is_some_and(|e| e.leading().is_some() && e.epoch.0 == r.epoch);
+                return match r.leader {
+                    Some(l) if l == self.common.node_id && leading_now => {
+                        RoleChoice::Lead(Epoch(r.epoch))
+                    }
+                    // A leader leads only in an epoch newer than its log's: after a restart it
+                    // asks the controller for one, and waits as a leaderless follower.
+                    Some(l) if l == self.common.node_id && r.epoch > last => {
+                        RoleChoice::Lead(Epoch(r.epoch))
+                    }
+                    Some(l) if l == self.common.node_id => RoleChoice::Follow(None),
+                    Some(l) => RoleChoice::Follow(control.member_addr(&l)),
+                    None => RoleChoice::Follow(None),
+                };
+            }
+        }
+        match self.common.role {
+            Role::Standalone => RoleChoice::Standalone,
+            Role::Leader => RoleChoice::LeadNewEpoch,
+            Role::Follower(a) => RoleChoice::Follow(Some(a)),
+        }
+    }
+
+    /// Whether `role` is what `entry` already is.
+    pub fn is_in_role(entry: &LogEntry, role: RoleChoice) -> bool {
+        match (role, &entry.role) {
+            (RoleChoice::Standalone, EntryRole::Standalone) => true,
+            (RoleChoice::LeadNewEpoch, EntryRole::Leader(_)) => true,
+            (RoleChoice::Lead(e), EntryRole::Leader(_)) => entry.epoch == e,
+            (RoleChoice::Follow(a), EntryRole::Follower(_)) => entry.following == a,
+            _ => false,
+        }
+    }
+
+    /// The followers of `name` when this node leads it: the controller's replicas, or the
+    /// configured followers.
+    pub fn followers_of(&self, name: &str) -> Vec<String> {
+        match self
+            .common
+            .control
+            .as_ref()
+            .and_then(|c| c.log_record(name))
+        {
+            Some(r) => r
+                .replicas
+                .into_iter()
+                .filter(|id| *id != self.common.node_id)
+                .collect(),
+            None => self.common.config.replication.followers.clone(),
+        }
+    }
+
+    /// Where writes to `name` should go, for a `not_leader` answer (empty if unknown).
+    pub fn leader_hint(&self, name: Option<&str>) -> String {
+        if let (Some(control), Some(name)) = (&self.common.control, name) {
+            if let Some(r) = control.log_record(name) {
+                return r
+                    .leader
+                    .and_then(|l| control.member_addr(&l))
+                    .map_or(String::new(), |a| a.to_string());
+            }
+        }
+        match self.common.role {
+            Role::Follower(a) => a.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// Take `log` into service under `name`, in the role it should have here.
     pub fn install(self: &Rc<Self>, name: &str, log: Log) -> Result<Rc<LogEntry>, Error> {
+        let role = self.choose_role(name, &log, None);
+        self.install_as(name, log, role)
+    }
+
+    /// Take `log` into service under `name` as `role`.
+    pub fn install_as(
+        self: &Rc<Self>,
+        name: &str,
+        log: Log,
+        choice: RoleChoice,
+    ) -> Result<Rc<LogEntry>, Error> {
         let last = log.last_epoch().map_or(0, |e| e.0);
         let changed = Rc::new(Notify::new());
-        let (epoch, role) = match &self.common.role {
-            Role::Standalone => (Epoch(last.max(1)), EntryRole::Standalone),
-            Role::Leader => {
-                let epoch = Epoch(last + 1);
+        let lead = match choice {
+            RoleChoice::LeadNewEpoch => Some(Epoch(last + 1)),
+            RoleChoice::Lead(e) => Some(e),
+            _ => None,
+        };
+        let (epoch, role) = match (choice, lead) {
+            (RoleChoice::Standalone, _) => (Epoch(last.max(1)), EntryRole::Standalone),
+            (_, Some(epoch)) => {
                 log.begin_epoch(epoch)?;
                 let repl = crate::leader::Replication::new(
                     &self.common.node_id,
                     self,
+                    name,
                     &log,
                     changed.clone(),
                 );
                 (epoch, EntryRole::Leader(Rc::new(repl)))
             }
-            Role::Follower(_) => (
+            (_, None) => (
                 Epoch(last),
                 EntryRole::Follower(Rc::new(std::cell::Cell::new(0))),
             ),
+        };
+        let following = match choice {
+            RoleChoice::Follow(a) => a,
+            _ => None,
         };
         let mut producers = ProducerTable::new(self.common.config.limits.producers_per_log_max);
         rebuild_producers(&log, &mut producers)?;
@@ -167,6 +281,9 @@ impl Shard {
             role,
             snapshot: std::cell::Cell::new(snapshot),
             changed,
+            following,
+            retired: Default::default(),
+            retiring: Default::default(),
         });
         self.logs
             .borrow_mut()
@@ -329,7 +446,9 @@ pub(crate) fn run(
         if let Some(policy) = common.config.retention() {
             tokio_uring::spawn(retention(shard.clone(), policy));
         }
-        if let Role::Follower(leader) = common.role {
+        if common.control.is_some() {
+            tokio_uring::spawn(crate::follow::steer(shard.clone()));
+        } else if let Role::Follower(leader) = common.role {
             tokio_uring::spawn(crate::follow::run(shard.clone(), leader));
         }
 

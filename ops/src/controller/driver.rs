@@ -114,6 +114,9 @@ enum Input {
 /// A running controller.
 pub struct Controller {
     me: NodeId,
+    /// When this node last heard from the Raft leader, or, leading, from another member (ms
+    /// since the Unix epoch).
+    contact_ms: Arc<std::sync::atomic::AtomicU64>,
     tx: mpsc::UnboundedSender<Input>,
     state: watch::Receiver<Arc<State>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -167,6 +170,7 @@ impl Controller {
         let node =
             RawNode::new(&config, storage, &logger).map_err(|e| StartError::Raft(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let contact_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let initial = Arc::new(State {
             meta: meta.clone(),
             applied,
@@ -196,6 +200,7 @@ impl Controller {
             heard: BTreeMap::new(),
             leading_since: None,
             proposed: HashMap::new(),
+            contact_ms: contact_ms.clone(),
         };
         // Replay what was committed before a restart, so the metadata is current on return.
         driver.on_ready().map_err(StartError::Storage)?;
@@ -207,6 +212,7 @@ impl Controller {
             .map_err(|e| StartError::Raft(format!("spawn: {e}")))?;
         Ok(Controller {
             me: cfg.node_id,
+            contact_ms,
             tx,
             state,
             thread: Some(thread),
@@ -216,6 +222,13 @@ impl Controller {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.me
+    }
+
+    /// How long ago this node last heard from the Raft leader (or, leading, from another
+    /// member).
+    pub fn since_contact(&self) -> Duration {
+        let at = self.contact_ms.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(now_ms().saturating_sub(at))
     }
 
     /// A frame received from member `from`.
@@ -293,6 +306,13 @@ struct Driver {
     leading_since: Option<Instant>,
     /// Failover commands proposed recently, per log: (epoch, when).
     proposed: HashMap<String, (u64, Instant)>,
+    contact_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Driver {
@@ -373,8 +393,16 @@ impl Driver {
                 match Message::parse_from_bytes(&frame[1..]) {
                     // A message must come from the member it names.
                     Ok(m) if self.ids.get(&m.from) == Some(&from) && m.to == self.raft_id => {
+                        let sender = m.from;
                         if let Err(e) = self.node.step(m) {
                             tracing::debug!(error = %e, "controller: raft step");
+                        }
+                        let r = &self.node.raft;
+                        if sender == r.leader_id
+                            || (r.state == StateRole::Leader && r.leader_id == self.raft_id)
+                        {
+                            self.contact_ms
+                                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                         }
                     }
                     Ok(_) => {
@@ -440,10 +468,7 @@ impl Driver {
         let (Some(since), Some(cfg)) = (self.leading_since, self.failover) else {
             return;
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        for cmd in decide(&self.meta, &self.heard, now, since, &cfg, now_ms) {
+        for cmd in decide(&self.meta, &self.heard, now, since, &cfg, now_ms()) {
             let (log, epoch) = match &cmd {
                 Command::Elect { log, epoch, .. }
                 | Command::Depose { log, epoch, .. }
@@ -710,6 +735,8 @@ mod tests {
                 replicas: IDS.iter().map(|s| s.to_string()).collect(),
                 leader: "a".into(),
                 policy: Policy::SyncSet,
+                epoch: 1,
+                start: 0,
             },
             Duration::from_secs(10),
         ))

@@ -248,6 +248,8 @@ mod tests {
             replicas: vec!["a".into(), "b".into(), "c".into()],
             leader: "a".into(),
             policy: Policy::SyncSet,
+            epoch: 1,
+            start: 0,
         })
         .unwrap();
         m.apply(&Command::SetSyncSet {

@@ -94,12 +94,15 @@ pub enum Command {
         cluster_id: String,
         members: BTreeMap<NodeId, Member>,
     },
-    /// Register a log, led by `leader` in epoch 1 from offset 0.
+    /// Register a log, led by `leader` in `epoch` (the leader's current epoch for it; at least
+    /// 1) from offset `start`.
     CreateLog {
         name: String,
         replicas: Vec<NodeId>,
         leader: NodeId,
         policy: Policy,
+        epoch: u64,
+        start: u64,
     },
     /// The leader of `epoch` changes the log's sync set.
     SetSyncSet {
@@ -195,6 +198,8 @@ impl ClusterMeta {
                 replicas,
                 leader,
                 policy,
+                epoch,
+                start,
             } => {
                 if self.logs.contains_key(name) {
                     return Err(Refusal::LogExists(name.clone()));
@@ -215,9 +220,9 @@ impl ClusterMeta {
                         leader: Some(leader.clone()),
                         last_leader: None,
                         policy: *policy,
-                        epoch: 1,
+                        epoch: (*epoch).max(1),
                         sync_set: Vec::new(),
-                        epochs: vec![(1, 0)],
+                        epochs: vec![((*epoch).max(1), *start)],
                         no_leader: None,
                         transfer: None,
                         unclean: Vec::new(),
@@ -515,6 +520,8 @@ mod tests {
             replicas: vec!["a".into(), "b".into(), "c".into()],
             leader: "a".into(),
             policy: Policy::SyncSet,
+            epoch: 1,
+            start: 0,
         })
         .unwrap();
         m

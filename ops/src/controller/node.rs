@@ -2,9 +2,10 @@
 //! [`server::control::ControlFactory`] once it knows its id and TLS configuration, fed the
 //! node's log states every two ticks, and answering for the controller part of `status`.
 //!
-//! The node's data roles are still fixed by its `[replication]` configuration: the controller
-//! keeps the cluster's metadata (members, and each log the configured leader holds) replicated
-//! and persisted, but makes no failover decisions until the node follows them.
+//! The node steers each log by the records this controller serves
+//! ([`ControlPlane::log_record`]), leads only while [`ControlPlane::lease_ok`], and asks for a
+//! new epoch after a restart ([`ControlPlane::renew_epoch`]); the controller's leader fails
+//! logs over when their leaders go silent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -15,13 +16,24 @@ use server::control::{ControlContext, ControlFactory, ControlPlane, LogRecord};
 use server::NodeConfig;
 
 use super::driver::{Controller, ControllerConfig};
-use super::failover::{LogReport, NodeReport};
+use super::failover::{FailoverConfig, LogReport, NodeReport};
 use super::meta::{Command, Member, Policy};
 use super::transport::QuicTransport;
 
 /// The node's controller: the running [`Controller`], as the node sees it.
 pub struct NodeController {
     pub controller: Controller,
+    addrs: HashMap<String, std::net::SocketAddr>,
+    leader_timeout: Duration,
+}
+
+fn record(l: &super::meta::LogMeta) -> LogRecord {
+    LogRecord {
+        epoch: l.epoch,
+        leader: l.leader.clone(),
+        sync_set: l.sync_set.clone(),
+        replicas: l.replicas.clone(),
+    }
 }
 
 impl ControlPlane for NodeController {
@@ -32,11 +44,37 @@ impl ControlPlane for NodeController {
     fn log_record(&self, log: &str) -> Option<LogRecord> {
         let s = self.controller.state();
         let s = s.borrow();
-        s.meta.logs.get(log).map(|l| LogRecord {
-            epoch: l.epoch,
-            leader: l.leader.clone(),
-            sync_set: l.sync_set.clone(),
-        })
+        s.meta.logs.get(log).map(record)
+    }
+
+    fn logs(&self) -> Vec<(String, LogRecord)> {
+        let s = self.controller.state();
+        let s = s.borrow();
+        s.meta
+            .logs
+            .iter()
+            .map(|(n, l)| (n.clone(), record(l)))
+            .collect()
+    }
+
+    fn member_addr(&self, id: &str) -> Option<std::net::SocketAddr> {
+        self.addrs.get(id).copied()
+    }
+
+    fn lease_ok(&self) -> bool {
+        self.controller.since_contact() < self.leader_timeout / 2
+    }
+
+    fn renew_epoch(&self, log: &str, epoch: u64, end: u64) {
+        let sync_set = self.log_record(log).map_or(Vec::new(), |r| r.sync_set);
+        self.controller.submit(Command::Elect {
+            log: log.to_string(),
+            epoch,
+            leader: self.controller.node_id().to_string(),
+            start: end,
+            sync_set,
+            unclean: None,
+        });
     }
 
     fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
@@ -111,19 +149,28 @@ pub fn factory(cfg: &NodeConfig) -> (ControlFactory, Arc<Mutex<Option<Arc<NodeCo
             .filter_map(|(id, m)| Some((id.clone(), m.addr.parse().ok()?)))
             .collect();
         let bind = std::net::SocketAddr::new(ctx.local_addr.ip(), 0);
-        let transport = QuicTransport::start(ctx.node_id.clone(), addrs, ctx.peer_client, bind)?;
+        let transport =
+            QuicTransport::start(ctx.node_id.clone(), addrs.clone(), ctx.peer_client, bind)?;
+        let leader_timeout = Duration::from_millis(cfg.controller.leader_timeout_ms);
         let controller = Controller::start(
             ControllerConfig {
                 node_id: ctx.node_id,
                 members,
                 dir: cfg.node.data_dir.join("controller"),
                 tick: Duration::from_millis(cfg.controller.tick_ms),
-                failover: None,
+                failover: Some(FailoverConfig {
+                    leader_timeout,
+                    unclean: cfg.controller.unclean_failover,
+                }),
             },
             Arc::new(transport),
         )
         .map_err(|e| e.to_string())?;
-        let nc = Arc::new(NodeController { controller });
+        let nc = Arc::new(NodeController {
+            controller,
+            addrs,
+            leader_timeout,
+        });
         *keep.lock().unwrap() = Some(nc.clone());
         Ok(nc as Arc<dyn ControlPlane>)
     });
@@ -184,6 +231,8 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
                             replicas: replicas.clone(),
                             leader: me.clone(),
                             policy,
+                            epoch: l.epoch,
+                            start: l.start,
                         };
                         if let Err(e) = nc.controller.propose(cmd, every * 5).await {
                             tracing::debug!(log = %l.name, error = %e, "controller: log not registered yet");
