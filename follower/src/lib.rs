@@ -10,6 +10,7 @@
 //! bootstrap signal and per-stage latency reports ([`session::FollowerStage`]); the node (the
 //! `server` crate) manages connections and local logs and turns those reports into metrics.
 
+pub mod quarantine;
 pub mod session;
 
 use log_core::batch::{self, BatchError};

@@ -29,6 +29,11 @@ pub struct SessionConfig {
     /// Called with each stage latency the session measures (see [`FollowerStage`]); `None`
     /// measures nothing.
     pub stages: Option<StageObserver>,
+    /// Where a divergent suffix is moved before it is truncated (see [`crate::quarantine`]);
+    /// `None`: it is only truncated.
+    pub quarantine_dir: Option<std::path::PathBuf>,
+    /// Told about every quarantine made.
+    pub on_quarantine: Option<Rc<dyn Fn(&crate::quarantine::Report)>>,
 }
 
 /// The stages a replicated frame goes through on a follower, as reported to a
@@ -247,6 +252,22 @@ pub async fn run(
                     to = local.end,
                     "truncating a divergent suffix"
                 );
+                if let Some(dir) = &cfg.quarantine_dir {
+                    match crate::quarantine::save(log, name, to, dir) {
+                        Ok(Some(r)) => {
+                            tracing::warn!(log = name, from = r.from, to = r.to, records = r.records, epochs = ?r.epochs, file = %r.file.display(), "the divergent suffix is in quarantine");
+                            if let Some(f) = &cfg.on_quarantine {
+                                f(&r);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Err(SessionError::Unsafe(format!(
+                            "cannot quarantine the divergent suffix, so it is not truncated: {e}"
+                        )))
+                        }
+                    }
+                }
                 log.truncate_after(Offset(to)).await?;
             }
             Step::Bootstrap => return Ok(Outcome::Bootstrap { start: None }),

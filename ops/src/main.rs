@@ -567,6 +567,10 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                     "address": conn.servers[0], "leader": s.leader, "logs": logs,
                     "replication": replication,
                     "controller": s.controller.as_ref().map(controller_json),
+                    "quarantined": s.quarantined.iter().map(|q| json!({
+                        "log": q.log, "from": q.from, "to": q.to, "records": q.records,
+                        "bytes": q.bytes, "epochs": q.epochs, "at_ms": q.at_ms, "file": q.file,
+                    })).collect::<Vec<_>>(),
                 })
                 .to_string())?;
             } else {
@@ -586,6 +590,12 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                     for line in controller_lines(c) {
                         out(line)?;
                     }
+                }
+                for q in &s.quarantined {
+                    out(format!(
+                        "  quarantined: {} offsets {}..{} ({} records, {} bytes, epochs {:?}) at {} ms, in {}",
+                        q.log, q.from, q.to, q.records, q.bytes, q.epochs, q.at_ms, q.file
+                    ))?;
                 }
                 for l in &s.logs {
                     out(format!(

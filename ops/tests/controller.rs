@@ -112,7 +112,7 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
     // failover elects from.
     // (The first may be refused while the sync set is not on record yet.)
     eventually(30, "acks=sync appends", || {
-        append_sync(&c.env, &c.nodes[0].server(), "orders", "one\ntwo\n")
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, "one\ntwo\n")
     });
     for n in &c.nodes {
         eventually(30, "the sync set on record", || {
@@ -191,22 +191,58 @@ fn record(env: &Env, node: &NodeProc, log: &str) -> Option<(Option<String>, u64)
     ))
 }
 
-/// Append `lines` at acks=sync through any of `servers`; the offsets, or `None` if the append
-/// did not succeed.
-fn append_sync(env: &Env, servers: &str, log: &str, lines: &str) -> Option<Vec<u64>> {
+/// Append `lines` at acks=sync through any of `servers` as one conditional append at offset
+/// `at`: the offsets, or `None` if it did not succeed. A retry after an unknown outcome cannot
+/// store the lines twice: if an earlier attempt stored them, the conflict is recognised by
+/// reading them back at `at`.
+fn append_sync(env: &Env, servers: &str, log: &str, at: u64, lines: &str) -> Option<Vec<u64>> {
+    let at_s = at.to_string();
     let out = env.cli(
         &[
-            "append", "--server", servers, "--log", log, "--acks", "sync", "--json",
+            "append",
+            "--server",
+            servers,
+            "--log",
+            log,
+            "--acks",
+            "sync",
+            "--expected-offset",
+            &at_s,
+            "--json",
         ],
         lines,
     );
-    if !out.status.success() {
+    let offsets: Vec<u64> = (at..at + lines.lines().count() as u64).collect();
+    if out.status.success() {
+        return Some(offsets);
+    }
+    if !String::from_utf8_lossy(&out.stderr).contains("offset_conflict") {
         return None;
     }
-    String::from_utf8_lossy(&out.stdout)
+    // Stored by an earlier attempt whose answer was lost?
+    let first = servers.split(',').next()?;
+    let read = env.cli(
+        &[
+            "read",
+            "--server",
+            first,
+            "--log",
+            log,
+            "--from",
+            &at_s,
+            "--min-offset",
+            "0",
+            "--json",
+        ],
+        "",
+    );
+    let values: Vec<String> = String::from_utf8_lossy(&read.stdout)
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["offset"].as_u64())
-        .collect()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["value"].as_str().map(str::to_string))
+        .collect();
+    let wanted: Vec<&str> = lines.lines().collect();
+    (values.len() >= wanted.len() && values[..wanted.len()] == wanted[..]).then_some(offsets)
 }
 
 /// Every record of `log` on `node`, read without a read-your-writes floor.
@@ -238,7 +274,7 @@ fn records(env: &Env, node: &NodeProc, log: &str) -> Vec<(u64, String)> {
 
 #[test]
 fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
-    let mut c = start_with(&["--leader-timeout-ms", "1000"]);
+    let mut c = start_with(&["--leader-timeout-ms", "2000"]);
     let all = c
         .nodes
         .iter()
@@ -258,7 +294,7 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     // Acknowledged at sync on n1 (the controller must know the log and n1's lease must hold).
     let first: String = (0..10).map(|i| format!("before-{i}\n")).collect();
     let acked = eventually(60, "acks=sync appends on n1", || {
-        append_sync(&c.env, &c.nodes[0].server(), "orders", &first)
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
     });
     assert_eq!(acked, (0..10).collect::<Vec<u64>>());
 
@@ -272,7 +308,7 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     });
     assert!(epoch >= 2, "epoch {epoch}");
     let after = eventually(60, "acks=sync appends on the new leader", || {
-        append_sync(&c.env, &all, "orders", "after-0\nafter-1\n")
+        append_sync(&c.env, &all, "orders", 10, "after-0\nafter-1\n")
     });
     assert_eq!(after, vec![10, 11]);
 
@@ -295,12 +331,163 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     // n1 takes no writes for the log now: it answers not_leader naming the new leader, and
     // the client library follows it there.
     let via_n1 = eventually(30, "an append through n1", || {
-        append_sync(&c.env, &c.nodes[0].server(), "orders", "through-n1\n")
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 12, "through-n1\n")
     });
     assert_eq!(via_n1, vec![12]);
     let on_n1 = records(&c.env, &c.nodes[0], "orders");
     assert!(
         on_n1.len() <= 13 && on_n1[..12] == expected[..],
         "{on_n1:?}"
+    );
+}
+
+fn wait_for_new_leader(c: &Cluster, node: usize, old: &str) -> (String, u64) {
+    eventually(90, "a new leader of the log", || {
+        match record(&c.env, &c.nodes[node], "orders")? {
+            (Some(l), e) if l != old => Some((l, e)),
+            _ => None,
+        }
+    })
+}
+
+fn servers(nodes: &[&NodeProc]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.server())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
+    let c = start_with(&["--leader-timeout-ms", "2000"]);
+    c.env.cli_ok(
+        &[
+            "create",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+        ],
+        "",
+    );
+    let first: String = (0..5).map(|i| format!("before-{i}\n")).collect();
+    eventually(60, "acks=sync appends on n1", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
+    });
+
+    c.nodes[0].signal(libc::SIGSTOP);
+    let (leader, epoch) = wait_for_new_leader(&c, 1, "n1");
+    assert!(epoch >= 2);
+    let others = servers(&[&c.nodes[1], &c.nodes[2]]);
+    let after = eventually(60, "acks=sync appends on the new leader", || {
+        append_sync(&c.env, &others, "orders", 5, "after-0\nafter-1\nafter-2\n")
+    });
+    assert_eq!(after, vec![5, 6, 7]);
+
+    // The old leader wakes up: its lease has lapsed, it learns the new epoch, and it follows.
+    c.nodes[0].signal(libc::SIGCONT);
+    let expected: Vec<(u64, String)> = (0..5)
+        .map(|i| (i, format!("before-{i}")))
+        .chain((0..3).map(|i| (5 + i, format!("after-{i}"))))
+        .collect();
+    for n in &c.nodes {
+        eventually(
+            60,
+            "every replica holds exactly the acknowledged records",
+            || (records(&c.env, n, "orders") == expected).then_some(()),
+        );
+    }
+    let v = c
+        .env
+        .cli_json(&["status", "--server", &c.nodes[0].server(), "--json"], "");
+    assert_eq!(v[0]["controller"]["logs"][0]["leader"], leader.as_str());
+    // It commits nothing on its own: a write sent to it lands on the new leader.
+    let via_old = eventually(30, "an append through the old leader", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 8, "through-n1\n")
+    });
+    assert_eq!(via_old, vec![8]);
+}
+
+#[test]
+fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
+    // A long leader_timeout: the leader's lease (half of it) outlives its followers by enough
+    // for one more append.
+    let mut c = start_with(&["--leader-timeout-ms", "10000"]);
+    c.env.cli_ok(
+        &[
+            "create",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+        ],
+        "",
+    );
+    let first: String = (0..5).map(|i| format!("before-{i}\n")).collect();
+    eventually(60, "acks=sync appends on n1", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
+    });
+    // Both followers die; n1 stores three more records that nobody else ever sees (acks=leader:
+    // durable on n1 alone), then dies too.
+    c.nodes[1].kill();
+    c.nodes[2].kill();
+    let lonely = c.env.cli_json(
+        &[
+            "append",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+            "--acks",
+            "leader",
+            "--json",
+        ],
+        "lonely-0\nlonely-1\nlonely-2\n",
+    );
+    assert_eq!(lonely.len(), 3, "{lonely:?}");
+    assert_eq!(lonely[2]["offset"], 7);
+    c.nodes[0].kill();
+
+    // The followers come back without n1 and elect one of themselves (the member of the sync
+    // set on record), which takes writes.
+    let b = c.nodes[1].respawn();
+    c.nodes[1] = b;
+    let b = c.nodes[2].respawn();
+    c.nodes[2] = b;
+    wait_for_new_leader(&c, 1, "n1");
+    let others = servers(&[&c.nodes[1], &c.nodes[2]]);
+    let after = eventually(90, "acks=sync appends on the new leader", || {
+        append_sync(&c.env, &others, "orders", 5, "after-0\nafter-1\n")
+    });
+    assert_eq!(after, vec![5, 6]);
+
+    // n1 returns: its three lonely records diverge from the new leader's log. It keeps them in
+    // quarantine, truncates them, and converges.
+    let b = c.nodes[0].respawn();
+    c.nodes[0] = b;
+    let expected: Vec<(u64, String)> = (0..5)
+        .map(|i| (i, format!("before-{i}")))
+        .chain((0..2).map(|i| (5 + i, format!("after-{i}"))))
+        .collect();
+    eventually(90, "n1 holds exactly the new leader's records", || {
+        (records(&c.env, &c.nodes[0], "orders") == expected).then_some(())
+    });
+    let v = c
+        .env
+        .cli_json(&["status", "--server", &c.nodes[0].server(), "--json"], "");
+    let q = v[0]["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v:?}");
+    assert_eq!(q[0]["log"], "orders");
+    assert_eq!(
+        (q[0]["from"].as_u64(), q[0]["to"].as_u64()),
+        (Some(5), Some(8))
+    );
+    assert_eq!(q[0]["records"], 3);
+    let kept = std::fs::read(q[0]["file"].as_str().unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&kept);
+    assert!(
+        (0..3).all(|i| text.contains(&format!("lonely-{i}"))),
+        "the quarantined batches hold the truncated records"
     );
 }

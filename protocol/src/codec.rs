@@ -351,6 +351,20 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
                 }
             }
             put_controller(out, s.controller.as_ref());
+            out.put_u32_le(s.quarantined.len() as u32);
+            for q in &s.quarantined {
+                put_str(out, q.log.as_bytes());
+                out.put_u64_le(q.from);
+                out.put_u64_le(q.to);
+                out.put_u64_le(q.records);
+                out.put_u64_le(q.bytes);
+                out.put_u32_le(q.epochs.len() as u32);
+                for e in &q.epochs {
+                    out.put_u64_le(*e);
+                }
+                out.put_u64_le(q.at_ms);
+                put_str(out, q.file.as_bytes());
+            }
             finish(out, at);
         }
         Response::Batches(b) => {
@@ -726,6 +740,39 @@ fn decode_strs(
     (0..n).map(|_| r.string(max, what)).collect()
 }
 
+fn decode_quarantined(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+) -> Result<Vec<Quarantined>, ProtocolError> {
+    let n = r.u32("quarantine count")? as usize;
+    // name (2) + five u64 (40) + epoch count (4) + file (2) at least per entry.
+    if n > r.remaining() / 48 {
+        return Err(ProtocolError::Truncated("quarantine list"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let log = r.string(limits.name_bytes_max, "log name")?;
+        let (from, to) = (r.u64("from")?, r.u64("to")?);
+        let (records, bytes) = (r.u64("records")?, r.u64("bytes")?);
+        let k = r.u32("epoch count")? as usize;
+        if k > r.remaining() / 8 {
+            return Err(ProtocolError::Truncated("epoch list"));
+        }
+        let epochs = (0..k).map(|_| r.u64("epoch")).collect::<Result<_, _>>()?;
+        out.push(Quarantined {
+            log,
+            from,
+            to,
+            records,
+            bytes,
+            epochs,
+            at_ms: r.u64("at_ms")?,
+            file: r.string(limits.text_bytes_max, "quarantine file")?,
+        });
+    }
+    Ok(out)
+}
+
 fn decode_controller(
     r: &mut Reader<'_>,
     limits: &Limits,
@@ -887,6 +934,7 @@ pub fn decode_response(
             leader: r.string(limits.text_bytes_max, "leader address")?,
             replication: decode_replication(&mut r, limits)?,
             controller: decode_controller(&mut r, limits)?,
+            quarantined: decode_quarantined(&mut r, limits)?,
         }),
         kind::BATCHES => Response::Batches(BatchesResponse {
             next_offset: r.u64("next offset")?,
@@ -1044,6 +1092,16 @@ mod tests {
                     unclean_elections: 1,
                 }],
             }),
+            quarantined: vec![Quarantined {
+                log: "x".into(),
+                from: 7,
+                to: 9,
+                records: 2,
+                bytes: 150,
+                epochs: vec![3],
+                at_ms: 1234,
+                file: "/data/quarantine/x/1234-7-9.batches".into(),
+            }],
         }));
         roundtrip_resp(Response::Batches(BatchesResponse {
             next_offset: 5,

@@ -31,7 +31,7 @@ pub use codec::{
 pub use error::{ErrorCode, ProtocolError};
 pub use message::{
     Acks, AppendRequest, BatchesResponse, ControlledLog, ControllerStatus, ErrorResponse,
-    FollowerStatus, LogInfo, LogReplication, ReadRequest, Receipt, ReplicateRequest,
+    FollowerStatus, LogInfo, LogReplication, Quarantined, ReadRequest, Receipt, ReplicateRequest,
     ReplicatedResponse, Request, Response, Snapshot, StatusResponse, TailRequest, RECEIPT_DEGRADED,
     RECEIPT_DUPLICATE,
 };

@@ -235,6 +235,25 @@ pub struct StatusResponse {
     pub replication: Vec<LogReplication>,
     /// On a node that runs the embedded controller: its view of the cluster's metadata.
     pub controller: Option<ControllerStatus>,
+    /// Records this node truncated from its logs (divergent suffixes) and kept in quarantine.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// A divergent suffix a replica truncated, kept in a quarantine file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Quarantined {
+    pub log: String,
+    /// The records from `from` (included) to `to` (excluded).
+    pub from: u64,
+    pub to: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// The epochs they were written in.
+    pub epochs: Vec<u64>,
+    /// When, in ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The file holding their batches, on the node.
+    pub file: String,
 }
 
 /// The embedded controller's view, as one node has applied it.

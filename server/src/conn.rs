@@ -125,6 +125,9 @@ async fn refuse_uni_streams(conn: quinn::Connection) {
     }
 }
 
+/// Where a node keeps the divergent suffixes it truncated, under its data dir.
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+
 /// The ALPN protocol the connection agreed on.
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?
@@ -380,6 +383,21 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                 },
                 replication,
                 controller: c.control.as_ref().map(|c| c.status()),
+                quarantined: follower::quarantine::list(
+                    &c.config.node.data_dir.join(QUARANTINE_DIR),
+                )
+                .into_iter()
+                .map(|q| protocol::Quarantined {
+                    log: q.log,
+                    from: q.from,
+                    to: q.to,
+                    records: q.records,
+                    bytes: q.bytes,
+                    epochs: q.epochs,
+                    at_ms: q.at_ms,
+                    file: q.file.display().to_string(),
+                })
+                .collect(),
             };
             return reply(&shard, &mut send, &Response::Status(status)).await;
         }

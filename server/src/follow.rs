@@ -230,6 +230,20 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
         addr: shard.common.advertise.to_string(),
         limits: cfg.protocol_limits(),
         stages: Some(stage_metrics(&shard)),
+        quarantine_dir: Some(cfg.node.data_dir.join(crate::conn::QUARANTINE_DIR)),
+        on_quarantine: Some({
+            let metrics = shard.common.metrics.clone();
+            Rc::new(move |r: &follower::quarantine::Report| {
+                metrics
+                    .c
+                    .quarantined_records
+                    .fetch_add(r.records, Ordering::Relaxed);
+                metrics
+                    .c
+                    .quarantined_bytes
+                    .fetch_add(r.bytes, Ordering::Relaxed);
+            })
+        }),
     });
     let running: Rc<RefCell<BTreeSet<String>>> = Default::default();
     let fetching: Rc<RefCell<BTreeSet<String>>> = Default::default();

@@ -119,6 +119,8 @@ pub struct Counters {
     pub replicated_bytes: AtomicU64,
     pub replication_refusals: AtomicU64,
     pub bootstraps: AtomicU64,
+    pub quarantined_records: AtomicU64,
+    pub quarantined_bytes: AtomicU64,
 }
 
 pub struct ShardHistograms {
@@ -216,7 +218,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let c = &self.c;
-        let counters: [(&str, &str, &AtomicU64); 17] = [
+        let counters: [(&str, &str, &AtomicU64); 19] = [
             (
                 "replog_appends_total",
                 "Append requests stored.",
@@ -301,6 +303,16 @@ impl Metrics {
                 "replog_bootstraps_total",
                 "Local replicas replaced by a bootstrap from the leader's first stored offset.",
                 &c.bootstraps,
+            ),
+            (
+                "replog_quarantined_records_total",
+                "Records of a divergent suffix moved to quarantine before they were truncated.",
+                &c.quarantined_records,
+            ),
+            (
+                "replog_quarantined_bytes_total",
+                "Bytes of batches moved to quarantine before they were truncated.",
+                &c.quarantined_bytes,
             ),
         ];
         for (name, help, v) in counters {

@@ -388,6 +388,7 @@ async fn serve_stream(
                 leader: String::new(),
                 replication: Vec::new(),
                 controller: None,
+                quarantined: Vec::new(),
             })
         }
         Request::Append(a) => {

@@ -21,7 +21,7 @@ use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::failover::{decide, FailoverConfig, Heard, NodeReport};
+use super::failover::{decide_with, FailoverConfig, Heard, NodeReport};
 use super::meta::{ClusterMeta, Command, Member, NodeId, Refusal};
 use super::storage::DiskStorage;
 
@@ -200,6 +200,7 @@ impl Controller {
             heard: BTreeMap::new(),
             leading_since: None,
             proposed: HashMap::new(),
+            began: BTreeMap::new(),
             contact_ms: contact_ms.clone(),
         };
         // Replay what was committed before a restart, so the metadata is current on return.
@@ -306,6 +307,8 @@ struct Driver {
     leading_since: Option<Instant>,
     /// Failover commands proposed recently, per log: (epoch, when).
     proposed: HashMap<String, (u64, Instant)>,
+    /// When each log's current epoch began, as this node saw it: (epoch, when).
+    began: BTreeMap<String, (u64, Instant)>,
     contact_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -468,7 +471,18 @@ impl Driver {
         let (Some(since), Some(cfg)) = (self.leading_since, self.failover) else {
             return;
         };
-        for cmd in decide(&self.meta, &self.heard, now, since, &cfg, now_ms()) {
+        // When each log's current epoch began, as this node saw it.
+        for (name, l) in &self.meta.logs {
+            if self.began.get(name).is_none_or(|(e, _)| *e != l.epoch) {
+                self.began.insert(name.clone(), (l.epoch, now));
+            }
+        }
+        let began: BTreeMap<String, Instant> = self
+            .began
+            .iter()
+            .map(|(n, (_, t))| (n.clone(), *t))
+            .collect();
+        for cmd in decide_with(&self.meta, &self.heard, now, since, &cfg, now_ms(), &began) {
             let (log, epoch) = match &cmd {
                 Command::Elect { log, epoch, .. }
                 | Command::Depose { log, epoch, .. }

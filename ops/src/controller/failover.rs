@@ -71,6 +71,29 @@ pub fn decide(
     cfg: &FailoverConfig,
     now_ms: u64,
 ) -> Vec<Command> {
+    decide_with(
+        meta,
+        heard,
+        now,
+        leading_since,
+        cfg,
+        now_ms,
+        &BTreeMap::new(),
+    )
+}
+
+/// [`decide`], where `began` says when each log's current epoch began (as this controller saw
+/// it): a leader just elected is given `leader_timeout` to start reporting as one before it
+/// can be declared failed.
+pub fn decide_with(
+    meta: &ClusterMeta,
+    heard: &BTreeMap<NodeId, Heard>,
+    now: Instant,
+    leading_since: Instant,
+    cfg: &FailoverConfig,
+    now_ms: u64,
+    began: &BTreeMap<String, Instant>,
+) -> Vec<Command> {
     if now.saturating_duration_since(leading_since) < cfg.leader_timeout {
         return Vec::new();
     }
@@ -95,7 +118,12 @@ pub fn decide(
             })
             .collect();
         match &log.leader {
-            Some(leader) if alive(leader) => {
+            Some(leader)
+                if alive(leader)
+                    || began.get(name).is_some_and(|t| {
+                        now.saturating_duration_since(*t) < cfg.leader_timeout
+                    }) =>
+            {
                 if let Some(cmd) = transfer_step(name, log, leader, heard, &reachable, now_ms) {
                     out.push(cmd);
                 }
@@ -352,6 +380,21 @@ mod tests {
         };
         assert_eq!(leader, "c");
         assert_eq!((u.end, u.known_commit, u.at_ms, u.epoch), (11, 9, 77, 2));
+    }
+
+    #[test]
+    fn a_leader_just_elected_has_leader_timeout_to_start_reporting() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(10);
+        let m = meta(&["b"]);
+        let h: BTreeMap<_, _> = [heard(now, "b", 1, 10, 10)].into();
+        let began: BTreeMap<String, Instant> = [("l".to_string(), now - T / 2)].into();
+        assert!(decide_with(&m, &h, now, t0, &cfg(false), 0, &began).is_empty());
+        let began: BTreeMap<String, Instant> = [("l".to_string(), now - T * 2)].into();
+        assert_eq!(
+            decide_with(&m, &h, now, t0, &cfg(false), 0, &began).len(),
+            1
+        );
     }
 
     #[test]
