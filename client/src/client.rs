@@ -356,7 +356,7 @@ impl Client {
     /// The node's identity, role and logs.
     pub async fn status(&self) -> Result<StatusResponse> {
         match self.repeatable(&Request::Status).await?.resp {
-            Response::Status(s) => Ok(s),
+            Response::Status(s) => Ok(*s),
             Response::Error(e) => Err(e.into()),
             _ => Err(unexpected("unexpected answer to Status")),
         }

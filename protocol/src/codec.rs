@@ -923,7 +923,7 @@ pub fn decode_response(
             })
         }
         kind::LOGS => Response::Logs(decode_log_info(&mut r, limits)?),
-        kind::STATUS_RESP => Response::Status(StatusResponse {
+        kind::STATUS_RESP => Response::Status(Box::new(StatusResponse {
             node_id: r.string(limits.text_bytes_max, "node id")?,
             version: r.string(limits.text_bytes_max, "version")?,
             role: r.string(limits.text_bytes_max, "role")?,
@@ -935,7 +935,7 @@ pub fn decode_response(
             replication: decode_replication(&mut r, limits)?,
             controller: decode_controller(&mut r, limits)?,
             quarantined: decode_quarantined(&mut r, limits)?,
-        }),
+        })),
         kind::BATCHES => Response::Batches(BatchesResponse {
             next_offset: r.u64("next offset")?,
             committed: r.u64("committed")?,
@@ -1049,7 +1049,7 @@ mod tests {
             snapshot: Some(7),
         }];
         roundtrip_resp(Response::Logs(logs.clone()));
-        roundtrip_resp(Response::Status(StatusResponse {
+        roundtrip_resp(Response::Status(Box::new(StatusResponse {
             node_id: "n1".into(),
             version: "0.1.0".into(),
             role: "standalone".into(),
@@ -1102,7 +1102,7 @@ mod tests {
                 at_ms: 1234,
                 file: "/data/quarantine/x/1234-7-9.batches".into(),
             }],
-        }));
+        })));
         roundtrip_resp(Response::Batches(BatchesResponse {
             next_offset: 5,
             committed: 5,

@@ -350,7 +350,7 @@ pub enum Response {
     Error(ErrorResponse),
     Receipt(Receipt),
     Logs(Vec<LogInfo>),
-    Status(StatusResponse),
+    Status(Box<StatusResponse>),
     Batches(BatchesResponse),
     /// The latest application snapshot of a log.
     Snapshot(Snapshot),

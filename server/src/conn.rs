@@ -399,7 +399,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                 })
                 .collect(),
             };
-            return reply(&shard, &mut send, &Response::Status(status)).await;
+            return reply(&shard, &mut send, &Response::Status(Box::new(status))).await;
         }
         Request::CreateLog { name } => name,
         Request::Append(a) => &a.log,

@@ -377,7 +377,7 @@ async fn serve_stream(
         }
         Request::Status => {
             let s = state.lock().unwrap();
-            Response::Status(StatusResponse {
+            Response::Status(Box::new(StatusResponse {
                 node_id: "fake".into(),
                 version: "0.0.0".into(),
                 role: "standalone".into(),
@@ -389,7 +389,7 @@ async fn serve_stream(
                 replication: Vec::new(),
                 controller: None,
                 quarantined: Vec::new(),
-            })
+            }))
         }
         Request::Append(a) => {
             let silent = state.lock().unwrap().behaviour.silent_appends;
