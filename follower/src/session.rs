@@ -33,8 +33,11 @@ pub struct SessionConfig {
     /// `None`: it is only truncated.
     pub quarantine_dir: Option<std::path::PathBuf>,
     /// Told about every quarantine made.
-    pub on_quarantine: Option<Rc<dyn Fn(&crate::quarantine::Report)>>,
+    pub on_quarantine: Option<QuarantineObserver>,
 }
+
+/// Hears about each divergent suffix a session moved to quarantine.
+pub type QuarantineObserver = Rc<dyn Fn(&crate::quarantine::Report)>;
 
 /// The stages a replicated frame goes through on a follower, as reported to a
 /// [`StageObserver`]. Only frames that carry records are timed (a frame that only moves the
