@@ -295,6 +295,24 @@ impl Client {
         }
     }
 
+    /// Ask for a planned transfer of the leadership of `log` to node `to` (`None`: the node
+    /// picks a member of the sync set), through the cluster's controller. Returns once the
+    /// controller has it; the transfer completes when the target has caught up, and the
+    /// leader takes no writes meanwhile (`Client::status` shows the new leader).
+    pub async fn transfer_leadership(&self, log: &str, to: Option<&str>) -> Result<()> {
+        check_name(&self.inner.config, "log name", log)?;
+        let req = Request::Transfer {
+            log: log.into(),
+            to: to.unwrap_or_default().into(),
+        };
+        let answer = self.repeatable(&req).await?;
+        match answer.resp {
+            Response::Ok => Ok(()),
+            Response::Error(e) => Err(e.into()),
+            _ => Err(unexpected("unexpected answer to Transfer")),
+        }
+    }
+
     /// Store an application snapshot of `log`: state that reflects every record below
     /// `offset` (a copy of a database, say). A reader can start from it with
     /// [`Client::latest_snapshot`] and read the log from `offset` on; the node keeps every

@@ -97,6 +97,20 @@ enum Command {
         #[command(subcommand)]
         action: SnapshotAction,
     },
+    /// Planned switchover: move a log's leadership to another replica once it has caught up
+    /// (writes pause meanwhile), and wait until it has moved.
+    Failover {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        log: String,
+        /// The node to lead (default: a member of the sync set).
+        #[arg(long)]
+        to: Option<String>,
+        /// Give up waiting after this many seconds (exit 1).
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+    },
     /// Wait until every follower of a log has caught up, showing a progress bar for each.
     Catchup {
         #[command(flatten)]
@@ -651,6 +665,12 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
             log,
             timeout_s,
         } => verify::catchup(&conn, &log, Duration::from_secs(timeout_s)).await,
+        Command::Failover {
+            conn,
+            log,
+            to,
+            timeout_s,
+        } => failover(&conn, &log, to.as_deref(), Duration::from_secs(timeout_s)).await,
         Command::Append(a) => append(a).await,
         Command::Read {
             conn,
@@ -996,4 +1016,68 @@ fn controller_lines(c: &protocol::ControllerStatus) -> Vec<String> {
         }
     }
     lines
+}
+
+/// The controller's (leader, epoch, transfer target) of `log`, as the node `client` talks to
+/// has applied it.
+async fn controlled(client: &Client, log: &str) -> Result<Option<(String, u64, String)>, Failure> {
+    let s = client.status().await?;
+    Ok(s.controller.and_then(|c| {
+        c.logs
+            .into_iter()
+            .find(|l| l.log == log)
+            .map(|l| (l.leader, l.epoch, l.transfer_to))
+    }))
+}
+
+/// `replog failover`: ask for the transfer, then wait until the controller names a new leader.
+async fn failover(
+    conn: &ConnArgs,
+    log: &str,
+    to: Option<&str>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let client = connect(conn).await?;
+    let Some((from, epoch, _)) = controlled(&client, log).await? else {
+        return Err(failure(format!(
+            "the node knows no controller record of log {log:?} (does it run the controller?)"
+        )));
+    };
+    let asked = std::time::Instant::now();
+    client.transfer_leadership(log, to).await?;
+    let mut seen = false;
+    loop {
+        if let Some((leader, e, target)) = controlled(&client, log).await? {
+            seen |= !target.is_empty();
+            if seen && target.is_empty() && e == epoch {
+                return Err(failure(format!(
+                    "the transfer was abandoned (the target did not catch up in time): {from} still leads log {log:?}"
+                )));
+            }
+            if e > epoch && !leader.is_empty() {
+                let pause_ms = asked.elapsed().as_secs_f64() * 1e3;
+                if leader == from {
+                    return Err(failure(format!(
+                        "the transfer was abandoned: {from} still leads log {log:?} (epoch {e})"
+                    )));
+                }
+                if conn.json {
+                    out(json!({"log": log, "from": from, "to": leader, "epoch": e,
+                        "pause_ms": pause_ms})
+                    .to_string())?;
+                } else {
+                    out(format!(
+                        "log {log}: {from} -> {leader} (epoch {e}) after {pause_ms:.0} ms"
+                    ))?;
+                }
+                return Ok(());
+            }
+        }
+        if asked.elapsed() > timeout {
+            return Err(failure(format!(
+                "log {log:?} has not moved within {timeout:?}; see replog status"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -491,3 +491,73 @@ fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
         "the quarantined batches hold the truncated records"
     );
 }
+
+#[test]
+fn a_planned_switchover_under_load_loses_nothing() {
+    let c = start_with(&["--leader-timeout-ms", "3000"]);
+    let all = servers(&[&c.nodes[0], &c.nodes[1], &c.nodes[2]]);
+    c.env.cli_ok(
+        &[
+            "create",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+        ],
+        "",
+    );
+    eventually(60, "acks=sync appends on n1", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, "first\n")
+    });
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (acked, moved) = std::thread::scope(|s| {
+        // Continuous load: one conditional acks=sync append after another, each retried until
+        // it is known to be stored (so the log is exactly the acknowledged records).
+        let load = s.spawn(|| {
+            let mut acked = vec![(0u64, "first".to_string())];
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let value = format!("load-{i}");
+                let at = acked.len() as u64;
+                eventually(60, "an append under load", || {
+                    append_sync(&c.env, &all, "orders", at, &format!("{value}\n"))
+                });
+                acked.push((at, value));
+                i += 1;
+            }
+            acked
+        });
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let out = c.env.cli_json(
+            &[
+                "failover",
+                "--server",
+                &c.nodes[0].server(),
+                "--log",
+                "orders",
+                "--to",
+                "n3",
+                "--json",
+            ],
+            "",
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (load.join().unwrap(), out)
+    });
+    assert_eq!(moved[0]["from"], "n1");
+    assert_eq!(moved[0]["to"], "n3");
+    assert!(moved[0]["pause_ms"].as_f64().unwrap() > 0.0);
+    assert!(acked.len() > 2, "the load kept going: {acked:?}");
+    for n in &c.nodes {
+        eventually(
+            60,
+            "every replica holds exactly the acknowledged records",
+            || (records(&c.env, n, "orders") == acked).then_some(()),
+        );
+    }
+    assert_eq!(
+        record(&c.env, &c.nodes[0], "orders").unwrap().0.as_deref(),
+        Some("n3")
+    );
+}

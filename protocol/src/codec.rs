@@ -26,6 +26,7 @@ mod kind {
     pub const TAIL: u8 = 0x07;
     pub const PUT_SNAPSHOT: u8 = 0x08;
     pub const GET_SNAPSHOT: u8 = 0x09;
+    pub const TRANSFER: u8 = 0x0A;
     pub const REPLICATE: u8 = 0x10;
     pub const ACK: u8 = 0x11;
     pub const EPOCH_END: u8 = 0x12;
@@ -41,7 +42,7 @@ mod kind {
     pub const EPOCH_END_RESP: u8 = 0x91;
 
     pub fn is_request(k: u8) -> bool {
-        (AUTH..=GET_SNAPSHOT).contains(&k) || (REPLICATE..=EPOCH_END).contains(&k)
+        (AUTH..=TRANSFER).contains(&k) || (REPLICATE..=EPOCH_END).contains(&k)
     }
 
     pub fn is_response(k: u8) -> bool {
@@ -200,6 +201,12 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
         Request::CreateLog { name } => {
             let at = begin(out, kind::CREATE_LOG);
             put_str(out, name.as_bytes());
+            finish(out, at);
+        }
+        Request::Transfer { log, to } => {
+            let at = begin(out, kind::TRANSFER);
+            put_str(out, log.as_bytes());
+            put_str(out, to.as_bytes());
             finish(out, at);
         }
         Request::ListLogs => {
@@ -543,6 +550,10 @@ pub fn decode_request(
         },
         kind::CREATE_LOG => Request::CreateLog {
             name: r.string(limits.name_bytes_max, "log name")?,
+        },
+        kind::TRANSFER => Request::Transfer {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            to: r.string(limits.text_bytes_max, "target node")?,
         },
         kind::LIST_LOGS => Request::ListLogs,
         kind::STATUS => Request::Status,
@@ -1125,6 +1136,10 @@ mod tests {
         };
         roundtrip_req(Request::PutSnapshot(snap.clone()));
         roundtrip_req(Request::GetSnapshot { log: "l".into() });
+        roundtrip_req(Request::Transfer {
+            log: "l".into(),
+            to: "node-2".into(),
+        });
         roundtrip_resp(Response::Snapshot(snap));
         roundtrip_req(Request::EpochEnd {
             log: "l".into(),

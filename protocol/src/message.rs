@@ -130,6 +130,13 @@ pub enum Request {
     CreateLog {
         name: String,
     },
+    /// Planned leadership transfer of a log to node `to` (empty: the node picks a member of the
+    /// sync set), through the cluster's controller. Answered `Ok` once the controller has the
+    /// transfer; it completes when the target has caught up (watch `Status`).
+    Transfer {
+        log: String,
+        to: String,
+    },
     ListLogs,
     Status,
     Append(AppendRequest),

@@ -402,6 +402,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
             return reply(&shard, &mut send, &Response::Status(Box::new(status))).await;
         }
         Request::CreateLog { name } => name,
+        Request::Transfer { log, .. } => log,
         Request::Append(a) => &a.log,
         Request::Read(r) => &r.log,
         Request::Tail(t) => &t.log,

@@ -39,6 +39,9 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// still leading from `end` (after a restart: records it lost unflushed must never share
     /// an epoch with different records at the same offsets on a follower).
     fn renew_epoch(&self, log: &str, epoch: u64, end: u64);
+    /// Ask the controller to move the leadership of `log` (in `epoch`) to `to` once `to` has
+    /// caught up; the leader takes no writes meanwhile.
+    fn transfer(&self, log: &str, epoch: u64, to: &str);
 }
 
 /// The controller's record of one log.
@@ -50,6 +53,8 @@ pub struct LogRecord {
     pub sync_set: Vec<String>,
     /// Every node holding the log.
     pub replicas: Vec<String>,
+    /// The target of a planned transfer under way.
+    pub transfer_to: Option<String>,
 }
 
 /// What the node gives the controller it starts: who it is, and how to reach its peers.

@@ -135,6 +135,7 @@ pub(crate) async fn serve(
         Request::Read(r) => Some(r.log.clone()),
         Request::Tail(t) => Some(t.log.clone()),
         Request::PutSnapshot(p) => Some(p.log.clone()),
+        Request::Transfer { log, .. } => Some(log.clone()),
         _ => None,
     };
     let result = match req {
@@ -142,6 +143,7 @@ pub(crate) async fn serve(
             Some(f) => Err(f),
             None => create(&shard, &name).await.map(|()| Response::Ok),
         },
+        Request::Transfer { log, to } => transfer(&shard, &log, &to).map(|()| Response::Ok),
         Request::Append(a) => append(&shard, a, &mut send).await.map(Response::Receipt),
         Request::Read(r) => match read(&shard, &r, &mut send).await {
             Ok(()) => return,
@@ -196,9 +198,16 @@ pub(crate) async fn serve(
 /// On a follower: the redirect to the leader that every write gets.
 /// Why this node does not take writes to `log`, if it does not. With a controller, a node
 /// takes them for the logs it leads while its lease holds (see
-/// [`crate::control::ControlPlane::lease_ok`]).
+/// [`crate::control::ControlPlane::lease_ok`]) and no planned transfer is under way.
 fn not_leader(shard: &Shard, log: &str) -> Option<Fail> {
     if let (Some(control), Some(e)) = (&shard.common.control, shard.get(log)) {
+        if let Some(to) = control.log_record(log).and_then(|r| r.transfer_to) {
+            return Some(Fail(
+                ErrorCode::NotLeader,
+                format!("the leadership of log {log:?} is moving to {to}; retry in a moment"),
+                0,
+            ));
+        }
         return match e.leading() {
             Some(_) if control.lease_ok() => None,
             Some(_) => Some(Fail(
@@ -221,6 +230,49 @@ fn not_leader(shard: &Shard, log: &str) -> Option<Fail> {
         )),
         _ => None,
     }
+}
+
+/// Hand a planned leadership transfer of `log` to the controller, from any node.
+fn transfer(shard: &Shard, log: &str, to: &str) -> Result<(), Fail> {
+    let Some(control) = &shard.common.control else {
+        return Err(fail(
+            ErrorCode::UnknownMessage,
+            "this node runs no controller ([controller] members): leadership is fixed by configuration",
+        ));
+    };
+    let Some(r) = control.log_record(log) else {
+        return Err(fail(
+            ErrorCode::LogNotFound,
+            format!("the controller does not know log {log:?}"),
+        ));
+    };
+    let Some(leader) = r.leader else {
+        return Err(fail(
+            ErrorCode::NotLeader,
+            format!("log {log:?} has no leader to transfer from"),
+        ));
+    };
+    let to = if to.is_empty() {
+        match r.sync_set.first() {
+            Some(t) => t.clone(),
+            None => {
+                return Err(fail(
+                    ErrorCode::NotEnoughReplicas,
+                    "the log's sync set is empty: name a target with --to",
+                ))
+            }
+        }
+    } else {
+        to.to_string()
+    };
+    if to == leader || !r.replicas.contains(&to) {
+        return Err(fail(
+            ErrorCode::Malformed,
+            format!("{to:?} is not another replica of log {log:?} (it leads, or does not hold it)"),
+        ));
+    }
+    control.transfer(log, r.epoch, &to);
+    Ok(())
 }
 
 fn entry(shard: &Shard, name: &str) -> Result<Rc<LogEntry>, Fail> {

@@ -33,6 +33,7 @@ fn record(l: &super::meta::LogMeta) -> LogRecord {
         leader: l.leader.clone(),
         sync_set: l.sync_set.clone(),
         replicas: l.replicas.clone(),
+        transfer_to: l.transfer.as_ref().map(|t| t.to.clone()),
     }
 }
 
@@ -63,6 +64,18 @@ impl ControlPlane for NodeController {
 
     fn lease_ok(&self) -> bool {
         self.controller.since_contact() < self.leader_timeout / 2
+    }
+
+    fn transfer(&self, log: &str, epoch: u64, to: &str) {
+        let since_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.controller.submit(Command::BeginTransfer {
+            log: log.to_string(),
+            epoch,
+            to: to.to_string(),
+            since_ms,
+        });
     }
 
     fn renew_epoch(&self, log: &str, epoch: u64, end: u64) {
