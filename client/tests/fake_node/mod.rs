@@ -354,7 +354,8 @@ async fn serve_stream(
         | Request::Ack { .. }
         | Request::EpochEnd { .. }
         | Request::PutSnapshot(_)
-        | Request::GetSnapshot { .. } => error(ErrorCode::UnknownMessage, "peer request"),
+        | Request::GetSnapshot { .. }
+        | Request::Transfer { .. } => error(ErrorCode::UnknownMessage, "peer request"),
         Request::Auth { .. } => Response::Ok,
         Request::CreateLog { name } => {
             let mut s = state.lock().unwrap();
