@@ -64,6 +64,9 @@ pub struct ClusterSpec {
     pub config_toml: String,
     /// The `replog` binary.
     pub replog: PathBuf,
+    /// Run the embedded controller (`--member` on every node, fixed loopback ports), with this
+    /// `controller.leader_timeout_ms`.
+    pub controller: Option<u64>,
 }
 
 /// A `replog node` child process.
@@ -143,6 +146,12 @@ impl Node {
         Ok(())
     }
 
+    /// SIGKILL, and wait for the exit.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, and wait for the exit (SIGKILL after [`NODE_STOP_TIMEOUT`]).
     pub fn stop(&mut self) -> Result<(), String> {
         if let Ok(Some(_)) = self.child.try_wait() {
@@ -207,25 +216,56 @@ impl Cluster {
         let ca_dir = dir.join("dev-ca");
         let config = dir.join("node.toml");
         std::fs::write(&config, &spec.config_toml).map_err(|e| e.to_string())?;
-        let base = |id: &str| -> Vec<String> {
+        let ids: Vec<String> = (1..=spec.nodes.max(1))
+            .map(|i| format!("node-{i}"))
+            .collect();
+        // With a controller every member's address is fixed up front: ports free a moment ago.
+        let listen: Vec<String> = match spec.controller {
+            Some(_) => {
+                let sockets: Vec<std::net::UdpSocket> = ids
+                    .iter()
+                    .map(|_| std::net::UdpSocket::bind("127.0.0.1:0"))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("a free port: {e}"))?;
+                sockets
+                    .iter()
+                    .map(|s| s.local_addr().map(|a| a.to_string()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?
+            }
+            None => ids.iter().map(|_| "127.0.0.1:0".to_string()).collect(),
+        };
+        let members: Vec<String> = ids
+            .iter()
+            .zip(&listen)
+            .map(|(id, a)| format!("{id}={a}"))
+            .collect();
+        let base = |i: usize| -> Vec<String> {
+            let id = &ids[i];
             let data = dir.join(id);
-            vec![
+            let mut args: Vec<String> = vec![
                 "--data-dir".into(),
                 data.display().to_string(),
                 "--listen".into(),
-                "127.0.0.1:0".into(),
+                listen[i].clone(),
                 "--metrics-listen".into(),
                 "127.0.0.1:0".into(),
                 "--node-id".into(),
                 id.into(),
                 "--config".into(),
                 config.display().to_string(),
-            ]
+            ];
+            if let Some(t) = spec.controller {
+                args.extend([
+                    "--member".into(),
+                    members.join(","),
+                    "--leader-timeout-ms".into(),
+                    t.to_string(),
+                ]);
+            }
+            args
         };
-        let ids: Vec<String> = (1..=spec.nodes.max(1))
-            .map(|i| format!("node-{i}"))
-            .collect();
-        let mut leader_args = base(&ids[0]);
+        let mut leader_args = base(0);
         if ids.len() > 1 {
             leader_args.extend([
                 "--follower".into(),
@@ -236,8 +276,8 @@ impl Cluster {
         }
         let leader = Node::start(&spec.replog, &ca_dir, &ids[0], leader_args)?;
         let mut nodes = vec![leader];
-        for id in &ids[1..] {
-            let mut args = base(id);
+        for (i, id) in ids.iter().enumerate().skip(1) {
+            let mut args = base(i);
             args.extend(["--leader".into(), nodes[0].addr.to_string()]);
             nodes.push(Node::start(&spec.replog, &ca_dir, id, args)?);
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bench::cluster::{find_replog, ClusterSpec};
 use bench::floor::{self, Floor, FloorPlan};
 use bench::report::{Machine, Report, Run};
-use bench::workload::{self, AppendPlan, CatchupPlan, E2ePlan, Target};
+use bench::workload::{self, AppendPlan, CatchupPlan, E2ePlan, FailoverPlan, Target};
 use bench::{hist, pace, report};
 use clap::{Args, Parser, Subcommand};
 use client::{Acks, Trust};
@@ -40,8 +40,29 @@ enum Cmd {
     E2e(E2eArgs),
     /// How fast a follower that is behind catches up, and the live load's latency meanwhile.
     Catchup(CatchupArgs),
+    /// Leader failover on a cluster with the embedded controller: time from a leader's SIGKILL
+    /// to the first append its successor acknowledges, and the write pause of planned
+    /// switchovers.
+    Failover(FailoverArgs),
     /// Plot `.hgrm` files (from earlier runs or other tools) into one SVG to compare them.
     Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct FailoverArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Leader kills.
+    #[arg(long, default_value_t = 20)]
+    cycles: usize,
+    /// Planned switchovers.
+    #[arg(long, default_value_t = 20)]
+    switchovers: usize,
+    /// Longest any one step may take.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    output: Output,
 }
 
 #[derive(Args, Clone)]
@@ -101,6 +122,9 @@ struct ClusterArgs {
     /// Skip measuring the floor beside the run (no ratios then).
     #[arg(long)]
     no_floor: bool,
+    /// Spawned clusters run the embedded controller with this leader_timeout (ms).
+    #[arg(long)]
+    controller: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -237,6 +261,7 @@ fn main() -> ExitCode {
         Cmd::Append(a) => append_cmd(a, command),
         Cmd::E2e(a) => e2e_cmd(a, command),
         Cmd::Catchup(a) => catchup_cmd(a, command),
+        Cmd::Failover(a) => failover_cmd(a, command),
         Cmd::Plot(a) => plot_cmd(a),
     };
     match result {
@@ -320,6 +345,7 @@ fn setup(
                 sync_replicas: c.sync_replicas,
                 config_toml,
                 replog: find_replog(c.replog.as_deref())?,
+                controller: c.controller,
             };
             if !quiet {
                 eprintln!(
@@ -538,6 +564,34 @@ fn catchup_cmd(a: CatchupArgs, command: String) -> Result<(), String> {
         notes,
         &a.output,
     )
+}
+
+fn failover_cmd(mut a: FailoverArgs, command: String) -> Result<(), String> {
+    if a.cluster.spawn.is_none_or(|n| n < 3) {
+        return Err("usage: failover runs on a cluster it starts: --spawn 3 (or more)".into());
+    }
+    let timeout_ms = *a.cluster.controller.get_or_insert(3000);
+    a.cluster.no_floor = true;
+    let (mut target, _) = setup(&a.cluster, String::new(), a.output.quiet)?;
+    let plan = FailoverPlan {
+        log: "bench-failover".into(),
+        cycles: a.cycles,
+        switchovers: a.switchovers,
+        timeout: a.timeout,
+    };
+    let rt = runtime()?;
+    let (kills, pauses) = match rt.block_on(workload::failover(&mut target, &plan, a.output.quiet))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = target.finish();
+            return Err(e);
+        }
+    };
+    let notes = vec![format!(
+        "controller.leader_timeout_ms = {timeout_ms}: a leader is declared failed after that long without a report"
+    )];
+    finish(command, target, None, vec![kills, pauses], notes, &a.output)
 }
 
 fn plot_cmd(a: PlotArgs) -> Result<(), String> {

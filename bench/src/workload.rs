@@ -722,3 +722,159 @@ pub async fn catchup(
     c.close().await;
     Ok((before, during, extra))
 }
+
+/// What `failover` measures.
+#[derive(Clone, Debug)]
+pub struct FailoverPlan {
+    pub log: String,
+    /// Leader kills (SIGKILL), each followed by a restart of the killed node.
+    pub cycles: usize,
+    /// Planned switchovers.
+    pub switchovers: usize,
+    /// Longest any one step may take.
+    pub timeout: Duration,
+}
+
+/// The controller's leader of `log`, as `client`'s node has applied it.
+async fn recorded_leader(client: &Client, log: &str) -> Option<(String, u64)> {
+    let s = tokio::time::timeout(SETUP_TIMEOUT, client.status())
+        .await
+        .ok()?
+        .ok()?;
+    let l = s.controller?.logs.into_iter().find(|l| l.log == log)?;
+    (!l.leader.is_empty()).then_some((l.leader, l.epoch))
+}
+
+/// Append one record at acks=sync until one succeeds (in a new epoch, if `after` is given);
+/// how long that took.
+async fn first_ack(
+    client: &Client,
+    log: &str,
+    after: Option<u64>,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let t = Instant::now();
+    loop {
+        let options = AppendOptions {
+            acks: Acks::Sync,
+            ..AppendOptions::default()
+        };
+        if let Ok(r) = client
+            .append(log, vec![Bytes::from_static(b"probe")], options)
+            .await
+        {
+            if after.is_none_or(|e| r.epoch > e) {
+                return Ok(t.elapsed());
+            }
+        }
+        if t.elapsed() > limit {
+            return Err(format!("no acknowledged append on {log} within {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// On a spawned cluster with the controller: kill the leader of a log `cycles` times (restarting
+/// it each time, once it is back and caught up), measuring from the kill to the first append
+/// acknowledged at sync by the new leader; then `switchovers` planned transfers, measuring from
+/// the request to the first acknowledged append in the new epoch (the write pause).
+pub async fn failover(
+    target: &mut Target,
+    plan: &FailoverPlan,
+    quiet: bool,
+) -> Result<(Run, Run), String> {
+    let Target::Spawned { cluster, .. } = &*target else {
+        return Err("failover needs a cluster it starts itself (--spawn 3 --controller MS)".into());
+    };
+    let ids: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let config = target
+        .config(target.servers())
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_request_timeout(Duration::from_secs(5));
+    let c = Client::connect(config)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    create_log(&c, &plan.log).await?;
+    first_ack(&c, &plan.log, None, plan.timeout).await?;
+    let progress = Progress::start("failover", Duration::ZERO, !quiet);
+    let mut kills = hist::new();
+    for i in 0..plan.cycles {
+        let (leader, epoch) = recorded_leader(&c, &plan.log)
+            .await
+            .ok_or("no recorded leader")?;
+        let idx = ids
+            .iter()
+            .position(|id| *id == leader)
+            .ok_or("unknown leader")?;
+        let Target::Spawned { cluster, .. } = &mut *target else {
+            unreachable!()
+        };
+        cluster.nodes[idx].kill();
+        let t = Instant::now();
+        first_ack(&c, &plan.log, Some(epoch), plan.timeout).await?;
+        hist::record(&mut kills, t.elapsed().as_nanos() as u64);
+        cluster.nodes[idx].restart()?;
+        let addr = cluster.nodes[idx].addr.to_string();
+        // Back, and caught up with the log's end, before the next cycle.
+        let back = Client::connect(target.config(vec![addr]))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let t = Instant::now();
+        loop {
+            let end = log_end(&c, &plan.log).await.unwrap_or(0);
+            if log_end(&back, &plan.log).await.unwrap_or(0) >= end && end > 0 {
+                break;
+            }
+            if t.elapsed() > plan.timeout {
+                return Err(format!("{leader} did not catch up after its restart"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        back.close().await;
+        progress.note(format!("{} of {} kills", i + 1, plan.cycles));
+    }
+    let mut pauses = hist::new();
+    for i in 0..plan.switchovers {
+        let (_, epoch) = recorded_leader(&c, &plan.log)
+            .await
+            .ok_or("no recorded leader")?;
+        let t = Instant::now();
+        c.transfer_leadership(&plan.log, None)
+            .await
+            .map_err(|e| format!("transfer: {e}"))?;
+        first_ack(&c, &plan.log, Some(epoch), plan.timeout).await?;
+        hist::record(&mut pauses, t.elapsed().as_nanos() as u64);
+        progress.note(format!("{} of {} switchovers", i + 1, plan.switchovers));
+    }
+    progress.finish();
+    c.close().await;
+    let run = |name: &str, measures: &str, h: hist::Hist| Run {
+        name: name.into(),
+        measures: measures.into(),
+        params: json!({"log": plan.log, "cycles": plan.cycles, "switchovers": plan.switchovers}),
+        latency: Summary::of(&h),
+        errors: Default::default(),
+        throughput_ops_s: 0.0,
+        throughput_mb_s: 0.0,
+        late: 0,
+        floor_p50_us: None,
+        floor_p99_us: None,
+        ratio_p50: None,
+        ratio_p99: None,
+        extra: serde_json::Value::Null,
+        stages: Vec::new(),
+        hist: h,
+    };
+    Ok((
+        run(
+            "failover-kill",
+            "SIGKILL of the log's leader to the first append acknowledged at sync by its successor",
+            kills,
+        ),
+        run(
+            "switchover",
+            "planned transfer requested to the first append acknowledged at sync in the new epoch",
+            pauses,
+        ),
+    ))
+}

@@ -19,6 +19,12 @@ pub const DEV_CA_DIR_ENV: &str = "REPLOG_DEV_CA_DIR";
 /// Port used when a server address does not name one (the node's default listen port).
 pub const DEFAULT_PORT: u16 = 7000;
 
+/// How often an idle connection sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A connection that has heard nothing from its node for this long is dead (the node failed):
+/// the next request connects again, to the next server that answers.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The server used by [`ClientConfig::default`]: a node on this machine with default settings.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7000";
 
@@ -370,15 +376,16 @@ pub(crate) fn quic_config(config: &ClientConfig) -> Result<quinn::ClientConfig> 
     let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     // The node never opens streams; keep-alives stop an idle connection (a quiet tail) from
-    // hitting the idle timeout, which also bounds how long a dead node goes unnoticed.
+    // hitting the idle timeout, which also bounds how long a dead node (a leader that failed)
+    // goes unnoticed before requests move to another server.
     transport
         .max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((4u32 << 20).into())
         .receive_window((16u32 << 20).into())
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(20)).expect("20 s is in range"),
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("the idle timeout is in range"),
         ));
     quic.transport_config(Arc::new(transport));
     Ok(quic)
