@@ -182,6 +182,28 @@ fn catchup_measures_a_lagging_follower() {
 }
 
 #[test]
+fn failover_measures_a_kill_and_a_switchover() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "failover",
+            "--spawn",
+            "3",
+            "--cycles",
+            "1",
+            "--switchovers",
+            "1",
+        ],
+    );
+    for name in ["failover-kill", "switchover"] {
+        let run = run(&r, name);
+        assert_eq!(run["latency"]["count"], 1, "{run}");
+        assert!(run["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{run}");
+    }
+}
+
+#[test]
 fn usage_errors_exit_2_and_plot_compares_files() {
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new(BIN)
