@@ -42,6 +42,27 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run of `hist` (no errors, floor or extras yet).
+    pub fn new(name: String, measures: String, params: serde_json::Value, hist: Hist) -> Run {
+        Run {
+            name,
+            measures,
+            params,
+            latency: Summary::of(&hist),
+            errors: Default::default(),
+            throughput_ops_s: 0.0,
+            throughput_mb_s: 0.0,
+            late: 0,
+            floor_p50_us: None,
+            floor_p99_us: None,
+            ratio_p50: None,
+            ratio_p99: None,
+            extra: serde_json::Value::Null,
+            stages: Vec::new(),
+            hist,
+        }
+    }
+
     /// Set the floor and compute the ratios.
     pub fn against(&mut self, p50_us: f64, p99_us: f64) {
         self.floor_p50_us = Some(p50_us);
@@ -382,23 +403,16 @@ mod tests {
         for v in values_us {
             hist::record(&mut h, v * 1000);
         }
-        Run {
-            name: name.into(),
-            measures: "test".into(),
-            params: serde_json::json!({"acks": "leader"}),
-            latency: Summary::of(&h),
-            errors: [("busy".to_string(), 2)].into(),
-            throughput_ops_s: 1000.0,
-            throughput_mb_s: 1.0,
-            late: 0,
-            floor_p50_us: None,
-            floor_p99_us: None,
-            ratio_p50: None,
-            ratio_p99: None,
-            extra: serde_json::Value::Null,
-            stages: vec![],
-            hist: h,
-        }
+        let mut r = Run::new(
+            name.into(),
+            "test".into(),
+            serde_json::json!({"acks": "leader"}),
+            h,
+        );
+        r.errors = [("busy".to_string(), 2)].into();
+        r.throughput_ops_s = 1000.0;
+        r.throughput_mb_s = 1.0;
+        r
     }
 
     fn report() -> Report {

@@ -10,7 +10,7 @@ use client::{Acks, AppendOptions, Client, ClientConfig, ErrorCode, ProducerOptio
 use serde_json::json;
 
 use crate::cluster::{self, Cluster, ClusterSpec};
-use crate::hist::{self, Summary};
+use crate::hist;
 use crate::pace::{self, Mode, Outcome};
 use crate::progress::Progress;
 use crate::report::Run;
@@ -202,24 +202,12 @@ fn run_of(
     out: &Outcome,
     bytes: usize,
 ) -> Run {
-    let latency = Summary::of(&out.latency);
-    Run {
-        name,
-        measures,
-        params,
-        throughput_ops_s: out.throughput(),
-        throughput_mb_s: out.throughput() * bytes as f64 / 1e6,
-        latency,
-        errors: out.errors.clone(),
-        late: out.late,
-        floor_p50_us: None,
-        floor_p99_us: None,
-        ratio_p50: None,
-        ratio_p99: None,
-        extra: serde_json::Value::Null,
-        stages: Vec::new(),
-        hist: out.latency.clone(),
-    }
+    let mut run = Run::new(name, measures, params, out.latency.clone());
+    run.throughput_ops_s = out.throughput();
+    run.throughput_mb_s = out.throughput() * bytes as f64 / 1e6;
+    run.errors = out.errors.clone();
+    run.late = out.late;
+    run
 }
 
 async fn clients(target: &Target, servers: Vec<String>, n: usize) -> Result<Vec<Client>, String> {
@@ -848,22 +836,9 @@ pub async fn failover(
     }
     progress.finish();
     c.close().await;
-    let run = |name: &str, measures: &str, h: hist::Hist| Run {
-        name: name.into(),
-        measures: measures.into(),
-        params: json!({"log": plan.log, "cycles": plan.cycles, "switchovers": plan.switchovers}),
-        latency: Summary::of(&h),
-        errors: Default::default(),
-        throughput_ops_s: 0.0,
-        throughput_mb_s: 0.0,
-        late: 0,
-        floor_p50_us: None,
-        floor_p99_us: None,
-        ratio_p50: None,
-        ratio_p99: None,
-        extra: serde_json::Value::Null,
-        stages: Vec::new(),
-        hist: h,
+    let params = json!({"log": plan.log, "cycles": plan.cycles, "switchovers": plan.switchovers});
+    let run = |name: &str, measures: &str, h: hist::Hist| {
+        Run::new(name.into(), measures.into(), params.clone(), h)
     };
     Ok((
         run(

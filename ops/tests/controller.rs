@@ -8,6 +8,14 @@ use common::{eventually, Env, NodeProc};
 
 const IDS: [&str; 3] = ["n1", "n2", "n3"];
 
+/// The tests of this file run one at a time: each starts three nodes and kills, pauses and
+/// restarts them against timeouts, and five such clusters at once on two CPUs would measure
+/// the machine's load rather than the failover.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Cluster {
     env: Env,
     nodes: Vec<NodeProc>,
@@ -60,6 +68,7 @@ fn controller(env: &Env, node: &NodeProc) -> Option<serde_json::Value> {
 
 #[test]
 fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
+    let _serial = serial();
     let mut c = start();
     // Formed: every node has the same cluster id and knows the same controller leader.
     let formed = eventually(60, "a formed cluster on every node", || {
@@ -274,6 +283,7 @@ fn records(env: &Env, node: &NodeProc, log: &str) -> Vec<(u64, String)> {
 
 #[test]
 fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
+    let _serial = serial();
     let mut c = start_with(&["--leader-timeout-ms", "2000"]);
     let all = c
         .nodes
@@ -341,6 +351,25 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     );
 }
 
+/// Create log `orders` on n1 and append `before-0..n` at acks=sync (retried while the sync set
+/// is not on record yet).
+fn create_with_records(c: &Cluster, n: usize) {
+    c.env.cli_ok(
+        &[
+            "create",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+        ],
+        "",
+    );
+    let first: String = (0..n).map(|i| format!("before-{i}\n")).collect();
+    eventually(60, "acks=sync appends on n1", || {
+        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
+    });
+}
+
 fn wait_for_new_leader(c: &Cluster, node: usize, old: &str) -> (String, u64) {
     eventually(90, "a new leader of the log", || {
         match record(&c.env, &c.nodes[node], "orders")? {
@@ -360,21 +389,9 @@ fn servers(nodes: &[&NodeProc]) -> String {
 
 #[test]
 fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
+    let _serial = serial();
     let c = start_with(&["--leader-timeout-ms", "2000"]);
-    c.env.cli_ok(
-        &[
-            "create",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-        ],
-        "",
-    );
-    let first: String = (0..5).map(|i| format!("before-{i}\n")).collect();
-    eventually(60, "acks=sync appends on n1", || {
-        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
-    });
+    create_with_records(&c, 5);
 
     c.nodes[0].signal(libc::SIGSTOP);
     let (leader, epoch) = wait_for_new_leader(&c, 1, "n1");
@@ -411,23 +428,11 @@ fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
 
 #[test]
 fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
+    let _serial = serial();
     // A long leader_timeout: the leader's lease (half of it) outlives its followers by enough
     // for one more append.
     let mut c = start_with(&["--leader-timeout-ms", "10000"]);
-    c.env.cli_ok(
-        &[
-            "create",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-        ],
-        "",
-    );
-    let first: String = (0..5).map(|i| format!("before-{i}\n")).collect();
-    eventually(60, "acks=sync appends on n1", || {
-        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
-    });
+    create_with_records(&c, 5);
     // Both followers die; n1 stores three more records that nobody else ever sees (acks=leader:
     // durable on n1 alone), then dies too.
     c.nodes[1].kill();
@@ -494,6 +499,7 @@ fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
 
 #[test]
 fn a_planned_switchover_under_load_loses_nothing() {
+    let _serial = serial();
     let c = start_with(&["--leader-timeout-ms", "3000"]);
     let all = servers(&[&c.nodes[0], &c.nodes[1], &c.nodes[2]]);
     c.env.cli_ok(
