@@ -2,6 +2,8 @@
 //! over QUIC, agree on the metadata, elect a new controller leader when the old one is killed,
 //! keep the metadata across a restart of every node, and change nothing without a majority.
 
+#[path = "common/checker.rs"]
+mod checker;
 mod common;
 
 use common::{eventually, Env, NodeProc};
@@ -562,6 +564,22 @@ fn a_planned_switchover_under_load_loses_nothing() {
             || (records(&c.env, n, "orders") == acked).then_some(()),
         );
     }
+    // The history, checked against what every replica serves.
+    let history: Vec<checker::Op> = acked
+        .iter()
+        .map(|(o, v)| checker::Op {
+            value: v.clone(),
+            outcome: checker::Outcome::Ok(*o),
+        })
+        .collect();
+    let replicas: Vec<(String, Vec<(u64, String)>)> = c
+        .nodes
+        .iter()
+        .zip(IDS)
+        .map(|(n, id)| (id.to_string(), records(&c.env, n, "orders")))
+        .collect();
+    let violations = checker::check(&history, &replicas);
+    assert!(violations.is_empty(), "{violations:?}");
     assert_eq!(
         record(&c.env, &c.nodes[0], "orders").unwrap().0.as_deref(),
         Some("n3")
