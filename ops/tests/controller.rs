@@ -150,8 +150,7 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
         .then_some(leader)
     });
     assert_ne!(second, first_leader);
-    let back = c.nodes[i].respawn();
-    c.nodes[i] = back;
+    c.respawn(i);
 
     // Every node restarts (SIGKILL): the metadata comes back from each data dir.
     for n in c.nodes.iter_mut() {
@@ -177,10 +176,8 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
         (v["leader"].is_null() && v["cluster_id"] == cluster_id.as_str()).then_some(())
     });
     // They come back: service resumes.
-    let b = c.nodes[1].respawn();
-    c.nodes[1] = b;
-    let b = c.nodes[2].respawn();
-    c.nodes[2] = b;
+    c.respawn(1);
+    c.respawn(2);
     eventually(60, "a controller leader again", || {
         controller(&c.env, &c.nodes[0])?["leader"]
             .as_str()
@@ -325,12 +322,8 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     assert_eq!(after, vec![10, 11]);
 
     // n1 returns: it follows the new leader and holds exactly the same records.
-    let back = c.nodes[0].respawn();
-    c.nodes[0] = back;
-    let expected: Vec<(u64, String)> = (0..10)
-        .map(|i| (i, format!("before-{i}")))
-        .chain((0..2).map(|i| (10 + i, format!("after-{i}"))))
-        .collect();
+    c.respawn(0);
+    let expected = before_then_after(10, 2);
     for n in &c.nodes {
         eventually(60, "every replica holds every acknowledged record", || {
             (records(&c.env, n, "orders") == expected).then_some(())
@@ -351,6 +344,22 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
         on_n1.len() <= 13 && on_n1[..12] == expected[..],
         "{on_n1:?}"
     );
+}
+
+impl Cluster {
+    /// Start node `i` again on its data dir and address (after it was killed).
+    fn respawn(&mut self, i: usize) {
+        let back = self.nodes[i].respawn();
+        self.nodes[i] = back;
+    }
+}
+
+/// The records `before-0..before` at offsets 0.., then `after-0..after` right behind them.
+fn before_then_after(before: u64, after: u64) -> Vec<(u64, String)> {
+    (0..before)
+        .map(|i| (i, format!("before-{i}")))
+        .chain((0..after).map(|i| (before + i, format!("after-{i}"))))
+        .collect()
 }
 
 /// Create log `orders` on n1 and append `before-0..n` at acks=sync (retried while the sync set
@@ -406,10 +415,7 @@ fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
 
     // The old leader wakes up: its lease has lapsed, it learns the new epoch, and it follows.
     c.nodes[0].signal(libc::SIGCONT);
-    let expected: Vec<(u64, String)> = (0..5)
-        .map(|i| (i, format!("before-{i}")))
-        .chain((0..3).map(|i| (5 + i, format!("after-{i}"))))
-        .collect();
+    let expected = before_then_after(5, 3);
     for n in &c.nodes {
         eventually(
             60,
@@ -458,10 +464,8 @@ fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
 
     // The followers come back without n1 and elect one of themselves (the member of the sync
     // set on record), which takes writes.
-    let b = c.nodes[1].respawn();
-    c.nodes[1] = b;
-    let b = c.nodes[2].respawn();
-    c.nodes[2] = b;
+    c.respawn(1);
+    c.respawn(2);
     wait_for_new_leader(&c, 1, "n1");
     let others = servers(&[&c.nodes[1], &c.nodes[2]]);
     let after = eventually(90, "acks=sync appends on the new leader", || {
@@ -471,12 +475,8 @@ fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
 
     // n1 returns: its three lonely records diverge from the new leader's log. It keeps them in
     // quarantine, truncates them, and converges.
-    let b = c.nodes[0].respawn();
-    c.nodes[0] = b;
-    let expected: Vec<(u64, String)> = (0..5)
-        .map(|i| (i, format!("before-{i}")))
-        .chain((0..2).map(|i| (5 + i, format!("after-{i}"))))
-        .collect();
+    c.respawn(0);
+    let expected = before_then_after(5, 2);
     eventually(90, "n1 holds exactly the new leader's records", || {
         (records(&c.env, &c.nodes[0], "orders") == expected).then_some(())
     });

@@ -89,17 +89,11 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
             });
         }
         for (name, r) in control.logs() {
-            if crate::shard_of(&name, shard.common.shards.len()) != shard.id
-                || shard.get(&name).is_some()
-                || !r.replicas.contains(&me)
+            if crate::shard_of(&name, shard.common.shards.len()) == shard.id
+                && shard.get(&name).is_none()
             {
-                continue;
+                leaders.extend(replicated_from(&shard, &*control, &r));
             }
-            let addr = r
-                .leader
-                .filter(|l| *l != me)
-                .and_then(|l| control.member_addr(&l));
-            leaders.extend(addr);
         }
         for a in leaders {
             if loops.borrow_mut().insert(a) {
@@ -184,9 +178,25 @@ fn wants(shard: &Shard, leader: SocketAddr) -> bool {
     }
     control.logs().into_iter().any(|(name, r)| {
         crate::shard_of(&name, shard.common.shards.len()) == shard.id
-            && r.replicas.contains(&shard.common.node_id)
-            && r.leader.and_then(|l| control.member_addr(&l)) == Some(leader)
+            && replicated_from(shard, &**control, &r) == Some(leader)
     })
+}
+
+/// The leader this node replicates a log with record `r` from: its recorded leader's address,
+/// when this node is another replica of it.
+fn replicated_from(
+    shard: &Shard,
+    control: &dyn crate::control::ControlPlane,
+    r: &crate::control::LogRecord,
+) -> Option<SocketAddr> {
+    let me = &shard.common.node_id;
+    if !r.replicas.contains(me) {
+        return None;
+    }
+    r.leader
+        .as_ref()
+        .filter(|l| *l != me)
+        .and_then(|l| control.member_addr(l))
 }
 
 /// Whether `name` is to be replicated from `leader` here (always without a controller).
@@ -194,13 +204,9 @@ fn follows(shard: &Shard, name: &str, leader: SocketAddr) -> bool {
     let Some(control) = &shard.common.control else {
         return true;
     };
-    match control.log_record(name) {
-        Some(r) => {
-            r.replicas.contains(&shard.common.node_id)
-                && r.leader.and_then(|l| control.member_addr(&l)) == Some(leader)
-        }
-        None => false,
-    }
+    control
+        .log_record(name)
+        .is_some_and(|r| replicated_from(shard, &**control, &r) == Some(leader))
 }
 
 pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
