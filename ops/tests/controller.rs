@@ -585,3 +585,176 @@ fn a_planned_switchover_under_load_loses_nothing() {
         Some("n3")
     );
 }
+
+/// What one load worker was told, and how many acknowledgements all of them have had so far.
+struct Load {
+    stop: std::sync::atomic::AtomicBool,
+    acked: std::sync::atomic::AtomicU64,
+    /// The highest offset acknowledged so far.
+    high: std::sync::atomic::AtomicU64,
+}
+
+/// How far `node` holds `log` durably (its `flushed` offset), from its status.
+fn flushed(env: &Env, node: &NodeProc, log: &str) -> Option<u64> {
+    let out = env.cli(&["status", "--server", &node.server(), "--json"], "");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["logs"].as_array()?.iter().find(|l| l["name"] == log)?["flushed"].as_u64()
+}
+
+/// Plain (not conditional) acks=sync appends of unique values, one after another on each of
+/// `workers` tasks through one client configured with every node, until `load.stop`. Every
+/// outcome is recorded as the client library reported it: acknowledged at an offset, definitely
+/// failed, or unknown.
+fn sync_load(
+    ca: std::path::PathBuf,
+    servers: Vec<String>,
+    workers: usize,
+    load: std::sync::Arc<Load>,
+) -> Vec<checker::Op> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let config = client::ClientConfig::new(servers)
+        .with_trust(client::Trust::CaFile(ca))
+        .with_request_timeout(std::time::Duration::from_secs(10));
+    common::rt().block_on(async move {
+        let client = client::Client::connect(config).await.unwrap();
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let client = client.clone();
+                let load = load.clone();
+                tokio::spawn(async move {
+                    let mut ops = Vec::new();
+                    let mut i = 0u64;
+                    while !load.stop.load(Relaxed) {
+                        let value = format!("w{w}-{i}");
+                        i += 1;
+                        let options = client::AppendOptions {
+                            acks: client::Acks::Sync,
+                            expected_offset: None,
+                            timeout: Some(std::time::Duration::from_secs(5)),
+                        };
+                        let sent = bytes::Bytes::from(value.clone());
+                        let outcome = match client.append("orders", vec![sent], options).await {
+                            Ok(r) => {
+                                assert_eq!(r.level, client::Acks::Sync, "{value}: {r:?}");
+                                load.acked.fetch_add(1, Relaxed);
+                                load.high.fetch_max(r.first, Relaxed);
+                                checker::Outcome::Ok(r.first)
+                            }
+                            Err(e) if e.is_unknown_outcome() => checker::Outcome::Unknown,
+                            Err(_) => checker::Outcome::Failed,
+                        };
+                        let failed = !matches!(outcome, checker::Outcome::Ok(_));
+                        ops.push(checker::Op { value, outcome });
+                        let pause = if failed { 100 } else { 5 };
+                        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    }
+                    ops
+                })
+            })
+            .collect();
+        let mut history = Vec::new();
+        for t in tasks {
+            history.extend(t.await.unwrap());
+        }
+        client.close().await;
+        history
+    })
+}
+
+#[test]
+fn twenty_leader_kills_under_sync_load_lose_no_acknowledged_append() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const KILLS: usize = 20;
+    let _serial = serial();
+    let mut c = start_with(&["--leader-timeout-ms", "2000"]);
+    create_with_records(&c, 1);
+    let servers: Vec<String> = c.nodes.iter().map(|n| n.server()).collect();
+    let load = std::sync::Arc::new(Load {
+        stop: false.into(),
+        acked: 0.into(),
+        high: 0.into(),
+    });
+    let mut failovers = Vec::new();
+    let history = std::thread::scope(|s| {
+        let worker = {
+            let load = load.clone();
+            let ca = c.env.ca_pem();
+            s.spawn(move || sync_load(ca, servers, 2, load))
+        };
+        eventually(60, "acknowledged appends under load", || {
+            (load.acked.load(Relaxed) >= 20).then_some(())
+        });
+        for cycle in 0..KILLS {
+            // The log's leader, as the controller has it, is killed.
+            let (leader, epoch) = eventually(90, "the log's leader", || {
+                match record(&c.env, &c.nodes[(cycle + 1) % 3], "orders")? {
+                    (Some(l), e) => Some((l, e)),
+                    _ => None,
+                }
+            });
+            let i = IDS.iter().position(|id| *id == leader).unwrap();
+            let before = load.acked.load(Relaxed);
+            c.nodes[i].kill();
+            // Another member takes over in a later epoch, and the load is acknowledged there.
+            let witness = (i + 1) % 3;
+            let (next, next_epoch) = wait_for_new_leader(&c, witness, &leader);
+            assert!(
+                next_epoch > epoch,
+                "cycle {cycle}: {next_epoch} after {epoch}"
+            );
+            eventually(90, "acknowledged appends after the failover", || {
+                (load.acked.load(Relaxed) >= before + 10).then_some(())
+            });
+            failovers.push((leader.clone(), next, next_epoch));
+            // The old leader returns as a follower and catches up before the next kill.
+            c.respawn(i);
+            let high = load.high.load(Relaxed);
+            eventually(
+                90,
+                "the restarted node caught up with the new leader",
+                || {
+                    let (l, e) = record(&c.env, &c.nodes[i], "orders")?;
+                    let flushed = flushed(&c.env, &c.nodes[i], "orders")?;
+                    (l.as_deref() != Some(leader.as_str()) && e >= next_epoch && flushed > high)
+                        .then_some(())
+                },
+            );
+        }
+        load.stop.store(true, Relaxed);
+        worker.join().unwrap()
+    });
+
+    // Every replica converges on one log, which the checker judges against the history.
+    let mut history = history;
+    history.insert(
+        0,
+        checker::Op {
+            value: "before-0".into(),
+            outcome: checker::Outcome::Ok(0),
+        },
+    );
+    let replicas = eventually(120, "every replica holding the same records", || {
+        let all: Vec<Vec<(u64, String)>> = c
+            .nodes
+            .iter()
+            .map(|n| records(&c.env, n, "orders"))
+            .collect();
+        (all.iter().all(|r| *r == all[0])).then_some(all)
+    });
+    let replicas: Vec<(String, Vec<(u64, String)>)> =
+        IDS.iter().map(|id| id.to_string()).zip(replicas).collect();
+    let violations = checker::check(&history, &replicas);
+    let count = |f: fn(&checker::Outcome) -> bool| history.iter().filter(|o| f(&o.outcome)).count();
+    let acked = count(|o| matches!(o, checker::Outcome::Ok(_)));
+    let unknown = count(|o| *o == checker::Outcome::Unknown);
+    let failed = count(|o| *o == checker::Outcome::Failed);
+    println!(
+        "{} failovers; {acked} appends acknowledged, {failed} failed, {unknown} unknown; \
+         {} records on every replica",
+        failovers.len(),
+        replicas[0].1.len()
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert_eq!(failovers.len(), KILLS);
+    assert!(acked >= KILLS * 10, "{acked}");
+}
