@@ -971,6 +971,7 @@ fn controller_json(c: &protocol::ControllerStatus) -> serde_json::Value {
     json!({
         "cluster_id": c.cluster_id, "leader": (!c.leader.is_empty()).then_some(&c.leader),
         "term": c.term, "applied": c.applied, "members": c.members, "logs": logs,
+        "reachable": c.reachable, "problem": (!c.problem.is_empty()).then_some(&c.problem),
     })
 }
 
@@ -992,6 +993,9 @@ fn controller_lines(c: &protocol::ControllerStatus) -> Vec<String> {
         c.applied,
         c.members.join(" ")
     )];
+    if !c.problem.is_empty() {
+        lines.push(format!("  controller problem: {}", c.problem));
+    }
     for l in &c.logs {
         let mut line = format!(
             "    {}\tepoch={}\tleader={}\tsync_set=[{}]",

@@ -758,3 +758,73 @@ fn twenty_leader_kills_under_sync_load_lose_no_acknowledged_append() {
     assert_eq!(failovers.len(), KILLS);
     assert!(acked >= KILLS * 10, "{acked}");
 }
+
+#[test]
+fn without_a_majority_nothing_fails_over_and_service_resumes_without_loss() {
+    let _serial = serial();
+    let mut c = start_with(&["--leader-timeout-ms", "2000"]);
+    create_with_records(&c, 5);
+    // The log's leader and one follower stop: n3 is alone, short of a controller majority.
+    c.nodes[0].kill();
+    c.nodes[1].kill();
+    let problem = eventually(60, "status saying why nothing can fail over", || {
+        let v = controller(&c.env, &c.nodes[2])?;
+        let p = v["problem"].as_str()?.to_string();
+        (v["leader"].is_null() && v["reachable"] == serde_json::json!(["n3"])).then_some(p)
+    });
+    assert!(
+        problem.contains("1 of 3 members reachable") && problem.contains("unreachable: n1, n2"),
+        "{problem}"
+    );
+    let text = c
+        .env
+        .cli_ok(&["status", "--server", &c.nodes[2].server()], "");
+    assert!(
+        text.contains("controller problem: no controller leader"),
+        "{text}"
+    );
+    // Well past leader_timeout, the log still has its old leader and epoch: no failover.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(
+        record(&c.env, &c.nodes[2], "orders"),
+        Some((Some("n1".to_string()), 1))
+    );
+    // n3 takes no write: it is not the leader and cannot become one.
+    let out = c.env.cli(
+        &[
+            "append",
+            "--server",
+            &c.nodes[2].server(),
+            "--log",
+            "orders",
+            "--acks",
+            "sync",
+        ],
+        "refused\n",
+    );
+    assert!(!out.status.success());
+    // (It holds the five records durably; it learns that they are committed from the next
+    // leader.)
+    assert_eq!(flushed(&c.env, &c.nodes[2], "orders"), Some(5));
+
+    // Both return: the controller acts again and writes resume, with nothing lost.
+    c.respawn(0);
+    c.respawn(1);
+    eventually(60, "a controller leader again", || {
+        let v = controller(&c.env, &c.nodes[2])?;
+        (v["leader"].is_string() && v["problem"].is_null()).then_some(())
+    });
+    let all = servers(&[&c.nodes[0], &c.nodes[1], &c.nodes[2]]);
+    let after = eventually(90, "acks=sync appends again", || {
+        append_sync(&c.env, &all, "orders", 5, "after-0\nafter-1\n")
+    });
+    assert_eq!(after, vec![5, 6]);
+    let expected = before_then_after(5, 2);
+    for n in &c.nodes {
+        eventually(
+            60,
+            "every replica holds exactly the acknowledged records",
+            || (records(&c.env, n, "orders") == expected).then_some(()),
+        );
+    }
+}

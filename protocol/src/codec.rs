@@ -729,6 +729,8 @@ fn put_controller(out: &mut BytesMut, c: Option<&ControllerStatus>) {
         put_str(out, l.transfer_to.as_bytes());
         out.put_u32_le(l.unclean_elections);
     }
+    put_strs(out, &c.reachable);
+    put_str(out, c.problem.as_bytes());
 }
 
 fn put_strs(out: &mut BytesMut, list: &[String]) {
@@ -827,6 +829,8 @@ fn decode_controller(
         applied,
         members,
         logs,
+        reachable: decode_strs(r, text, "reachable members")?,
+        problem: r.string(text, "controller problem")?,
     }))
 }
 
@@ -1102,6 +1106,8 @@ mod tests {
                     transfer_to: String::new(),
                     unclean_elections: 1,
                 }],
+                reachable: vec!["n1".into()],
+                problem: "no controller leader".into(),
             }),
             quarantined: vec![Quarantined {
                 log: "x".into(),

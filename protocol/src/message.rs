@@ -276,6 +276,10 @@ pub struct ControllerStatus {
     /// Every member, as `id=address`.
     pub members: Vec<String>,
     pub logs: Vec<ControlledLog>,
+    /// The members this node has heard from recently (itself included).
+    pub reachable: Vec<String>,
+    /// Why the controller cannot act (no leader, no majority reachable); empty when it can.
+    pub problem: String,
 }
 
 /// One log in the controller's metadata.

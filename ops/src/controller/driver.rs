@@ -117,6 +117,8 @@ pub struct Controller {
     /// When this node last heard from the Raft leader, or, leading, from another member (ms
     /// since the Unix epoch).
     contact_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When each other member last sent a valid Raft message (ms since the Unix epoch).
+    peers_ms: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
     tx: mpsc::UnboundedSender<Input>,
     state: watch::Receiver<Arc<State>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -171,6 +173,7 @@ impl Controller {
             RawNode::new(&config, storage, &logger).map_err(|e| StartError::Raft(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let contact_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let peers_ms = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let initial = Arc::new(State {
             meta: meta.clone(),
             applied,
@@ -202,6 +205,7 @@ impl Controller {
             proposed: HashMap::new(),
             began: BTreeMap::new(),
             contact_ms: contact_ms.clone(),
+            peers_ms: peers_ms.clone(),
         };
         // Replay what was committed before a restart, so the metadata is current on return.
         driver.on_ready().map_err(StartError::Storage)?;
@@ -214,6 +218,7 @@ impl Controller {
         Ok(Controller {
             me: cfg.node_id,
             contact_ms,
+            peers_ms,
             tx,
             state,
             thread: Some(thread),
@@ -230,6 +235,21 @@ impl Controller {
     pub fn since_contact(&self) -> Duration {
         let at = self.contact_ms.load(std::sync::atomic::Ordering::Relaxed);
         Duration::from_millis(now_ms().saturating_sub(at))
+    }
+
+    /// The members heard from within `within` (a valid Raft message), this node included.
+    pub fn reachable(&self, within: Duration) -> Vec<NodeId> {
+        let now = now_ms();
+        let peers = self.peers_ms.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<NodeId> = peers
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) < within.as_millis() as u64)
+            .map(|(id, _)| id.clone())
+            .chain(std::iter::once(self.me.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// A frame received from member `from`.
@@ -310,6 +330,7 @@ struct Driver {
     /// When each log's current epoch began, as this node saw it: (epoch, when).
     began: BTreeMap<String, (u64, Instant)>,
     contact_ms: Arc<std::sync::atomic::AtomicU64>,
+    peers_ms: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
 }
 
 fn now_ms() -> u64 {
@@ -397,6 +418,10 @@ impl Driver {
                     // A message must come from the member it names.
                     Ok(m) if self.ids.get(&m.from) == Some(&from) && m.to == self.raft_id => {
                         let sender = m.from;
+                        self.peers_ms
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(from.clone(), now_ms());
                         if let Err(e) = self.node.step(m) {
                             tracing::debug!(error = %e, "controller: raft step");
                         }

@@ -100,6 +100,7 @@ impl ControlPlane for NodeController {
 
     fn status(&self) -> protocol::ControllerStatus {
         let s = self.controller.state().borrow().clone();
+        let reachable = self.controller.reachable(self.leader_timeout);
         protocol::ControllerStatus {
             cluster_id: s.meta.cluster_id.clone(),
             leader: s.leader.clone().unwrap_or_default(),
@@ -125,8 +126,43 @@ impl ControlPlane for NodeController {
                     unclean_elections: l.unclean.len() as u32,
                 })
                 .collect(),
+            reachable: reachable.clone(),
+            problem: problem(&s, &reachable, self.leader_timeout),
         }
     }
+}
+
+/// Why the controller cannot act, as `status` shows it; empty when it has a leader.
+fn problem(s: &super::driver::State, reachable: &[String], leader_timeout: Duration) -> String {
+    if let Some(e) = &s.failed {
+        return format!("this node's controller stopped: {e}");
+    }
+    if s.leader.is_some() {
+        return String::new();
+    }
+    let n = s.meta.members.len().max(1);
+    let majority = n / 2 + 1;
+    let unreachable: Vec<&str> = s
+        .meta
+        .members
+        .keys()
+        .filter(|m| !reachable.contains(m))
+        .map(String::as_str)
+        .collect();
+    let why = if reachable.len() < majority {
+        format!(
+            "{} of {n} members reachable within leader_timeout ({leader_timeout:?}), {majority} \
+             needed; unreachable: {}",
+            reachable.len(),
+            unreachable.join(", ")
+        )
+    } else {
+        "an election is under way".to_string()
+    };
+    format!(
+        "no controller leader ({why}): no failover, leadership or sync-set change can happen, \
+         and leaders stop acknowledging appends once their lease lapses"
+    )
 }
 
 /// The members of `cfg` as the controller numbers them (Raft id = position + 1).
