@@ -697,7 +697,13 @@ impl Client {
                 if let Some(l) = state.live.as_ref().filter(|l| alive(l)) {
                     return Ok(l.clone());
                 }
-                let start = state.preferred;
+                // The connection in use was lost: its node may be down (a dead address costs
+                // the whole connect timeout), so the others are tried first.
+                let n = self.inner.servers.len();
+                let start = match state.live.as_ref().and_then(|l| l.server) {
+                    Some(i) => (i + 1) % n,
+                    None => state.preferred,
+                };
                 self.dial_configured(&mut state, start).await
             }
             Target::Leader(addr) => {

@@ -22,8 +22,10 @@ pub const DEFAULT_PORT: u16 = 7000;
 /// How often an idle connection sends a keep-alive.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A connection that has heard nothing from its node for this long is dead (the node failed):
-/// the next request connects again, to the next server that answers.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// the next request connects again, to the next server that answers. Three missed keep-alives;
+/// the same as the controller's default `leader_timeout`, so a client notices a dead leader at
+/// about the time the cluster has replaced it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The server used by [`ClientConfig::default`]: a node on this machine with default settings.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:7000";

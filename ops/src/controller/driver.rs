@@ -201,7 +201,7 @@ impl Controller {
             init_term: None,
             failover: cfg.failover,
             heard: BTreeMap::new(),
-            leading_since: None,
+            listening_since: Instant::now(),
             proposed: HashMap::new(),
             began: BTreeMap::new(),
             contact_ms: contact_ms.clone(),
@@ -323,8 +323,8 @@ struct Driver {
     failover: Option<FailoverConfig>,
     /// As the leader: the latest report of each node.
     heard: BTreeMap<NodeId, Heard>,
-    /// When this node last became the Raft leader (None while it is not).
-    leading_since: Option<Instant>,
+    /// When this node's controller started: reports have been arriving since.
+    listening_since: Instant,
     /// Failover commands proposed recently, per log: (epoch, when).
     proposed: HashMap<String, (u64, Instant)>,
     /// When each log's current epoch began, as this node saw it: (epoch, when).
@@ -459,49 +459,42 @@ impl Driver {
     }
 
     /// Keep a report if this node leads; otherwise pass it to the leader.
+    /// A report, this node's own or one received from its member: every member keeps the
+    /// latest of each, so a member that becomes the controller's leader can judge failures at
+    /// once instead of first waiting a `leader_timeout` for reports to arrive. This node's own
+    /// report goes to every other member.
     fn route_report(&mut self, r: NodeReport) {
-        if self.node.raft.state == StateRole::Leader {
-            self.heard.insert(
-                r.node.clone(),
-                Heard {
-                    at: Instant::now(),
-                    report: r,
-                },
-            );
-        } else if let Some(leader) = self.ids.get(&self.node.raft.leader_id) {
-            if r.node == self.me {
-                let mut frame = vec![WIRE_REPORT];
-                frame.extend(serde_json::to_vec(&r).expect("reports serialise"));
-                self.transport.send(leader, Bytes::from(frame));
+        if r.node == self.me {
+            let mut frame = vec![WIRE_REPORT];
+            frame.extend(serde_json::to_vec(&r).expect("reports serialise"));
+            let frame = Bytes::from(frame);
+            for id in self.members.keys().filter(|id| **id != self.me) {
+                self.transport.send(id, frame.clone());
             }
         }
+        self.heard.insert(
+            r.node.clone(),
+            Heard {
+                at: Instant::now(),
+                report: r,
+            },
+        );
     }
 
     /// As the leader: propose what failure detection decides.
     fn failover(&mut self) {
         let now = Instant::now();
-        let leading = self.node.raft.state == StateRole::Leader;
-        match (leading, self.leading_since) {
-            (true, None) => {
-                // New leadership: what was heard before is not to be trusted.
-                self.leading_since = Some(now);
-                self.heard.clear();
-            }
-            (false, Some(_)) => {
-                self.leading_since = None;
-                self.heard.clear();
-            }
-            _ => {}
-        }
-        let (Some(since), Some(cfg)) = (self.leading_since, self.failover) else {
-            return;
-        };
         // When each log's current epoch began, as this node saw it.
         for (name, l) in &self.meta.logs {
             if self.began.get(name).is_none_or(|(e, _)| *e != l.epoch) {
                 self.began.insert(name.clone(), (l.epoch, now));
             }
         }
+        let leading = self.node.raft.state == StateRole::Leader;
+        let Some(cfg) = self.failover.filter(|_| leading) else {
+            return;
+        };
+        let since = self.listening_since;
         let began: BTreeMap<String, Instant> = self
             .began
             .iter()

@@ -60,14 +60,14 @@ fn log_report<'a>(heard: &'a Heard, log: &str) -> Option<&'a LogReport> {
     heard.report.logs.iter().find(|l| l.log == log)
 }
 
-/// The commands the controller leader should propose now. `leading_since` is when this node
-/// became the controller leader: until `leader_timeout` has passed since, it has not heard
-/// from everyone, and decides nothing. `now_ms` is the wall clock recorded in commands.
+/// The commands the controller leader should propose now. `listening_since` is when this node
+/// started receiving reports (every member receives every member's reports): until
+/// `leader_timeout` has passed since, it has not heard from everyone, and decides nothing. `now_ms` is the wall clock recorded in commands.
 pub fn decide(
     meta: &ClusterMeta,
     heard: &BTreeMap<NodeId, Heard>,
     now: Instant,
-    leading_since: Instant,
+    listening_since: Instant,
     cfg: &FailoverConfig,
     now_ms: u64,
 ) -> Vec<Command> {
@@ -75,7 +75,7 @@ pub fn decide(
         meta,
         heard,
         now,
-        leading_since,
+        listening_since,
         cfg,
         now_ms,
         &BTreeMap::new(),
@@ -89,12 +89,12 @@ pub fn decide_with(
     meta: &ClusterMeta,
     heard: &BTreeMap<NodeId, Heard>,
     now: Instant,
-    leading_since: Instant,
+    listening_since: Instant,
     cfg: &FailoverConfig,
     now_ms: u64,
     began: &BTreeMap<String, Instant>,
 ) -> Vec<Command> {
-    if now.saturating_duration_since(leading_since) < cfg.leader_timeout {
+    if now.saturating_duration_since(listening_since) < cfg.leader_timeout {
         return Vec::new();
     }
     let alive = |n: &str| {
