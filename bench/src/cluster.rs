@@ -92,7 +92,11 @@ impl Node {
             .arg("node")
             .args(&args)
             .env(client::DEV_CA_DIR_ENV, ca_dir)
-            .env("REPLOG_LOG", "error")
+            // The nodes' own log level: REPLOG_BENCH_NODE_LOG (default: errors only).
+            .env(
+                "REPLOG_LOG",
+                std::env::var("REPLOG_BENCH_NODE_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

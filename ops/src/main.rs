@@ -104,7 +104,7 @@ enum Command {
         conn: ConnArgs,
         #[arg(long)]
         log: String,
-        /// The node to lead (default: a member of the sync set).
+        /// The node to lead (default: a member of the sync set, else another replica).
         #[arg(long)]
         to: Option<String>,
         /// Give up waiting after this many seconds (exit 1).

@@ -42,6 +42,10 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Ask the controller to move the leadership of `log` (in `epoch`) to `to` once `to` has
     /// caught up; the leader takes no writes meanwhile.
     fn transfer(&self, log: &str, epoch: u64, to: &str);
+    /// As the leader of `log` in `epoch`, with the planned transfer to `to` under way: it takes
+    /// no writes and `to` holds its whole log (ending at `end`) durably, so `to` may lead the
+    /// next epoch with `sync_set`. Refused by the controller if the transfer was cancelled.
+    fn complete_transfer(&self, log: &str, epoch: u64, to: &str, end: u64, sync_set: Vec<String>);
 }
 
 /// The controller's record of one log.

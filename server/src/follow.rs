@@ -122,6 +122,7 @@ async fn reassign(shard: &Rc<Shard>, name: &str, old: usize) -> Result<(), Error
         return Ok(());
     };
     shard.creating.borrow_mut().insert(name.to_string());
+    tracing::debug!(log = name, "changing the log's role");
     let result = async {
         if let Some(r) = old.leading() {
             r.depose();
@@ -130,12 +131,19 @@ async fn reassign(shard: &Rc<Shard>, name: &str, old: usize) -> Result<(), Error
         old.retiring.notify_waiters();
         old.changed.notify_waiters();
         old.log.clone().close().await?;
+        tracing::debug!(log = name, "closed in its old role");
         drop(old);
         // Tasks of the old role let go of the log as they notice the close; the directory
         // lock goes with the last of them.
         let dir = shard.logs_dir().join(name);
         let mut wait = Duration::from_millis(10);
+        let waiting = std::time::Instant::now();
+        let mut warned = false;
         let log = loop {
+            if !warned && waiting.elapsed() > Duration::from_secs(2) {
+                tracing::warn!(log = name, "the log's old role still holds it after 2 s");
+                warned = true;
+            }
             match Log::open(&dir, shard.common.config.log_config()).await {
                 Ok(log) => break log,
                 Err(log_core::Error::Locked { .. })
@@ -433,10 +441,12 @@ async fn follow_log(
         if entry.retired.get() {
             break;
         }
+        tracing::debug!(log = %name, %leader, "replication session starting");
         let result = tokio::select! {
             r = follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed) => r,
             _ = retiring => break,
         };
+        tracing::debug!(log = %name, %leader, ?result, "replication session ended");
         if began.elapsed() > SESSION_BACKOFF_MAX {
             // A session that ran for a while was not a fast failure loop.
             backoff = Duration::from_millis(500);
@@ -444,7 +454,7 @@ async fn follow_log(
         match result {
             Ok(Outcome::Ended) => break,
             Ok(Outcome::Bootstrap { start }) => {
-                if let Err(e) = bootstrap(&shard, &name, start).await {
+                if let Err(e) = bootstrap(&shard, &name, start, &entry).await {
                     tracing::error!(log = %name, error = %e, "bootstrap failed");
                     tokio::time::sleep(BACKOFF_MAX).await;
                 }
@@ -466,6 +476,7 @@ async fn follow_log(
         }
     }
     running.borrow_mut().remove(&name);
+    tracing::debug!(log = %name, %leader, "following the log from this leader ended");
 }
 
 /// Create the local replica of a log the leader has.
@@ -478,7 +489,12 @@ async fn create_local(shard: &Rc<Shard>, name: &str) -> Result<Rc<crate::shard::
             "the node holds logs_max = {max} logs; log {name:?} is not replicated here"
         )));
     }
-    match shard.open_log(name).await {
+    // The name is reserved while the log opens, so neither another follow loop nor a change of
+    // role opens it at the same time.
+    shard.creating.borrow_mut().insert(name.to_string());
+    let opened = shard.open_log(name).await;
+    shard.creating.borrow_mut().remove(name);
+    match opened {
         Ok(e) => {
             tracing::info!(log = name, "created the local replica");
             Ok(e)
@@ -494,21 +510,49 @@ async fn create_local(shard: &Rc<Shard>, name: &str) -> Result<Rc<crate::shard::
 /// offset): the local records are all before it (the leader deleted what follows them), or
 /// diverge from the leader before the local start. Batches then come from the leader's sealed
 /// segments, each checked on arrival, at bulk priority.
-async fn bootstrap(shard: &Rc<Shard>, name: &str, start: Option<u64>) -> Result<(), Error> {
+///
+/// Only the entry the session ran on is replaced: if the log has meanwhile left service or changed
+/// role (a reassignment holds it), nothing is done.
+async fn bootstrap(
+    shard: &Rc<Shard>,
+    name: &str,
+    start: Option<u64>,
+    entry: &Rc<crate::shard::LogEntry>,
+) -> Result<(), Error> {
     let start = Offset(start.unwrap_or(0));
-    let old = shard.logs.borrow_mut().remove(name);
+    let old = {
+        let mut logs = shard.logs.borrow_mut();
+        match logs.get(name) {
+            Some(e) if Rc::ptr_eq(e, entry) && !shard.creating.borrow().contains(name) => {
+                logs.remove(name).expect("the entry is in service")
+            }
+            _ => return Ok(()),
+        }
+    };
+    shard.creating.borrow_mut().insert(name.to_string());
+    let result = replace_local(shard, name, start, old).await;
+    shard.creating.borrow_mut().remove(name);
+    result
+}
+
+/// [`bootstrap`], once the entry `old` is out of service.
+async fn replace_local(
+    shard: &Rc<Shard>,
+    name: &str,
+    start: Offset,
+    old: Rc<crate::shard::LogEntry>,
+) -> Result<(), Error> {
     let dir = shard.logs_dir().join(name);
-    if let Some(old) = old {
-        let (from, to) = (old.log.start_offset(), old.log.next_offset());
-        tracing::warn!(
-            log = name,
-            local_start = from.0,
-            local_end = to.0,
-            leader_start = start.0,
-            "bootstrapping: the leader no longer stores what this replica needs next; replacing the local log"
-        );
-        old.log.clone().close().await?;
-    }
+    let (from, to) = (old.log.start_offset(), old.log.next_offset());
+    tracing::warn!(
+        log = name,
+        local_start = from.0,
+        local_end = to.0,
+        leader_start = start.0,
+        "bootstrapping: the leader no longer stores what this replica needs next; replacing the local log"
+    );
+    old.log.clone().close().await?;
+    drop(old);
     let aside = shard.logs_dir().join(format!(".{name}.replaced"));
     if aside.exists() {
         std::fs::remove_dir_all(&aside).map_err(crate::files::io_err("remove", &aside))?;

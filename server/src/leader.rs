@@ -60,6 +60,8 @@ pub(crate) struct Replication {
     degraded: std::cell::Cell<bool>,
     /// When the local sync set was last proposed to the controller (ms since `origin`).
     proposed_ms: std::cell::Cell<Option<u64>>,
+    /// When this node last asked the controller to complete a planned transfer.
+    handed_over_ms: std::cell::Cell<Option<u64>>,
     /// Set when this node stops leading the log: appends still waiting give up.
     deposed: std::cell::Cell<bool>,
 }
@@ -89,6 +91,7 @@ impl Replication {
             origin: Instant::now(),
             degraded: Default::default(),
             proposed_ms: Default::default(),
+            handed_over_ms: Default::default(),
             deposed: Default::default(),
         }
     }
@@ -337,6 +340,7 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
                 .set_replication(&name, repl.status(&name, log));
             if let Some(control) = &shard.common.control {
                 record_sync_set(&shard, &repl, &name, &**control, now);
+                hand_over(&shard, &repl, &name, log, &**control, now);
             }
         }
     }
@@ -378,6 +382,56 @@ fn record_sync_set(
         repl.proposed_ms.set(Some(now_ms));
         control.propose_sync_set(name, record.epoch, local);
     }
+}
+
+/// The leader's half of a planned transfer: once the transfer is on record (so this node takes
+/// no more writes to the log) and the target holds everything this node has written, durably,
+/// ask the controller to let the target lead the next epoch. Proposed at most every
+/// [`SYNC_SET_PROPOSE_EVERY`]; the controller refuses it if the transfer was cancelled
+/// meanwhile.
+fn hand_over(
+    shard: &Rc<Shard>,
+    repl: &Replication,
+    name: &str,
+    log: &Log,
+    control: &dyn crate::control::ControlPlane,
+    now_ms: u64,
+) {
+    let Some(record) = control.log_record(name) else {
+        return;
+    };
+    let me = shard.common.node_id.as_str();
+    let Some(to) = record.transfer_to.as_deref() else {
+        return;
+    };
+    if record.leader.as_deref() != Some(me) {
+        return;
+    }
+    let end = log.next_offset().0;
+    let target_has_all = {
+        let st = repl.state.borrow();
+        st.followers().get(to).is_some_and(|f| f.durable >= end)
+    };
+    if log.flush_offset().0 < end || !target_has_all {
+        return;
+    }
+    let due = repl
+        .handed_over_ms
+        .get()
+        .is_none_or(|at| now_ms.saturating_sub(at) >= SYNC_SET_PROPOSE_EVERY.as_millis() as u64);
+    if !due {
+        return;
+    }
+    repl.handed_over_ms.set(Some(now_ms));
+    let sync_set: Vec<String> = record
+        .sync_set
+        .iter()
+        .filter(|n| n.as_str() != to)
+        .cloned()
+        .chain(std::iter::once(me.to_string()))
+        .collect();
+    tracing::info!(log = name, to, end, "handing the leadership over");
+    control.complete_transfer(name, record.epoch, to, end, sync_set);
 }
 
 /// Serve a follower's replication stream: send it everything from `req.from` as it is written,
@@ -439,11 +493,14 @@ pub(crate) async fn serve(
         p.catchup_total = 0;
         p.generation
     };
+    // This stream is the follower's latest, and this node still leads the log.
     let current = |repl: &Replication| {
-        repl.peers
-            .borrow()
-            .get(&follower)
-            .is_some_and(|p| p.generation == generation)
+        !repl.deposed.get()
+            && repl
+                .peers
+                .borrow()
+                .get(&follower)
+                .is_some_and(|p| p.generation == generation)
     };
     log.pin(&pin_name(&follower), Offset(req.from));
     let events =
@@ -642,8 +699,11 @@ async fn send_loop(
                     log.wait_appended(pos).await
                 }
             };
-            if tokio::time::timeout(COMMIT_LINGER, more).await.is_ok() {
-                continue;
+            match tokio::time::timeout(COMMIT_LINGER, more).await {
+                Ok(Ok(())) => continue,
+                // Closed (the log changed role) or failed: this stream is over.
+                Ok(Err(_)) => return,
+                Err(_elapsed) => {}
             }
             let commit = repl.commit().0;
             let prefix = protocol::encode_replicated_prefix(epoch.0, commit, pos.0, 0);

@@ -253,12 +253,15 @@ fn transfer(shard: &Shard, log: &str, to: &str) -> Result<(), Fail> {
         ));
     };
     let to = if to.is_empty() {
-        match r.sync_set.first() {
+        // A member of the sync set holds everything already; any other replica is waited for
+        // until it has caught up.
+        let other = r.replicas.iter().find(|n| **n != leader);
+        match r.sync_set.first().or(other) {
             Some(t) => t.clone(),
             None => {
                 return Err(fail(
                     ErrorCode::NotEnoughReplicas,
-                    "the log's sync set is empty: name a target with --to",
+                    format!("log {log:?} has no other replica to transfer to"),
                 ))
             }
         }
@@ -620,6 +623,25 @@ async fn append(
             ErrorCode::Timeout,
             "this node lost contact with the controller while the append waited; it is stored here, and a new leader may or may not have it",
         ));
+    }
+    // While a planned transfer is under way the target may take over at any moment from what
+    // it holds: an append it does not hold may not survive the handover.
+    if a.acks != Acks::None {
+        if let Some(to) = shard
+            .common
+            .control
+            .as_ref()
+            .and_then(|c| c.log_record(&a.log))
+            .and_then(|r| r.transfer_to)
+        {
+            let held = repl.as_ref().is_some_and(|r| r.holders(next).contains(&to));
+            if !held {
+                return Err(fail(
+                    ErrorCode::Timeout,
+                    format!("the leadership is moving to {to}, which does not hold this append yet; it is stored here, and the new leader may or may not have it"),
+                ));
+            }
+        }
     }
     let m = &shard.common.metrics;
     if duplicate {

@@ -144,6 +144,17 @@ pub enum Command {
     },
     /// Abandon the planned transfer of `epoch` (the leader resumes).
     CancelTransfer { log: String, epoch: u64 },
+    /// The leader of `epoch`, having stopped taking writes for the planned transfer to `to`
+    /// and seen `to` hold its whole log (ending at `start`) durably, hands over: `to` leads
+    /// epoch `epoch + 1`. Refused unless that transfer is still under way in `epoch` (a
+    /// cancelled transfer lets the leader take writes again, which `to` may not have).
+    CompleteTransfer {
+        log: String,
+        epoch: u64,
+        to: NodeId,
+        start: u64,
+        sync_set: Vec<NodeId>,
+    },
 }
 
 /// Why a command was not applied.
@@ -171,6 +182,8 @@ pub enum Refusal {
     NoLeader { log: String, epoch: u64 },
     #[error("the sync set of log {log} may only hold its followers")]
     BadSyncSet { log: String },
+    #[error("log {log} has no transfer to {to} under way in epoch {epoch}")]
+    NoTransfer { log: String, epoch: u64, to: NodeId },
 }
 
 impl ClusterMeta {
@@ -345,6 +358,30 @@ impl ClusterMeta {
                 self.current(log, *epoch)?;
                 self.logs.get_mut(log).expect("checked").transfer = None;
                 Ok(())
+            }
+            Command::CompleteTransfer {
+                log,
+                epoch,
+                to,
+                start,
+                sync_set,
+            } => {
+                let l = self.current(log, *epoch)?;
+                if l.transfer.as_ref().map(|t| &t.to) != Some(to) {
+                    return Err(Refusal::NoTransfer {
+                        log: log.clone(),
+                        epoch: *epoch,
+                        to: to.clone(),
+                    });
+                }
+                self.apply(&Command::Elect {
+                    log: log.clone(),
+                    epoch: *epoch,
+                    leader: to.clone(),
+                    start: *start,
+                    sync_set: sync_set.clone(),
+                    unclean: None,
+                })
             }
         }
     }
@@ -623,6 +660,51 @@ mod tests {
             (l.epoch, l.leader.as_deref(), l.no_leader.as_deref()),
             (3, Some("c"), None)
         );
+    }
+
+    #[test]
+    fn a_transfer_completes_only_while_it_is_under_way() {
+        let mut m = formed();
+        let complete = Command::CompleteTransfer {
+            log: "l".into(),
+            epoch: 1,
+            to: "c".into(),
+            start: 7,
+            sync_set: vec!["a".into()],
+        };
+        // No transfer begun: refused.
+        assert!(matches!(
+            m.apply(&complete),
+            Err(Refusal::NoTransfer { .. })
+        ));
+        let begin = Command::BeginTransfer {
+            log: "l".into(),
+            epoch: 1,
+            to: "c".into(),
+            since_ms: 5,
+        };
+        m.apply(&begin).unwrap();
+        // Cancelled (the leader took writes again): refused, nothing changes.
+        m.apply(&Command::CancelTransfer {
+            log: "l".into(),
+            epoch: 1,
+        })
+        .unwrap();
+        let before = m.clone();
+        assert!(m.apply(&complete).is_err());
+        assert_eq!(m, before);
+        // Under way: the target leads the next epoch, from the given offset.
+        m.apply(&begin).unwrap();
+        m.apply(&complete).unwrap();
+        let l = &m.logs["l"];
+        assert_eq!(
+            (l.epoch, l.leader.as_deref(), l.transfer.is_none()),
+            (2, Some("c"), true)
+        );
+        assert_eq!(l.sync_set, vec!["a".to_string()]);
+        assert_eq!(l.epochs.last(), Some(&(2, 7)));
+        // Applied once: a repeat is stale.
+        assert!(m.apply(&complete).is_err());
     }
 
     #[test]

@@ -90,6 +90,16 @@ impl ControlPlane for NodeController {
         });
     }
 
+    fn complete_transfer(&self, log: &str, epoch: u64, to: &str, end: u64, sync_set: Vec<String>) {
+        self.controller.submit(Command::CompleteTransfer {
+            log: log.to_string(),
+            epoch,
+            to: to.to_string(),
+            start: end,
+            sync_set,
+        });
+    }
+
     fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
         self.controller.submit(Command::SetSyncSet {
             log: log.to_string(),
@@ -254,9 +264,13 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
             rt.block_on(async move {
                 loop {
                     tokio::time::sleep(every).await;
+                    let asked = std::time::Instant::now();
                     let Some(logs) = node.logs().await else {
                         return; // the node has stopped
                     };
+                    if asked.elapsed() > every * 5 {
+                        tracing::warn!(took = ?asked.elapsed(), "controller: listing the logs for a report was slow");
+                    }
                     nc.controller.report(NodeReport {
                         node: me.clone(),
                         logs: logs
