@@ -828,3 +828,50 @@ fn without_a_majority_nothing_fails_over_and_service_resumes_without_loss() {
         );
     }
 }
+
+#[test]
+fn a_data_dir_whose_controller_state_is_gone_refuses_to_start() {
+    let _serial = serial();
+    let mut c = start();
+    eventually(60, "a formed cluster", || {
+        let v = controller(&c.env, &c.nodes[2])?;
+        (v["cluster_id"].as_str()?.len() > 1).then_some(())
+    });
+    // The cluster id is recorded beside the node id.
+    let id_file = c.nodes[2].data_dir.join("cluster-id");
+    let id = eventually(30, "the cluster id in the data dir", || {
+        std::fs::read_to_string(&id_file).ok()
+    });
+    assert_eq!(
+        id.trim(),
+        controller(&c.env, &c.nodes[0]).unwrap()["cluster_id"]
+    );
+    // n3 stops and loses its controller state (a partial wipe, or a restore of the log
+    // directories alone): it must not come back and vote with no memory of its votes.
+    c.nodes[2].kill();
+    std::fs::remove_dir_all(c.nodes[2].data_dir.join("controller")).unwrap();
+    let n = &c.nodes[2];
+    let out = std::process::Command::new(common::BIN)
+        .arg("node")
+        .arg("--data-dir")
+        .arg(&n.data_dir)
+        .args(["--listen", &n.server(), "--shards", "2"])
+        .args(&n.args)
+        .env("REPLOG_DEV_CA_DIR", c.env.ca_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("belongs to cluster {}", id.trim()))
+            && err.contains("controller state")
+            && err.contains("missing"),
+        "{err}"
+    );
+    // The other two carry on.
+    eventually(60, "a controller leader on the others", || {
+        controller(&c.env, &c.nodes[0])?["leader"]
+            .as_str()
+            .map(|_| ())
+    });
+}

@@ -1,6 +1,6 @@
 //! Failure detection and elections, decided by the controller's Raft leader from the reports
 //! every node sends it: a log whose leader has not been heard from for `leader_timeout` gets a
-//! new leader by [`choose_leader`], or none (and the old one is deposed, so it is fenced by
+//! new leader by [`choose_leader_above`], or none (and the old one is deposed, so it is fenced by
 //! the new epoch); a planned transfer completes once its target has caught up.
 //!
 //! [`decide`] is a pure function of the metadata, what was heard and when, so the whole policy
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::meta::{
-    choose_leader, Choice, ClusterMeta, Command, LogMeta, NodeId, ReplicaState, UncleanElection,
+    choose_leader_above, Choice, ClusterMeta, Command, LogMeta, NodeId, ReplicaState,
+    UncleanElection,
 };
 
 /// How long a planned transfer may wait for its target to catch up before it is abandoned.
@@ -117,6 +118,13 @@ pub fn decide_with(
                 })
             })
             .collect();
+        // The highest commit offset reported for the log, by any replica ever heard.
+        let committed = heard
+            .values()
+            .filter_map(|h| log_report(h, name))
+            .map(|r| r.commit)
+            .max()
+            .unwrap_or(0);
         match &log.leader {
             Some(leader)
                 if alive(leader)
@@ -134,7 +142,7 @@ pub fn decide_with(
                     .and_then(|h| log_report(h, name))
                     .map_or(0, |r| r.commit);
                 out.push(
-                    match choose_leader(log, &reachable, log.policy, cfg.unclean) {
+                    match choose_leader_above(log, &reachable, log.policy, cfg.unclean, committed) {
                         Choice::Elect {
                             node,
                             start,
@@ -158,22 +166,24 @@ pub fn decide_with(
                     },
                 );
             }
-            None => match choose_leader(log, &reachable, log.policy, cfg.unclean) {
-                Choice::Elect {
-                    node,
-                    start,
-                    unclean,
-                } => out.push(elect(name, log, node, start, unclean, 0, now_ms)),
-                Choice::None(why) => {
-                    if log.no_leader.as_deref() != Some(why.as_str()) {
-                        out.push(Command::NoLeader {
-                            log: name.clone(),
-                            epoch: log.epoch,
-                            reason: why,
-                        });
+            None => {
+                match choose_leader_above(log, &reachable, log.policy, cfg.unclean, committed) {
+                    Choice::Elect {
+                        node,
+                        start,
+                        unclean,
+                    } => out.push(elect(name, log, node, start, unclean, 0, now_ms)),
+                    Choice::None(why) => {
+                        if log.no_leader.as_deref() != Some(why.as_str()) {
+                            out.push(Command::NoLeader {
+                                log: name.clone(),
+                                epoch: log.epoch,
+                                reason: why,
+                            });
+                        }
                     }
                 }
-            },
+            }
         }
     }
     out
@@ -343,7 +353,10 @@ mod tests {
         else {
             panic!("{cmds:?}")
         };
-        assert!(reason.contains("leader a not heard from"), "{reason}");
+        assert!(
+            reason.contains("leader a last heard from 4s ago"),
+            "{reason}"
+        );
         assert!(reason.contains("unclean_failover is off"), "{reason}");
         // With unclean failover, c leads and the possible loss is recorded.
         let cmds = decide(&m, &h, now, t0, &cfg(true), 77);

@@ -470,10 +470,31 @@ pub fn choose_leader(
     policy: Policy,
     unclean: bool,
 ) -> Choice {
-    let candidates: Vec<&ReplicaState> = reachable
+    choose_leader_above(log, reachable, policy, unclean, 0)
+}
+
+/// [`choose_leader`], where `committed` is the highest commit offset any replica reported for
+/// the log: a replica whose log ends below it lacks committed records (its data dir was wiped
+/// or restored from an old copy) and holds no guarantee whatever the metadata says, so only an
+/// unclean election may choose it (R7).
+pub fn choose_leader_above(
+    log: &LogMeta,
+    reachable: &[ReplicaState],
+    policy: Policy,
+    unclean: bool,
+    committed: u64,
+) -> Choice {
+    let all: Vec<&ReplicaState> = reachable
         .iter()
         .filter(|s| log.leader.as_ref() != Some(&s.node) && log.replicas.contains(&s.node))
         .collect();
+    let behind: Vec<&str> = all
+        .iter()
+        .filter(|s| s.end < committed)
+        .map(|s| s.node.as_str())
+        .collect();
+    let candidates: Vec<&ReplicaState> =
+        all.iter().copied().filter(|s| s.end >= committed).collect();
     let guaranteed = match policy {
         Policy::SyncSet => {
             let holders: Vec<&NodeId> = log.sync_set.iter().chain(&log.last_leader).collect();
@@ -510,13 +531,20 @@ pub fn choose_leader(
             }
         }
     };
+    let guaranteed = guaranteed.map_err(|why| match behind.is_empty() {
+        true => why,
+        false => format!(
+            "{why} ({} reachable but behind the commit offset {committed}: wiped or restored)",
+            behind.join(", ")
+        ),
+    });
     match guaranteed {
         Ok(s) => Choice::Elect {
             node: s.node.clone(),
             start: s.end,
             unclean: false,
         },
-        Err(why) if unclean => match most_up_to_date(candidates.iter().copied()) {
+        Err(why) if unclean => match most_up_to_date(all.iter().copied()) {
             Some(s) => Choice::Elect {
                 node: s.node.clone(),
                 start: s.end,
@@ -759,6 +787,44 @@ mod tests {
             panic!()
         };
         assert!(why.contains("sync set is empty"), "{why}");
+    }
+
+    #[test]
+    fn a_replica_behind_the_commit_offset_holds_no_guarantee() {
+        let mut l = formed().logs["l"].clone();
+        l.sync_set = vec!["b".into()];
+        // b is in the sync set but its log ends below what was committed: wiped or restored.
+        let reach = [st("b", 0, 0), st("c", 1, 12)];
+        let Choice::None(why) = choose_leader_above(&l, &reach, Policy::SyncSet, false, 10) else {
+            panic!()
+        };
+        assert!(
+            why.contains("b reachable but behind the commit offset 10"),
+            "{why}"
+        );
+        // Without the commit offset it would have been elected.
+        assert!(matches!(
+            choose_leader(&l, &reach, Policy::SyncSet, false),
+            Choice::Elect { ref node, .. } if node == "b"
+        ));
+        // Unclean: the most up-to-date reachable replica, recorded as unclean.
+        assert_eq!(
+            choose_leader_above(&l, &reach, Policy::SyncSet, true, 10),
+            Choice::Elect {
+                node: "c".into(),
+                start: 12,
+                unclean: true
+            }
+        );
+        // Majority: a replica behind does not count towards the replicas needed.
+        let Choice::None(_) = choose_leader_above(&l, &reach, Policy::Majority, false, 10) else {
+            panic!()
+        };
+        let reach = [st("b", 1, 10), st("c", 1, 12)];
+        assert!(matches!(
+            choose_leader_above(&l, &reach, Policy::Majority, false, 10),
+            Choice::Elect { ref node, .. } if node == "c"
+        ));
     }
 
     #[test]

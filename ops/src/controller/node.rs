@@ -175,6 +175,49 @@ fn problem(s: &super::driver::State, reachable: &[String], leader_timeout: Durat
     )
 }
 
+/// The file in the data dir, beside `node-id`, that ties it to its cluster (R7): written once
+/// the controller knows the cluster's id, checked at every start.
+pub const CLUSTER_ID_FILE: &str = "cluster-id";
+
+/// The cluster id recorded in `data_dir`, if any.
+fn recorded_cluster_id(data_dir: &std::path::Path) -> Result<Option<String>, String> {
+    let path = data_dir.join(CLUSTER_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("read {}: {e}", path.display())),
+    }
+}
+
+/// Refuse a data dir that belongs to another cluster, or whose controller state is gone while
+/// it says it belonged to one (wiped or restored: it would vote without remembering what it
+/// voted for). `meta_id` is the cluster id in the controller state found at start (empty: none).
+pub fn check_cluster_id(data_dir: &std::path::Path, meta_id: &str) -> Result<(), String> {
+    let path = data_dir.join(CLUSTER_ID_FILE);
+    match recorded_cluster_id(data_dir)? {
+        Some(id) if meta_id.is_empty() => Err(format!(
+            "this data dir belongs to cluster {id} ({}) but its controller state ({}) is missing: \
+             it was wiped or restored from an old copy; give the node a new, empty data dir",
+            path.display(),
+            data_dir.join("controller").display()
+        )),
+        Some(id) if id != meta_id => Err(format!(
+            "this data dir belongs to cluster {id} ({}), but its controller state is of cluster \
+             {meta_id}",
+            path.display()
+        )),
+        Some(_) => Ok(()),
+        None if meta_id.is_empty() => Ok(()),
+        None => record_cluster_id(data_dir, meta_id),
+    }
+}
+
+/// Write the cluster id into the data dir (atomically, durably).
+fn record_cluster_id(data_dir: &std::path::Path, id: &str) -> Result<(), String> {
+    super::storage::write_atomic(data_dir, CLUSTER_ID_FILE, format!("{id}\n").as_bytes())
+        .map_err(|e| e.to_string())
+}
+
 /// The members of `cfg` as the controller numbers them (Raft id = position + 1).
 pub fn members(cfg: &NodeConfig) -> Result<BTreeMap<String, Member>, String> {
     Ok(cfg
@@ -225,6 +268,11 @@ pub fn factory(cfg: &NodeConfig) -> (ControlFactory, Arc<Mutex<Option<Arc<NodeCo
             Arc::new(transport),
         )
         .map_err(|e| e.to_string())?;
+        let found = controller.state().borrow().meta.cluster_id.clone();
+        if let Err(e) = check_cluster_id(&cfg.node.data_dir, &found) {
+            controller.stop();
+            return Err(e);
+        }
         let nc = Arc::new(NodeController {
             controller,
             addrs,
@@ -247,6 +295,7 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
         Policy::Majority
     };
     let me = nc.controller.node_id().to_string();
+    let data_dir = cfg.node.data_dir.clone();
     let replicas: Vec<String> = cfg
         .controller
         .member_list()
@@ -262,6 +311,7 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
                 return;
             };
             rt.block_on(async move {
+                let mut id_recorded = false;
                 loop {
                     tokio::time::sleep(every).await;
                     let asked = std::time::Instant::now();
@@ -285,6 +335,12 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
                             .collect(),
                     });
                     let state = nc.controller.state().borrow().clone();
+                    if !id_recorded && !state.meta.cluster_id.is_empty() {
+                        match check_cluster_id(&data_dir, &state.meta.cluster_id) {
+                            Ok(()) => id_recorded = true,
+                            Err(e) => tracing::error!(error = %e, "controller: the cluster id"),
+                        }
+                    }
                     if !leading || state.meta.cluster_id.is_empty() {
                         continue;
                     }
@@ -305,4 +361,31 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
             });
         })
         .expect("spawn the controller report thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_id_ties_a_data_dir_to_its_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        // A new node before the cluster forms: nothing recorded, nothing to check.
+        check_cluster_id(dir.path(), "").unwrap();
+        assert!(!dir.path().join(CLUSTER_ID_FILE).exists());
+        // Once the metadata has an id it is recorded, and the same id passes.
+        check_cluster_id(dir.path(), "c0ffee").unwrap();
+        let recorded = std::fs::read_to_string(dir.path().join(CLUSTER_ID_FILE)).unwrap();
+        assert_eq!(recorded.trim(), "c0ffee");
+        check_cluster_id(dir.path(), "c0ffee").unwrap();
+        // Another cluster's controller state: refused.
+        let e = check_cluster_id(dir.path(), "beef").unwrap_err();
+        assert!(
+            e.contains("belongs to cluster c0ffee") && e.contains("of cluster beef"),
+            "{e}"
+        );
+        // The controller state is gone: refused.
+        let e = check_cluster_id(dir.path(), "").unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+    }
 }

@@ -887,7 +887,7 @@ fn decode<M: protobuf::Message>(
 
 /// Replaces `dir/name` by `contents`: writes `name.tmp`, fsyncs it, renames it over `name`, and
 /// fsyncs `dir`.
-fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let path = dir.join(name);
     let file = File::create(&tmp).map_err(io_error("create", &tmp))?;
