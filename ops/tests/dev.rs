@@ -130,3 +130,105 @@ fn dev_starts_three_nodes_and_stops_them_all() {
         assert!(!alive(*pid), "node {pid} outlived replog dev");
     }
 }
+
+/// A base port with three consecutive UDP ports free on 127.0.0.1 a moment ago (the controller
+/// needs fixed member addresses, so `replog dev` runs it only on fixed ports).
+fn free_base_port() -> u16 {
+    let start = 20000 + (std::process::id() % 20000) as u16;
+    (0..2000)
+        .map(|i| start.wrapping_add(i * 3))
+        .filter(|p| (1024..65000).contains(p))
+        .find(|p| {
+            (0..3).all(|i| std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok())
+                && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+        })
+        .expect("three free consecutive ports")
+}
+
+#[test]
+fn killing_the_leader_in_dev_shows_a_failover_in_status() {
+    let env = Env::new();
+    let base = free_base_port().to_string();
+    let mut dev = Command::new(BIN)
+        .args([
+            "dev",
+            "--base-port",
+            &base,
+            "--metrics-base-port",
+            "0",
+            "--json",
+            "--dir",
+        ])
+        .arg(env.path("cluster"))
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .env("REPLOG_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the dev process this test started.
+            unsafe {
+                libc::kill(self.0 as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    let stop = Stop(dev.id());
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    let nodes: Vec<serde_json::Value> = (0..3)
+        .map(|_| serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap())
+        .collect();
+    let addr = |i: usize| nodes[i]["addr"].as_str().unwrap().to_string();
+    let log_view = |i: usize| -> Option<(String, u64)> {
+        let v = env.cli_json(&["status", "--server", &addr(i), "--json"], "");
+        let l = v.first()?["controller"]["logs"]
+            .as_array()?
+            .iter()
+            .find(|l| l["log"] == "demo")?
+            .clone();
+        Some((l["leader"].as_str()?.to_string(), l["epoch"].as_u64()?))
+    };
+    env.cli_ok(&["create", "--server", &addr(0), "--log", "demo"], "");
+    let (first, epoch) = eventually(60, "the log in the controller's metadata", || log_view(1));
+    assert_eq!(first, "node-1");
+    let all = format!("{},{},{}", addr(0), addr(1), addr(2));
+    eventually(60, "an acks=sync append", || {
+        let out = env.cli(
+            &[
+                "append", "--server", &all, "--log", "demo", "--acks", "sync",
+            ],
+            "before\n",
+        );
+        out.status.success().then_some(())
+    });
+    // node-1's process dies: status on the others shows another node leading in a new epoch.
+    // SAFETY: kill(2) on a node process started by the dev command under test.
+    unsafe {
+        libc::kill(
+            nodes[0]["pid"].as_u64().unwrap() as libc::pid_t,
+            libc::SIGKILL,
+        );
+    }
+    let (leader, after) = eventually(60, "a failover in status", || {
+        log_view(1).filter(|(l, _)| l != "node-1")
+    });
+    assert!(after > epoch && leader != "node-1", "{leader} {after}");
+    let text = env.cli_ok(&["status", "--server", &addr(2)], "");
+    assert!(
+        text.contains(&format!("demo\tepoch={after}\tleader={leader}")),
+        "{text}"
+    );
+    // Writes go on through the new leader.
+    eventually(60, "an append after the failover", || {
+        let out = env.cli(
+            &[
+                "append", "--server", &all, "--log", "demo", "--acks", "sync",
+            ],
+            "after\n",
+        );
+        out.status.success().then_some(())
+    });
+    drop(stop);
+    assert!(dev.wait().unwrap().success());
+}
