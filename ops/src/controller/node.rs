@@ -318,7 +318,8 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
                     let Some(logs) = node.logs().await else {
                         return; // the node has stopped
                     };
-                    if asked.elapsed() > every * 5 {
+                    // (The first listing waits for the shards to start.)
+                    if id_recorded && asked.elapsed() > every * 5 {
                         tracing::warn!(took = ?asked.elapsed(), "controller: listing the logs for a report was slow");
                     }
                     nc.controller.report(NodeReport {
