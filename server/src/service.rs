@@ -624,16 +624,23 @@ async fn append(
             "this node lost contact with the controller while the append waited; it is stored here, and a new leader may or may not have it",
         ));
     }
-    // While a planned transfer is under way the target may take over at any moment from what
-    // it holds: an append it does not hold may not survive the handover.
-    if a.acks != Acks::None {
-        if let Some(to) = shard
-            .common
-            .control
-            .as_ref()
-            .and_then(|c| c.log_record(&a.log))
-            .and_then(|r| r.transfer_to)
-        {
+    // The controller's record decides whether this node may still say so: it must still lead
+    // the log in this epoch (another leader's log need not hold the append), and while a
+    // planned transfer is under way the target, which may take over at any moment from what it
+    // holds, must hold the append.
+    let record = shard
+        .common
+        .control
+        .as_ref()
+        .and_then(|c| c.log_record(&a.log));
+    if let (Some(r), true) = (record, a.acks != Acks::None) {
+        if r.leader.as_deref() != Some(shard.common.node_id.as_str()) || r.epoch != e.epoch.0 {
+            return Err(fail(
+                ErrorCode::Timeout,
+                "this node stopped leading the log while the append waited; it is stored here, and the new leader may or may not have it",
+            ));
+        }
+        if let Some(to) = r.transfer_to {
             let held = repl.as_ref().is_some_and(|r| r.holders(next).contains(&to));
             if !held {
                 return Err(fail(
