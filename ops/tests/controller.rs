@@ -401,24 +401,49 @@ fn servers(nodes: &[&NodeProc]) -> String {
 #[test]
 fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
     let _serial = serial();
-    let c = start_with(&["--leader-timeout-ms", "2000"]);
+    // leader_timeout 6 s: the leader's lease (half of it) outlives its followers by enough
+    // for one append.
+    let mut c = start_with(&["--leader-timeout-ms", "6000"]);
     create_with_records(&c, 5);
 
+    // The followers stop; the leader stores a record nobody else sees (acks=leader), and then
+    // freezes, past leader_timeout, while the followers come back.
+    c.nodes[1].kill();
+    c.nodes[2].kill();
+    let lonely = c.env.cli_json(
+        &[
+            "append",
+            "--server",
+            &c.nodes[0].server(),
+            "--log",
+            "orders",
+            "--acks",
+            "leader",
+            "--json",
+        ],
+        "lonely\n",
+    );
+    assert_eq!(lonely[0]["offset"], 5, "{lonely:?}");
     c.nodes[0].signal(libc::SIGSTOP);
+    c.respawn(1);
+    c.respawn(2);
+
+    // The followers replace it and take writes in a new epoch.
     let (leader, epoch) = wait_for_new_leader(&c, 1, "n1");
     assert!(epoch >= 2);
     let others = servers(&[&c.nodes[1], &c.nodes[2]]);
-    let after = eventually(60, "acks=sync appends on the new leader", || {
+    let after = eventually(90, "acks=sync appends on the new leader", || {
         append_sync(&c.env, &others, "orders", 5, "after-0\nafter-1\nafter-2\n")
     });
     assert_eq!(after, vec![5, 6, 7]);
 
-    // The old leader wakes up: its lease has lapsed, it learns the new epoch, and it follows.
+    // The old leader wakes up: its lease has lapsed, it learns the new epoch, steps down,
+    // moves its divergent record into quarantine, and converges.
     c.nodes[0].signal(libc::SIGCONT);
     let expected = before_then_after(5, 3);
     for n in &c.nodes {
         eventually(
-            60,
+            90,
             "every replica holds exactly the acknowledged records",
             || (records(&c.env, n, "orders") == expected).then_some(()),
         );
@@ -427,6 +452,18 @@ fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
         .env
         .cli_json(&["status", "--server", &c.nodes[0].server(), "--json"], "");
     assert_eq!(v[0]["controller"]["logs"][0]["leader"], leader.as_str());
+    let q = v[0]["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v:?}");
+    assert_eq!(
+        (
+            q[0]["from"].as_u64(),
+            q[0]["to"].as_u64(),
+            q[0]["records"].as_u64()
+        ),
+        (Some(5), Some(6), Some(1))
+    );
+    let kept = std::fs::read(q[0]["file"].as_str().unwrap()).unwrap();
+    assert!(String::from_utf8_lossy(&kept).contains("lonely"));
     // It commits nothing on its own: a write sent to it lands on the new leader.
     let via_old = eventually(30, "an append through the old leader", || {
         append_sync(&c.env, &c.nodes[0].server(), "orders", 8, "through-n1\n")
