@@ -150,7 +150,7 @@ async fn reassign(shard: &Rc<Shard>, name: &str, old: usize) -> Result<(), Error
                     if !shard.closing.get() && shard.get(name).is_none() =>
                 {
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_millis(500));
+                    wait = (wait * 2).min(Duration::from_millis(50));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -161,6 +161,7 @@ async fn reassign(shard: &Rc<Shard>, name: &str, old: usize) -> Result<(), Error
             leading = entry.leading().is_some(),
             following = ?entry.following,
             epoch = entry.epoch.0,
+            reopened_after = ?waiting.elapsed(),
             "the log changed role"
         );
         Ok(())
@@ -454,7 +455,9 @@ async fn follow_log(
         match result {
             Ok(Outcome::Ended) => break,
             Ok(Outcome::Bootstrap { start }) => {
-                if let Err(e) = bootstrap(&shard, &name, start, &entry).await {
+                let done = bootstrap(&shard, &name, start, &entry).await;
+                drop(entry);
+                if let Err(e) = done {
                     tracing::error!(log = %name, error = %e, "bootstrap failed");
                     tokio::time::sleep(BACKOFF_MAX).await;
                 }
@@ -470,6 +473,9 @@ async fn follow_log(
                     .replication_refusals
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(log = %name, error = %e, retry_in = ?backoff, "replication session failed; resuming from the local end");
+                // The log is let go while waiting: a change of role (the usual reason the
+                // leader ended the session) reopens it at once.
+                drop(entry);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
             }
