@@ -321,7 +321,7 @@ struct Driver {
     /// The term in which this node proposed `Init`.
     init_term: Option<u64>,
     failover: Option<FailoverConfig>,
-    /// As the leader: the latest report of each node.
+    /// The latest report of each member (every member keeps them, the leader decides).
     heard: BTreeMap<NodeId, Heard>,
     /// When this node's controller started: reports have been arriving since.
     listening_since: Instant,
@@ -458,7 +458,6 @@ impl Driver {
         }
     }
 
-    /// Keep a report if this node leads; otherwise pass it to the leader.
     /// A report, this node's own or one received from its member: every member keeps the
     /// latest of each, so a member that becomes the controller's leader can judge failures at
     /// once instead of first waiting a `leader_timeout` for reports to arrive. This node's own
