@@ -398,19 +398,12 @@ fn servers(nodes: &[&NodeProc]) -> String {
         .join(",")
 }
 
-#[test]
-fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
-    let _serial = serial();
-    // leader_timeout 6 s: the leader's lease (half of it) outlives its followers by enough
-    // for one append.
-    let mut c = start_with(&["--leader-timeout-ms", "6000"]);
-    create_with_records(&c, 5);
-
-    // The followers stop; the leader stores a record nobody else sees (acks=leader), and then
-    // freezes, past leader_timeout, while the followers come back.
+/// Kill both followers, then store `lines` on n1 alone (acks=leader, within its lease): records
+/// nobody else ever sees. Their offsets.
+fn lonely_records(c: &mut Cluster, lines: &str) -> Vec<u64> {
     c.nodes[1].kill();
     c.nodes[2].kill();
-    let lonely = c.env.cli_json(
+    let stored = c.env.cli_json(
         &[
             "append",
             "--server",
@@ -421,9 +414,51 @@ fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
             "leader",
             "--json",
         ],
-        "lonely\n",
+        lines,
     );
-    assert_eq!(lonely[0]["offset"], 5, "{lonely:?}");
+    stored
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect()
+}
+
+/// `node`'s status lists exactly one quarantine of `orders`: offsets `from..to`, whose batches
+/// file holds every one of `values`.
+fn assert_quarantined(c: &Cluster, node: usize, (from, to): (u64, u64), values: &[&str]) {
+    let v = c.env.cli_json(
+        &["status", "--server", &c.nodes[node].server(), "--json"],
+        "",
+    );
+    let q = v[0]["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v:?}");
+    assert_eq!(q[0]["log"], "orders");
+    assert_eq!(
+        (
+            q[0]["from"].as_u64(),
+            q[0]["to"].as_u64(),
+            q[0]["records"].as_u64()
+        ),
+        (Some(from), Some(to), Some(to - from))
+    );
+    let kept = std::fs::read(q[0]["file"].as_str().unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&kept);
+    assert!(
+        values.iter().all(|v| text.contains(v)),
+        "the quarantined batches hold the truncated records"
+    );
+}
+
+#[test]
+fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
+    let _serial = serial();
+    // leader_timeout 6 s: the leader's lease (half of it) outlives its followers by enough
+    // for one append.
+    let mut c = start_with(&["--leader-timeout-ms", "6000"]);
+    create_with_records(&c, 5);
+
+    // The followers stop; the leader stores a record nobody else sees (acks=leader), and then
+    // freezes, past leader_timeout, while the followers come back.
+    assert_eq!(lonely_records(&mut c, "lonely\n"), vec![5]);
     c.nodes[0].signal(libc::SIGSTOP);
     c.respawn(1);
     c.respawn(2);
@@ -448,22 +483,11 @@ fn a_frozen_leader_is_replaced_commits_nothing_and_steps_down() {
             || (records(&c.env, n, "orders") == expected).then_some(()),
         );
     }
-    let v = c
-        .env
-        .cli_json(&["status", "--server", &c.nodes[0].server(), "--json"], "");
-    assert_eq!(v[0]["controller"]["logs"][0]["leader"], leader.as_str());
-    let q = v[0]["quarantined"].as_array().unwrap();
-    assert_eq!(q.len(), 1, "{v:?}");
     assert_eq!(
-        (
-            q[0]["from"].as_u64(),
-            q[0]["to"].as_u64(),
-            q[0]["records"].as_u64()
-        ),
-        (Some(5), Some(6), Some(1))
+        record(&c.env, &c.nodes[0], "orders").unwrap().0.as_deref(),
+        Some(leader.as_str())
     );
-    let kept = std::fs::read(q[0]["file"].as_str().unwrap()).unwrap();
-    assert!(String::from_utf8_lossy(&kept).contains("lonely"));
+    assert_quarantined(&c, 0, (5, 6), &["lonely"]);
     // It commits nothing on its own: a write sent to it lands on the new leader.
     let via_old = eventually(30, "an append through the old leader", || {
         append_sync(&c.env, &c.nodes[0].server(), "orders", 8, "through-n1\n")
@@ -480,23 +504,10 @@ fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
     create_with_records(&c, 5);
     // Both followers die; n1 stores three more records that nobody else ever sees (acks=leader:
     // durable on n1 alone), then dies too.
-    c.nodes[1].kill();
-    c.nodes[2].kill();
-    let lonely = c.env.cli_json(
-        &[
-            "append",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-            "--acks",
-            "leader",
-            "--json",
-        ],
-        "lonely-0\nlonely-1\nlonely-2\n",
+    assert_eq!(
+        lonely_records(&mut c, "lonely-0\nlonely-1\nlonely-2\n"),
+        vec![5, 6, 7]
     );
-    assert_eq!(lonely.len(), 3, "{lonely:?}");
-    assert_eq!(lonely[2]["offset"], 7);
     c.nodes[0].kill();
 
     // The followers come back without n1 and elect one of themselves (the member of the sync
@@ -517,23 +528,7 @@ fn a_divergent_suffix_goes_to_quarantine_when_the_old_leader_rejoins() {
     eventually(90, "n1 holds exactly the new leader's records", || {
         (records(&c.env, &c.nodes[0], "orders") == expected).then_some(())
     });
-    let v = c
-        .env
-        .cli_json(&["status", "--server", &c.nodes[0].server(), "--json"], "");
-    let q = v[0]["quarantined"].as_array().unwrap();
-    assert_eq!(q.len(), 1, "{v:?}");
-    assert_eq!(q[0]["log"], "orders");
-    assert_eq!(
-        (q[0]["from"].as_u64(), q[0]["to"].as_u64()),
-        (Some(5), Some(8))
-    );
-    assert_eq!(q[0]["records"], 3);
-    let kept = std::fs::read(q[0]["file"].as_str().unwrap()).unwrap();
-    let text = String::from_utf8_lossy(&kept);
-    assert!(
-        (0..3).all(|i| text.contains(&format!("lonely-{i}"))),
-        "the quarantined batches hold the truncated records"
-    );
+    assert_quarantined(&c, 0, (5, 8), &["lonely-0", "lonely-1", "lonely-2"]);
 }
 
 #[test]
