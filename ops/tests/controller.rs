@@ -642,6 +642,7 @@ fn sync_load(
     servers: Vec<String>,
     workers: usize,
     load: std::sync::Arc<Load>,
+    producer: bool,
 ) -> Vec<checker::Op> {
     use std::sync::atomic::Ordering::Relaxed;
     let config = client::ClientConfig::new(servers)
@@ -656,16 +657,30 @@ fn sync_load(
                 tokio::spawn(async move {
                     let mut ops = Vec::new();
                     let mut i = 0u64;
+                    let timeout = Some(std::time::Duration::from_secs(5));
+                    let idempotent = client.producer(
+                        "orders",
+                        client::ProducerOptions {
+                            acks: client::Acks::Sync,
+                            timeout,
+                            ..Default::default()
+                        },
+                    );
                     while !load.stop.load(Relaxed) {
                         let value = format!("w{w}-{i}");
                         i += 1;
                         let options = client::AppendOptions {
                             acks: client::Acks::Sync,
                             expected_offset: None,
-                            timeout: Some(std::time::Duration::from_secs(5)),
+                            timeout,
                         };
                         let sent = bytes::Bytes::from(value.clone());
-                        let outcome = match client.append("orders", vec![sent], options).await {
+                        let answer = if producer {
+                            idempotent.send(sent).await
+                        } else {
+                            client.append("orders", vec![sent], options).await
+                        };
+                        let outcome = match answer {
                             Ok(r) => {
                                 assert_eq!(r.level, client::Acks::Sync, "{value}: {r:?}");
                                 load.acked.fetch_add(1, Relaxed);
@@ -693,11 +708,11 @@ fn sync_load(
     })
 }
 
-#[test]
-fn twenty_leader_kills_under_sync_load_lose_no_acknowledged_append() {
+/// Kill the log's leader `kills` times under continuous acks=sync load (plain appends, or
+/// through idempotent producers), restarting it each time once another node leads and
+/// acknowledges; then judge every replica against the recorded history with the checker.
+fn kill_leaders_under_load(kills: usize, producer: bool) {
     use std::sync::atomic::Ordering::Relaxed;
-    const KILLS: usize = 20;
-    let _serial = serial();
     let mut c = start_with(&["--leader-timeout-ms", "2000"]);
     create_with_records(&c, 1);
     let servers: Vec<String> = c.nodes.iter().map(|n| n.server()).collect();
@@ -711,12 +726,12 @@ fn twenty_leader_kills_under_sync_load_lose_no_acknowledged_append() {
         let worker = {
             let load = load.clone();
             let ca = c.env.ca_pem();
-            s.spawn(move || sync_load(ca, servers, 2, load))
+            s.spawn(move || sync_load(ca, servers, 2, load, producer))
         };
         eventually(60, "acknowledged appends under load", || {
             (load.acked.load(Relaxed) >= 20).then_some(())
         });
-        for cycle in 0..KILLS {
+        for cycle in 0..kills {
             // The log's leader, as the controller has it, is killed.
             let (leader, epoch) = eventually(90, "the log's leader", || {
                 match record(&c.env, &c.nodes[(cycle + 1) % 3], "orders")? {
@@ -787,8 +802,20 @@ fn twenty_leader_kills_under_sync_load_lose_no_acknowledged_append() {
         replicas[0].1.len()
     );
     assert!(violations.is_empty(), "{violations:#?}");
-    assert_eq!(failovers.len(), KILLS);
-    assert!(acked >= KILLS * 10, "{acked}");
+    assert_eq!(failovers.len(), kills);
+    assert!(acked >= kills * 10, "{acked}");
+}
+
+#[test]
+fn twenty_leader_kills_under_sync_load_lose_no_acknowledged_append() {
+    let _serial = serial();
+    kill_leaders_under_load(20, false);
+}
+
+#[test]
+fn idempotent_producers_store_nothing_twice_across_leader_kills() {
+    let _serial = serial();
+    kill_leaders_under_load(3, true);
 }
 
 #[test]
