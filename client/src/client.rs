@@ -211,6 +211,15 @@ fn check_name(config: &ClientConfig, what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The error `e` ends a call; `resent` when an earlier attempt may have taken effect.
+fn fail(e: Error, resent: bool) -> Error {
+    if resent {
+        e.after_resend()
+    } else {
+        e
+    }
+}
+
 /// Milliseconds for the wire, saturating, and never 0 for a non-zero duration (0 means "none").
 pub(crate) fn millis(d: Duration) -> u32 {
     if d.is_zero() {
@@ -450,6 +459,13 @@ impl Client {
                 }
                 self.note_seen(&log, r.next);
                 Ok(r)
+            }
+            // After a resend, a definite refusal of the last attempt says nothing about an
+            // earlier one that may have been stored (a producer's resent append that was stored
+            // is recognised and answered with its receipt instead; `sequence_gap` means the
+            // node holds nothing of it).
+            Response::Error(e) if answer.resent && e.code != ErrorCode::SequenceGap => {
+                Err(Error::from(e).after_resend())
             }
             Response::Error(e) => Err(e.into()),
             _ => Err(unexpected("unexpected answer to Append")),
@@ -777,7 +793,7 @@ impl Client {
                         target = Target::Current;
                         continue;
                     }
-                    return Err(e);
+                    return Err(fail(e, resent));
                 }
             };
             target = home.clone();
@@ -792,7 +808,7 @@ impl Client {
                 Ok(Response::Error(e)) if e.code == ErrorCode::NotLeader && !pinned => {
                     // Definite: nothing was done; ask the leader.
                     if redirects >= REDIRECTS_MAX {
-                        return Err(e.into());
+                        return Err(fail(e.into(), resent));
                     }
                     redirects += 1;
                     if e.leader.is_empty() {
@@ -831,7 +847,7 @@ impl Client {
                         tokio::time::sleep(backoff(failures)).await;
                         continue;
                     }
-                    return Err(e);
+                    return Err(fail(e, resent));
                 }
             }
         }

@@ -70,7 +70,11 @@ impl Error {
     /// have reached the node, no answer says what happened), for [`Error::Protocol`] (an answer
     /// arrived but could not be understood), and for [`Error::Server`] with a code whose
     /// [`ErrorCode::is_definite`] is false (`timeout`, `storage_failed`, `internal`). Every other error is
-    /// definite: the request had no effect. For requests without side effects (reads, listing,
+    /// definite: the request had no effect. A request resent after an attempt whose answer was
+    /// lost (a producer's append, retried) does not end with a definite error: whatever the
+    /// last attempt met, the earlier one may have taken effect, so it ends with
+    /// [`Error::ConnectionLost`] (the exception is `sequence_gap`, which says that the node
+    /// holds nothing of the append). For requests without side effects (reads, listing,
     /// status) an unknown outcome only means that no usable answer arrived.
     pub fn is_unknown_outcome(&self) -> bool {
         match self {
@@ -87,6 +91,18 @@ impl Error {
             self,
             Error::Connect(_) | Error::ConnectionLost(_) | Error::Timeout
         )
+    }
+
+    /// This failure as the outcome of a request of which an earlier attempt may have taken
+    /// effect (it was sent, and its answer was lost): a definite failure of the last attempt
+    /// says nothing about the earlier one, so the outcome is unknown.
+    pub(crate) fn after_resend(self) -> Error {
+        if self.is_unknown_outcome() {
+            return self;
+        }
+        Error::ConnectionLost(format!(
+            "an earlier attempt may have taken effect (its answer was lost); the last attempt failed: {self}"
+        ))
     }
 
     /// The same failure, for a request that was certainly not sent.
@@ -135,6 +151,24 @@ mod tests {
             leader: String::new(),
             detail: 0,
         }
+    }
+
+    #[test]
+    fn a_definite_failure_after_a_resend_is_an_unknown_outcome() {
+        let refused = Error::Server {
+            code: ErrorCode::NotLeader,
+            message: String::new(),
+            leader: String::new(),
+            detail: 0,
+        };
+        assert!(!refused.is_unknown_outcome());
+        let after = refused.after_resend();
+        assert!(after.is_unknown_outcome());
+        assert!(after.to_string().contains("not_leader"), "{after}");
+        assert!(Error::Connect("x".into())
+            .after_resend()
+            .is_unknown_outcome());
+        assert_eq!(Error::Timeout.after_resend(), Error::Timeout);
     }
 
     #[test]
