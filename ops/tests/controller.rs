@@ -97,16 +97,7 @@ fn the_controller_forms_fails_over_survives_restarts_and_needs_a_majority() {
     );
 
     // A log created on the leader is registered with the controller, led by n1 in epoch 1.
-    c.env.cli_ok(
-        &[
-            "create",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-        ],
-        "",
-    );
+    create_orders(&c);
     for n in &c.nodes {
         eventually(30, "the log in the controller's metadata", || {
             let v = controller(&c.env, n)?;
@@ -284,27 +275,9 @@ fn records(env: &Env, node: &NodeProc, log: &str) -> Vec<(u64, String)> {
 fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     let _serial = serial();
     let mut c = start_with(&["--leader-timeout-ms", "2000"]);
-    let all = c
-        .nodes
-        .iter()
-        .map(|n| n.server())
-        .collect::<Vec<_>>()
-        .join(",");
-    c.env.cli_ok(
-        &[
-            "create",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-        ],
-        "",
-    );
+    let all = servers(&[&c.nodes[0], &c.nodes[1], &c.nodes[2]]);
     // Acknowledged at sync on n1 (the controller must know the log and n1's lease must hold).
-    let first: String = (0..10).map(|i| format!("before-{i}\n")).collect();
-    let acked = eventually(60, "acks=sync appends on n1", || {
-        append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
-    });
+    let acked = create_with_records(&c, 10);
     assert_eq!(acked, (0..10).collect::<Vec<u64>>());
 
     // n1 dies: a member of the sync set takes over in a new epoch, and writes go there.
@@ -362,9 +335,8 @@ fn before_then_after(before: u64, after: u64) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// Create log `orders` on n1 and append `before-0..n` at acks=sync (retried while the sync set
-/// is not on record yet).
-fn create_with_records(c: &Cluster, n: usize) {
+/// Create log `orders` on n1 (the configured leader), which registers it with the controller.
+fn create_orders(c: &Cluster) {
     c.env.cli_ok(
         &[
             "create",
@@ -375,10 +347,16 @@ fn create_with_records(c: &Cluster, n: usize) {
         ],
         "",
     );
+}
+
+/// Create log `orders` on n1 and append `before-0..n` at acks=sync (retried while the sync set
+/// is not on record yet): their offsets.
+fn create_with_records(c: &Cluster, n: usize) -> Vec<u64> {
+    create_orders(c);
     let first: String = (0..n).map(|i| format!("before-{i}\n")).collect();
     eventually(60, "acks=sync appends on n1", || {
         append_sync(&c.env, &c.nodes[0].server(), "orders", 0, &first)
-    });
+    })
 }
 
 fn wait_for_new_leader(c: &Cluster, node: usize, old: &str) -> (String, u64) {
@@ -536,16 +514,7 @@ fn a_planned_switchover_under_load_loses_nothing() {
     let _serial = serial();
     let c = start_with(&["--leader-timeout-ms", "3000"]);
     let all = servers(&[&c.nodes[0], &c.nodes[1], &c.nodes[2]]);
-    c.env.cli_ok(
-        &[
-            "create",
-            "--server",
-            &c.nodes[0].server(),
-            "--log",
-            "orders",
-        ],
-        "",
-    );
+    create_orders(&c);
     eventually(60, "acks=sync appends on n1", || {
         append_sync(&c.env, &c.nodes[0].server(), "orders", 0, "first\n")
     });
@@ -658,14 +627,16 @@ fn sync_load(
                     let mut ops = Vec::new();
                     let mut i = 0u64;
                     let timeout = Some(std::time::Duration::from_secs(5));
-                    let idempotent = client.producer(
-                        "orders",
-                        client::ProducerOptions {
-                            acks: client::Acks::Sync,
-                            timeout,
-                            ..Default::default()
-                        },
-                    );
+                    let idempotent = producer.then(|| {
+                        client.producer(
+                            "orders",
+                            client::ProducerOptions {
+                                acks: client::Acks::Sync,
+                                timeout,
+                                ..Default::default()
+                            },
+                        )
+                    });
                     while !load.stop.load(Relaxed) {
                         let value = format!("w{w}-{i}");
                         i += 1;
@@ -675,10 +646,9 @@ fn sync_load(
                             timeout,
                         };
                         let sent = bytes::Bytes::from(value.clone());
-                        let answer = if producer {
-                            idempotent.send(sent).await
-                        } else {
-                            client.append("orders", vec![sent], options).await
+                        let answer = match &idempotent {
+                            Some(p) => p.send(sent).await,
+                            None => client.append("orders", vec![sent], options).await,
                         };
                         let outcome = match answer {
                             Ok(r) => {

@@ -12,14 +12,14 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
-#[test]
-fn dev_starts_three_nodes_and_stops_them_all() {
-    let env = Env::new();
-    let mut dev = Command::new(BIN)
+/// `replog dev --json` with its nodes' data under the environment, QUIC ports from `base_port`
+/// (`0`: any free ones, and then no controller), metrics on any free ports.
+fn spawn_dev(env: &Env, base_port: &str) -> std::process::Child {
+    Command::new(BIN)
         .args([
             "dev",
             "--base-port",
-            "0",
+            base_port,
             "--metrics-base-port",
             "0",
             "--json",
@@ -30,7 +30,13 @@ fn dev_starts_three_nodes_and_stops_them_all() {
         .env("REPLOG_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn dev_starts_three_nodes_and_stops_them_all() {
+    let env = Env::new();
+    let mut dev = spawn_dev(&env, "0");
     let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
     // If the test fails, its dev process (and so its nodes) must not outlive it.
     struct Stop(Option<u32>);
@@ -149,22 +155,7 @@ fn free_base_port() -> u16 {
 fn killing_the_leader_in_dev_shows_a_failover_in_status() {
     let env = Env::new();
     let base = free_base_port().to_string();
-    let mut dev = Command::new(BIN)
-        .args([
-            "dev",
-            "--base-port",
-            &base,
-            "--metrics-base-port",
-            "0",
-            "--json",
-            "--dir",
-        ])
-        .arg(env.path("cluster"))
-        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
-        .env("REPLOG_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut dev = spawn_dev(&env, &base);
     struct Stop(u32);
     impl Drop for Stop {
         fn drop(&mut self) {

@@ -339,8 +339,10 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
                 .metrics
                 .set_replication(&name, repl.status(&name, log));
             if let Some(control) = &shard.common.control {
-                record_sync_set(&shard, &repl, &name, &**control, now);
-                hand_over(&shard, &repl, &name, log, &**control, now);
+                if let Some(record) = control.log_record(&name) {
+                    record_sync_set(&shard, &repl, &name, &record, &**control, now);
+                    hand_over(&shard, &repl, &name, &record, log, &**control, now);
+                }
             }
         }
     }
@@ -353,12 +355,10 @@ fn record_sync_set(
     shard: &Rc<Shard>,
     repl: &Replication,
     name: &str,
+    record: &crate::control::LogRecord,
     control: &dyn crate::control::ControlPlane,
     now_ms: u64,
 ) {
-    let Some(record) = control.log_record(name) else {
-        return;
-    };
     if record.leader.as_deref() != Some(shard.common.node_id.as_str()) {
         return;
     }
@@ -393,13 +393,11 @@ fn hand_over(
     shard: &Rc<Shard>,
     repl: &Replication,
     name: &str,
+    record: &crate::control::LogRecord,
     log: &Log,
     control: &dyn crate::control::ControlPlane,
     now_ms: u64,
 ) {
-    let Some(record) = control.log_record(name) else {
-        return;
-    };
     let me = shard.common.node_id.as_str();
     let Some(to) = record.transfer_to.as_deref() else {
         return;
