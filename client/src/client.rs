@@ -289,12 +289,30 @@ impl Client {
         &self.inner.config
     }
 
-    /// Create an empty log. A `log_exists` answer to a retry of this call (after the first
-    /// attempt may have created the log) counts as success.
+    /// Create an empty log. On a leader the answer waits (up to the node's
+    /// `replication.create_wait_ms`) until the log is writable at the durability its
+    /// configuration promises: with `sync_replicas = k` and `insufficient_replicas = reject`,
+    /// until k followers are in its sync set, on record with the controller. Past that wait the
+    /// node answers `not_enough_replicas`, naming the followers missing; the log exists then. A
+    /// `log_exists` answer to a retry of this call (after the first attempt may have created
+    /// the log) counts as success.
     pub async fn create_log(&self, name: &str) -> Result<()> {
+        self.create(name, false).await
+    }
+
+    /// Create an empty log and answer as soon as it exists on the leader, without waiting for
+    /// its sync set (an `acks=sync` append right after may get `not_enough_replicas`).
+    pub async fn create_log_no_wait(&self, name: &str) -> Result<()> {
+        self.create(name, true).await
+    }
+
+    async fn create(&self, name: &str, no_wait: bool) -> Result<()> {
         check_name(&self.inner.config, "log name", name)?;
         let answer = self
-            .repeatable(&Request::CreateLog { name: name.into() })
+            .repeatable(&Request::CreateLog {
+                name: name.into(),
+                no_wait,
+            })
             .await?;
         match answer.resp {
             Response::Ok => Ok(()),

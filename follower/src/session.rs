@@ -135,16 +135,33 @@ fn refused(resp: Response) -> SessionError {
     }
 }
 
+/// How long a follower waits for the leader to let it open one more stream on their
+/// connection. A leader allows a stream per log it replicates plus room for requests
+/// (`logs_max` + `logs_max` / 8 + `streams_per_connection_max`); a wait this long means that
+/// room is gone, and the connection is given up (and made again) rather than waited on forever.
+pub const OPEN_STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A new stream on the peer connection, within [`OPEN_STREAM_TIMEOUT`].
+async fn open_stream(
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), SessionError> {
+    match tokio::time::timeout(OPEN_STREAM_TIMEOUT, conn.open_bi()).await {
+        Ok(r) => r.map_err(|e| SessionError::Connection(e.to_string())),
+        Err(_) => {
+            let why = "the leader allowed no new stream on the connection in time (its stream limit for peers is reached)";
+            conn.close(0u32.into(), why.as_bytes());
+            Err(SessionError::Connection(why.into()))
+        }
+    }
+}
+
 /// One request and its one answer, on a new stream of the peer connection.
 pub async fn exchange(
     conn: &quinn::Connection,
     req: &Request,
     limits: &Limits,
 ) -> Result<Response, SessionError> {
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| SessionError::Connection(e.to_string()))?;
+    let (mut send, mut recv) = open_stream(conn).await?;
     write_frame(&mut send, req).await?;
     let _ = send.finish();
     read_frame(&mut recv, limits)
@@ -281,10 +298,7 @@ pub async fn run(
     // 2. Ask for everything after the local end.
     let mut replica = Replica::new(log.clone());
     let from = log.next_offset().0;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| SessionError::Connection(e.to_string()))?;
+    let (mut send, mut recv) = open_stream(conn).await?;
     write_frame(
         &mut send,
         &Request::Replicate(ReplicateRequest {

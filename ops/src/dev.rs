@@ -27,6 +27,10 @@ pub struct DevArgs {
     /// Size of the leader's sync set (0 = asynchronous, 1 = semi-synchronous).
     #[arg(long, default_value_t = 1)]
     sync_replicas: usize,
+    /// A node configuration file (TOML, as for `replog node --config`) every node reads; the
+    /// addresses, data directories and roles `dev` gives override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Print one JSON object per node instead of a table.
     #[arg(long)]
     json: bool,
@@ -68,6 +72,9 @@ fn spawn_node(
     .arg("--data-dir")
     .arg(&data)
     .args(["--shards", &a.shards.to_string()]);
+    if let Some(config) = &a.config {
+        cmd.arg("--config").arg(config);
+    }
     // The embedded controller needs every member's address up front: fixed ports only.
     if a.nodes > 1 && a.base_port != 0 {
         let members: Vec<String> = (1..=a.nodes)

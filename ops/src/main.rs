@@ -46,6 +46,10 @@ enum Command {
         /// Succeed if the log already exists.
         #[arg(long)]
         if_not_exists: bool,
+        /// Return as soon as the log exists on the leader, without waiting until it is
+        /// writable at acks=sync (its sync set full and on record).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// List the logs of a node.
     List {
@@ -513,9 +517,15 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
             conn,
             log,
             if_not_exists,
+            no_wait,
         } => {
             let client = connect(&conn).await?;
-            let created = match client.create_log(&log).await {
+            let created = if no_wait {
+                client.create_log_no_wait(&log).await
+            } else {
+                client.create_log(&log).await
+            };
+            let created = match created {
                 Ok(()) => true,
                 Err(e) if if_not_exists && e.code() == Some(ErrorCode::LogExists) => false,
                 Err(e) => return Err(e.into()),
@@ -878,29 +888,42 @@ fn receipt_json(offset: u64, r: &protocol::Receipt) -> serde_json::Value {
     })
 }
 
+/// Records in flight (sent to the producer, receipt not yet printed) while `append` streams
+/// standard input: past it, reading waits for receipts.
+const APPEND_IN_FLIGHT_MAX: usize = 64 * 1024;
+
+/// The records of standard input, one per line (the bytes between newlines, taken as they are,
+/// not necessarily UTF-8), as they arrive: a thread reads them and hands each line on at once.
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            match std::io::BufRead::read_until(&mut stdin, b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                    if tx.blocking_send(Ok(Bytes::from(line))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
 async fn append(a: AppendArgs) -> Result<(), Failure> {
     let client = connect(&a.conn).await?;
-    // Records are the bytes between newlines, taken as they are (not necessarily UTF-8).
-    let mut input = Vec::new();
-    std::io::stdin()
-        .lock()
-        .read_to_end(&mut input)
-        .map_err(|e| failure(format!("stdin: {e}")))?;
-    let input = Bytes::from(input);
-    let mut lines: Vec<Bytes> = Vec::new();
-    let mut start = 0;
-    for (i, b) in input.iter().enumerate() {
-        if *b == b'\n' {
-            lines.push(input.slice(start..i));
-            start = i + 1;
-        }
-    }
-    if start < input.len() {
-        lines.push(input.slice(start..));
-    }
-    if lines.is_empty() {
-        return Ok(());
-    }
+    let mut lines = stdin_lines();
     let print = |offset: u64, r: &protocol::Receipt| {
         if a.conn.json {
             out(receipt_json(offset, r).to_string())
@@ -908,18 +931,30 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
             out(offset.to_string())
         }
     };
+    let stdin_failed = |e: std::io::Error| failure(format!("stdin: {e}"));
     if a.expected_offset.is_some() {
+        // A conditional append is one request: it needs the whole input first.
+        let mut records = Vec::new();
+        while let Some(line) = lines.recv().await {
+            records.push(line.map_err(stdin_failed)?);
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
         let opts = AppendOptions {
             acks: a.acks,
             expected_offset: a.expected_offset,
             ..AppendOptions::default()
         };
-        let r = client.append(&a.log, lines, opts).await?;
+        let r = client.append(&a.log, records, opts).await?;
         for off in r.first..r.next {
             print(off, &r)?;
         }
         return Ok(());
     }
+    // One producer for the whole stream: each line is sent as it arrives (lines that arrive
+    // while appends are in flight share the next append, up to --batch), and each receipt is
+    // printed as it comes, in input order.
     let producer = client.producer(
         &a.log,
         ProducerOptions {
@@ -931,23 +966,47 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
     );
     // Every record gets its own outcome: a failure does not stop the report on the others,
     // which the producer still sends (and which are then stored or not, each as reported).
-    let total = lines.len();
-    let pending: Vec<_> = lines.into_iter().map(|l| producer.send(l)).collect();
-    let (mut failed, mut status) = (0usize, 0u8);
-    for (i, p) in pending.into_iter().enumerate() {
-        match p.await {
-            Ok(r) => print(r.first, &r)?,
-            Err(e) => {
-                eprintln!("replog: record {} (line {}): {e}", i, i + 1);
-                failed += 1;
-                status = status.max(Failure::from(e).status);
+    let mut waiting = std::collections::VecDeque::new();
+    let (mut sent, mut done, mut failed, mut status) = (0usize, 0usize, 0usize, 0u8);
+    let mut input_error = None;
+    let mut ended = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = async { waiting.front_mut().expect("guarded").await }, if !waiting.is_empty() => {
+                waiting.pop_front();
+                let r: Result<client::Result<protocol::Receipt>, _> = r;
+                match r.unwrap_or_else(|e| Err(client::Error::ConnectionLost(format!("the append task ended: {e}")))) {
+                    Ok(r) => print(r.first, &r)?,
+                    Err(e) => {
+                        eprintln!("replog: record {} (line {}): {e}", done, done + 1);
+                        failed += 1;
+                        status = status.max(Failure::from(e).status);
+                    }
+                }
+                done += 1;
             }
+            line = lines.recv(), if !ended && waiting.len() < APPEND_IN_FLIGHT_MAX => match line {
+                Some(Ok(record)) => {
+                    waiting.push_back(tokio::spawn(producer.send(record)));
+                    sent += 1;
+                }
+                Some(Err(e)) => {
+                    input_error = Some(e);
+                    ended = true;
+                }
+                None => ended = true,
+            },
+            else => break,
         }
+    }
+    if let Some(e) = input_error {
+        return Err(stdin_failed(e));
     }
     if failed > 0 {
         return Err(Failure {
             status,
-            message: format!("{failed} of {total} records were not acknowledged"),
+            message: format!("{failed} of {sent} records were not acknowledged"),
         });
     }
     Ok(())

@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
 use common::*;
 
 fn alive(pid: u32) -> bool {
@@ -12,48 +9,12 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
-/// `replog dev --json` with its nodes' data under the environment, QUIC ports from `base_port`
-/// (`0`: any free ones, and then no controller), metrics on any free ports.
-fn spawn_dev(env: &Env, base_port: &str) -> std::process::Child {
-    Command::new(BIN)
-        .args([
-            "dev",
-            "--base-port",
-            base_port,
-            "--metrics-base-port",
-            "0",
-            "--json",
-            "--dir",
-        ])
-        .arg(env.path("cluster"))
-        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
-        .env("REPLOG_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn dev_starts_three_nodes_and_stops_them_all() {
     let env = Env::new();
-    let mut dev = spawn_dev(&env, "0");
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
     // If the test fails, its dev process (and so its nodes) must not outlive it.
-    struct Stop(Option<u32>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Some(pid) = self.0 {
-                // SAFETY: kill(2) on the dev process this test started and has not reaped.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                }
-            }
-        }
-    }
-    let mut stop = Stop(Some(dev.id()));
-    let nodes: Vec<serde_json::Value> = (0..3)
-        .map(|_| serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap())
-        .collect();
+    let dev = Dev::start(&env, "0", &[]);
+    let nodes = dev.nodes.clone();
     let pids: Vec<u32> = nodes
         .iter()
         .map(|n| n["pid"].as_u64().unwrap() as u32)
@@ -125,51 +86,17 @@ fn dev_starts_three_nodes_and_stops_them_all() {
     );
     assert_eq!(r[0]["offset"], 1, "{r:?}");
     // SIGTERM to dev stops every node it started.
-    // SAFETY: kill(2) on the dev process this test started.
-    unsafe {
-        libc::kill(dev.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let status = dev.wait().unwrap();
-    stop.0 = None;
-    assert!(status.success());
+    assert!(dev.stop().success());
     for pid in &pids[..2] {
         assert!(!alive(*pid), "node {pid} outlived replog dev");
     }
 }
 
-/// A base port with three consecutive UDP ports free on 127.0.0.1 a moment ago (the controller
-/// needs fixed member addresses, so `replog dev` runs it only on fixed ports).
-fn free_base_port() -> u16 {
-    let start = 20000 + (std::process::id() % 20000) as u16;
-    (0..2000)
-        .map(|i| start.wrapping_add(i * 3))
-        .filter(|p| (1024..65000).contains(p))
-        .find(|p| {
-            (0..3).all(|i| std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok())
-                && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
-        })
-        .expect("three free consecutive ports")
-}
-
 #[test]
 fn killing_the_leader_in_dev_shows_a_failover_in_status() {
     let env = Env::new();
-    let base = free_base_port().to_string();
-    let mut dev = spawn_dev(&env, &base);
-    struct Stop(u32);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the dev process this test started.
-            unsafe {
-                libc::kill(self.0 as libc::pid_t, libc::SIGTERM);
-            }
-        }
-    }
-    let stop = Stop(dev.id());
-    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
-    let nodes: Vec<serde_json::Value> = (0..3)
-        .map(|_| serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap())
-        .collect();
+    let dev = Dev::start_controlled(&env, &[]);
+    let nodes = dev.nodes.clone();
     let addr = |i: usize| nodes[i]["addr"].as_str().unwrap().to_string();
     let log_view = |i: usize| -> Option<(String, u64)> {
         let v = env.cli_json(&["status", "--server", &addr(i), "--json"], "");
@@ -220,6 +147,5 @@ fn killing_the_leader_in_dev_shows_a_failover_in_status() {
         );
         out.status.success().then_some(())
     });
-    drop(stop);
-    assert!(dev.wait().unwrap().success());
+    assert!(dev.stop().success());
 }

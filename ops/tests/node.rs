@@ -159,7 +159,14 @@ fn idempotent_retry_is_stored_once_even_across_a_crash() {
     let conn = rt.block_on(env.connect(&node));
     rt.block_on(async {
         assert_eq!(
-            exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
+            exchange(
+                &conn,
+                &Request::CreateLog {
+                    name: "l".into(),
+                    no_wait: false
+                }
+            )
+            .await,
             Response::Ok
         );
         let mut a = append_req("l", &["a", "b"]);
@@ -352,7 +359,8 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
             exchange(
                 &conn,
                 &Request::CreateLog {
-                    name: "keep".into()
+                    name: "keep".into(),
+                    no_wait: false,
                 }
             )
             .await,
@@ -435,6 +443,7 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
             &conn,
             &Request::CreateLog {
                 name: "n".repeat(300),
+                no_wait: false,
             },
         )
         .await;
@@ -443,6 +452,7 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
             &conn,
             &Request::CreateLog {
                 name: "bad/name".into(),
+                no_wait: false,
             },
         )
         .await;
@@ -664,7 +674,14 @@ fn slow_readers_are_cut_off_and_memory_stays_bounded() {
     rt.block_on(async {
         let conn = env.connect(&node).await;
         assert_eq!(
-            exchange(&conn, &Request::CreateLog { name: "big".into() }).await,
+            exchange(
+                &conn,
+                &Request::CreateLog {
+                    name: "big".into(),
+                    no_wait: false
+                }
+            )
+            .await,
             Response::Ok
         );
         let value = Bytes::from(vec![7u8; 256 << 10]);
@@ -847,7 +864,7 @@ fn read_size_token_length_and_idle_limits_hold() {
         let conn = env.connect(&node).await;
         let ok = exchange(&conn, &Request::Auth { token: Bytes::from_static(b"t") }).await;
         assert_eq!(ok, Response::Ok);
-        assert_eq!(exchange(&conn, &Request::CreateLog { name: "r".into() }).await, Response::Ok);
+        assert_eq!(exchange(&conn, &Request::CreateLog { name: "r".into(), no_wait: false }).await, Response::Ok);
         let value = "v".repeat(1000);
         for _ in 0..10 {
             let r = exchange(&conn, &Request::Append(append_req("r", &[&value]))).await;
@@ -897,7 +914,14 @@ fn producers_beyond_producers_per_log_max_are_forgotten_oldest_first() {
     rt.block_on(async {
         let conn = env.connect(&node).await;
         assert_eq!(
-            exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
+            exchange(
+                &conn,
+                &Request::CreateLog {
+                    name: "l".into(),
+                    no_wait: false
+                }
+            )
+            .await,
             Response::Ok
         );
         let send = |pid: u64| {
@@ -965,7 +989,14 @@ fn a_full_shard_queue_slows_forwarding_down_and_loses_nothing() {
         let conn = env.connect(&node).await;
         for n in &names {
             assert_eq!(
-                exchange(&conn, &Request::CreateLog { name: n.clone() }).await,
+                exchange(
+                    &conn,
+                    &Request::CreateLog {
+                        name: n.clone(),
+                        no_wait: false
+                    }
+                )
+                .await,
                 Response::Ok
             );
         }
@@ -1017,7 +1048,14 @@ fn an_append_abandoned_by_its_client_is_not_stored() {
     rt.block_on(async {
         let conn = env.connect(&node).await;
         assert_eq!(
-            exchange(&conn, &Request::CreateLog { name: "l".into() }).await,
+            exchange(
+                &conn,
+                &Request::CreateLog {
+                    name: "l".into(),
+                    no_wait: false
+                }
+            )
+            .await,
             Response::Ok
         );
         // The client stops reading the answer before the node gets to the request (both travel

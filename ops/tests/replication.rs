@@ -354,15 +354,6 @@ fn degrade_acknowledges_marked_and_raises_the_gauge() {
     );
 }
 
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
 #[test]
 fn quorum_needs_a_majority() {
     let env = Env::new();

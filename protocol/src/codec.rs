@@ -50,6 +50,9 @@ mod kind {
     }
 }
 
+/// `CreateLog` flag: answer once the log exists on the leader, without waiting for its sync
+/// set.
+const CREATE_NO_WAIT: u8 = 0x01;
 const APPEND_HAS_EXPECTED: u8 = 0x01;
 const APPEND_HAS_PRODUCER: u8 = 0x02;
 const APPEND_KNOWN_FLAGS: u8 = APPEND_HAS_EXPECTED | APPEND_HAS_PRODUCER;
@@ -198,9 +201,13 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             put_str(out, token);
             finish(out, at);
         }
-        Request::CreateLog { name } => {
+        Request::CreateLog { name, no_wait } => {
             let at = begin(out, kind::CREATE_LOG);
             put_str(out, name.as_bytes());
+            // Sent only when a flag is set, so that the common request stays as it always was.
+            if *no_wait {
+                out.put_u8(CREATE_NO_WAIT);
+            }
             finish(out, at);
         }
         Request::Transfer { log, to } => {
@@ -548,9 +555,22 @@ pub fn decode_request(
         kind::AUTH => Request::Auth {
             token: r.short_bytes(limits.token_bytes_max, "token")?,
         },
-        kind::CREATE_LOG => Request::CreateLog {
-            name: r.string(limits.name_bytes_max, "log name")?,
-        },
+        kind::CREATE_LOG => {
+            let name = r.string(limits.name_bytes_max, "log name")?;
+            // The flags byte is optional: a body that ends after the name asks to wait.
+            let flags = if r.remaining() > 0 {
+                r.u8("create flags")?
+            } else {
+                0
+            };
+            if flags & !CREATE_NO_WAIT != 0 {
+                return Err(ProtocolError::Malformed("unknown create flag bits"));
+            }
+            Request::CreateLog {
+                name,
+                no_wait: flags & CREATE_NO_WAIT != 0,
+            }
+        }
         kind::TRANSFER => Request::Transfer {
             log: r.string(limits.name_bytes_max, "log name")?,
             to: r.string(limits.text_bytes_max, "target node")?,
@@ -1018,6 +1038,11 @@ mod tests {
         });
         roundtrip_req(Request::CreateLog {
             name: "a.b-c_d".into(),
+            no_wait: false,
+        });
+        roundtrip_req(Request::CreateLog {
+            name: "a.b-c_d".into(),
+            no_wait: true,
         });
         roundtrip_req(Request::ListLogs);
         roundtrip_req(Request::Status);
@@ -1289,7 +1314,13 @@ mod tests {
         let limits = Limits::default();
         let long = "n".repeat(limits.name_bytes_max as usize + 1);
         let mut out = BytesMut::new();
-        encode_request(&Request::CreateLog { name: long }, &mut out);
+        encode_request(
+            &Request::CreateLog {
+                name: long,
+                no_wait: false,
+            },
+            &mut out,
+        );
         let (h, body) = split(&out);
         assert!(matches!(
             decode_request(&h, body, &limits),
@@ -1299,8 +1330,16 @@ mod tests {
             })
         ));
 
+        // The optional flags byte, then one byte too many.
         let mut out = BytesMut::new();
-        encode_request(&Request::CreateLog { name: "ok".into() }, &mut out);
+        encode_request(
+            &Request::CreateLog {
+                name: "ok".into(),
+                no_wait: false,
+            },
+            &mut out,
+        );
+        out.put_u8(0);
         out.put_u8(0);
         finish(&mut out, 0);
         let (h, body) = split(&out);
@@ -1308,9 +1347,31 @@ mod tests {
             decode_request(&h, body, &limits),
             Err(ProtocolError::TrailingBytes(1))
         );
+        // A flag bit nobody defined.
+        let mut out = BytesMut::new();
+        encode_request(
+            &Request::CreateLog {
+                name: "ok".into(),
+                no_wait: false,
+            },
+            &mut out,
+        );
+        out.put_u8(0x02);
+        finish(&mut out, 0);
+        let (h, body) = split(&out);
+        assert!(matches!(
+            decode_request(&h, body, &limits),
+            Err(ProtocolError::Malformed(_))
+        ));
 
         let mut out = BytesMut::new();
-        encode_request(&Request::CreateLog { name: "ok".into() }, &mut out);
+        encode_request(
+            &Request::CreateLog {
+                name: "ok".into(),
+                no_wait: false,
+            },
+            &mut out,
+        );
         out[10] = 0xff;
         let (h, body) = split(&out);
         assert!(matches!(

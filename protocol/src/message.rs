@@ -127,8 +127,11 @@ pub enum Request {
     Auth {
         token: Bytes,
     },
+    /// Create an empty log. A leader answers once the log is writable at the durability its
+    /// configuration promises (its sync set full and on record), unless `no_wait`.
     CreateLog {
         name: String,
+        no_wait: bool,
     },
     /// Planned leadership transfer of a log to node `to` (empty: the node picks a member of the
     /// sync set), through the cluster's controller. Answered `Ok` once the controller has the

@@ -31,7 +31,10 @@ pub struct ReplicationConfig {
     pub sync_replicas: usize,
     /// A sync follower further behind the leader's end than this many records leaves the set.
     pub sync_lag_records_max: u64,
-    /// A sync follower that has been behind without acknowledging for this long leaves the set.
+    /// A sync follower that has not been caught up to the leader's end for this long leaves
+    /// the set (Kafka's `replica.lag.time.max.ms`). An idle log is a caught-up log: the clock
+    /// starts when the leader's end moves past what the follower holds, not when it was last
+    /// heard.
     pub sync_lag_ms_max: u64,
     pub insufficient: Insufficient,
 }
@@ -55,7 +58,13 @@ pub struct FollowerProgress {
     pub connected: bool,
     /// When the follower last acknowledged, or connected.
     pub last_heard_ms: u64,
-    /// When the follower last had nothing left to fetch (`durable` reached the leader's end).
+    /// The leader's end when the follower was last heard: an acknowledgement reaching it
+    /// shows the follower was caught up at that earlier moment (Kafka's rule for followers
+    /// that keep up with a log that never stops moving).
+    pub end_when_heard: u64,
+    /// The last moment the follower was known to hold everything the leader had written:
+    /// its `durable` reached the leader's end, or the leader's end moved on from a point the
+    /// follower held. `None`: never yet.
     pub caught_up_ms: Option<u64>,
     pub in_sync_set: bool,
 }
@@ -153,6 +162,46 @@ impl Leader {
         self.settle(now_ms)
     }
 
+    /// A controller keeps the cluster's record of the sync set, and none has been received
+    /// yet: until one is, no member fills a sync-set place (failover could not count on it).
+    pub fn expect_controller(&mut self) {
+        self.controlled = true;
+    }
+
+    /// Members that fill a sync-set place: in the local set and, with a controller, on its
+    /// record.
+    fn counted(&self) -> impl Iterator<Item = (&String, &FollowerProgress)> {
+        self.followers
+            .iter()
+            .filter(|(id, f)| f.in_sync_set && (!self.controlled || self.confirmed.contains(*id)))
+    }
+
+    /// Whether an `acks=sync` append finds its full sync set now (every place filled by a
+    /// member the controller, if any, has on record).
+    pub fn sync_ready(&self) -> bool {
+        self.counted().count() >= self.config.sync_replicas
+    }
+
+    /// Why the sync set is not ready, one phrase per follower that could fill a place (for
+    /// an operator: who is missing and what it lacks).
+    pub fn sync_missing(&self) -> Vec<String> {
+        let counted: Vec<&String> = self.counted().map(|(id, _)| id).collect();
+        self.followers
+            .iter()
+            .filter(|(id, _)| !counted.contains(id))
+            .map(|(id, f)| {
+                let why = if !f.connected {
+                    "not connected".to_string()
+                } else if !f.in_sync_set {
+                    format!("behind by {} records", self.end.saturating_sub(f.durable))
+                } else {
+                    "caught up, not yet on the controller's record".to_string()
+                };
+                format!("{id}: {why}")
+            })
+            .collect()
+    }
+
     /// Whether the local sync set differs from the one on record with the controller.
     pub fn unconfirmed(&self) -> bool {
         self.sync_set()
@@ -216,27 +265,37 @@ impl Leader {
             .map(|f| self.end.saturating_sub(f.durable))
     }
 
-    /// The leader appended: its log now ends at `end`.
-    pub fn appended(&mut self, end: u64) {
-        self.end = self.end.max(end);
+    /// The leader appended: its log now ends at `end`. A follower that held everything up to
+    /// this moment was caught up until now, however long the log was idle before.
+    pub fn appended(&mut self, end: u64, now_ms: u64) {
+        if end > self.end {
+            for f in self.followers.values_mut() {
+                if f.durable >= self.end {
+                    f.caught_up_ms = Some(now_ms);
+                }
+            }
+            self.end = end;
+        }
     }
 
     /// The leader's own fdatasync reached `flushed`.
     pub fn flushed(&mut self, flushed: u64, now_ms: u64) -> Vec<Event> {
         self.flushed = self.flushed.max(flushed);
-        self.end = self.end.max(flushed);
+        self.appended(flushed, now_ms);
         self.settle(now_ms)
     }
 
     /// Register a follower the leader expects (configured, not yet connected): it counts
     /// among the replicas a quorum is a majority of.
     pub fn register(&mut self, id: &str, now_ms: u64) {
+        let end = self.end;
         self.followers
             .entry(id.to_string())
             .or_insert(FollowerProgress {
                 durable: 0,
                 connected: false,
                 last_heard_ms: now_ms,
+                end_when_heard: end,
                 caught_up_ms: None,
                 in_sync_set: false,
             });
@@ -245,6 +304,7 @@ impl Leader {
     /// A follower connected (or reconnected), holding `durable` records durably. One that comes
     /// back with less than the commit offset leaves the sync set until it has caught up.
     pub fn connected(&mut self, id: &str, durable: u64, now_ms: u64) -> Vec<Event> {
+        let end = self.end;
         let f = self
             .followers
             .entry(id.to_string())
@@ -252,12 +312,14 @@ impl Leader {
                 durable,
                 connected: true,
                 last_heard_ms: now_ms,
+                end_when_heard: end,
                 caught_up_ms: None,
                 in_sync_set: false,
             });
         f.connected = true;
         f.durable = durable;
         f.last_heard_ms = now_ms;
+        f.end_when_heard = end;
         let mut events = Vec::new();
         if f.in_sync_set && durable < self.commit {
             f.in_sync_set = false;
@@ -272,7 +334,13 @@ impl Leader {
     pub fn acked(&mut self, id: &str, durable: u64, now_ms: u64) -> Vec<Event> {
         if let Some(f) = self.followers.get_mut(id) {
             f.durable = f.durable.max(durable.min(self.end));
+            if f.durable >= f.end_when_heard {
+                // It holds what the leader had when it was last heard: caught up then.
+                let then = f.last_heard_ms;
+                f.caught_up_ms = Some(f.caught_up_ms.map_or(then, |c| c.max(then)));
+            }
             f.last_heard_ms = now_ms;
+            f.end_when_heard = self.end;
         }
         self.settle(now_ms)
     }
@@ -324,13 +392,7 @@ impl Leader {
             }
             Acks::Sync => {
                 let need = self.config.sync_replicas;
-                let members: Vec<(&String, &FollowerProgress)> = self
-                    .followers
-                    .iter()
-                    .filter(|(id, f)| {
-                        f.in_sync_set && (!self.controlled || self.confirmed.contains(*id))
-                    })
-                    .collect();
+                let members: Vec<(&String, &FollowerProgress)> = self.counted().collect();
                 let short = members.len() < need;
                 if short && self.config.insufficient == Insufficient::Reject {
                     return Progress::NotEnoughReplicas {
@@ -386,7 +448,9 @@ impl Leader {
                 Some(LeaveReason::Disconnected)
             } else if behind > cfg.sync_lag_records_max {
                 Some(LeaveReason::LagRecords)
-            } else if behind > 0 && now_ms.saturating_sub(f.last_heard_ms) > cfg.sync_lag_ms_max {
+            } else if behind > 0
+                && now_ms.saturating_sub(f.caught_up_ms.unwrap_or(0)) > cfg.sync_lag_ms_max
+            {
                 Some(LeaveReason::LagTime)
             } else {
                 None
@@ -418,10 +482,10 @@ impl Leader {
                 if places == 0 {
                     break;
                 }
-                self.followers
-                    .get_mut(&id)
-                    .expect("candidate exists")
-                    .in_sync_set = true;
+                let f = self.followers.get_mut(&id).expect("candidate exists");
+                f.in_sync_set = true;
+                // It holds all the leader flushed: the lag clock starts now at the latest.
+                f.caught_up_ms = Some(f.caught_up_ms.map_or(now_ms, |c| c.max(now_ms)));
                 events.push(Event::Joined(id));
                 places -= 1;
             }
@@ -613,7 +677,7 @@ mod tests {
         assert_eq!(l.connected("a", 0, 0), vec![Event::Joined("a".into())]);
         l.connected("b", 0, 0);
         assert_eq!(l.sync_set(), ["a"]);
-        l.appended(10);
+        l.appended(10, 1);
         assert_eq!(l.flushed(10, 1), vec![]);
         assert_eq!(
             l.progress(Acks::Leader, 10),
@@ -641,7 +705,7 @@ mod tests {
         // controller knows it.
         l.set_confirmed(Vec::new(), 0);
         assert!(l.unconfirmed());
-        l.appended(10);
+        l.appended(10, 1);
         l.flushed(10, 1);
         l.acked("a", 10, 2);
         assert_eq!(
@@ -657,7 +721,7 @@ mod tests {
         assert_eq!(l.commit_offset(), 10);
         // A recorded member the leader never heard from holds nothing.
         l.set_confirmed(["a".to_string(), "z".to_string()], 5);
-        l.appended(20);
+        l.appended(20, 6);
         l.flushed(20, 6);
         l.acked("a", 20, 7);
         assert_eq!(l.progress(Acks::Sync, 20), Progress::Pending);
@@ -675,7 +739,7 @@ mod tests {
         let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
         l.connected("a", 0, 0);
         l.connected("b", 0, 0);
-        l.appended(50);
+        l.appended(50, 10);
         l.flushed(50, 10);
         l.acked("b", 50, 20);
         // a has been behind and silent for longer than sync_lag_ms_max.
@@ -699,17 +763,105 @@ mod tests {
         // Lagging by records.
         l.acked("a", 50, 2002);
         assert_eq!(l.sync_set(), ["a"]);
-        l.appended(500);
+        l.appended(500, 2002);
         assert_eq!(
             l.tick(2003),
             vec![Event::Left("a".into(), LeaveReason::LagRecords)]
         );
     }
 
+    /// A log that sat idle for an hour is a caught-up log: its next append completes at
+    /// `sync` at once, and the sync set never changes.
+    #[test]
+    fn an_idle_log_keeps_its_sync_follower() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        assert_eq!(l.connected("a", 0, 0), vec![Event::Joined("a".into())]);
+        l.appended(1, 1);
+        l.flushed(1, 2);
+        assert_eq!(l.acked("a", 1, 3), vec![Event::Committed(1)]);
+        // An hour of ticks with nothing to do, and an hour with no tick at all.
+        for now in (1_000..3_600_000).step_by(100) {
+            assert_eq!(l.tick(now), vec![], "at {now} ms");
+        }
+        let later = 7_200_000;
+        l.appended(2, later);
+        assert_ne!(
+            l.progress(Acks::Sync, u64::MAX),
+            Progress::NotEnoughReplicas { have: 0, need: 1 }
+        );
+        assert_eq!(l.flushed(2, later + 1), vec![]);
+        assert_eq!(l.tick(later + 2), vec![]);
+        assert_eq!(l.progress(Acks::Sync, 2), Progress::Pending);
+        assert_eq!(l.acked("a", 2, later + 3), vec![Event::Committed(2)]);
+        assert_eq!(ids(&l.progress(Acks::Sync, 2)), ["L", "a"]);
+        assert_eq!(l.sync_set(), ["a"]);
+    }
+
+    /// A connected follower that stops acknowledging while records wait leaves after
+    /// `sync_lag_ms_max` from the moment the leader's end passed it, not before.
+    #[test]
+    fn a_follower_that_stops_acking_leaves_after_the_lag_time_not_before() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        l.connected("a", 0, 0);
+        l.appended(1, 10);
+        l.flushed(1, 10);
+        l.acked("a", 1, 12);
+        // Idle, then records the follower never acknowledges.
+        l.appended(5, 50_000);
+        l.flushed(5, 50_001);
+        for now in (50_001..=51_000).step_by(7) {
+            assert_eq!(l.tick(now), vec![], "at {now} ms");
+        }
+        assert_eq!(l.tick(51_000), vec![]);
+        assert_eq!(
+            l.tick(51_001)[0],
+            Event::Left("a".into(), LeaveReason::LagTime)
+        );
+        // Heard, but still behind: an acknowledgement of old records does not bring it back.
+        assert_eq!(l.acked("a", 1, 51_002), vec![]);
+        assert_eq!(l.sync_set(), Vec::<&str>::new());
+        // Caught up: it joins again.
+        assert_eq!(l.acked("a", 5, 51_003), vec![Event::Joined("a".into())]);
+    }
+
+    /// A follower that acknowledges slowly (a burst takes it 900 ms of a 1000 ms bound) but
+    /// catches up between bursts stays, as does one that keeps up with a log that never
+    /// stops moving (each acknowledgement reaches the end the leader had at the previous one).
+    #[test]
+    fn a_slow_follower_that_keeps_catching_up_stays() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        l.connected("a", 0, 0);
+        let mut end = 0;
+        let mut now = 0;
+        for _ in 0..50 {
+            end += 10;
+            l.appended(end, now);
+            l.flushed(end, now);
+            for step in 1..=9 {
+                assert_eq!(l.tick(now + step * 100), vec![]);
+            }
+            assert_eq!(l.acked("a", end, now + 900), vec![Event::Committed(end)]);
+            now += 2_000;
+        }
+        // Never idle: every 400 ms ten more records, acknowledged 400 ms late, so the follower
+        // never reaches the leader's end.
+        for _ in 0..50 {
+            let before = end;
+            end += 10;
+            l.appended(end, now);
+            l.flushed(end, now);
+            let ev = l.acked("a", before, now + 1);
+            assert!(!ev.iter().any(|e| matches!(e, Event::Left(..))), "{ev:?}");
+            assert_eq!(l.tick(now + 399), vec![]);
+            now += 400;
+        }
+        assert_eq!(l.sync_set(), ["a"]);
+    }
+
     #[test]
     fn degrade_acknowledges_below_the_level_and_says_so() {
         let mut l = Leader::new("L", cfg(1, Insufficient::Degrade), 0, 0, 0);
-        l.appended(5);
+        l.appended(5, 0);
         l.flushed(5, 0);
         assert_eq!(
             l.progress(Acks::Sync, 5),
@@ -758,7 +910,7 @@ mod tests {
         assert_eq!(l.progress(Acks::Quorum, 1), Progress::Pending);
         l.connected("a", 0, 0);
         l.connected("b", 0, 0);
-        l.appended(3);
+        l.appended(3, 1);
         l.flushed(3, 1);
         assert_eq!(l.progress(Acks::Quorum, 3), Progress::Pending);
         l.acked("b", 3, 2);
@@ -912,21 +1064,86 @@ mod tests {
             /// Whatever happens: the commit offset never moves back, never passes what the
             /// leader flushed, and every sync-set member holds it; a sync append is reported
             /// done (not degraded) only when the leader and every member hold it.
+            ///
+            /// And the lag rule, stated from what the model sees rather than from the code's
+            /// bookkeeping: a follower leaves for `LagTime` only if it has not been caught up to
+            /// the leader's end for longer than `sync_lag_ms_max` (an idle log is a caught-up
+            /// log), and a connected member that has acknowledged nothing while records wait
+            /// for it is gone once that bound has passed.
             #[test]
             fn invariants_hold(k in 0..3usize, degrade in any::<bool>(), ops in proptest::collection::vec(op(), 1..80)) {
                 let insufficient = if degrade { Insufficient::Degrade } else { Insufficient::Reject };
-                let mut l = Leader::new("L", cfg(k, insufficient), 0, 0, 0);
+                let config = cfg(k, insufficient);
+                let lag_ms = config.sync_lag_ms_max;
+                let mut l = Leader::new("L", config, 0, 0, 0);
                 let (mut end, mut flushed, mut now, mut last_commit) = (0u64, 0u64, 0u64, 0u64);
                 let names = ["a", "b", "c"];
+                // Per follower, as the model sees it: what it holds, the last moment it held
+                // everything the leader had written, and since when it has been silent with
+                // records waiting (its last word, the moment the end passed it, or joining).
+                let mut durable: [Option<u64>; 3] = [None; 3];
+                let mut caught_up = [0u64; 3];
+                let mut silent_since: [Option<u64>; 3] = [None; 3];
                 for op in ops {
-                    match op {
-                        Op::Append(n) => { end += n; l.appended(end); }
-                        Op::Flush(n) => { flushed = (flushed + n).min(end); l.flushed(flushed, now); }
+                    let events = match op {
+                        Op::Append(n) => {
+                            for i in 0..3 {
+                                if durable[i].is_some_and(|d| d >= end) {
+                                    caught_up[i] = now;
+                                    silent_since[i] = Some(now);
+                                }
+                            }
+                            end += n;
+                            l.appended(end, now);
+                            Vec::new()
+                        }
+                        Op::Flush(n) => { flushed = (flushed + n).min(end); l.flushed(flushed, now) }
                         // A follower holds at most what the leader has written.
-                        Op::Connect(i, d) => { l.connected(names[i], d.min(end), now); }
-                        Op::Ack(i, d) => { l.acked(names[i], d.min(end), now); }
-                        Op::Disconnect(i) => { l.disconnected(names[i], now); }
-                        Op::Tick(dt) => { now += dt; l.tick(now); }
+                        Op::Connect(i, d) => {
+                            durable[i] = Some(d.min(end));
+                            silent_since[i] = Some(now);
+                            l.connected(names[i], d.min(end), now)
+                        }
+                        Op::Ack(i, d) => {
+                            if durable[i].is_some() {
+                                durable[i] = durable[i].map(|old| old.max(d.min(end)));
+                                silent_since[i] = Some(now);
+                            }
+                            l.acked(names[i], d.min(end), now)
+                        }
+                        Op::Disconnect(i) => l.disconnected(names[i], now),
+                        Op::Tick(dt) => { now += dt; l.tick(now) }
+                    };
+                    for i in 0..3 {
+                        if durable[i].is_some_and(|d| d >= end) {
+                            caught_up[i] = now;
+                        }
+                    }
+                    for e in &events {
+                        match e {
+                            Event::Left(id, LeaveReason::LagTime) => {
+                                let i = names.iter().position(|n| n == id).unwrap();
+                                prop_assert!(
+                                    now - caught_up[i] > lag_ms,
+                                    "{id} left for LagTime at {now} ms, caught up at {} ms", caught_up[i]
+                                );
+                            }
+                            Event::Joined(id) => {
+                                let i = names.iter().position(|n| n == id).unwrap();
+                                silent_since[i] = Some(now);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if matches!(op, Op::Tick(_)) {
+                        for (i, id) in names.iter().enumerate() {
+                            let Some(f) = l.followers().get(*id) else { continue };
+                            let since = silent_since[i].unwrap_or(0);
+                            prop_assert!(
+                                !(f.in_sync_set && f.connected && f.durable < end && now - since > lag_ms),
+                                "{id} silent since {since} ms with records waiting, still a member at {now} ms"
+                            );
+                        }
                     }
                     let c = l.commit_offset();
                     prop_assert!(c >= last_commit, "commit moved back");

@@ -1,5 +1,7 @@
 //! The error type of every operation of this crate.
 
+use client::ErrorCode;
+
 use crate::changeset::FormatError;
 
 /// Result type of this crate.
@@ -115,6 +117,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the same transaction may be run again and may then succeed: replog refused the
+    /// append for a while without storing it (no sync set yet, right after a create or a
+    /// failover; no leader; a node busy or shutting down), or its outcome was unknown and the
+    /// primary has since found out, or will before running anything else.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::UnknownOutcome { .. } => true,
+            Error::Replog(e) => {
+                e.is_unknown_outcome()
+                    || matches!(e, client::Error::Connect(_))
+                    || matches!(
+                        e.code(),
+                        Some(
+                            ErrorCode::NotEnoughReplicas
+                                | ErrorCode::NotLeader
+                                | ErrorCode::Busy
+                                | ErrorCode::ShuttingDown
+                        )
+                    )
+            }
+            _ => false,
+        }
+    }
+
     /// A short stable name for the kind of failure, for JSON output.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -78,6 +78,16 @@ struct WriteArgs {
     /// Create the log and the database file if they do not exist.
     #[arg(long)]
     create: bool,
+    /// How long a transaction is retried while replog refuses it for a while without storing
+    /// it (no sync set yet after a create or a failover, no leader, busy) or its outcome is
+    /// unknown (ms).
+    #[arg(long, default_value_t = 30_000)]
+    retry_ms: u64,
+    /// `primary`: go on with the next transaction after one fails (by default the first
+    /// failure stops the primary, as `sqlite3 -bail` does, so that no later transaction runs
+    /// against a database missing it).
+    #[arg(long)]
+    keep_going: bool,
 }
 
 #[derive(Args)]
@@ -181,6 +191,7 @@ fn print(line: serde_json::Value) {
 
 fn primary(runtime: &tokio::runtime::Runtime, a: WriteArgs) -> Result<(), Error> {
     let mut primary = runtime.block_on(open_primary(&a))?;
+    let mut failed = None;
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| Error::Io {
             context: "reading standard input".into(),
@@ -189,23 +200,45 @@ fn primary(runtime: &tokio::runtime::Runtime, a: WriteArgs) -> Result<(), Error>
         if line.trim().is_empty() {
             continue;
         }
-        match runtime.block_on(primary.execute(&line)) {
+        match runtime.block_on(execute(&mut primary, &line, &a)) {
             Ok(token) => print(json!({ "token": token })),
             Err(e) => {
                 print(json!({ "error": e.to_string(), "kind": e.kind() }));
-                if matches!(e, Error::Fenced { .. }) {
+                if matches!(e, Error::Fenced { .. }) || !a.keep_going {
                     return Err(e);
                 }
+                failed.get_or_insert(e);
             }
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
+}
+
+/// Run one transaction, again and again while replog refuses it for a while (or its outcome
+/// is unknown), until `--retry-ms` has passed.
+async fn execute(primary: &mut Primary, sql: &str, a: &WriteArgs) -> Result<Option<u64>, Error> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(a.retry_ms);
+    let mut pause = Duration::from_millis(50);
+    let mut unknown = false;
+    loop {
+        match primary.execute(sql).await {
+            // An earlier attempt of this very transaction, whose outcome was unknown, landed:
+            // it is committed, and applied.
+            Err(Error::Retry { offset }) if unknown => return Ok(Some(offset)),
+            Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
+                unknown |= matches!(e, Error::UnknownOutcome { .. });
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn exec(runtime: &tokio::runtime::Runtime, a: ExecArgs) -> Result<(), Error> {
     let token = runtime.block_on(async {
         let mut primary = open_primary(&a.write).await?;
-        primary.execute(&a.sql).await
+        execute(&mut primary, &a.sql, &a.write).await
     })?;
     print(json!({ "token": token }));
     Ok(())

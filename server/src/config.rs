@@ -104,8 +104,14 @@ pub struct ReplicationSection {
     pub sync_replicas: usize,
     /// A sync follower further behind the leader's end than this many records leaves the set.
     pub sync_lag_records_max: u64,
-    /// A sync follower behind for this long without acknowledging leaves the set (ms).
+    /// A sync follower that has not been caught up to the leader's end for this long leaves
+    /// the set (ms). An idle log is a caught-up log.
     pub sync_lag_ms_max: u64,
+    /// How long `CreateLog` waits, on a leader, for the new log to be writable at the
+    /// durability its configuration promises: `sync_replicas` followers in the sync set the
+    /// controller has on record (ms). Past it, a create with `insufficient_replicas = reject`
+    /// answers `not_enough_replicas`, naming the followers missing (the log exists).
+    pub create_wait_ms: u64,
     /// `reject` (fail acks=sync appends when the sync set is short) or `degrade` (acknowledge
     /// them marked degraded).
     pub insufficient_replicas: String,
@@ -134,6 +140,7 @@ impl Default for ReplicationSection {
             sync_replicas: d.sync_replicas,
             sync_lag_records_max: d.sync_lag_records_max,
             sync_lag_ms_max: d.sync_lag_ms_max,
+            create_wait_ms: 10_000,
             insufficient_replicas: "reject".into(),
             catchup_bytes_min: 4 << 20,
             frame_bytes_max: 1 << 20,
@@ -435,6 +442,15 @@ impl NodeConfig {
             (None, false) => Role::Leader,
             (None, true) => Role::Standalone,
         }
+    }
+
+    /// Concurrent streams a node lets another node of the cluster open on one connection: a
+    /// follower keeps one per log it replicates, so `logs_max`, plus an eighth (QUIC grants
+    /// freed streams back in batches) and `streams_per_connection_max` for its requests.
+    pub fn peer_streams_max(&self) -> u32 {
+        let l = &self.limits;
+        let logs = l.logs_max as u64;
+        (logs + logs / 8 + u64::from(l.streams_per_connection_max)).min(u32::MAX as u64) as u32
     }
 
     /// The replication policy of the logs this node leads.

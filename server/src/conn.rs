@@ -155,6 +155,9 @@ async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
         );
         return;
     }
+    // A follower holds one stream per log it replicates, and opens more for its requests:
+    // room for every log up to `logs_max`, far beyond a client's `streams_per_connection_max`.
+    conn.set_max_concurrent_bi_streams(shard.common.config.peer_streams_max().into());
     if let Some(control) = shard.common.control.clone() {
         tokio_uring::spawn(control_frames(shard.clone(), conn.clone(), control));
     }
@@ -401,7 +404,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
             };
             return reply(&shard, &mut send, &Response::Status(Box::new(status))).await;
         }
-        Request::CreateLog { name } => name,
+        Request::CreateLog { name, .. } => name,
         Request::Transfer { log, .. } => log,
         Request::Append(a) => &a.log,
         Request::Read(r) => &r.log,

@@ -83,6 +83,9 @@ impl Replication {
         for f in &followers {
             state.register(f, 0);
         }
+        if shard.common.control.is_some() {
+            state.expect_controller();
+        }
         state.flushed(flushed, 0);
         Replication {
             state: RefCell::new(state),
@@ -138,7 +141,21 @@ impl Replication {
 
     /// The leader appended: its log now ends at `end`.
     pub fn appended(&self, end: Offset) {
-        self.state.borrow_mut().appended(end.0);
+        let now = self.now_ms();
+        self.state.borrow_mut().appended(end.0, now);
+    }
+
+    /// Bring the state machine up to the log's own end and fdatasync before deciding on an
+    /// append: the driver feeds them too, but an append woken by the same flush may run
+    /// first, and its receipt must name the leader as a holder.
+    pub fn observe(&self, log_name: &str, shard: &Shard, log: &Log) {
+        let now = self.now_ms();
+        let events = {
+            let mut st = self.state.borrow_mut();
+            st.appended(log.next_offset().0, now);
+            st.flushed(log.flush_offset().0, now)
+        };
+        self.events(log_name, shard, events);
     }
 
     /// Whether `acks` can be reached at all now; an append that cannot is refused before it is
@@ -211,19 +228,20 @@ impl Replication {
         }
     }
 
-    /// Wait until the sync set is full, or `deadline`. Returns whether it is.
-    pub async fn wait_sync_set(&self, deadline: Instant) -> bool {
+    /// Wait until an `acks=sync` append finds a full sync set (on record with the controller,
+    /// if there is one), or `deadline`. Returns whether it does. The controller's record
+    /// arrives with the driver's tick, which need not wake anyone: look again every tick.
+    pub async fn wait_writable(&self, deadline: Instant) -> bool {
         loop {
             let changed = self.changed.notified();
-            if self.state.borrow().sync_shortfall() == 0 {
+            if self.state.borrow().sync_ready() {
                 return true;
             }
-            if tokio::time::timeout_at(deadline.into(), changed)
-                .await
-                .is_err()
-            {
+            if Instant::now() >= deadline {
                 return false;
             }
+            let _ =
+                tokio::time::timeout_at(deadline.min(Instant::now() + TICK).into(), changed).await;
         }
     }
 
@@ -326,7 +344,7 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
         let now = repl.now_ms();
         let events = {
             let mut st = repl.state.borrow_mut();
-            st.appended(log.next_offset().0);
+            st.appended(log.next_offset().0, now);
             st.flushed(log.flush_offset().0, now)
         };
         repl.events(&name, &shard, events);
@@ -551,6 +569,9 @@ pub(crate) async fn serve(
                                 .borrow_mut()
                                 .acked(&follower, durable, repl.now_ms());
                         repl.events(&name, &shard, events);
+                        // An acknowledgement that moved no commit may still complete an
+                        // acks=quorum append.
+                        repl.changed.notify_waiters();
                     }
                     Ok(other) => {
                         tracing::warn!(log = %name, follower = %follower, ?other, "unexpected message on a replication stream");

@@ -130,7 +130,7 @@ pub(crate) async fn serve(
     recv: Option<quinn::RecvStream>,
 ) {
     let log_name = match &req {
-        Request::CreateLog { name } => Some(name.clone()),
+        Request::CreateLog { name, .. } => Some(name.clone()),
         Request::Append(a) => Some(a.log.clone()),
         Request::Read(r) => Some(r.log.clone()),
         Request::Tail(t) => Some(t.log.clone()),
@@ -139,9 +139,9 @@ pub(crate) async fn serve(
         _ => None,
     };
     let result = match req {
-        Request::CreateLog { name } => match not_leader(&shard, &name) {
+        Request::CreateLog { name, no_wait } => match not_leader(&shard, &name) {
             Some(f) => Err(f),
-            None => create(&shard, &name).await.map(|()| Response::Ok),
+            None => create(&shard, &name, no_wait).await.map(|()| Response::Ok),
         },
         Request::Transfer { log, to } => transfer(&shard, &log, &to).map(|()| Response::Ok),
         Request::Append(a) => append(&shard, a, &mut send).await.map(Response::Receipt),
@@ -291,7 +291,7 @@ fn entry(shard: &Shard, name: &str) -> Result<Rc<LogEntry>, Fail> {
     })
 }
 
-async fn create(shard: &Rc<Shard>, name: &str) -> Result<(), Fail> {
+async fn create(shard: &Rc<Shard>, name: &str, no_wait: bool) -> Result<(), Fail> {
     log_core::validate_log_name(name)?;
     let dir = shard.logs_dir().join(name);
     if shard.get(name).is_some() || shard.creating.borrow().contains(name) || dir.exists() {
@@ -323,24 +323,43 @@ async fn create(shard: &Rc<Shard>, name: &str) -> Result<(), Fail> {
         return Err(fail(ErrorCode::StorageFailed, e.to_string()));
     }
     tracing::info!(log = name, "log created");
-    // Followers learn of a new log within a second; waiting for the sync set here means an
-    // acks=sync append right after the create finds it full, instead of not_enough_replicas.
-    if let Some(e) = shard.get(name) {
-        if let Some(repl) = e.leading() {
-            let deadline = Instant::now() + CREATE_SYNC_WAIT;
-            if !repl.wait_sync_set(deadline).await {
-                tracing::warn!(
-                    log = name,
-                    "created without a full sync set: not enough followers caught up in time"
-                );
-            }
-        }
+    // The log is writable at the durability its configuration promises only once its sync
+    // set is full and on record with the controller: followers learn of a new log within a
+    // second, and the controller records them soon after. Answer then, so that an acks=sync
+    // append right after the create finds it full instead of not_enough_replicas.
+    let Some(repl) = shard.get(name).and_then(|e| e.leading()) else {
+        return Ok(());
+    };
+    if no_wait {
+        return Ok(());
     }
-    Ok(())
+    let wait = Duration::from_millis(shard.common.config.replication.create_wait_ms);
+    if repl.wait_writable(Instant::now() + wait).await {
+        return Ok(());
+    }
+    let (missing, reject) = {
+        let st = repl.state.borrow();
+        let reject = st.config().insufficient == protocol::replication::Insufficient::Reject;
+        (st.sync_missing().join("; "), reject)
+    };
+    let need = repl.state.borrow().config().sync_replicas;
+    if !reject {
+        tracing::warn!(log = name, missing, "created without a full sync set: acks=sync appends are acknowledged degraded until it fills");
+        return Ok(());
+    }
+    tracing::warn!(
+        log = name,
+        missing,
+        "created, but not writable at acks=sync in time"
+    );
+    Err(fail(
+        ErrorCode::NotEnoughReplicas,
+        format!(
+            "log {name:?} was created, but is not writable at acks=sync after create_wait_ms = {} ms: its sync set needs {need} follower(s) ({missing})",
+            wait.as_millis()
+        ),
+    ))
 }
-
-/// How long a create waits for the new log's sync set to fill.
-const CREATE_SYNC_WAIT: Duration = Duration::from_secs(3);
 
 async fn put_snapshot(shard: &Shard, p: protocol::Snapshot) -> Result<(), Fail> {
     let e = entry(shard, &p.log)?;
@@ -570,6 +589,7 @@ async fn append(
             // The leader's own flush counts too: wait for it first (it is usually the shorter).
             wait_level(&e.log, Acks::Leader, next, deadline).await?;
             flushed_after = Some(queued.elapsed());
+            r.observe(&a.log, shard, &e.log);
             match r.wait(&a.log, shard, a.acks, next, deadline).await {
                 Ok((holders, true)) => (Acks::Leader, holders, true),
                 Ok((holders, false)) => {
@@ -610,7 +630,10 @@ async fn append(
             flushed_after = (a.acks != Acks::None).then(|| queued.elapsed());
             let holders = match (&repl, a.acks) {
                 (_, Acks::None) => Vec::new(),
-                (Some(r), _) => r.holders(next),
+                (Some(r), _) => {
+                    r.observe(&a.log, shard, &e.log);
+                    r.holders(next)
+                }
                 (None, _) => vec![shard.common.node_id.clone()],
             };
             (a.acks, holders, false)
@@ -641,7 +664,10 @@ async fn append(
             ));
         }
         if let Some(to) = r.transfer_to {
-            let held = repl.as_ref().is_some_and(|r| r.holders(next).contains(&to));
+            let held = repl.as_ref().is_some_and(|r| {
+                r.observe(&a.log, shard, &e.log);
+                r.holders(next).contains(&to)
+            });
             if !held {
                 return Err(fail(
                     ErrorCode::Timeout,

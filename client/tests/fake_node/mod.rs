@@ -357,7 +357,7 @@ async fn serve_stream(
         | Request::GetSnapshot { .. }
         | Request::Transfer { .. } => error(ErrorCode::UnknownMessage, "peer request"),
         Request::Auth { .. } => Response::Ok,
-        Request::CreateLog { name } => {
+        Request::CreateLog { name, .. } => {
             let mut s = state.lock().unwrap();
             match s.logs.entry(name) {
                 std::collections::hash_map::Entry::Occupied(_) => error(ErrorCode::LogExists, ""),

@@ -370,3 +370,130 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// A `replog dev --json` process and the nodes it started (their JSON lines), stopped with
+/// SIGTERM when dropped: a failing test leaves no node behind.
+pub struct Dev {
+    pub child: Child,
+    pub nodes: Vec<serde_json::Value>,
+    stopped: bool,
+}
+
+impl Dev {
+    /// `replog dev --json` with three nodes' data under the environment, QUIC ports from
+    /// `base_port` (`"0"`: any free ones, and then no controller), metrics on any free ports,
+    /// and `extra` flags.
+    pub fn start(env: &Env, base_port: &str, extra: &[&str]) -> Dev {
+        let mut child = Command::new(BIN)
+            .args([
+                "dev",
+                "--base-port",
+                base_port,
+                "--metrics-base-port",
+                "0",
+                "--json",
+                "--dir",
+            ])
+            .arg(env.path("cluster"))
+            .args(extra)
+            .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+            .env("REPLOG_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut dev = Dev {
+            child,
+            nodes: Vec::new(),
+            stopped: false,
+        };
+        for _ in 0..3 {
+            let line = lines.next().unwrap().unwrap();
+            dev.nodes.push(serde_json::from_str(&line).unwrap());
+        }
+        dev
+    }
+
+    /// With the embedded controller: on three consecutive free ports.
+    pub fn start_controlled(env: &Env, extra: &[&str]) -> Dev {
+        Dev::start(env, &free_base_port().to_string(), extra)
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        self.nodes[i]["addr"].as_str().unwrap().to_string()
+    }
+
+    pub fn metrics(&self, i: usize) -> String {
+        self.nodes[i]["metrics"].as_str().unwrap().to_string()
+    }
+
+    pub fn pid(&self, i: usize) -> u32 {
+        self.nodes[i]["pid"].as_u64().unwrap() as u32
+    }
+
+    /// Every node's address, for `--server`.
+    pub fn all(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| self.addr(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGTERM to `replog dev`, and its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.stopped = true;
+        // SAFETY: kill(2) on the dev process this test started and has not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if !self.stopped {
+            // SAFETY: kill(2) on the dev process this test started and has not reaped.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A base port with three consecutive UDP ports free on 127.0.0.1 a moment ago (the controller
+/// needs fixed member addresses, so `replog dev` runs it only on fixed ports).
+pub fn free_base_port() -> u16 {
+    let start = 20000 + (std::process::id() % 20000) as u16;
+    (0..2000)
+        .map(|i| start.wrapping_add(i * 3))
+        .filter(|p| (1024..65000).contains(p))
+        .find(|p| {
+            (0..3).all(|i| std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok())
+                && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+        })
+        .expect("three free consecutive ports")
+}
+
+/// The value of a Prometheus counter or gauge (summed over its label sets) on `metrics`.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    let body = scrape(metrics);
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// GET /metrics from `addr`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}

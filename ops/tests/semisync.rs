@@ -1,0 +1,332 @@
+//! Semi-synchronous replication in ordinary use, black-box: clusters that sit idle, logs
+//! written right after `create`, many logs, receipts at every level, a streaming `append`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use client::{AppendOptions, Client, ClientConfig, Trust};
+use common::*;
+use protocol::{Acks, Request, Response};
+use serde_json::Value;
+
+/// Append `input` to `log` through `server` with `acks`; the receipts, one per record.
+fn append_json(env: &Env, server: &str, log: &str, acks: &str, input: &str) -> Vec<Value> {
+    env.cli_json(
+        &[
+            "append", "--server", server, "--log", log, "--acks", acks, "--json",
+        ],
+        input,
+    )
+}
+
+/// A configuration file in the environment's directory.
+fn config_file(env: &Env, name: &str, toml: &str) -> String {
+    let path = env.path(name);
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// A log left idle for three times `sync_lag_ms_max` keeps its sync follower: the next
+/// `acks=sync` append succeeds at its first attempt, and the sync set never changes.
+#[test]
+fn an_idle_log_keeps_its_sync_follower() {
+    let env = Env::new();
+    let config = config_file(
+        &env,
+        "replog.toml",
+        "[replication]\nsync_lag_ms_max = 1000\n",
+    );
+    let dev = Dev::start_controlled(&env, &["--config", &config]);
+    let leader = dev.addr(0);
+    env.cli_ok(&["create", "--server", &leader, "--log", "idle"], "");
+    let r = append_json(&env, &leader, "idle", "sync", "first\n");
+    assert_eq!(
+        (r[0]["offset"].as_u64(), r[0]["level"].as_str()),
+        (Some(0), Some("sync"))
+    );
+    let changes = metric(&dev.metrics(0), "replog_sync_set_changes_total");
+    for round in 1..=2u64 {
+        std::thread::sleep(Duration::from_millis(3 * 1000 + 500));
+        let out = env.cli(
+            &[
+                "append", "--server", &leader, "--log", "idle", "--acks", "sync", "--json",
+            ],
+            "after a pause\n",
+        );
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["offset"], round, "{r}");
+        assert_eq!(r["level"], "sync", "{r}");
+        assert_eq!(r["duplicate"], false, "{r}");
+        assert_eq!(r["holders"][0], "node-1", "{r}");
+    }
+    assert_eq!(
+        metric(&dev.metrics(0), "replog_sync_set_changes_total"),
+        changes,
+        "the sync set changed while the log sat idle"
+    );
+}
+
+/// Every receipt names the replicas that hold the records durably, the leader first, at
+/// every level, on a replicated leader and on a standalone node.
+#[test]
+fn receipts_name_the_leader_first_at_every_level() {
+    let env = Env::new();
+    let dev = Dev::start(&env, "0", &[]);
+    let leader = dev.addr(0);
+    env.cli_ok(&["create", "--server", &leader, "--log", "r"], "");
+    let input: String = (0..200).map(|i| format!("record {i}\n")).collect();
+    for acks in ["none", "leader", "sync", "quorum"] {
+        let receipts = append_json(&env, &leader, "r", acks, &input);
+        assert_eq!(receipts.len(), 200);
+        for r in &receipts {
+            let holders: Vec<&str> = r["holders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h.as_str().unwrap())
+                .collect();
+            assert_eq!(r["level"], acks, "{r}");
+            assert_eq!(r["replicas"].as_u64(), Some(holders.len() as u64), "{r}");
+            if acks == "none" {
+                assert!(holders.is_empty(), "{r}");
+                continue;
+            }
+            assert_eq!(holders.first(), Some(&"node-1"), "{r}");
+            let mut unique = holders.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), holders.len(), "{r}");
+            assert!(
+                holders
+                    .iter()
+                    .all(|h| ["node-1", "node-2", "node-3"].contains(h)),
+                "{r}"
+            );
+            if acks != "leader" {
+                assert!(holders.len() >= 2, "{r}");
+            }
+        }
+    }
+    // Standalone: the node alone, at the levels it can reach.
+    let node = env.node("alone", &["--node-id", "alone"]);
+    let server = node.server();
+    env.cli_ok(&["create", "--server", &server, "--log", "s"], "");
+    let r = append_json(&env, &server, "s", "none", "a\n");
+    assert_eq!(
+        (r[0]["replicas"].as_u64(), r[0]["holders"].clone()),
+        (Some(0), Value::Array(vec![]))
+    );
+    let r = append_json(&env, &server, "s", "leader", "b\n");
+    assert_eq!(r[0]["replicas"], 1);
+    assert_eq!(r[0]["holders"], serde_json::json!(["alone"]));
+    for acks in ["sync", "quorum"] {
+        let out = env.cli(
+            &["append", "--server", &server, "--log", "s", "--acks", acks],
+            "c\n",
+        );
+        assert_eq!(out.status.code(), Some(1), "{acks}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not_enough_replicas"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// More logs than one connection has streams for clients: each is created writable at
+/// `sync`, and an `acks=sync` append to every one succeeds at its first attempt.
+#[test]
+fn more_logs_than_a_connection_has_streams_all_replicate() {
+    const LOGS: usize = 100;
+    let env = Env::new();
+    // Small segments: the test is about streams, not about preparing disk space.
+    let config = config_file(
+        &env,
+        "replog.toml",
+        "[log]\nsegment_bytes_max = 1048576\nbatch_bytes_max = 262144\n",
+    );
+    let dev = Dev::start(&env, "0", &["--config", &config]);
+    let client_config =
+        ClientConfig::new([dev.addr(0)]).with_trust(Trust::CaFile(env.ca_dir().join("ca.pem")));
+    rt().block_on(async {
+        let client = Client::connect(client_config).await.unwrap();
+        let mut creates = tokio::task::JoinSet::new();
+        for i in 0..LOGS {
+            let client = client.clone();
+            creates.spawn(async move { client.create_log(&format!("tenant-{i}")).await });
+        }
+        while let Some(r) = creates.join_next().await {
+            r.unwrap().unwrap();
+        }
+        let mut appends = tokio::task::JoinSet::new();
+        for i in 0..LOGS {
+            let client = client.clone();
+            appends.spawn(async move {
+                let opts = AppendOptions {
+                    acks: Acks::Sync,
+                    ..AppendOptions::default()
+                };
+                let log = format!("tenant-{i}");
+                (
+                    log.clone(),
+                    client.append(&log, vec![log.clone().into()], opts).await,
+                )
+            });
+        }
+        while let Some(r) = appends.join_next().await {
+            let (log, r) = r.unwrap();
+            let receipt = r.unwrap_or_else(|e| panic!("{log}: {e}"));
+            assert_eq!((receipt.first, receipt.level), (0, Acks::Sync), "{log}");
+        }
+    });
+    // Every follower holds every log.
+    for i in 1..3 {
+        let logs = env.cli_json(&["list", "--server", &dev.addr(i), "--json"], "");
+        assert_eq!(logs.len(), LOGS, "node-{}", i + 1);
+    }
+}
+
+/// `create` answers once the log is writable at `sync`; when its followers do not come within
+/// `create_wait_ms` it says which are missing (and the log exists). `--no-wait` answers at once.
+#[test]
+fn create_waits_for_the_sync_set_and_names_the_missing_followers() {
+    let env = Env::new();
+    let config = config_file(&env, "replog.toml", "[replication]\ncreate_wait_ms = 300\n");
+    let node = env.node(
+        "lead",
+        &["--node-id", "lead", "--follower", "f1", "--config", &config],
+    );
+    let server = node.server();
+    let out = env.cli(&["create", "--server", &server, "--log", "waits"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not_enough_replicas"), "{stderr}");
+    assert!(stderr.contains("f1: not connected"), "{stderr}");
+    assert!(stderr.contains("create_wait_ms"), "{stderr}");
+    // The log exists.
+    let out = env.cli(&["create", "--server", &server, "--log", "waits"], "");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("log_exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.cli_ok(
+        &["create", "--server", &server, "--log", "quick", "--no-wait"],
+        "",
+    );
+    // With the follower there, a create answers once it is in the sync set.
+    let _f1 = env.node("f1", &["--node-id", "f1", "--leader", &server]);
+    eventually(60, "a create that finds its sync set", || {
+        let name = "later";
+        let out = env.cli(
+            &[
+                "create",
+                "--server",
+                &server,
+                "--log",
+                name,
+                "--if-not-exists",
+            ],
+            "",
+        );
+        out.status.success().then_some(())
+    });
+    let r = append_json(&env, &server, "later", "sync", "x\n");
+    assert_eq!(r[0]["level"], "sync");
+}
+
+/// `replog append` sends each line as it arrives and prints its receipt before the input
+/// ends, over one connection and one producer.
+#[test]
+fn append_streams_standard_input() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    env.cli_ok(&["create", "--server", &node.server(), "--log", "s"], "");
+    let mut child = Command::new(BIN)
+        .args(["append", "--server", &node.server(), "--log", "s", "--json"])
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || -> Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a receipt before the input ended");
+        serde_json::from_str(&line).unwrap()
+    };
+    for (i, text) in ["one", "two", "three"].iter().enumerate() {
+        writeln!(stdin, "{text}").unwrap();
+        stdin.flush().unwrap();
+        let r = next();
+        assert_eq!(r["offset"], i as u64, "{r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A burst that arrives at once, then the end of the input.
+    stdin.write_all(b"four\nfive\nsix").unwrap();
+    drop(stdin);
+    for offset in 3..6 {
+        assert_eq!(next()["offset"], offset);
+    }
+    assert!(child.wait().unwrap().success());
+    let got = env.cli_ok(&["read", "--server", &node.server(), "--log", "s"], "");
+    assert_eq!(got, "one\ntwo\nthree\nfour\nfive\nsix\n");
+}
+
+/// Two request frames on one stream: the node answers the first alone, and the second is
+/// never carried out.
+#[test]
+fn a_second_request_on_a_stream_is_never_carried_out() {
+    let env = Env::new();
+    let node = env.node("n", &[]);
+    rt().block_on(async {
+        let conn = env.connect(&node).await;
+        let mut bytes = encode(&Request::CreateLog {
+            name: "first".into(),
+            no_wait: false,
+        })
+        .to_vec();
+        bytes.extend_from_slice(&encode(&Request::CreateLog {
+            name: "second".into(),
+            no_wait: false,
+        }));
+        let answers = exchange_raw(&conn, &bytes).await.unwrap();
+        assert_eq!(answers, [Response::Ok]);
+        match exchange(&conn, &Request::ListLogs).await {
+            Response::Logs(logs) => {
+                let names: Vec<&str> = logs.iter().map(|l| l.name.as_str()).collect();
+                assert_eq!(names, ["first"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            exchange(
+                &conn,
+                &Request::CreateLog {
+                    name: "second".into(),
+                    no_wait: false
+                }
+            )
+            .await,
+            Response::Ok
+        );
+    });
+}
