@@ -220,14 +220,18 @@ async fn seq_sync(file: &File, len: u64, chunk: usize, dur: Duration) -> (f64, f
     (ops_s, ops_s * chunk as f64 / 1e6)
 }
 
-/// Open a fresh log with the default config, then sleep while it prepares its next segment in
-/// the background (a zero-fill + fsync as long as the one `open` awaited), so that preparation
-/// does not share the disk with the measurement that follows.
+/// Open a fresh log in the state a busy log reaches: the default config, except that the first
+/// segment already has the largest size (`segment_bytes_max`, zero-filled while `open` waits),
+/// as the write rate sizes a busy log's segments after its first roll or two. Nothing else is
+/// prepared until the segment is half full, so no preparation shares the disk with the
+/// measurement that follows until then.
 async fn open_log(dir: &Path) -> Log {
-    let t = Instant::now();
-    let log = Log::open(dir, LogConfig::default()).await.unwrap();
-    tokio::time::sleep(t.elapsed() * 3 / 2 + Duration::from_millis(200)).await;
-    log
+    let d = LogConfig::default();
+    let config = LogConfig {
+        segment_initial_bytes: d.segment_bytes_max,
+        ..d
+    };
+    Log::open(dir, config).await.unwrap()
 }
 
 /// Item 3: one 1 KiB record at a time, try_append then wait_flushed(next).
@@ -517,10 +521,20 @@ fn main() {
         let single = log_latency(&log, p.warmup, p.samples).await;
         // The disk's floor drifts over time (host caches, neighbours): measure (a) again now.
         let again = floor(&dir, "prewritten", 4 * KIB, p.warmup, p.samples).await;
+        // The same on a new log with the defaults: a 1 MiB first segment, the next one sized
+        // by the write rate and prepared in the background once the first is half full.
+        eprintln!("log_bench: log-core: the same on a new log with the default config");
+        let fresh = Log::open(dir.join("new-log"), LogConfig::default())
+            .await
+            .unwrap();
+        let new_log = log_latency(&fresh, p.warmup, p.samples).await;
+        let (new_rolls, new_disk) = (fresh.segment_count() - 1, fresh.disk_bytes());
+        fresh.close().await.unwrap();
         o.say("\n3. log-core: try_append(one 1 KiB record) + wait_flushed(next), one at a time");
         o.say(&format!("   ({samples})\n{LAT_HEADER}"));
         o.lat("append", "append+flush", &single);
         o.lat("append.floor_again", "floor (a) again", &again);
+        o.lat("append.new_log", "new log, defaults", &new_log);
         let (ratio, same) = (
             pcts(&single)[0] / floor_p50[0],
             pcts(&single)[0] / floor_p50[3],
@@ -540,6 +554,11 @@ fn main() {
         o.say(&format!(
             "  floor (a) re-measured right after item 3: its p50 moved {drift:.2}x since item 1"
         ));
+        o.say(&format!(
+            "  new log: {new_rolls} rolls, {} MiB of segments at the end",
+            new_disk >> 20
+        ));
+        put! { o, "append.new_log", rolls = new_rolls, disk_bytes = new_disk }
         put! { o, "append", ratio_to_floor_p50 = ratio, target = 1.2,
         ratio_to_same_pattern_floor_p50 = same, floor_drift = drift }
 

@@ -48,7 +48,7 @@ mod store;
 mod types;
 
 pub use batch::{BatchHeader, BatchView, ProducerMeta, Record, BATCH_HEADER_LEN};
-pub use config::{LogConfig, RetentionPolicy};
+pub use config::{LogConfig, RetentionPolicy, SEGMENT_LOOKAHEAD};
 pub use epochs::EpochEntry;
 pub use error::{CorruptionKind, Error, Result};
 pub use log::{Appended, BatchRef, Log, ReadBatches};

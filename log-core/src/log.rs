@@ -1,6 +1,14 @@
 //! A single log: offset assignment, the io_uring writer and syncer tasks (group commit), segment
 //! rolling with background preparation, mmap reads, truncation and retention.
 //!
+//! Segment sizes follow the write rate. A new log starts with one `segment_initial_bytes`
+//! segment and nothing prepared. Once the active segment is half full, the next one is
+//! zero-filled in the background, sized to hold `segment_lookahead` of writes at the rate the
+//! active segment filled at (a power of two within `segment_initial_bytes..=segment_bytes_max`).
+//! A batch that does not fit the prepared segment gets one of sufficient size, prepared while the
+//! writer waits. So an idle log costs one small segment, and a busy one reaches
+//! `segment_bytes_max` segments as soon as its rate calls for them.
+//!
 //! Two tasks run on the log's tokio-uring thread. The **writer** takes everything queued since its
 //! last write and writes it with one io_uring write per segment (resubmitting short writes); that
 //! advances `end_offset`. The **syncer** fdatasyncs the active segment whenever `end_offset` is
@@ -18,7 +26,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memmap2::Mmap;
 use tokio::sync::{oneshot, Notify};
@@ -97,6 +105,10 @@ struct State {
     epochs: EpochHistory,
     pins: BTreeMap<String, Offset>,
     preparing: Option<JoinHandle<Result<Prepared>>>,
+    /// When the active segment was installed or opened, and its `data_len` then: the write rate
+    /// that sizes the next segment is measured from here.
+    active_since: Instant,
+    active_since_len: u64,
     tasks: Vec<JoinHandle<()>>,
     recovery: RecoveryReport,
 }
@@ -216,6 +228,12 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// The shortest time over which a write rate is measured to size the next segment: a log that
+/// wrote its first few KiB within a millisecond of opening is not taken for one writing GB/s.
+/// A log that really is fast still reaches `segment_bytes_max` after a roll or two, each
+/// segment being sized by the fuller one before it.
+const RATE_WINDOW_MIN: Duration = Duration::from_secs(1);
+
 const MANIFEST_MAGIC: &[u8; 4] = b"RPLM";
 const MANIFEST_VERSION: u32 = 1;
 
@@ -259,7 +277,8 @@ fn check_or_write_manifest(dir: &Path, fresh: bool) -> Result<()> {
     }
 }
 
-/// Create and zero-fill the next segment file, then sync it. Runs as a background task.
+/// Create and zero-fill a segment file of `len` bytes, then sync it. Runs as a background task,
+/// or awaited by the writer when nothing suitable was prepared in time.
 async fn prepare_segment(dir: PathBuf, len: u64) -> Result<Prepared> {
     const CHUNK: usize = 1 << 20;
     let path = dir.join(PREPARED_FILE);
@@ -296,7 +315,7 @@ async fn prepare_segment(dir: PathBuf, len: u64) -> Result<Prepared> {
 }
 
 /// Rename a prepared file into place as the segment starting at `base` (R6: rename, then fsync
-/// the directory) and map it.
+/// the directory) and map it. An existing, empty segment at `base` is replaced atomically.
 fn install_segment(
     dir: &Path,
     prepared: Prepared,
@@ -340,11 +359,12 @@ impl Log {
         let (active, active_file) = match rec.active {
             Some((seg, file)) => (seg, tokio_uring::fs::File::from_std(file)),
             None => {
-                let prepared = prepare_segment(dir.clone(), config.segment_bytes_max).await?;
+                let prepared = prepare_segment(dir.clone(), config.segment_initial_bytes).await?;
                 install_segment(&dir, prepared, start)?
             }
         };
         let end = active.next_offset;
+        let active_since_len = active.data_len;
         let sealed: BTreeMap<Offset, Segment> =
             rec.sealed.into_iter().map(|s| (s.base, s)).collect();
         let inner = Rc::new(Inner {
@@ -369,6 +389,8 @@ impl Log {
                 epochs: rec.epochs,
                 pins: BTreeMap::new(),
                 preparing: None,
+                active_since: Instant::now(),
+                active_since_len,
                 tasks: Vec::new(),
                 recovery: rec.report,
             }),
@@ -378,7 +400,7 @@ impl Log {
             appended: Notify::new(),
             _lock: lock,
         });
-        inner.start_preparing();
+        // Nothing is prepared yet: the next segment is, once this one is half full.
         let writer = tokio_uring::spawn(writer_task(inner.clone()));
         let syncer = tokio_uring::spawn(syncer_task(inner.clone()));
         inner.st.borrow_mut().tasks = vec![writer, syncer];
@@ -403,10 +425,13 @@ impl Log {
         for t in tasks {
             t.await.expect("log task panicked");
         }
-        // Only now: a roll during the final drain may have started another preparation.
+        // Only now: a write during the final drain may have started another preparation.
         let preparing = inner.st.borrow_mut().preparing.take();
         if let Some(p) = preparing {
             let _ = p.await;
+            // A closed log keeps no disk beyond its segments; the next open would remove the
+            // file anyway.
+            let _ = std::fs::remove_file(inner.dir.join(PREPARED_FILE));
         }
         let st = inner.st.borrow();
         match &st.failure {
@@ -979,16 +1004,72 @@ impl Inner {
         self.failed(&err)
     }
 
-    fn start_preparing(self: &Rc<Self>) {
-        let task = tokio_uring::spawn(prepare_segment(
-            self.dir.clone(),
-            self.config.segment_bytes_max,
-        ));
-        self.st.borrow_mut().preparing = Some(task);
+    /// Size of the next segment: `segment_lookahead` of writes at the rate the active segment
+    /// has been written at since it was installed (or opened), rounded up to a power of two,
+    /// within `segment_initial_bytes..=segment_bytes_max`, and never less than `needed`.
+    /// The rate is taken over at least `RATE_WINDOW_MIN`, so a burst of a few writes does not
+    /// pass for a busy log.
+    fn next_segment_len(&self, st: &State, needed: u64) -> u64 {
+        let cfg = &self.config;
+        let written = st.active.data_len.saturating_sub(st.active_since_len);
+        let elapsed = st.active_since.elapsed().max(RATE_WINDOW_MIN).as_nanos();
+        let want = u128::from(written) * cfg.segment_lookahead.as_nanos() / elapsed;
+        let want = want.min(u128::from(cfg.segment_bytes_max)) as u64;
+        want.max(needed)
+            .next_power_of_two()
+            .clamp(cfg.segment_initial_bytes, cfg.segment_bytes_max)
+            .max(needed)
     }
 
-    /// Seal the active segment and install the prepared one after it. Called by the writer only.
-    async fn roll(self: &Rc<Self>) -> Result<()> {
+    /// Start preparing the next segment in the background once the active one is half full.
+    fn maybe_start_preparing(&self) {
+        let mut st = self.st.borrow_mut();
+        if st.preparing.is_some() || st.active.data_len * 2 < st.active.capacity {
+            return;
+        }
+        let len = self.next_segment_len(&st, 0);
+        st.preparing = Some(tokio_uring::spawn(prepare_segment(self.dir.clone(), len)));
+    }
+
+    /// A prepared segment that holds at least `needed` bytes: the one prepared in the background
+    /// if it is big enough, else one zero-filled now.
+    async fn take_prepared(&self, needed: u64) -> Result<Prepared> {
+        let task = self.st.borrow_mut().preparing.take();
+        if let Some(task) = task {
+            let prepared = task.await.expect("segment preparation panicked")?;
+            if prepared.len >= needed {
+                return Ok(prepared);
+            }
+            // Too small for the batch that has to go first: filled again at a size that fits.
+            drop(prepared);
+        }
+        let len = self.next_segment_len(&self.st.borrow(), needed);
+        prepare_segment(self.dir.clone(), len).await
+    }
+
+    /// Make `seg` the active segment, measuring the write rate from now.
+    fn set_active(&self, seg: Segment, file: tokio_uring::fs::File) -> Segment {
+        let mut st = self.st.borrow_mut();
+        st.active_since = Instant::now();
+        st.active_since_len = seg.data_len;
+        st.active_file = Rc::new(file);
+        std::mem::replace(&mut st.active, seg)
+    }
+
+    /// The active segment is empty and too small for a batch of `needed` bytes (a new log's
+    /// first segment, or one left empty by recovery or truncation): replace it with a prepared
+    /// segment of sufficient size under the same name. An empty segment cannot be sealed.
+    async fn replace_empty_active(&self, needed: u64) -> Result<()> {
+        let prepared = self.take_prepared(needed).await?;
+        let base = self.st.borrow().active.base;
+        let (seg, file) = install_segment(&self.dir, prepared, base)?;
+        self.set_active(seg, file);
+        Ok(())
+    }
+
+    /// Seal the active segment and install a prepared one after it that holds at least `needed`
+    /// bytes (the batch that did not fit). Called by the writer only.
+    async fn roll(&self, needed: u64) -> Result<()> {
         let file = self.st.borrow().active_file.clone();
         // Everything in the old segment is durable before the new one takes a write, so the
         // syncer only ever needs to fdatasync the active segment.
@@ -1014,20 +1095,12 @@ impl Inner {
                 },
             )?;
         }
-        let task = self.st.borrow_mut().preparing.take();
-        let prepared = match task {
-            Some(task) => task.await.expect("segment preparation panicked")?,
-            None => prepare_segment(self.dir.clone(), self.config.segment_bytes_max).await?,
-        };
+        let prepared = self.take_prepared(needed).await?;
         let base = self.st.borrow().written;
         let (seg, file) = install_segment(&self.dir, prepared, base)?;
-        {
-            let mut st = self.st.borrow_mut();
-            let old = std::mem::replace(&mut st.active, seg);
-            st.sealed.insert(old.base, old);
-            st.active_file = Rc::new(file);
-        }
-        self.start_preparing();
+        let old = self.set_active(seg, file);
+        self.st.borrow_mut().sealed.insert(old.base, old);
+        // The next segment is prepared once this one is half full (see `write_batches`).
         Ok(())
     }
 
@@ -1092,6 +1165,8 @@ impl Inner {
         a.next_offset = end;
         a.index.truncate(pos as u32);
         a.verified_len.set(a.verified_len.get().min(pos));
+        st.active_since = Instant::now();
+        st.active_since_len = pos;
         st.next_offset = end;
         st.written = end;
         st.flushed = st.flushed.min(end);
@@ -1186,11 +1261,13 @@ async fn write_batches(
             j += 1;
         }
         if j == i {
-            assert!(
-                !empty,
-                "a fresh segment holds any batch up to batch_bytes_max"
-            );
-            inner.roll().await?;
+            // The segment that replaces or follows this one is sized to hold the batch.
+            let needed = batches[i].len as u64;
+            if empty {
+                inner.replace_empty_active(needed).await?;
+            } else {
+                inner.roll(needed).await?;
+            }
             continue;
         }
         let (res, slice) = file.write_all_at(buf.slice(start..end), pos).await;
@@ -1221,6 +1298,7 @@ async fn write_batches(
             st.written_waiters.reach(horizon);
         }
         inner.syncer_wake.notify_one();
+        inner.maybe_start_preparing();
         start = end;
         i = j;
     }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::batch::{self, BatchError, BATCH_HEADER_LEN, BATCH_MAGIC};
-use crate::config::LogConfig;
+use crate::config::{LogConfig, SEGMENT_BYTES_UNIT};
 use crate::epochs::{EpochHistory, EPOCHS_FILE};
 use crate::error::{CorruptionKind, Error, Result};
 use crate::fsutil;
@@ -34,7 +34,8 @@ pub struct RecoveryReport {
     pub indexes_rebuilt: Vec<PathBuf>,
     pub epochs_rebuilt: bool,
     pub truncation_redone: Option<crate::Offset>,
-    /// The active segment was shorter than its configured size and was zero-extended.
+    /// The active segment's file was shorter than `segment_initial_bytes` or not a whole number
+    /// of 4 KiB, and was zero-extended: (old length, new length). Otherwise it keeps its size.
     pub active_extended: Option<(u64, u64)>,
     pub temp_files_removed: Vec<PathBuf>,
     /// Files with names replog does not use; left in place, never deleted.
@@ -220,6 +221,15 @@ fn list(dir: &Path, report: &mut RecoveryReport) -> Result<Listing> {
     Ok(Listing { segments, indexes })
 }
 
+/// The size the active segment is used at, given its file length `len`: the same, rounded up
+/// to a whole number of 4 KiB and to at least `segment_initial_bytes`. A segment file is never
+/// shrunk, and is never extended to `segment_bytes_max` either: how big the following segments
+/// get is decided by the write rate once writes resume.
+pub(crate) fn active_size(len: u64, config: &LogConfig) -> u64 {
+    len.next_multiple_of(SEGMENT_BYTES_UNIT)
+        .max(config.segment_initial_bytes)
+}
+
 /// What `recover` hands to `Log::open`.
 pub(crate) struct Recovered {
     pub sealed: Vec<Segment>,
@@ -292,11 +302,12 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
                     reason,
                 });
             }
-            if len < config.segment_bytes_max {
-                fsutil::zero_range(&file, path, len, config.segment_bytes_max)?;
+            let size = active_size(len, config);
+            if size > len {
+                fsutil::zero_range(&file, path, len, size)?;
                 file.sync_all().map_err(Error::io("fsync", path))?;
-                report.active_extended = Some((len, config.segment_bytes_max));
-                len = config.segment_bytes_max;
+                report.active_extended = Some((len, size));
+                len = size;
             }
             rebuilt_epochs.extend(&scan.epochs);
             let map = segment::map_file(&file, path)?;

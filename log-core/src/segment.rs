@@ -1,7 +1,10 @@
 //! One segment file `<base-offset>.log` (20-digit, zero-padded) and its read-only mapping.
 //!
 //! A segment file is zero-filled to its full size before it takes its first write, so the data is
-//! a prefix of valid batches followed by zeros. The mapping covers the whole file; readers only
+//! a prefix of valid batches followed by zeros. Sizes differ from segment to segment (from
+//! `segment_initial_bytes` to `segment_bytes_max`, following the write rate), but a file does not
+//! change size while it is in use: only recovery extends one (before mapping it), and nothing
+//! shrinks one. The mapping covers the whole file; readers only
 //! look at `[0, data_len)`, which only grows while the segment is active and never changes once
 //! it is sealed.
 

@@ -17,6 +17,8 @@ use log_core::{Epoch, Log, LogConfig, Offset};
 fn config() -> LogConfig {
     LogConfig {
         segment_bytes_max: 256 * 1024,
+        segment_initial_bytes: 16 * 1024,
+        segment_lookahead: log_core::SEGMENT_LOOKAHEAD,
         index_interval_bytes: 4096,
         batch_bytes_max: 16 * 1024,
         batch_records_max: 64,

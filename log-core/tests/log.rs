@@ -6,7 +6,7 @@ mod common;
 use std::num::NonZeroU64;
 use std::time::Duration;
 
-use common::{append_n, payload, read_all, small_config};
+use common::{append_n, payload, read_all, segment_files, small_config};
 use log_core::batch::BatchError;
 use log_core::{Epoch, Error, Log, LogConfig, Offset, ProducerMeta, RetentionPolicy, Store};
 
@@ -59,6 +59,10 @@ fn rolls_segments_and_reads_across_them() {
         let r = log.read(Offset(0), Offset(5), usize::MAX).unwrap();
         assert_eq!(r.next_offset, Offset(5));
         let segments = log.segment_count();
+        // disk_bytes counts the segment files, whatever their sizes.
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), segments);
+        assert_eq!(log.disk_bytes(), files.iter().map(|f| f.1).sum::<u64>());
         log.close().await.unwrap();
 
         let log = Log::open(dir.path(), small_config()).await.unwrap();
@@ -66,16 +70,21 @@ fn rolls_segments_and_reads_across_them() {
         assert_eq!(read_all(&log, Offset(123))[0].1, payload(7, 123, 200));
         log.close().await.unwrap();
     });
-    // Sealed segments have index files; the prepared next segment has its full size.
+    // Sealed segments have index files. The first segment has segment_initial_bytes, later
+    // ones a size between that and segment_bytes_max, in whole 4 KiB. A closed log leaves no
+    // prepared segment behind.
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().any(|n| n.ends_with(".idx")));
-    for n in names.iter().filter(|n| n.ends_with(".log")) {
-        assert_eq!(
-            std::fs::metadata(dir.path().join(n)).unwrap().len(),
-            16 * 1024
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    let files = segment_files(dir.path());
+    assert_eq!(files[0], (0, 4096));
+    for (base, len) in files {
+        assert!(
+            (4096..=16 * 1024).contains(&len) && len % 4096 == 0,
+            "segment {base}: {len} bytes"
         );
     }
 }
@@ -349,7 +358,14 @@ fn retention_by_offset_size_age_and_pins() {
         assert!(start <= Offset(60) && start > Offset(0), "start {start}");
         assert_eq!(read_all(&log, start)[0].0, start.0);
         log.unpin("follower-2");
-        // Age: only segments whose newest batch is old.
+        // Age: only segments whose newest batch is old, so the log starts at the segment holding
+        // offset 100, the first new batch (segment sizes follow the write rate).
+        let holding_100 = log
+            .segment_bases()
+            .into_iter()
+            .filter(|b| *b <= Offset(100))
+            .max()
+            .unwrap();
         let start = log
             .apply_retention(
                 &RetentionPolicy {
@@ -359,7 +375,11 @@ fn retention_by_offset_size_age_and_pins() {
                 9_000_000,
             )
             .unwrap();
-        assert!(start <= Offset(100) && start > Offset(60), "start {start}");
+        assert_eq!(start, holding_100);
+        assert!(
+            start > Offset(11),
+            "start {start}: beyond the first, 4 KiB, segment"
+        );
         // Size: keeps at most bytes_max, never the active segment.
         let start = log
             .apply_retention(
@@ -480,10 +500,62 @@ fn every_limit_is_enforced() {
             },
             "zero index interval",
         ),
+        (
+            LogConfig {
+                segment_initial_bytes: 0,
+                ..LogConfig::default()
+            },
+            "zero initial segment",
+        ),
+        (
+            LogConfig {
+                segment_initial_bytes: 4095,
+                ..LogConfig::default()
+            },
+            "initial segment under 4 KiB",
+        ),
+        (
+            LogConfig {
+                segment_initial_bytes: 4096 + 512,
+                ..LogConfig::default()
+            },
+            "initial segment not a multiple of 4 KiB",
+        ),
+        (
+            LogConfig {
+                segment_initial_bytes: (64 << 20) + 4096,
+                ..LogConfig::default()
+            },
+            "initial segment larger than segment_bytes_max",
+        ),
+        (
+            LogConfig {
+                segment_bytes_max: 16 * 1024,
+                batch_bytes_max: 4096,
+                ..LogConfig::default()
+            },
+            "default initial segment (1 MiB) larger than a small segment_bytes_max",
+        ),
     ] {
         let d = tempfile::tempdir().unwrap();
         let r = tokio_uring::start(Log::open(d.path(), cfg));
         assert!(matches!(r, Err(Error::Config(_))), "{what}");
+    }
+    // Just inside the limits: 4 KiB, and segment_bytes_max itself.
+    for initial in [4096, 64 << 10] {
+        let cfg = LogConfig {
+            segment_bytes_max: 64 << 10,
+            segment_initial_bytes: initial,
+            batch_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        cfg.validate().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        tokio_uring::start(async {
+            let log = Log::open(d.path(), cfg).await.unwrap();
+            assert_eq!(log.disk_bytes(), initial);
+            log.close().await.unwrap();
+        });
     }
 }
 

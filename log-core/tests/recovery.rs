@@ -8,14 +8,20 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{payload, read_all, small_config};
+use common::{payload, read_all, segment_files, small_config};
 use log_core::{CorruptionKind, Epoch, Error, Log, Offset};
 
-/// Every batch holds one record of this many bytes, so batches are 48 + 4 + 300 = 352 bytes and
-/// a 16 KiB segment holds 46 of them.
+/// Every batch holds one record of this many bytes, so batches are 48 + 4 + 300 = 352 bytes, and
+/// a batch's offset times BATCH is its position in the log's data. Segment sizes follow the write
+/// rate, so where a segment starts is read from the file names: the first segment (4 KiB) holds
+/// 11 batches.
 const VALUE: usize = 300;
 const BATCH: u64 = 352;
-const PER_SEGMENT: u64 = 46;
+
+/// Base offset of the `i`th segment.
+fn base(dir: &Path, i: usize) -> u64 {
+    segment_files(dir)[i].0
+}
 
 /// A closed log of `n` single-record batches in `dir`.
 fn build(dir: &Path, n: u64) {
@@ -172,6 +178,11 @@ fn row06_active_file_cut_short() {
     let d = tempfile::tempdir().unwrap();
     build(d.path(), 10);
     let seg = segments(d.path())[0].clone();
+    assert_eq!(
+        fs::metadata(&seg).unwrap().len(),
+        4096,
+        "segment_initial_bytes"
+    );
     OpenOptions::new()
         .write(true)
         .open(&seg)
@@ -180,9 +191,38 @@ fn row06_active_file_cut_short() {
         .unwrap();
     let report = reopen_and(d.path(), |l| l.recovery_report()).unwrap();
     assert_eq!(report.torn_tail.unwrap().position, 7 * BATCH);
-    assert_eq!(report.active_extended, Some((7 * BATCH + 30, 16 * 1024)));
-    assert_eq!(fs::metadata(&seg).unwrap().len(), 16 * 1024);
+    // Extended back to segment_initial_bytes, not to segment_bytes_max.
+    assert_eq!(report.active_extended, Some((7 * BATCH + 30, 4096)));
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 4096);
     expect_valid(d.path(), 7);
+}
+
+// Row 6, the size rule: an active segment at least segment_initial_bytes long keeps its size,
+// rounded up to a whole 4 KiB; it is never extended to segment_bytes_max, and a file longer than
+// segment_bytes_max (the setting was lowered) is not shrunk.
+#[test]
+fn row06_active_file_keeps_its_size() {
+    for (len, expect) in [(10_000u64, 12_288u64), (8192, 8192), (20_480, 20_480)] {
+        let d = tempfile::tempdir().unwrap();
+        build(d.path(), 10);
+        let seg = segments(d.path())[0].clone();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let report = reopen_and(d.path(), |l| {
+            assert_eq!(l.disk_bytes(), expect);
+            l.recovery_report()
+        })
+        .unwrap();
+        assert!(report.torn_tail.is_none());
+        let extended = (len != expect).then_some((len, expect));
+        assert_eq!(report.active_extended, extended, "{len}");
+        assert_eq!(fs::metadata(&seg).unwrap().len(), expect);
+        expect_valid(d.path(), 10);
+    }
 }
 
 // Row 7: a checksum-valid batch at the wrong offset is corruption.
@@ -216,8 +256,9 @@ fn row08_sealed_damage_is_caught_on_read() {
             .read(Offset(0), Offset(5), usize::MAX)
             .map(|r| r.batches.len());
         let bad = log.read(Offset(5), Offset(6), usize::MAX);
+        let second = base(d.path(), 1);
         let later = log
-            .read(Offset(PER_SEGMENT), Offset(PER_SEGMENT + 1), usize::MAX)
+            .read(Offset(second), Offset(second + 1), usize::MAX)
             .map(|r| r.batches.len());
         (ok, bad.map(|r| r.batches.len()), later)
     })
@@ -286,10 +327,11 @@ fn row11_garbage_in_sealed_segment_is_corruption() {
     let d = tempfile::tempdir().unwrap();
     build(d.path(), 100);
     let seg = segments(d.path())[0].clone();
+    let data_len = base(d.path(), 1) * BATCH;
     fs::remove_file(seg.with_extension("idx")).unwrap();
-    write_at(&seg, PER_SEGMENT * BATCH + 10, b"garbage");
+    write_at(&seg, data_len + 10, b"garbage");
     let (path, pos, kind) = corruption(open(d.path()));
-    assert_eq!((path, pos), (seg, PER_SEGMENT * BATCH));
+    assert_eq!((path, pos), (seg, data_len));
     assert!(matches!(kind, CorruptionKind::BadBatchInSealed(_)));
 }
 
@@ -316,17 +358,21 @@ fn row13_gap_between_segments_is_corruption() {
     build(d.path(), 150);
     let segs = segments(d.path());
     assert!(segs.len() >= 3);
+    let (missing, found) = (base(d.path(), 1), base(d.path(), 2));
     fs::remove_file(&segs[1]).unwrap();
     let (path, _, kind) = corruption(open(d.path()));
     assert_eq!(path, segs[2]);
-    assert!(matches!(
+    assert_eq!(
         kind,
-        CorruptionKind::SegmentGap { expected: 46, .. }
-    ));
+        CorruptionKind::SegmentGap {
+            expected: missing,
+            found
+        }
+    );
 }
 
-// Row 14: a zero-length active segment (a crash right after it was created) is extended and
-// used.
+// Row 14: a zero-length active segment (a crash right after it was created) is extended to
+// segment_initial_bytes and used.
 #[test]
 fn row14_empty_active_segment_is_extended() {
     let d = tempfile::tempdir().unwrap();
@@ -347,7 +393,8 @@ fn row14_empty_active_segment_is_extended() {
         .set_len(0)
         .unwrap();
     let report = reopen_and(d.path(), |l| l.recovery_report()).unwrap();
-    assert_eq!(report.active_extended, Some((0, 16 * 1024)));
+    assert_eq!(report.active_extended, Some((0, 4096)));
+    assert_eq!(fs::metadata(last).unwrap().len(), 4096);
     expect_valid(d.path(), base);
 }
 
@@ -403,10 +450,16 @@ fn row17_interrupted_truncation_is_redone() {
     let crc = crc32c::crc32c(&intent);
     intent.extend_from_slice(&crc.to_le_bytes());
     fs::write(d.path().join("truncate.intent"), &intent).unwrap();
+    // The segments up to the one holding offset 30 stay; every later one goes.
+    let kept: Vec<(u64, u64)> = segment_files(d.path())
+        .into_iter()
+        .filter(|(b, _)| *b <= 30)
+        .collect();
+    assert!(segments(d.path()).len() > kept.len());
     let report = reopen_and(d.path(), |l| l.recovery_report()).unwrap();
     assert_eq!(report.truncation_redone, Some(Offset(30)));
     assert!(!d.path().join("truncate.intent").exists());
-    assert_eq!(segments(d.path()).len(), 1);
+    assert_eq!(segment_files(d.path()), kept);
     expect_valid(d.path(), 30);
 }
 

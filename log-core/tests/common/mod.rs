@@ -3,10 +3,13 @@
 
 use log_core::{Epoch, Log, LogConfig, Offset};
 
-/// Small segments so that tests cross segment boundaries often.
+/// Small segments so that tests cross segment boundaries often: a new log's first segment is
+/// 4 KiB, later ones follow the write rate up to 16 KiB.
 pub fn small_config() -> LogConfig {
     LogConfig {
         segment_bytes_max: 16 * 1024,
+        segment_initial_bytes: 4096,
+        segment_lookahead: log_core::SEGMENT_LOOKAHEAD,
         index_interval_bytes: 512,
         batch_bytes_max: 4096,
         batch_records_max: 64,
@@ -60,4 +63,19 @@ pub async fn append_n(log: &Log, seed: u64, n: usize, len: usize) -> Offset {
     }
     log.wait_flushed(last).await.unwrap();
     last
+}
+
+/// The `.log` files of a log directory, in offset order, as (base offset, file length).
+pub fn segment_files(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| {
+            let base = p.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+            (base, std::fs::metadata(&p).unwrap().len())
+        })
+        .collect();
+    v.sort();
+    v
 }
