@@ -7,6 +7,7 @@ use log_core::{batch, Epoch, Log, LogConfig, Offset};
 fn config() -> LogConfig {
     LogConfig {
         segment_bytes_max: 16 * 1024,
+        segment_initial_bytes: 4096,
         batch_bytes_max: 4096,
         ..LogConfig::default()
     }

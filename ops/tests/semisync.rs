@@ -147,13 +147,7 @@ fn receipts_name_the_leader_first_at_every_level() {
 fn more_logs_than_a_connection_has_streams_all_replicate() {
     const LOGS: usize = 100;
     let env = Env::new();
-    // Small segments: the test is about streams, not about preparing disk space.
-    let config = config_file(
-        &env,
-        "replog.toml",
-        "[log]\nsegment_bytes_max = 1048576\nbatch_bytes_max = 262144\n",
-    );
-    let dev = Dev::start(&env, "0", &["--config", &config]);
+    let dev = Dev::start(&env, "0", &[]);
     let client_config =
         ClientConfig::new([dev.addr(0)]).with_trust(Trust::CaFile(env.ca_dir().join("ca.pem")));
     rt().block_on(async {
@@ -329,4 +323,66 @@ fn a_second_request_on_a_stream_is_never_carried_out() {
             Response::Ok
         );
     });
+}
+
+/// Space is prepared ahead of the writer in steps: a thousand empty logs on a node take a
+/// thousand first segments of `segment_initial_bytes`, nothing more.
+#[test]
+fn a_thousand_empty_logs_fit_in_a_small_data_dir() {
+    const LOGS: usize = 1000;
+    const INITIAL: u64 = 64 * 1024;
+    let env = Env::new();
+    let config = config_file(
+        &env,
+        "replog.toml",
+        &format!("[log]\nsegment_initial_bytes = {INITIAL}\n"),
+    );
+    let node = env.node("n", &["--config", &config]);
+    let client_config =
+        ClientConfig::new([node.server()]).with_trust(Trust::CaFile(env.ca_dir().join("ca.pem")));
+    rt().block_on(async {
+        let client = Client::connect(client_config).await.unwrap();
+        let mut creates = tokio::task::JoinSet::new();
+        for i in 0..LOGS {
+            let client = client.clone();
+            creates.spawn(async move { client.create_log(&format!("empty-{i}")).await });
+            if creates.len() >= 32 {
+                creates.join_next().await.unwrap().unwrap().unwrap();
+            }
+        }
+        while let Some(r) = creates.join_next().await {
+            r.unwrap().unwrap();
+        }
+        // And each takes writes.
+        let opts = AppendOptions::default();
+        let r = client
+            .append("empty-999", vec!["x".into()], opts)
+            .await
+            .unwrap();
+        assert_eq!(r.first, 0);
+    });
+    fn disk_bytes(dir: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                let m = std::fs::symlink_metadata(e.path()).unwrap();
+                if m.is_dir() {
+                    disk_bytes(&e.path())
+                } else {
+                    m.blocks() * 512
+                }
+            })
+            .sum()
+    }
+    let used = disk_bytes(&node.data_dir);
+    let logs = env.cli_json(&["list", "--server", &node.server(), "--json"], "");
+    assert_eq!(logs.len(), LOGS);
+    // Each log: its first segment, plus a few small files (index, epochs, producers).
+    let bound = LOGS as u64 * (INITIAL + 64 * 1024);
+    assert!(
+        used <= bound,
+        "{used} bytes on disk for {LOGS} empty logs (bound {bound})"
+    );
 }

@@ -238,7 +238,8 @@ pub struct LimitsSection {
     pub shard_queue_depth: usize,
     /// Idempotent producers remembered per log.
     pub producers_per_log_max: usize,
-    /// Most logs on the node. Each log costs two prepared segments of disk.
+    /// Most logs on the node. An idle log costs one segment of `log.segment_initial_bytes` on
+    /// disk; a busy one up to two of `log.segment_bytes_max`.
     pub logs_max: usize,
     /// Largest application snapshot accepted (bytes); one is held in memory while it is
     /// stored or served.
@@ -249,6 +250,9 @@ pub struct LimitsSection {
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
     pub segment_bytes_max: u64,
+    /// Size of a new log's first segment; later segments follow the log's write rate up to
+    /// `segment_bytes_max` (a larger value is taken as `segment_bytes_max`).
+    pub segment_initial_bytes: u64,
     pub batch_bytes_max: usize,
     pub pending_bytes_max: usize,
     /// Retention by size: oldest sealed segments are deleted while a log holds more than this
@@ -300,6 +304,7 @@ impl Default for LogSection {
         let d = log_core::LogConfig::default();
         LogSection {
             segment_bytes_max: d.segment_bytes_max,
+            segment_initial_bytes: d.segment_initial_bytes,
             batch_bytes_max: d.batch_bytes_max,
             pending_bytes_max: d.pending_bytes_max,
             retention_bytes_max: 0,
@@ -494,6 +499,10 @@ impl NodeConfig {
     pub fn log_config(&self) -> log_core::LogConfig {
         log_core::LogConfig {
             segment_bytes_max: self.log.segment_bytes_max,
+            segment_initial_bytes: self
+                .log
+                .segment_initial_bytes
+                .min(self.log.segment_bytes_max),
             batch_bytes_max: self.log.batch_bytes_max,
             pending_bytes_max: self.log.pending_bytes_max,
             batch_records_max: self.limits.records_max as usize,
