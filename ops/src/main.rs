@@ -214,7 +214,7 @@ struct NodeArgs {
     /// A sync follower further behind than this many records leaves the sync set.
     #[arg(long)]
     sync_lag_records_max: Option<u64>,
-    /// A sync follower behind for this long without acknowledging leaves the sync set (ms).
+    /// A sync follower not caught up to the leader's end for this long leaves the sync set (ms).
     #[arg(long)]
     sync_lag_ms_max: Option<u64>,
     /// On a follower: the address clients reach it at (default: --listen).

@@ -158,17 +158,7 @@ fn idempotent_retry_is_stored_once_even_across_a_crash() {
     let rt = rt();
     let conn = rt.block_on(env.connect(&node));
     rt.block_on(async {
-        assert_eq!(
-            exchange(
-                &conn,
-                &Request::CreateLog {
-                    name: "l".into(),
-                    no_wait: false
-                }
-            )
-            .await,
-            Response::Ok
-        );
+        assert_eq!(exchange(&conn, &create_req("l")).await, Response::Ok);
         let mut a = append_req("l", &["a", "b"]);
         a.producer = Some((42, 0));
         let first = match exchange(&conn, &Request::Append(a.clone())).await {
@@ -355,17 +345,7 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
     let rt = rt();
     rt.block_on(async {
         let conn = env.connect(&node).await;
-        assert_eq!(
-            exchange(
-                &conn,
-                &Request::CreateLog {
-                    name: "keep".into(),
-                    no_wait: false,
-                }
-            )
-            .await,
-            Response::Ok
-        );
+        assert_eq!(exchange(&conn, &create_req("keep")).await, Response::Ok);
         let r = exchange(&conn, &Request::Append(append_req("keep", &["precious"]))).await;
         assert!(matches!(r, Response::Receipt(_)), "{r:?}");
 
@@ -439,23 +419,9 @@ fn garbage_gets_clear_errors_and_the_node_keeps_serving() {
             assert_eq!(error_code(&r[0]), code, "{what}: {r:?}");
         }
         // Name too long.
-        let r = exchange(
-            &conn,
-            &Request::CreateLog {
-                name: "n".repeat(300),
-                no_wait: false,
-            },
-        )
-        .await;
+        let r = exchange(&conn, &create_req("n".repeat(300))).await;
         assert_eq!(error_code(&r), ErrorCode::LimitExceeded);
-        let r = exchange(
-            &conn,
-            &Request::CreateLog {
-                name: "bad/name".into(),
-                no_wait: false,
-            },
-        )
-        .await;
+        let r = exchange(&conn, &create_req("bad/name")).await;
         assert_eq!(error_code(&r), ErrorCode::InvalidName);
         // An append too large for one batch (8 MiB frame limit is fine, 4 MiB batch is not).
         let mut big = append_req("keep", &[]);
@@ -608,17 +574,10 @@ async fn refused(
     }
 }
 
-fn write_config(env: &Env, name: &str, text: &str) -> String {
-    let p = env.path(name);
-    std::fs::write(&p, text).unwrap();
-    p.to_str().unwrap().to_string()
-}
-
 #[test]
 fn connection_and_stream_limits_hold() {
     let env = Env::new();
-    let cfg = write_config(
-        &env,
+    let cfg = env.write_config(
         "limits.toml",
         "[limits]\nconnections_max = 2\nstreams_per_connection_max = 4\nrequest_timeout_ms = 1500\n",
     );
@@ -664,8 +623,7 @@ fn connection_and_stream_limits_hold() {
 #[test]
 fn slow_readers_are_cut_off_and_memory_stays_bounded() {
     let env = Env::new();
-    let cfg = write_config(
-        &env,
+    let cfg = env.write_config(
         "slow.toml",
         "[limits]\nwrite_stall_timeout_ms = 1000\nconnection_window_bytes = 1048576\n",
     );
@@ -673,17 +631,7 @@ fn slow_readers_are_cut_off_and_memory_stays_bounded() {
     let rt = rt();
     rt.block_on(async {
         let conn = env.connect(&node).await;
-        assert_eq!(
-            exchange(
-                &conn,
-                &Request::CreateLog {
-                    name: "big".into(),
-                    no_wait: false
-                }
-            )
-            .await,
-            Response::Ok
-        );
+        assert_eq!(exchange(&conn, &create_req("big")).await, Response::Ok);
         let value = Bytes::from(vec![7u8; 256 << 10]);
         for _ in 0..40 {
             let mut a = append_req("big", &[]);
@@ -779,7 +727,7 @@ fn http_get(addr: &str, path: &str) -> String {
 #[test]
 fn bad_configuration_and_a_busy_data_dir_are_refused() {
     let env = Env::new();
-    let cfg = write_config(&env, "typo.toml", "[limits]\nconections_max = 2\n");
+    let cfg = env.write_config("typo.toml", "[limits]\nconections_max = 2\n");
     let out = std::process::Command::new(BIN)
         .args(["node", "--config", &cfg, "--data-dir"])
         .arg(env.path("x"))
@@ -853,8 +801,7 @@ fn a_restarted_node_resets_connections_of_its_previous_life() {
 #[test]
 fn read_size_token_length_and_idle_limits_hold() {
     let env = Env::new();
-    let cfg = write_config(
-        &env,
+    let cfg = env.write_config(
         "small.toml",
         "[limits]\nread_bytes_max = 4096\nidle_timeout_ms = 1000\n[auth]\ntokens = [\"t\"]\n",
     );
@@ -864,7 +811,7 @@ fn read_size_token_length_and_idle_limits_hold() {
         let conn = env.connect(&node).await;
         let ok = exchange(&conn, &Request::Auth { token: Bytes::from_static(b"t") }).await;
         assert_eq!(ok, Response::Ok);
-        assert_eq!(exchange(&conn, &Request::CreateLog { name: "r".into(), no_wait: false }).await, Response::Ok);
+        assert_eq!(exchange(&conn, &create_req("r")).await, Response::Ok);
         let value = "v".repeat(1000);
         for _ in 0..10 {
             let r = exchange(&conn, &Request::Append(append_req("r", &[&value]))).await;
@@ -908,22 +855,12 @@ fn read_size_token_length_and_idle_limits_hold() {
 #[test]
 fn producers_beyond_producers_per_log_max_are_forgotten_oldest_first() {
     let env = Env::new();
-    let cfg = write_config(&env, "p.toml", "[limits]\nproducers_per_log_max = 2\n");
+    let cfg = env.write_config("p.toml", "[limits]\nproducers_per_log_max = 2\n");
     let node = env.node("n", &["--config", &cfg]);
     let rt = rt();
     rt.block_on(async {
         let conn = env.connect(&node).await;
-        assert_eq!(
-            exchange(
-                &conn,
-                &Request::CreateLog {
-                    name: "l".into(),
-                    no_wait: false
-                }
-            )
-            .await,
-            Response::Ok
-        );
+        assert_eq!(exchange(&conn, &create_req("l")).await, Response::Ok);
         let send = |pid: u64| {
             let mut a = append_req("l", &["x"]);
             a.producer = Some((pid, 0));
@@ -948,7 +885,7 @@ fn producers_beyond_producers_per_log_max_are_forgotten_oldest_first() {
 #[test]
 fn logs_max_caps_the_logs_of_a_node_across_restarts() {
     let env = Env::new();
-    let cfg = write_config(&env, "logs.toml", "[limits]\nlogs_max = 2\n");
+    let cfg = env.write_config("logs.toml", "[limits]\nlogs_max = 2\n");
     let node = env.node("n", &["--config", &cfg]);
     let s = node.server();
     env.cli_ok(&["create", "--server", &s, "--log", "a"], "");
@@ -972,7 +909,7 @@ fn logs_max_caps_the_logs_of_a_node_across_restarts() {
 #[test]
 fn a_full_shard_queue_slows_forwarding_down_and_loses_nothing() {
     let env = Env::new();
-    let cfg = write_config(&env, "q.toml", "[limits]\nshard_queue_depth = 1\n");
+    let cfg = env.write_config("q.toml", "[limits]\nshard_queue_depth = 1\n");
     let node = env.node("n", &["--config", &cfg, "--metrics-listen", "127.0.0.1:0"]);
     // One log on each of the two shards: whichever shard the connection lands on, requests for
     // the other log are forwarded through a queue of depth 1.
@@ -988,17 +925,7 @@ fn a_full_shard_queue_slows_forwarding_down_and_loses_nothing() {
     rt.block_on(async {
         let conn = env.connect(&node).await;
         for n in &names {
-            assert_eq!(
-                exchange(
-                    &conn,
-                    &Request::CreateLog {
-                        name: n.clone(),
-                        no_wait: false
-                    }
-                )
-                .await,
-                Response::Ok
-            );
+            assert_eq!(exchange(&conn, &create_req(n.clone())).await, Response::Ok);
         }
         let mut tasks = Vec::new();
         for i in 0..64 {
@@ -1047,17 +974,7 @@ fn an_append_abandoned_by_its_client_is_not_stored() {
     let rt = rt();
     rt.block_on(async {
         let conn = env.connect(&node).await;
-        assert_eq!(
-            exchange(
-                &conn,
-                &Request::CreateLog {
-                    name: "l".into(),
-                    no_wait: false
-                }
-            )
-            .await,
-            Response::Ok
-        );
+        assert_eq!(exchange(&conn, &create_req("l")).await, Response::Ok);
         // The client stops reading the answer before the node gets to the request (both travel
         // together): the node must not store it, since the client may resend it elsewhere.
         let (mut send, mut recv) = conn.open_bi().await.unwrap();

@@ -22,23 +22,12 @@ fn append_json(env: &Env, server: &str, log: &str, acks: &str, input: &str) -> V
     )
 }
 
-/// A configuration file in the environment's directory.
-fn config_file(env: &Env, name: &str, toml: &str) -> String {
-    let path = env.path(name);
-    std::fs::write(&path, toml).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 /// A log left idle for three times `sync_lag_ms_max` keeps its sync follower: the next
 /// `acks=sync` append succeeds at its first attempt, and the sync set never changes.
 #[test]
 fn an_idle_log_keeps_its_sync_follower() {
     let env = Env::new();
-    let config = config_file(
-        &env,
-        "replog.toml",
-        "[replication]\nsync_lag_ms_max = 1000\n",
-    );
+    let config = env.write_config("replog.toml", "[replication]\nsync_lag_ms_max = 1000\n");
     let dev = Dev::start_controlled(&env, &["--config", &config]);
     let leader = dev.addr(0);
     env.cli_ok(&["create", "--server", &leader, "--log", "idle"], "");
@@ -193,7 +182,7 @@ fn more_logs_than_a_connection_has_streams_all_replicate() {
 #[test]
 fn create_waits_for_the_sync_set_and_names_the_missing_followers() {
     let env = Env::new();
-    let config = config_file(&env, "replog.toml", "[replication]\ncreate_wait_ms = 300\n");
+    let config = env.write_config("replog.toml", "[replication]\ncreate_wait_ms = 300\n");
     let node = env.node(
         "lead",
         &["--node-id", "lead", "--follower", "f1", "--config", &config],
@@ -293,15 +282,8 @@ fn a_second_request_on_a_stream_is_never_carried_out() {
     let node = env.node("n", &[]);
     rt().block_on(async {
         let conn = env.connect(&node).await;
-        let mut bytes = encode(&Request::CreateLog {
-            name: "first".into(),
-            no_wait: false,
-        })
-        .to_vec();
-        bytes.extend_from_slice(&encode(&Request::CreateLog {
-            name: "second".into(),
-            no_wait: false,
-        }));
+        let mut bytes = encode(&create_req("first")).to_vec();
+        bytes.extend_from_slice(&encode(&create_req("second")));
         let answers = exchange_raw(&conn, &bytes).await.unwrap();
         assert_eq!(answers, [Response::Ok]);
         match exchange(&conn, &Request::ListLogs).await {
@@ -311,17 +293,7 @@ fn a_second_request_on_a_stream_is_never_carried_out() {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            exchange(
-                &conn,
-                &Request::CreateLog {
-                    name: "second".into(),
-                    no_wait: false
-                }
-            )
-            .await,
-            Response::Ok
-        );
+        assert_eq!(exchange(&conn, &create_req("second")).await, Response::Ok);
     });
 }
 
@@ -332,8 +304,7 @@ fn a_thousand_empty_logs_fit_in_a_small_data_dir() {
     const LOGS: usize = 1000;
     const INITIAL: u64 = 64 * 1024;
     let env = Env::new();
-    let config = config_file(
-        &env,
+    let config = env.write_config(
         "replog.toml",
         &format!("[log]\nsegment_initial_bytes = {INITIAL}\n"),
     );

@@ -26,7 +26,7 @@ impl PrimaryProc {
             .arg("--db")
             .arg(db)
             .args(["--server", &node.server(), "--log", "app"])
-            .args(["--acks", "leader", "--create"])
+            .args(["--acks", "leader", "--create", "--keep-going"])
             .env("REPLOG_DEV_CA_DIR", env.ca_dir())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -75,7 +75,8 @@ fn a_promoted_replica_fences_the_old_primary() {
         0
     );
     assert_eq!(old.tx("INSERT INTO t VALUES (1, 'old')")["token"], 1);
-    // A transaction that changes nothing has no token; an error line does not end it.
+    // A transaction that changes nothing has no token; with --keep-going an error line does
+    // not end it.
     assert_eq!(
         old.tx("UPDATE t SET v = 'x' WHERE k = 99")["token"],
         serde_json::Value::Null

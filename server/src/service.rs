@@ -337,12 +337,12 @@ async fn create(shard: &Rc<Shard>, name: &str, no_wait: bool) -> Result<(), Fail
     if repl.wait_writable(Instant::now() + wait).await {
         return Ok(());
     }
-    let (missing, reject) = {
+    let (missing, need, reject) = {
         let st = repl.state.borrow();
-        let reject = st.config().insufficient == protocol::replication::Insufficient::Reject;
-        (st.sync_missing().join("; "), reject)
+        let c = st.config();
+        let reject = c.insufficient == protocol::replication::Insufficient::Reject;
+        (st.sync_missing().join("; "), c.sync_replicas, reject)
     };
-    let need = repl.state.borrow().config().sync_replicas;
     if !reject {
         tracing::warn!(log = name, missing, "created without a full sync set: acks=sync appends are acknowledged degraded until it fills");
         return Ok(());
@@ -664,10 +664,7 @@ async fn append(
             ));
         }
         if let Some(to) = r.transfer_to {
-            let held = repl.as_ref().is_some_and(|r| {
-                r.observe(&a.log, shard, &e.log);
-                r.holders(next).contains(&to)
-            });
+            let held = repl.as_ref().is_some_and(|r| r.holders(next).contains(&to));
             if !held {
                 return Err(fail(
                     ErrorCode::Timeout,

@@ -99,6 +99,13 @@ impl Env {
 }
 
 impl Env {
+    /// Write a node configuration file `name` in the environment; its path.
+    pub fn write_config(&self, name: &str, text: &str) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
     /// `n` UDP addresses on this environment's loopback address that were free a moment ago.
     pub fn free_addrs(&self, n: usize) -> Vec<SocketAddr> {
         let sockets: Vec<std::net::UdpSocket> = (0..n)
@@ -287,6 +294,14 @@ pub async fn raw_connect_alpn(
         .await
         .map_err(|e| e.to_string())?;
     Ok(conn)
+}
+
+/// `CreateLog` for `name`, waiting for the log's sync set.
+pub fn create_req(name: impl Into<String>) -> Request {
+    Request::CreateLog {
+        name: name.into(),
+        no_wait: false,
+    }
 }
 
 pub fn encode(req: &Request) -> Bytes {
