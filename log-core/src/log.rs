@@ -302,6 +302,11 @@ async fn prepare_segment(dir: PathBuf, len: u64) -> Result<Prepared> {
         zeros = slice.into_inner();
         res.map_err(Error::io("zero-fill segment", &path))?;
         pos += n as u64;
+        // Write back one chunk at a time: a whole segment of dirty zeros flushed at once
+        // would queue the disk in front of the appenders' fdatasync for tens of ms.
+        file.sync_data()
+            .await
+            .map_err(Error::io("fdatasync segment", &path))?;
     }
     file.sync_all()
         .await
