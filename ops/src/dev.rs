@@ -98,6 +98,18 @@ fn spawn_node(
         }
         None => "standalone",
     };
+    // A node never outlives `dev`, however `dev` ends (even killed): the kernel sends it
+    // SIGTERM when its parent dies.
+    // SAFETY: prctl(2) is async-signal-safe and touches nothing of the parent's memory.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -138,17 +150,20 @@ pub fn run(a: DevArgs) -> Result<(), String> {
             }
         }
     }
+    // What it prints is for whoever started it; a reader that went away (a closed pipe) must
+    // not end the supervisor and leave its nodes behind.
+    let mut lines = Vec::new();
     for n in &nodes {
         if a.json {
-            println!(
-                "{}",
+            lines.push(
                 serde_json::json!({
                     "node": n.name, "addr": n.addr, "metrics": n.metrics,
                     "role": n.role, "pid": n.child.id(), "data_dir": n.data,
                 })
+                .to_string(),
             );
         } else {
-            println!(
+            lines.push(format!(
                 "{}  addr {}  role {:<10}  pid {}  metrics http://{}/metrics  data {}",
                 n.name,
                 n.addr,
@@ -156,19 +171,32 @@ pub fn run(a: DevArgs) -> Result<(), String> {
                 n.child.id(),
                 n.metrics,
                 n.data.display()
-            );
+            ));
         }
     }
     if !a.json {
         let first = &nodes[0].addr;
-        println!("data under {}; Ctrl-C stops every node", a.dir.display());
+        lines.push(format!(
+            "data under {}; Ctrl-C stops every node",
+            a.dir.display()
+        ));
         let all: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-        println!("try: replog create --server {first} --log demo && echo hello | replog append --server {first} --log demo --acks sync");
-        println!(
+        lines.push(format!("try: replog create --server {first} --log demo && echo hello | replog append --server {first} --log demo --acks sync"));
+        lines.push(format!(
             "     replog read --server {} --log demo   # any replica serves reads",
             all.join(",")
-        );
-        println!("     replog status --server {first}   # followers, sync set, lag");
+        ));
+        lines.push(format!(
+            "     replog status --server {first}   # followers, sync set, lag"
+        ));
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for line in lines {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
     }
     supervise(&mut nodes);
     stop(&mut nodes);

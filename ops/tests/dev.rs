@@ -149,3 +149,46 @@ fn killing_the_leader_in_dev_shows_a_failover_in_status() {
     });
     assert!(dev.stop().success());
 }
+
+/// `replog dev` whose output nobody reads (its reader went away) keeps supervising its nodes,
+/// and its nodes never outlive it, even when it is killed outright.
+#[test]
+fn dev_survives_a_closed_stdout_and_its_nodes_die_with_it() {
+    let env = Env::new();
+    let base = free_base_port();
+    let mut dev = std::process::Command::new(BIN)
+        .args([
+            "dev",
+            "--base-port",
+            &base.to_string(),
+            "--metrics-base-port",
+            "0",
+            "--dir",
+        ])
+        .arg(env.path("cluster"))
+        .env("REPLOG_DEV_CA_DIR", env.ca_dir())
+        .env("REPLOG_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody will read what it prints.
+    drop(dev.stdout.take());
+    let server = format!("127.0.0.1:{base}");
+    let serving = |server: &str| {
+        env.cli(&["status", "--server", server], "")
+            .status
+            .success()
+    };
+    eventually(60, "the nodes to serve", || serving(&server).then_some(()));
+    // It has printed (into a closed pipe) by now, and still supervises.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(dev.try_wait().unwrap().is_none(), "replog dev ended");
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+    for port in base..base + 3 {
+        let server = format!("127.0.0.1:{port}");
+        eventually(60, "the nodes to end with replog dev", || {
+            (!serving(&server)).then_some(())
+        });
+    }
+}

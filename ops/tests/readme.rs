@@ -96,6 +96,8 @@ fn the_quick_start_runs_as_written() {
         let line = lines.next().unwrap().unwrap();
         assert!(line.contains("node-"), "{line}");
     }
+    // The rest of what it prints is read as a terminal would.
+    std::thread::spawn(move || lines.for_each(drop));
     assert!(cwd.join("replog-dev/node-1").is_dir());
 
     let shell = |cmd: &str| {

@@ -38,6 +38,8 @@ impl Dev {
             let line = lines.next().unwrap().unwrap();
             assert!(line.contains("node-"), "{line}");
         }
+        // The rest of what it prints is read as a terminal would.
+        std::thread::spawn(move || lines.for_each(drop));
         Dev(child)
     }
 }

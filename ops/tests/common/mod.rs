@@ -426,6 +426,8 @@ impl Dev {
             let line = lines.next().unwrap().unwrap();
             dev.nodes.push(serde_json::from_str(&line).unwrap());
         }
+        // Whatever else it prints is read (and dropped), as a terminal would.
+        std::thread::spawn(move || lines.for_each(drop));
         dev
     }
 
