@@ -27,7 +27,11 @@ fn append_json(env: &Env, server: &str, log: &str, acks: &str, input: &str) -> V
 #[test]
 fn an_idle_log_keeps_its_sync_follower() {
     let env = Env::new();
-    let config = env.write_config("replog.toml", "[replication]\nsync_lag_ms_max = 1000\n");
+    // A generous create_wait_ms: the controller may still be electing its leader.
+    let config = env.write_config(
+        "replog.toml",
+        "[replication]\nsync_lag_ms_max = 2000\ncreate_wait_ms = 60000\n",
+    );
     let dev = Dev::start_controlled(&env, &["--config", &config]);
     let leader = dev.addr(0);
     env.cli_ok(&["create", "--server", &leader, "--log", "idle"], "");
@@ -38,7 +42,7 @@ fn an_idle_log_keeps_its_sync_follower() {
     );
     let changes = metric(&dev.metrics(0), "replog_sync_set_changes_total");
     for round in 1..=2u64 {
-        std::thread::sleep(Duration::from_millis(3 * 1000 + 500));
+        std::thread::sleep(Duration::from_millis(3 * 2000 + 500));
         let out = env.cli(
             &[
                 "append", "--server", &leader, "--log", "idle", "--acks", "sync", "--json",
@@ -136,7 +140,9 @@ fn receipts_name_the_leader_first_at_every_level() {
 fn more_logs_than_a_connection_has_streams_all_replicate() {
     const LOGS: usize = 100;
     let env = Env::new();
-    let dev = Dev::start(&env, "0", &[]);
+    // A generous create_wait_ms: a loaded machine may take a while to make 100 logs thrice.
+    let config = env.write_config("replog.toml", "[replication]\ncreate_wait_ms = 60000\n");
+    let dev = Dev::start(&env, "0", &["--config", &config]);
     let client_config =
         ClientConfig::new([dev.addr(0)]).with_trust(Trust::CaFile(env.ca_dir().join("ca.pem")));
     rt().block_on(async {
@@ -207,22 +213,15 @@ fn create_waits_for_the_sync_set_and_names_the_missing_followers() {
     );
     // With the follower there, a create answers once it is in the sync set.
     let _f1 = env.node("f1", &["--node-id", "f1", "--leader", &server]);
-    eventually(60, "a create that finds its sync set", || {
-        let name = "later";
-        let out = env.cli(
-            &[
-                "create",
-                "--server",
-                &server,
-                "--log",
-                name,
-                "--if-not-exists",
-            ],
-            "",
-        );
-        out.status.success().then_some(())
+    // (Each try is a new log: one whose wait ran out exists, and is not retried.)
+    let mut tries = 0;
+    let name = eventually(60, "a create that finds its sync set", || {
+        tries += 1;
+        let name = format!("later-{tries}");
+        let out = env.cli(&["create", "--server", &server, "--log", &name], "");
+        out.status.success().then_some(name)
     });
-    let r = append_json(&env, &server, "later", "sync", "x\n");
+    let r = append_json(&env, &server, &name, "sync", "x\n");
     assert_eq!(r[0]["level"], "sync");
 }
 
