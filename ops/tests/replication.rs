@@ -184,12 +184,7 @@ fn sync_appends_survive_follower_kills_and_replicas_stay_identical() {
         for r in &receipts {
             assert_eq!(r["level"], "sync", "{r}");
             assert_eq!(r["degraded"], false, "{r}");
-            let holders: Vec<&str> = r["holders"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h.as_str().unwrap())
-                .collect();
+            let holders = holders(r);
             assert!(holders.contains(&"lead"), "{r}");
             assert!(
                 holders.contains(&"f1") || holders.contains(&"f2"),

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use client::{AppendOptions, Client, ClientConfig, Trust};
+use client::{AppendOptions, Client};
 use common::*;
 use protocol::{Acks, Request, Response};
 use serde_json::Value;
@@ -80,12 +80,7 @@ fn receipts_name_the_leader_first_at_every_level() {
         let receipts = append_json(&env, &leader, "r", acks, &input);
         assert_eq!(receipts.len(), 200);
         for r in &receipts {
-            let holders: Vec<&str> = r["holders"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h.as_str().unwrap())
-                .collect();
+            let holders = holders(r);
             assert_eq!(r["level"], acks, "{r}");
             assert_eq!(r["replicas"].as_u64(), Some(holders.len() as u64), "{r}");
             if acks == "none" {
@@ -143,8 +138,7 @@ fn more_logs_than_a_connection_has_streams_all_replicate() {
     // A generous create_wait_ms: a loaded machine may take a while to make 100 logs thrice.
     let config = env.write_config("replog.toml", "[replication]\ncreate_wait_ms = 60000\n");
     let dev = Dev::start(&env, "0", &["--config", &config]);
-    let client_config =
-        ClientConfig::new([dev.addr(0)]).with_trust(Trust::CaFile(env.ca_dir().join("ca.pem")));
+    let client_config = env.client_config(dev.addr(0));
     rt().block_on(async {
         let client = Client::connect(client_config).await.unwrap();
         let mut creates = tokio::task::JoinSet::new();
@@ -308,8 +302,7 @@ fn a_thousand_empty_logs_fit_in_a_small_data_dir() {
         &format!("[log]\nsegment_initial_bytes = {INITIAL}\n"),
     );
     let node = env.node("n", &["--config", &config]);
-    let client_config =
-        ClientConfig::new([node.server()]).with_trust(Trust::CaFile(env.ca_dir().join("ca.pem")));
+    let client_config = env.client_config(node.server());
     rt().block_on(async {
         let client = Client::connect(client_config).await.unwrap();
         let mut creates = tokio::task::JoinSet::new();

@@ -1331,14 +1331,15 @@ mod tests {
         ));
 
         // The optional flags byte, then one byte too many.
-        let mut out = BytesMut::new();
-        encode_request(
-            &Request::CreateLog {
+        let create_ok = |out: &mut BytesMut| {
+            let create = Request::CreateLog {
                 name: "ok".into(),
                 no_wait: false,
-            },
-            &mut out,
-        );
+            };
+            encode_request(&create, out)
+        };
+        let mut out = BytesMut::new();
+        create_ok(&mut out);
         out.put_u8(0);
         out.put_u8(0);
         finish(&mut out, 0);
@@ -1349,13 +1350,7 @@ mod tests {
         );
         // A flag bit nobody defined.
         let mut out = BytesMut::new();
-        encode_request(
-            &Request::CreateLog {
-                name: "ok".into(),
-                no_wait: false,
-            },
-            &mut out,
-        );
+        create_ok(&mut out);
         out.put_u8(0x02);
         finish(&mut out, 0);
         let (h, body) = split(&out);

@@ -99,6 +99,11 @@ impl Env {
 }
 
 impl Env {
+    /// A client library configuration for `server`, trusting this environment's CA.
+    pub fn client_config(&self, server: String) -> client::ClientConfig {
+        client::ClientConfig::new([server]).with_trust(client::Trust::CaFile(self.ca_pem()))
+    }
+
     /// Write a node configuration file `name` in the environment; its path.
     pub fn write_config(&self, name: &str, text: &str) -> String {
         let p = self.path(name);
@@ -513,4 +518,14 @@ pub fn scrape(addr: &str) -> String {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
+}
+
+/// The `holders` of a receipt printed by `replog append --json`.
+pub fn holders(receipt: &serde_json::Value) -> Vec<&str> {
+    receipt["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect()
 }
