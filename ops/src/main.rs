@@ -966,8 +966,9 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
     );
     // Every record gets its own outcome: a failure does not stop the report on the others,
     // which the producer still sends (and which are then stored or not, each as reported).
+    // `send` queues the record at once; its future only waits for the receipt.
     let mut waiting = std::collections::VecDeque::new();
-    let (mut sent, mut done, mut failed, mut status) = (0usize, 0usize, 0usize, 0u8);
+    let (mut done, mut failed, mut status) = (0usize, 0usize, 0u8);
     let mut input_error = None;
     let mut ended = false;
     loop {
@@ -975,8 +976,8 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
             biased;
             r = async { waiting.front_mut().expect("guarded").await }, if !waiting.is_empty() => {
                 waiting.pop_front();
-                let r: Result<client::Result<protocol::Receipt>, _> = r;
-                match r.unwrap_or_else(|e| Err(client::Error::ConnectionLost(format!("the append task ended: {e}")))) {
+                let r: client::Result<protocol::Receipt> = r;
+                match r {
                     Ok(r) => print(r.first, &r)?,
                     Err(e) => {
                         eprintln!("replog: record {} (line {}): {e}", done, done + 1);
@@ -987,10 +988,7 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
                 done += 1;
             }
             line = lines.recv(), if !ended && waiting.len() < APPEND_IN_FLIGHT_MAX => match line {
-                Some(Ok(record)) => {
-                    waiting.push_back(tokio::spawn(producer.send(record)));
-                    sent += 1;
-                }
+                Some(Ok(record)) => waiting.push_back(Box::pin(producer.send(record))),
                 Some(Err(e)) => {
                     input_error = Some(e);
                     ended = true;
@@ -1006,7 +1004,7 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
     if failed > 0 {
         return Err(Failure {
             status,
-            message: format!("{failed} of {sent} records were not acknowledged"),
+            message: format!("{failed} of {done} records were not acknowledged"),
         });
     }
     Ok(())

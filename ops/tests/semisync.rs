@@ -22,6 +22,21 @@ fn append_json(env: &Env, server: &str, log: &str, acks: &str, input: &str) -> V
     )
 }
 
+/// Create every log of `names` through `client`, `at_once` at a time; each must succeed.
+async fn create_logs(client: &Client, names: impl Iterator<Item = String>, at_once: usize) {
+    let mut creates = tokio::task::JoinSet::new();
+    for name in names {
+        let client = client.clone();
+        creates.spawn(async move { client.create_log(&name).await.map_err(|e| (name, e)) });
+        if creates.len() >= at_once {
+            creates.join_next().await.unwrap().unwrap().unwrap();
+        }
+    }
+    while let Some(r) = creates.join_next().await {
+        r.unwrap().unwrap();
+    }
+}
+
 /// A log left idle for three times `sync_lag_ms_max` keeps its sync follower: the next
 /// `acks=sync` append succeeds at its first attempt, and the sync set never changes.
 #[test]
@@ -141,14 +156,7 @@ fn more_logs_than_a_connection_has_streams_all_replicate() {
     let client_config = env.client_config(dev.addr(0));
     rt().block_on(async {
         let client = Client::connect(client_config).await.unwrap();
-        let mut creates = tokio::task::JoinSet::new();
-        for i in 0..LOGS {
-            let client = client.clone();
-            creates.spawn(async move { client.create_log(&format!("tenant-{i}")).await });
-        }
-        while let Some(r) = creates.join_next().await {
-            r.unwrap().unwrap();
-        }
+        create_logs(&client, (0..LOGS).map(|i| format!("tenant-{i}")), LOGS).await;
         let mut appends = tokio::task::JoinSet::new();
         for i in 0..LOGS {
             let client = client.clone();
@@ -305,17 +313,7 @@ fn a_thousand_empty_logs_fit_in_a_small_data_dir() {
     let client_config = env.client_config(node.server());
     rt().block_on(async {
         let client = Client::connect(client_config).await.unwrap();
-        let mut creates = tokio::task::JoinSet::new();
-        for i in 0..LOGS {
-            let client = client.clone();
-            creates.spawn(async move { client.create_log(&format!("empty-{i}")).await });
-            if creates.len() >= 32 {
-                creates.join_next().await.unwrap().unwrap().unwrap();
-            }
-        }
-        while let Some(r) = creates.join_next().await {
-            r.unwrap().unwrap();
-        }
+        create_logs(&client, (0..LOGS).map(|i| format!("empty-{i}")), 32).await;
         // And each takes writes.
         let opts = AppendOptions::default();
         let r = client

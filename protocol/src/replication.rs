@@ -69,6 +69,14 @@ pub struct FollowerProgress {
     pub in_sync_set: bool,
 }
 
+impl FollowerProgress {
+    /// The follower was known to hold everything the leader had written at `at_ms` (the
+    /// caught-up moment never moves back).
+    fn caught_up_at(&mut self, at_ms: u64) {
+        self.caught_up_ms = Some(self.caught_up_ms.map_or(at_ms, |c| c.max(at_ms)));
+    }
+}
+
 /// Why a follower left the sync set.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum LeaveReason {
@@ -271,7 +279,7 @@ impl Leader {
         if end > self.end {
             for f in self.followers.values_mut() {
                 if f.durable >= self.end {
-                    f.caught_up_ms = Some(now_ms);
+                    f.caught_up_at(now_ms);
                 }
             }
             self.end = end;
@@ -337,7 +345,7 @@ impl Leader {
             if f.durable >= f.end_when_heard {
                 // It holds what the leader had when it was last heard: caught up then.
                 let then = f.last_heard_ms;
-                f.caught_up_ms = Some(f.caught_up_ms.map_or(then, |c| c.max(then)));
+                f.caught_up_at(then);
             }
             f.last_heard_ms = now_ms;
             f.end_when_heard = self.end;
@@ -391,14 +399,10 @@ impl Leader {
                 }
             }
             Acks::Sync => {
-                let need = self.config.sync_replicas;
-                let members: Vec<(&String, &FollowerProgress)> = self.counted().collect();
-                let short = members.len() < need;
+                let (have, need) = (self.counted().count(), self.config.sync_replicas);
+                let short = have < need;
                 if short && self.config.insufficient == Insufficient::Reject {
-                    return Progress::NotEnoughReplicas {
-                        have: members.len(),
-                        need,
-                    };
+                    return Progress::NotEnoughReplicas { have, need };
                 }
                 if leader_durable && self.required_durable() >= next {
                     Progress::Done {
@@ -438,7 +442,7 @@ impl Leader {
         let (end, cfg) = (self.end, &self.config);
         for (id, f) in self.followers.iter_mut() {
             if f.durable >= end {
-                f.caught_up_ms = Some(now_ms);
+                f.caught_up_at(now_ms);
             }
             if !f.in_sync_set {
                 continue;
@@ -485,7 +489,7 @@ impl Leader {
                 let f = self.followers.get_mut(&id).expect("candidate exists");
                 f.in_sync_set = true;
                 // It holds all the leader flushed: the lag clock starts now at the latest.
-                f.caught_up_ms = Some(f.caught_up_ms.map_or(now_ms, |c| c.max(now_ms)));
+                f.caught_up_at(now_ms);
                 events.push(Event::Joined(id));
                 places -= 1;
             }

@@ -145,9 +145,9 @@ impl Replication {
         self.state.borrow_mut().appended(end.0, now);
     }
 
-    /// Bring the state machine up to the log's own end and fdatasync before deciding on an
-    /// append: the driver feeds them too, but an append woken by the same flush may run
-    /// first, and its receipt must name the leader as a holder.
+    /// Bring the state machine up to the log's own end and fdatasync. The driver does it on
+    /// every flush and tick; an append does it too before deciding, since it may be woken by
+    /// the same flush before the driver, and its receipt must name the leader as a holder.
     pub fn observe(&self, log_name: &str, shard: &Shard, log: &Log) {
         let now = self.now_ms();
         let events = {
@@ -341,13 +341,8 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
         if shard.closing.get() {
             return;
         }
+        repl.observe(&name, &shard, log);
         let now = repl.now_ms();
-        let events = {
-            let mut st = repl.state.borrow_mut();
-            st.appended(log.next_offset().0, now);
-            st.flushed(log.flush_offset().0, now)
-        };
-        repl.events(&name, &shard, events);
         // Committed horizon may have moved with the flush: wake readers and tails.
         entry.changed.notify_waiters();
         if ticked {
