@@ -184,6 +184,15 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(ms.min(2000))
 }
 
+/// The pause before asking again for a leader, or for a sync set that is forming: short, since
+/// a failover completes within about a second of being decided, and the request is waiting.
+pub(crate) fn leader_backoff(attempt: u32) -> Duration {
+    backoff(attempt).min(LEADER_BACKOFF_MAX)
+}
+
+/// The longest pause between two attempts to find a leader.
+pub(crate) const LEADER_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
 fn unexpected(what: &'static str) -> Error {
     Error::Protocol(ProtocolError::Malformed(what))
 }
@@ -777,8 +786,18 @@ impl Client {
     }
 
     /// Send one request frame to `start` and return the answer, following redirects and
-    /// retrying connection-level failures as `safety` allows. `not_leader` answers are handled
-    /// here; every other answer, error frames included, is returned.
+    /// retrying as `safety` allows, until `timeout` has passed since the call began (the
+    /// request's deadline). `not_leader` and `unavailable` answers are handled here; every
+    /// other answer, error frames included, is returned.
+    ///
+    /// The rule, until the deadline: a `not_leader` that names another node is followed (at
+    /// most [`REDIRECTS_MAX`] times in a row); one that names nobody, or the node itself, sends
+    /// the request to the next configured server after a backoff, round and round, so a
+    /// client finds a new leader wherever it is; `unavailable` (a new leader's sync set still
+    /// forming) is resent to the same node after a backoff; a node that cannot be reached
+    /// before the request is sent is skipped for the next. Only a request that may have been
+    /// stored is not sent again unless `safety` allows it. At the deadline the last failure is
+    /// returned, as an unknown outcome if an earlier attempt may have taken effect.
     ///
     /// With [`Target::Server`], every attempt goes to that server: `not_leader` answers are
     /// returned, and a failure to connect is not retried.
@@ -790,6 +809,7 @@ impl Client {
         start: Target,
     ) -> Result<Answer> {
         let config = &self.inner.config;
+        let deadline = tokio::time::Instant::now() + timeout;
         let pinned = matches!(start, Target::Server(_));
         // Where attempts after the first go, unless an answer says otherwise.
         let home = if pinned {
@@ -797,46 +817,70 @@ impl Client {
         } else {
             Target::Current
         };
-        let mut redirects = 0u32;
-        let mut failures = 0u32;
+        // Named redirects followed in a row; waits for a leader or a sync set (backoff step);
+        // attempts that failed after being sent.
+        let (mut redirects, mut waits, mut failures) = (0u32, 0u32, 0u32);
         let mut resent = false;
         let mut target = start;
+        // The last answer that sent the request elsewhere or back (`not_leader`,
+        // `unavailable`): what the call ends with if the deadline comes while it looks on.
+        let mut last_answer: Option<Error> = None;
+        // Sleep `d`, unless the deadline comes first; returns whether there is time left.
+        let pause = |d: Duration| async move {
+            let until = (tokio::time::Instant::now() + d).min(deadline);
+            tokio::time::sleep_until(until).await;
+            tokio::time::Instant::now() < deadline
+        };
         loop {
             let live = match self.acquire(&target).await {
                 Ok(l) => l,
                 Err(e) => {
-                    if e.is_transient() && failures < config.retries && !pinned {
-                        failures += 1;
-                        tokio::time::sleep(backoff(failures)).await;
-                        target = Target::Current;
-                        continue;
+                    if e.is_transient() && !pinned {
+                        waits += 1;
+                        if pause(backoff(waits)).await {
+                            target = Target::Current;
+                            continue;
+                        }
                     }
-                    return Err(fail(e, resent));
+                    return Err(fail(last_answer.unwrap_or(e), resent));
                 }
             };
             target = home.clone();
             let mut sent = false;
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             let result = tokio::time::timeout(
-                timeout,
+                remaining,
                 conn::exchange(&live.conn, frame, &config.limits, &mut sent),
             )
             .await
             .unwrap_or(Err(Error::Timeout));
             match result {
                 Ok(Response::Error(e)) if e.code == ErrorCode::NotLeader && !pinned => {
-                    // Definite: nothing was done; ask the leader.
-                    if redirects >= REDIRECTS_MAX {
-                        return Err(fail(e.into(), resent));
-                    }
-                    redirects += 1;
-                    if e.leader.is_empty() {
-                        // No known leader (an election may be under way): pause, then ask the
-                        // next server.
-                        tokio::time::sleep(backoff(redirects)).await;
-                        target = Target::NextAfter(live.gen);
-                    } else {
+                    // Definite: nothing was done; ask the leader, or look for one.
+                    let elsewhere = ServerAddr::parse(&e.leader)
+                        .is_ok_and(|a| a != live.addr && redirects < REDIRECTS_MAX);
+                    if elsewhere {
+                        redirects += 1;
                         tracing::debug!(leader = %e.leader, "redirected");
                         target = Target::Leader(e.leader);
+                        continue;
+                    }
+                    // No other leader known (an election may be under way): pause, then ask
+                    // the next server.
+                    redirects = 0;
+                    waits += 1;
+                    last_answer = Some(e.into());
+                    if !pause(leader_backoff(waits)).await {
+                        return Err(fail(last_answer.expect("just set"), resent));
+                    }
+                    target = Target::NextAfter(live.gen);
+                }
+                Ok(Response::Error(e)) if e.code == ErrorCode::Unavailable => {
+                    waits += 1;
+                    tracing::debug!(message = %e.message, "unavailable; retrying");
+                    last_answer = Some(e.into());
+                    if !pause(leader_backoff(waits)).await {
+                        return Err(fail(last_answer.expect("just set"), resent));
                     }
                 }
                 Ok(Response::Error(e)) if self.retry_error(&e, safety, failures) => {
@@ -846,7 +890,9 @@ impl Client {
                     if e.code == ErrorCode::ShuttingDown && !pinned {
                         target = Target::NextAfter(live.gen);
                     }
-                    tokio::time::sleep(backoff(failures)).await;
+                    if !pause(backoff(failures)).await {
+                        return Err(fail(e.into(), resent));
+                    }
                 }
                 Ok(resp) => {
                     return Ok(Answer {
@@ -857,14 +903,31 @@ impl Client {
                 }
                 Err(e) => {
                     let e = if sent { e } else { e.not_sent() };
-                    let may_repeat = !sent || safety == Safety::Repeatable;
-                    if e.is_transient() && may_repeat && failures < config.retries {
-                        failures += 1;
-                        resent |= sent;
+                    // Not sent: any request may go again, until the deadline. Sent: only one
+                    // safe to repeat, at most `retries` times.
+                    let may_repeat = if sent {
+                        safety == Safety::Repeatable && failures < config.retries
+                    } else {
+                        !pinned || failures < config.retries
+                    };
+                    if e.is_transient() && may_repeat {
+                        if sent {
+                            failures += 1;
+                            resent = true;
+                        } else {
+                            waits += 1;
+                        }
                         tracing::debug!(error = %e, "retrying after a connection failure");
-                        tokio::time::sleep(backoff(failures)).await;
-                        continue;
+                        if pause(backoff(failures.max(waits))).await {
+                            continue;
+                        }
                     }
+                    // Cut short by the deadline before it was sent: the answers met so far say
+                    // more than the timeout.
+                    let e = match last_answer {
+                        Some(a) if !sent => a,
+                        _ => e,
+                    };
                     return Err(fail(e, resent));
                 }
             }

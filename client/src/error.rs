@@ -41,6 +41,11 @@ pub enum Error {
     /// No answer arrived within the request timeout after the request may have been sent.
     #[error("request timed out")]
     Timeout,
+    /// The request was sent more than once: an earlier attempt's answer was lost, and the last
+    /// attempt failed (the string says how). An earlier attempt may have taken effect: the
+    /// outcome is unknown.
+    #[error("not acknowledged; it may or may not be stored: {0}")]
+    Unacknowledged(String),
     /// The node's answer could not be decoded, or was not an answer to the request made.
     #[error("protocol: {0}")]
     Protocol(#[from] ProtocolError),
@@ -73,13 +78,16 @@ impl Error {
     /// definite: the request had no effect. A request resent after an attempt whose answer was
     /// lost (a producer's append, retried) does not end with a definite error: whatever the
     /// last attempt met, the earlier one may have taken effect, so it ends with
-    /// [`Error::ConnectionLost`] (the exception is `sequence_gap`, which says that the node
+    /// [`Error::Unacknowledged`] (the exception is `sequence_gap`, which says that the node
     /// holds nothing of the append). For requests without side effects (reads, listing,
     /// status) an unknown outcome only means that no usable answer arrived.
     pub fn is_unknown_outcome(&self) -> bool {
         match self {
             Error::Server { code, .. } => !code.is_definite(),
-            Error::ConnectionLost(_) | Error::Timeout | Error::Protocol(_) => true,
+            Error::ConnectionLost(_)
+            | Error::Timeout
+            | Error::Protocol(_)
+            | Error::Unacknowledged(_) => true,
             Error::Connect(_) | Error::Tls(_) | Error::Corrupt(_) | Error::Config(_) => false,
         }
     }
@@ -100,8 +108,14 @@ impl Error {
         if self.is_unknown_outcome() {
             return self;
         }
-        Error::ConnectionLost(format!(
-            "an earlier attempt may have taken effect (its answer was lost); the last attempt failed: {self}"
+        // The last attempt's own words ("nothing was stored") are about that attempt only;
+        // only its code is kept.
+        let last = match &self {
+            Error::Server { code, leader, .. } => server_display(*code, "", leader),
+            other => other.to_string(),
+        };
+        Error::Unacknowledged(format!(
+            "an earlier attempt was sent and its answer lost; the last attempt was refused ({last})"
         ))
     }
 
@@ -165,6 +179,20 @@ mod tests {
         let after = refused.after_resend();
         assert!(after.is_unknown_outcome());
         assert!(after.to_string().contains("not_leader"), "{after}");
+        // The refusal's own words about the last attempt are not repeated as the outcome.
+        let refused = Error::Server {
+            code: ErrorCode::NotEnoughReplicas,
+            message: "acks=sync needs 1 replicas; nothing was stored".into(),
+            leader: String::new(),
+            detail: 0,
+        };
+        let after = refused.after_resend().to_string();
+        assert!(
+            after.starts_with("not acknowledged; it may or may not be stored")
+                && after.contains("not_enough_replicas")
+                && !after.contains("nothing was stored"),
+            "{after}"
+        );
         assert!(Error::Connect("x".into())
             .after_resend()
             .is_unknown_outcome());

@@ -63,6 +63,11 @@ pub enum Error {
     #[error("invalid batch: {0}")]
     InvalidBatch(#[from] BatchError),
 
+    /// Bytes offered to repair a damaged range do not hold exactly its batches; nothing was
+    /// written.
+    #[error("refused repair: {0}")]
+    BadRepair(String),
+
     /// A batch is larger than `batch_bytes_max` (or than a segment can hold).
     #[error("batch of {len} bytes exceeds batch_bytes_max {max}")]
     BatchTooLarge { len: usize, max: usize },

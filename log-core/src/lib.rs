@@ -51,7 +51,7 @@ pub use batch::{BatchHeader, BatchView, ProducerMeta, Record, BATCH_HEADER_LEN};
 pub use config::{LogConfig, RetentionPolicy, SEGMENT_LOOKAHEAD};
 pub use epochs::EpochEntry;
 pub use error::{CorruptionKind, Error, Result};
-pub use log::{Appended, BatchRef, Log, ReadBatches};
+pub use log::{Appended, BatchRef, Damage, Log, ReadBatches, Scrubbed};
 pub use recovery::RecoveryReport;
 pub use store::{validate_log_name, Store, LOG_NAME_BYTES_MAX};
 pub use types::{Epoch, Offset};

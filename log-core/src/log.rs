@@ -113,6 +113,29 @@ struct State {
     recovery: RecoveryReport,
 }
 
+/// A damaged range of a sealed segment, found by [`Log::scrub`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The records it held: `from..until`.
+    pub from: Offset,
+    pub until: Offset,
+    /// Where it is in the segment file, and how long.
+    pub position: u64,
+    pub len: u64,
+    /// What is wrong with it.
+    pub detail: String,
+}
+
+/// What [`Log::scrub`] found in one sealed segment.
+#[derive(Clone, Debug, Default)]
+pub struct Scrubbed {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Bytes checked.
+    pub bytes: u64,
+    pub damaged: Vec<Damage>,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct PendingBatch {
     len: usize,
@@ -474,6 +497,13 @@ impl Log {
         self.inner.st.borrow().flushed
     }
 
+    /// Why the log failed ([`Error::Failed`]), if a write or fdatasync failed: it takes nothing
+    /// more, and only reopening it (recovery re-validates what is on disk) brings it back.
+    pub fn failure(&self) -> Option<Error> {
+        let st = self.inner.st.borrow();
+        st.failure.as_ref().map(|e| self.inner.failed(e))
+    }
+
     /// The newest epoch in the log, if any batch or `begin_epoch` recorded one.
     pub fn last_epoch(&self) -> Option<Epoch> {
         self.inner.st.borrow().epochs.last_epoch()
@@ -686,6 +716,130 @@ impl Log {
             }
             appended.await;
         }
+    }
+
+    /// Base offsets of the sealed segments, oldest first.
+    pub fn sealed_bases(&self) -> Vec<Offset> {
+        self.inner.st.borrow().sealed.keys().copied().collect()
+    }
+
+    /// Re-read sealed segment `base` and check every batch's crc32c and framing, whether or not
+    /// a read verified it before (bytes can go bad at rest). The damaged batches found are no
+    /// longer served: a read that reaches one fails with [`Error::Corruption`] until
+    /// [`Log::repair`] restores it. `None` if there is no such sealed segment (any more).
+    pub fn scrub(&self, base: Offset) -> Option<Scrubbed> {
+        let st = self.inner.st.borrow();
+        let seg = st.sealed.get(&base)?;
+        let mut damaged = Vec::new();
+        let (mut pos, mut expected) = (0u64, seg.base);
+        while pos < seg.data_len {
+            let data = &seg.map[pos as usize..seg.data_len as usize];
+            let header = batch::header(data)
+                .ok()
+                .filter(|h| {
+                    batch::check_header(h, data.len()).is_ok() && h.base_offset() == expected
+                })
+                .map(|h| (h.batch_len() as u64, h.next_offset()));
+            match (header, batch::decode(data)) {
+                (Some((len, next)), Ok(_)) => {
+                    pos += len;
+                    expected = next;
+                }
+                // A sound frame whose bytes fail their checksum: that batch alone.
+                (Some((len, next)), Err(e)) => {
+                    damaged.push(Damage {
+                        from: expected,
+                        until: next,
+                        position: pos,
+                        len,
+                        detail: e.to_string(),
+                    });
+                    pos += len;
+                    expected = next;
+                }
+                // The framing itself is damaged: nothing after it can be trusted either.
+                (None, e) => {
+                    damaged.push(Damage {
+                        from: expected,
+                        until: seg.next_offset,
+                        position: pos,
+                        len: seg.data_len - pos,
+                        detail: e.err().map_or("bad batch header".into(), |e| e.to_string()),
+                    });
+                    break;
+                }
+            }
+        }
+        if let Some(first) = damaged.first() {
+            seg.verified_len
+                .set(seg.verified_len.get().min(first.position));
+        }
+        Some(Scrubbed {
+            path: seg.path.clone(),
+            bytes: seg.data_len,
+            damaged,
+        })
+    }
+
+    /// Put back the bytes of a damaged range of sealed segment `base` (found by
+    /// [`Log::scrub`]) from a healthy replica: `bytes` must be whole, valid batches holding
+    /// exactly the records `damage.from..damage.until` in exactly `damage.len` bytes (replicas
+    /// store the same batches byte for byte). They are written over the damaged ones and
+    /// fdatasync'd; reads check them again before serving them. Nothing else changes: a
+    /// sealed segment's contents are the same as before the damage.
+    pub async fn repair(&self, base: Offset, damage: &Damage, bytes: Vec<u8>) -> Result<()> {
+        let path = {
+            let st = self.inner.st.borrow();
+            self.inner.check_accepting(&st)?;
+            let seg = st.sealed.get(&base).ok_or(Error::OffsetOutOfRange {
+                offset: base,
+                start: st.sealed.keys().next().copied().unwrap_or(st.active.base),
+                end: st.next_offset,
+            })?;
+            if damage.position + damage.len > seg.data_len || bytes.len() as u64 != damage.len {
+                return Err(Error::BadRepair(format!(
+                    "a repair of {} bytes at byte {} does not fit the damaged {} bytes of {}",
+                    bytes.len(),
+                    damage.position,
+                    damage.len,
+                    seg.path.display()
+                )));
+            }
+            let (mut pos, mut expected) = (0usize, damage.from);
+            while pos < bytes.len() {
+                let view = batch::decode(&bytes[pos..])
+                    .map_err(|e| Error::BadRepair(format!("repair bytes: {e}")))?;
+                let h = view.header();
+                if h.base_offset() != expected {
+                    return Err(Error::BadRepair(format!(
+                        "repair bytes hold offset {} where {} was expected",
+                        h.base_offset().0,
+                        expected.0
+                    )));
+                }
+                expected = h.next_offset();
+                pos += view.len();
+            }
+            if expected != damage.until {
+                return Err(Error::BadRepair(format!(
+                    "repair bytes end at offset {} where {} was expected",
+                    expected.0, damage.until.0
+                )));
+            }
+            seg.path.clone()
+        };
+        let file = tokio_uring::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(Error::io("open for repair", &path))?;
+        let (res, _) = file.write_all_at(bytes, damage.position).await;
+        res.map_err(Error::io("write repair", &path))?;
+        file.sync_data()
+            .await
+            .map_err(Error::io("fdatasync repair", &path))?;
+        let _ = file.close().await;
+        Ok(())
     }
 
     /// Base offsets of the segments, oldest first (the last is the active segment).

@@ -568,7 +568,17 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                 }
             };
             if conn.json {
-                let logs: Vec<_> = s.logs.iter().map(log_json).collect();
+                let logs: Vec<_> = s
+                    .logs
+                    .iter()
+                    .map(|l| {
+                        let mut v = log_json(l);
+                        let (role, acting) = log_role(&s, &l.name);
+                        v["role"] = json!(role);
+                        v["acting"] = json!(acting);
+                        v
+                    })
+                    .collect();
                 let replication: Vec<_> = s
                     .replication
                     .iter()
@@ -595,6 +605,11 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                         "log": q.log, "from": q.from, "to": q.to, "records": q.records,
                         "bytes": q.bytes, "epochs": q.epochs, "at_ms": q.at_ms, "file": q.file,
                     })).collect::<Vec<_>>(),
+                    "damaged": s.damaged.iter().map(|d| json!({
+                        "log": d.log, "from": d.from, "until": d.until, "file": d.file,
+                        "position": d.position, "detail": d.detail, "at_ms": d.at_ms,
+                        "repaired_ms": (d.repaired_ms > 0).then_some(d.repaired_ms),
+                    })).collect::<Vec<_>>(),
                 })
                 .to_string())?;
             } else {
@@ -615,6 +630,23 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                         out(line)?;
                     }
                 }
+                for d in &s.damaged {
+                    out(format!(
+                        "  damaged: {} offsets {}..{} in {} at byte {} ({}), found at {} ms; {}",
+                        d.log,
+                        d.from,
+                        d.until,
+                        d.file,
+                        d.position,
+                        d.detail,
+                        d.at_ms,
+                        if d.repaired_ms > 0 {
+                            format!("repaired at {} ms", d.repaired_ms)
+                        } else {
+                            "not repaired yet (not served)".to_string()
+                        }
+                    ))?;
+                }
                 for q in &s.quarantined {
                     out(format!(
                         "  quarantined: {} offsets {}..{} ({} records, {} bytes, epochs {:?}) at {} ms, in {}",
@@ -622,9 +654,15 @@ async fn run_client(cmd: Command) -> Result<(), Failure> {
                     ))?;
                 }
                 for l in &s.logs {
+                    let (role, acting) = log_role(&s, &l.name);
                     out(format!(
-                        "  {}\tstart={}\tend={}\tflushed={}\tcommitted={}\tepoch={}\tbytes={}",
-                        l.name, l.start, l.end, l.flushed, l.committed, l.epoch, l.disk_bytes
+                        "  {}\tstart={}\tend={}\tflushed={}\tcommitted={}\tepoch={}\tbytes={}\trole={role}{}",
+                        l.name, l.start, l.end, l.flushed, l.committed, l.epoch, l.disk_bytes,
+                        if (acting == "leader") == (role == "leader") {
+                            String::new()
+                        } else {
+                            format!("\t(still acting as {acting}: not yet changed to the controller's record)")
+                        }
                     ))?;
                     if let Some(r) = s.replication.iter().find(|r| r.log == l.name) {
                         out(format!(
@@ -946,7 +984,13 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
             expected_offset: a.expected_offset,
             ..AppendOptions::default()
         };
-        let r = client.append(&a.log, records, opts).await?;
+        let r = client
+            .append(&a.log, records, opts)
+            .await
+            .map_err(|e| Failure {
+                message: append_outcome(&e),
+                ..Failure::from(e)
+            })?;
         for off in r.first..r.next {
             print(off, &r)?;
         }
@@ -980,7 +1024,7 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
                 match r {
                     Ok(r) => print(r.first, &r)?,
                     Err(e) => {
-                        eprintln!("replog: record {} (line {}): {e}", done, done + 1);
+                        eprintln!("replog: record {} (line {}): {}", done, done + 1, append_outcome(&e));
                         failed += 1;
                         status = status.max(Failure::from(e).status);
                     }
@@ -1008,6 +1052,45 @@ async fn append(a: AppendArgs) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// The role of this node for `log`: the one the controller records for it (with a controller;
+/// else the configured one), and the one it is acting in (the same, except for the moment it
+/// takes to change, or while it cannot hear from the controller).
+fn log_role(s: &protocol::StatusResponse, log: &str) -> (&'static str, &'static str) {
+    let acting = if s.replication.iter().any(|r| r.log == log) {
+        "leader"
+    } else if s.leader.is_empty() && s.controller.is_none() {
+        "standalone"
+    } else {
+        "follower"
+    };
+    let recorded = s
+        .controller
+        .as_ref()
+        .and_then(|c| c.logs.iter().find(|l| l.log == log))
+        .map(|l| {
+            if l.leader == s.node_id {
+                "leader"
+            } else if l.leader.is_empty() {
+                "none"
+            } else {
+                "follower"
+            }
+        });
+    (recorded.unwrap_or(acting), acting)
+}
+
+/// What a failed append's error says about the records: whether they are stored is known
+/// (a definite refusal: not stored) or not (no acknowledgement: maybe stored).
+fn append_outcome(e: &client::Error) -> String {
+    match e {
+        client::Error::Unacknowledged(_) => e.to_string(),
+        e if e.is_unknown_outcome() => {
+            format!("not acknowledged; it may or may not be stored: {e}")
+        }
+        e => format!("not stored: {e}"),
+    }
 }
 
 /// The controller part of `status --json`.

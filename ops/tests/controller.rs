@@ -30,7 +30,11 @@ fn start() -> Cluster {
 /// Three nodes, each with the controller's member list: n1 leads (configured), n2 and n3
 /// follow; `extra` flags go to every node.
 fn start_with(extra: &[&str]) -> Cluster {
-    let env = Env::new();
+    start_on(Env::new(), extra)
+}
+
+/// [`start_with`], in `env` (whose data dirs may be prepared first).
+fn start_on(env: Env, extra: &[&str]) -> Cluster {
     let addrs = env.free_addrs(3);
     let members: Vec<String> = IDS
         .iter()
@@ -903,4 +907,160 @@ fn a_data_dir_whose_controller_state_is_gone_refuses_to_start() {
             .as_str()
             .map(|_| ())
     });
+}
+
+/// A tmpfs of `size` mounted on `dir` (created), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fill the file system holding `dir` with one file until a write fails for lack of space.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 64 << 10];
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // And the last pages, byte by byte at most a page.
+    for _ in 0..4096 {
+        if f.write(&[0xa5]).is_err() {
+            break;
+        }
+    }
+    path
+}
+
+/// A follower whose disk fills up: its controller stops voting and proposing and says so in
+/// status and metrics, its replica of a log refuses what it cannot store, and both resume
+/// without a restart once space is freed; nothing acknowledged is lost.
+#[test]
+fn a_full_disk_on_a_follower_stops_its_controller_and_replica_until_space_returns() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: mounting a tmpfs needs root");
+        return;
+    }
+    let _serial = serial();
+    let env = Env::new();
+    // Room, once freed, for everything n3 then catches up on (a few MiB).
+    let disk = Tmpfs::mount(&env.path("n3"), "128m");
+    let c = start_on(env, &["--metrics-listen", "127.0.0.1:0"]);
+    let n3 = &c.nodes[2];
+    let pid = n3.child.id();
+    create_with_records(&c, 5);
+    let servers = servers(&c.nodes.iter().collect::<Vec<_>>());
+    eventually(60, "n3 holding the records", || {
+        (flushed(&c.env, n3, "orders")? >= 5).then_some(())
+    });
+
+    let filler = fill(&disk.0);
+    // The controller writes (a log created, its sync set recorded), and the log grows past
+    // what n3 can store.
+    for i in 0..3 {
+        c.env.cli_ok(
+            &[
+                "create",
+                "--server",
+                &c.nodes[0].server(),
+                "--log",
+                &format!("more-{i}"),
+            ],
+            "",
+        );
+    }
+    let big = "x".repeat(60_000);
+    let lines: String = (0..40).map(|_| format!("{big}\n")).collect();
+    for _ in 0..2 {
+        let _ = c.env.cli(
+            &[
+                "append", "--server", &servers, "--log", "orders", "--acks", "sync",
+            ],
+            &lines,
+        );
+    }
+    let problem = eventually(90, "n3's controller out of space", || {
+        let p = controller(&c.env, n3)?["problem"].as_str()?.to_string();
+        p.contains("out of space").then_some(p)
+    });
+    assert!(problem.contains("neither votes nor proposes"), "{problem}");
+    let metrics = n3.metrics.clone().unwrap();
+    assert_eq!(common::metric(&metrics, "replog_controller_no_space"), 1.0);
+    // Writes go on through the other two.
+    let stored = c.env.cli_json(
+        &[
+            "append", "--server", &servers, "--log", "orders", "--acks", "sync", "--json",
+        ],
+        "while-full\n",
+    );
+    let acked = stored[0]["offset"].as_u64().unwrap();
+    // n3 cannot store it: its replica refuses what does not fit, and says so.
+    assert!(flushed(&c.env, n3, "orders").unwrap_or(0) <= acked);
+    eventually(60, "n3's replica reported failed for lack of space", || {
+        (common::metric(&metrics, "replog_logs_failed") >= 1.0).then_some(())
+    });
+
+    // Space returns: both resume by themselves, in the same process.
+    std::fs::remove_file(&filler).unwrap();
+    eventually(90, "n3's controller writing again", || {
+        let v = controller(&c.env, n3)?;
+        let fine = v["problem"].as_str().unwrap_or("").is_empty()
+            && v["logs"].as_array()?.iter().any(|l| l["log"] == "more-2");
+        fine.then_some(())
+    });
+    eventually(90, "the gauges back at 0", || {
+        (common::metric(&metrics, "replog_controller_no_space") == 0.0
+            && common::metric(&metrics, "replog_logs_failed") == 0.0)
+            .then_some(())
+    });
+    eventually(120, "n3's replica caught up", || {
+        (flushed(&c.env, n3, "orders")? > acked).then_some(())
+    });
+    assert_eq!(n3.child.id(), pid);
+    let on_n3 = c.env.cli_json(
+        &[
+            "read",
+            "--server",
+            &n3.server(),
+            "--log",
+            "orders",
+            "--from",
+            &acked.to_string(),
+            "--count",
+            "1",
+            "--json",
+            "--min-offset",
+            &(acked + 1).to_string(),
+        ],
+        "",
+    );
+    assert_eq!(on_n3[0]["value"], "while-full");
+    drop(c);
+    drop(disk);
 }

@@ -379,6 +379,17 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
                 out.put_u64_le(q.at_ms);
                 put_str(out, q.file.as_bytes());
             }
+            out.put_u32_le(s.damaged.len() as u32);
+            for d in &s.damaged {
+                put_str(out, d.log.as_bytes());
+                out.put_u64_le(d.from);
+                out.put_u64_le(d.until);
+                put_str(out, d.file.as_bytes());
+                out.put_u64_le(d.position);
+                put_str(out, d.detail.as_bytes());
+                out.put_u64_le(d.at_ms);
+                out.put_u64_le(d.repaired_ms);
+            }
             finish(out, at);
         }
         Response::Batches(b) => {
@@ -806,6 +817,29 @@ fn decode_quarantined(
     Ok(out)
 }
 
+fn decode_damaged(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<Damaged>, ProtocolError> {
+    let n = r.u32("damaged count")? as usize;
+    // name (2) + three u64 (24) + two strings (4) + two u64 (16) at least per entry.
+    if n > r.remaining() / 46 {
+        return Err(ProtocolError::Truncated("damaged list"));
+    }
+    let text = limits.text_bytes_max;
+    (0..n)
+        .map(|_| {
+            Ok(Damaged {
+                log: r.string(limits.name_bytes_max, "log name")?,
+                from: r.u64("from")?,
+                until: r.u64("until")?,
+                file: r.string(text, "damaged file")?,
+                position: r.u64("position")?,
+                detail: r.string(text, "damage")?,
+                at_ms: r.u64("at_ms")?,
+                repaired_ms: r.u64("repaired_ms")?,
+            })
+        })
+        .collect()
+}
+
 fn decode_controller(
     r: &mut Reader<'_>,
     limits: &Limits,
@@ -970,6 +1004,7 @@ pub fn decode_response(
             replication: decode_replication(&mut r, limits)?,
             controller: decode_controller(&mut r, limits)?,
             quarantined: decode_quarantined(&mut r, limits)?,
+            damaged: decode_damaged(&mut r, limits)?,
         })),
         kind::BATCHES => Response::Batches(BatchesResponse {
             next_offset: r.u64("next offset")?,
@@ -1143,6 +1178,16 @@ mod tests {
                 epochs: vec![3],
                 at_ms: 1234,
                 file: "/data/quarantine/x/1234-7-9.batches".into(),
+            }],
+            damaged: vec![Damaged {
+                log: "x".into(),
+                from: 3,
+                until: 5,
+                file: "/data/logs/x/00000000000000000000.seg".into(),
+                position: 4096,
+                detail: "checksum mismatch".into(),
+                at_ms: 99,
+                repaired_ms: 100,
             }],
         })));
         roundtrip_resp(Response::Batches(BatchesResponse {

@@ -48,6 +48,10 @@ pub enum ErrorCode {
     Behind = 21,
     /// The log has no application snapshot (on this node).
     SnapshotNotFound = 22,
+    /// The log cannot take the request at this moment but will shortly, with nothing done:
+    /// a leader elected moments ago whose sync set is not on the controller's record yet
+    /// answers `acks=sync` appends so. Retry with backoff until the request's deadline.
+    Unavailable = 23,
 }
 
 impl ErrorCode {
@@ -76,6 +80,7 @@ impl ErrorCode {
             20 => Internal,
             21 => Behind,
             22 => SnapshotNotFound,
+            23 => Unavailable,
             _ => return None,
         })
     }
@@ -106,6 +111,7 @@ impl ErrorCode {
             Internal => "internal",
             Behind => "behind",
             SnapshotNotFound => "snapshot_not_found",
+            Unavailable => "unavailable",
         }
     }
 

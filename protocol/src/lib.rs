@@ -30,7 +30,7 @@ pub use codec::{
 };
 pub use error::{ErrorCode, ProtocolError};
 pub use message::{
-    Acks, AppendRequest, BatchesResponse, ControlledLog, ControllerStatus, ErrorResponse,
+    Acks, AppendRequest, BatchesResponse, ControlledLog, ControllerStatus, Damaged, ErrorResponse,
     FollowerStatus, LogInfo, LogReplication, Quarantined, ReadRequest, Receipt, ReplicateRequest,
     ReplicatedResponse, Request, Response, Snapshot, StatusResponse, TailRequest, RECEIPT_DEGRADED,
     RECEIPT_DUPLICATE,

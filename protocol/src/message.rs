@@ -247,6 +247,27 @@ pub struct StatusResponse {
     pub controller: Option<ControllerStatus>,
     /// Records this node truncated from its logs (divergent suffixes) and kept in quarantine.
     pub quarantined: Vec<Quarantined>,
+    /// Damage the background scrub found in this node's sealed segments since it started.
+    pub damaged: Vec<Damaged>,
+}
+
+/// A damaged range of a sealed segment, found by the background scrub: never served, and
+/// repaired from a healthy replica where one is reachable.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Damaged {
+    pub log: String,
+    /// The records it holds: `from` (included) to `until` (excluded).
+    pub from: u64,
+    pub until: u64,
+    /// The segment file, and the byte where the damage starts.
+    pub file: String,
+    pub position: u64,
+    /// What was wrong.
+    pub detail: String,
+    /// When it was found, in ms since the Unix epoch.
+    pub at_ms: u64,
+    /// When it was repaired (0: not yet).
+    pub repaired_ms: u64,
 }
 
 /// A divergent suffix a replica truncated, kept in a quarantine file.

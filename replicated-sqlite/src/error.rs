@@ -132,6 +132,7 @@ impl Error {
                         Some(
                             ErrorCode::NotEnoughReplicas
                                 | ErrorCode::NotLeader
+                                | ErrorCode::Unavailable
                                 | ErrorCode::Busy
                                 | ErrorCode::ShuttingDown
                         )

@@ -110,7 +110,10 @@ pub struct ReplicationSection {
     /// How long `CreateLog` waits, on a leader, for the new log to be writable at the
     /// durability its configuration promises: `sync_replicas` followers in the sync set the
     /// controller has on record (ms). Past it, a create with `insufficient_replicas = reject`
-    /// answers `not_enough_replicas`, naming the followers missing (the log exists).
+    /// answers `not_enough_replicas`, naming the followers missing (the log exists). The
+    /// same window applies to a node that takes the lead of a log (a failover, a restart):
+    /// until its sync set is full and on record, `acks=sync` appends are answered
+    /// `unavailable` (retry) instead of `not_enough_replicas`, for at most this long.
     pub create_wait_ms: u64,
     /// `reject` (fail acks=sync appends when the sync set is short) or `degrade` (acknowledge
     /// them marked degraded).
@@ -263,6 +266,12 @@ pub struct LogSection {
     pub retention_ms: u64,
     /// How often retention is applied (ms).
     pub retention_check_ms: u64,
+    /// The background scrub's read rate: every sealed segment is re-read and every batch's
+    /// crc32c checked, at most this many bytes per second per shard (0 = no scrub).
+    pub scrub_bytes_per_sec: u64,
+    /// A full scrub pass over every sealed segment starts this often (ms), or when the last
+    /// one ends, whichever is later.
+    pub scrub_interval_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -310,6 +319,8 @@ impl Default for LogSection {
             retention_bytes_max: 0,
             retention_ms: 0,
             retention_check_ms: 10_000,
+            scrub_bytes_per_sec: 4 << 20,
+            scrub_interval_ms: 3_600_000,
         }
     }
 }
@@ -358,6 +369,9 @@ impl NodeConfig {
         ];
         if self.log.retention_check_ms == 0 {
             return bad("log.retention_check_ms must be positive");
+        }
+        if self.log.scrub_interval_ms == 0 {
+            return bad("log.scrub_interval_ms must be positive");
         }
         if let Some((name, _)) = timeouts.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("limits.{name} must be positive")));

@@ -238,10 +238,12 @@ async fn serve_peer_stream(
             }
             r.log.clone()
         }
+        // A read: a replica repairing a damaged range from this one.
         Request::EpochEnd { log, .. } | Request::GetSnapshot { log } => log.clone(),
+        Request::Read(r) => r.log.clone(),
         _ => {
             let msg =
-                "a peer connection carries only list_logs, replicate, epoch_end and get_snapshot";
+                "a peer connection carries only list_logs, replicate, epoch_end, get_snapshot and read";
             return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
         }
     };
@@ -401,6 +403,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                     file: q.file.display().to_string(),
                 })
                 .collect(),
+                damaged: c.damaged.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             };
             return reply(&shard, &mut send, &Response::Status(Box::new(status))).await;
         }

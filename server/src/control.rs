@@ -46,6 +46,11 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// no writes and `to` holds its whole log (ending at `end`) durably, so `to` may lead the
     /// next epoch with `sync_set`. Refused by the controller if the transfer was cancelled.
     fn complete_transfer(&self, log: &str, epoch: u64, to: &str, end: u64, sync_set: Vec<String>);
+    /// Whether the controller's storage is out of space now (it neither votes nor proposes
+    /// until a write succeeds again), for the `replog_controller_no_space` gauge.
+    fn no_space(&self) -> bool {
+        false
+    }
 }
 
 /// The controller's record of one log.

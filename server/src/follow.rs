@@ -45,6 +45,12 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
         Default::default();
     while !shard.closing.get() {
         tokio::time::sleep(STEER_INTERVAL).await;
+        shard
+            .common
+            .metrics
+            .c
+            .controller_no_space
+            .store(control.no_space() as u64, Ordering::Relaxed);
         let local: Vec<(String, Rc<LogEntry>)> = shard
             .logs
             .borrow()
@@ -437,6 +443,9 @@ async fn follow_log(
         if shard.common.control.is_some() && entry.following != Some(leader) {
             break;
         }
+        if entry.log.failure().is_none() {
+            shard.note_failed(&name, false);
+        }
         let began = std::time::Instant::now();
         let retiring = entry.retiring.notified();
         if entry.retired.get() {
@@ -465,6 +474,23 @@ async fn follow_log(
             Err(e) => {
                 if conn.close_reason().is_some() || shard.closing.get() {
                     break;
+                }
+                if let Some(failure) = entry.log.failure() {
+                    // The local log failed on a write (a full disk, an I/O error): it takes
+                    // nothing more until reopened, which re-validates it from disk (what was
+                    // not durable is fetched again; nothing undurable was acknowledged).
+                    // Reopened after a pause, again and again until it opens and takes
+                    // writes, so the replica resumes by itself once space is freed.
+                    tracing::error!(log = %name, error = %failure, retry_in = ?backoff, "the local replica failed on disk; reopening it");
+                    shard.note_failed(&name, true);
+                    let id = Rc::as_ptr(&entry) as usize;
+                    drop(entry);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
+                    if let Err(e) = reassign(&shard, &name, id).await {
+                        tracing::error!(log = %name, error = %e, "reopening the local replica failed; trying again");
+                    }
+                    continue;
                 }
                 shard
                     .common

@@ -64,6 +64,8 @@ pub(crate) struct Replication {
     handed_over_ms: std::cell::Cell<Option<u64>>,
     /// Set when this node stops leading the log: appends still waiting give up.
     deposed: std::cell::Cell<bool>,
+    /// Set once the sync set has been seen full and on record in this epoch.
+    ready_seen: std::cell::Cell<bool>,
 }
 
 impl Replication {
@@ -96,11 +98,38 @@ impl Replication {
             proposed_ms: Default::default(),
             handed_over_ms: Default::default(),
             deposed: Default::default(),
+            ready_seen: Default::default(),
         }
+    }
+
+    /// Whether this leader took the log less than `window` ago and its sync set has not yet
+    /// been full and on record: an `acks=sync` append finding it short is answered
+    /// `unavailable` (retry) rather than `not_enough_replicas`, since the followers are
+    /// expected to join in a moment (right after a failover or a restart).
+    pub fn forming(&self, window: Duration) -> bool {
+        if self.ready_seen.get() || self.state.borrow().sync_ready() {
+            self.ready_seen.set(true);
+            return false;
+        }
+        self.origin.elapsed() < window
     }
 
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// The followers that have connected, with the address each announced.
+    pub fn follower_addrs(&self) -> Vec<(String, std::net::SocketAddr)> {
+        self.peers
+            .borrow()
+            .iter()
+            .filter_map(|(id, p)| Some((id.clone(), p.addr.parse().ok()?)))
+            .collect()
+    }
+
+    /// How long this node has led the log in this epoch.
+    pub fn leading_for(&self) -> Duration {
+        self.origin.elapsed()
     }
 
     pub fn commit(&self) -> Offset {
@@ -208,12 +237,19 @@ impl Replication {
                 }
                 Progress::Pending => {}
             }
-            if tokio::time::timeout_at(deadline.into(), changed)
-                .await
-                .is_err()
-            {
+            if acks != Acks::None && acks != Acks::Leader {
+                if let Some(c) = &shard.common.control {
+                    if !c.lease_ok() {
+                        return Err(WaitFail::Lease);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
                 return Err(WaitFail::Deadline);
             }
+            // The lease is looked at again every tick: losing it wakes nobody.
+            let _ =
+                tokio::time::timeout_at(deadline.min(Instant::now() + TICK).into(), changed).await;
         }
     }
 
@@ -310,6 +346,9 @@ pub(crate) enum WaitFail {
     },
     /// This node stopped leading the log while the append waited.
     Deposed,
+    /// This node lost contact with the controller while the append waited: another node may
+    /// be leading the log by now.
+    Lease,
 }
 
 /// Keep the state machine fed with the log's fdatasync progress and the passing of time, until

@@ -18,6 +18,7 @@ mod files;
 mod follow;
 mod leader;
 pub mod metrics;
+mod scrub;
 mod service;
 mod shard;
 mod snapshots;
@@ -236,6 +237,7 @@ impl Node {
             cluster: node_tls.cluster,
             log_count: Default::default(),
             control,
+            damaged: Default::default(),
         });
         let mut threads = Vec::new();
         let mut ready = Vec::new();

@@ -121,6 +121,13 @@ pub struct Counters {
     pub bootstraps: AtomicU64,
     pub quarantined_records: AtomicU64,
     pub quarantined_bytes: AtomicU64,
+    pub scrub_bytes: AtomicU64,
+    pub scrub_damaged: AtomicU64,
+    pub scrub_repaired: AtomicU64,
+    /// Gauge: 1 while the controller's storage is out of space.
+    pub controller_no_space: AtomicU64,
+    /// Gauge: logs whose storage failed and that wait to be reopened.
+    pub logs_failed: AtomicU64,
 }
 
 pub struct ShardHistograms {
@@ -218,7 +225,22 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let c = &self.c;
-        let counters: [(&str, &str, &AtomicU64); 19] = [
+        let counters: [(&str, &str, &AtomicU64); 22] = [
+            (
+                "replog_scrub_bytes_total",
+                "Bytes of sealed segments the background scrub re-read and checked.",
+                &c.scrub_bytes,
+            ),
+            (
+                "replog_scrub_damaged_total",
+                "Damaged ranges (batches failing their checks) the scrub found in sealed segments.",
+                &c.scrub_damaged,
+            ),
+            (
+                "replog_scrub_repaired_total",
+                "Damaged ranges the scrub repaired from a healthy replica.",
+                &c.scrub_repaired,
+            ),
             (
                 "replog_appends_total",
                 "Append requests stored.",
@@ -326,6 +348,16 @@ impl Metrics {
             out,
             "# HELP replog_connections_open Client connections open now.\n# TYPE replog_connections_open gauge\nreplog_connections_open {}",
             c.connections_open.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP replog_controller_no_space 1 while this node's controller storage is out of space (it neither votes nor proposes, and takes no writes, until a write succeeds).\n# TYPE replog_controller_no_space gauge\nreplog_controller_no_space {}",
+            c.controller_no_space.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP replog_logs_failed Logs whose storage failed here (a full disk, an I/O error) and that are being reopened.\n# TYPE replog_logs_failed gauge\nreplog_logs_failed {}",
+            c.logs_failed.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

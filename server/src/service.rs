@@ -490,6 +490,18 @@ async fn append(
         }
         Some(r) => {
             if let Err((have, need)) = r.admits(a.acks) {
+                let window = Duration::from_millis(shard.common.config.replication.create_wait_ms);
+                if a.acks == Acks::Sync && r.forming(window) {
+                    let missing = r.state.borrow().sync_missing().join("; ");
+                    return Err(fail(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "this node took the lead of log {:?} {} ms ago and its sync set is still forming ({missing}); nothing was stored; retry in a moment",
+                            a.log,
+                            r.leading_for().as_millis()
+                        ),
+                    ));
+                }
                 return Err(fail(
                     ErrorCode::NotEnoughReplicas,
                     format!(
@@ -610,6 +622,15 @@ async fn append(
                         ErrorCode::Timeout,
                         format!(
                             "acks={}: this node stopped leading the log while the append waited; it is stored here, and a new leader may or may not have it",
+                            a.acks.name()
+                        ),
+                    ))
+                }
+                Err(crate::leader::WaitFail::Lease) => {
+                    return Err(fail(
+                        ErrorCode::Timeout,
+                        format!(
+                            "acks={}: this node lost contact with the controller while the append waited; it is stored here, and another node may lead the log by now, with or without it",
                             a.acks.name()
                         ),
                     ))

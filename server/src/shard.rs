@@ -36,6 +36,8 @@ pub(crate) struct Common {
     pub log_count: std::sync::atomic::AtomicUsize,
     /// The embedded controller, when the node runs one.
     pub control: Option<Arc<dyn crate::control::ControlPlane>>,
+    /// What the background scrub found, for `status` (kept until the node stops).
+    pub damaged: std::sync::Mutex<Vec<protocol::Damaged>>,
 }
 
 /// Messages between shards.
@@ -121,6 +123,8 @@ pub(crate) struct Shard {
     /// Names being created right now (their directory may exist before the log is open).
     pub creating: RefCell<std::collections::BTreeSet<String>>,
     pub closing: std::cell::Cell<bool>,
+    /// Logs whose local storage failed and that are being reopened (`replog_logs_failed`).
+    pub failed_logs: RefCell<std::collections::BTreeSet<String>>,
 }
 
 /// How far back from the end of a log the producer table is rebuilt at open: the last
@@ -210,12 +214,34 @@ impl Shard {
         }
     }
 
+    /// Note that log `name`'s local storage failed (`true`) or works again (`false`).
+    pub fn note_failed(&self, name: &str, failed: bool) {
+        let changed = if failed {
+            self.failed_logs.borrow_mut().insert(name.to_string())
+        } else {
+            self.failed_logs.borrow_mut().remove(name)
+        };
+        if changed {
+            let gauge = &self.common.metrics.c.logs_failed;
+            if failed {
+                gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                gauge.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Where writes to `name` should go, for a `not_leader` answer (empty if unknown).
     pub fn leader_hint(&self, name: Option<&str>) -> String {
         if let (Some(control), Some(name)) = (&self.common.control, name) {
             if let Some(r) = control.log_record(name) {
+                // A node that answers `not_leader` while the record names it has lost the
+                // controller (or is handing the log over): the record is stale, and naming
+                // itself would send the client straight back. It names nobody; the client
+                // asks the other nodes.
                 return r
                     .leader
+                    .filter(|l| *l != self.common.node_id)
                     .and_then(|l| control.member_addr(&l))
                     .map_or(String::new(), |a| a.to_string());
             }
@@ -414,6 +440,7 @@ pub(crate) fn run(
             common: common.clone(),
             logs: RefCell::new(BTreeMap::new()),
             creating: RefCell::new(Default::default()),
+            failed_logs: RefCell::new(Default::default()),
             closing: std::cell::Cell::new(false),
         });
         let opened: Result<(), Error> = async {
@@ -443,6 +470,9 @@ pub(crate) fn run(
             }
         };
         let _ = ready.send(Ok(()));
+        if common.config.log.scrub_bytes_per_sec > 0 {
+            tokio_uring::spawn(crate::scrub::run(shard.clone()));
+        }
         if let Some(policy) = common.config.retention() {
             tokio_uring::spawn(retention(shard.clone(), policy));
         }

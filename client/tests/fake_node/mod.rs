@@ -390,6 +390,7 @@ async fn serve_stream(
                 replication: Vec::new(),
                 controller: None,
                 quarantined: Vec::new(),
+                damaged: Vec::new(),
             }))
         }
         Request::Append(a) => {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protobuf::Message as _;
-use raft::prelude::{Entry, EntryType, Message};
+use raft::prelude::{Entry, EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -31,11 +31,48 @@ pub const ELECTION_TICKS: usize = 10;
 pub const HEARTBEAT_TICKS: usize = 2;
 /// Applied entries after which the metadata is snapshotted and the Raft log compacted.
 pub const COMPACT_ENTRIES: u64 = 1000;
-/// Wire frame kinds: a Raft message (protobuf), a node's report to the leader (JSON).
+/// Wire frame kinds: a Raft message (protobuf), a node's report to the leader (JSON), the
+/// leader's acknowledgement of a report (JSON [`ReportAck`]).
 const WIRE_RAFT: u8 = 1;
 const WIRE_REPORT: u8 = 2;
+const WIRE_REPORT_ACK: u8 = 3;
+
+/// The controller leader's answer to a report: the lease of its sender.
+#[derive(Serialize, Deserialize)]
+struct ReportAck {
+    /// The leader's Raft term.
+    term: u64,
+    /// The report's `sent_ms`.
+    sent_ms: u64,
+}
 /// How long the leader waits before proposing the same failover command for a log again.
 const REPROPOSE_AFTER: Duration = Duration::from_secs(1);
+/// The first and the longest pause before a write that ran out of space is made again.
+pub const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(100);
+pub const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A `Ready` not yet fully handled, and how far it got.
+struct Held {
+    ready: raft::Ready,
+    snapshot_done: bool,
+    applied_done: bool,
+}
+
+/// The controller's storage ran out of space: until a write succeeds again the node neither
+/// votes, nor proposes, nor steps Raft messages (so nothing is acknowledged that is not
+/// durable), nor ticks, and its reports say so.
+struct Blocked {
+    since: Instant,
+    /// The last error, for status.
+    error: String,
+    /// The next pause.
+    pause: Duration,
+    retry_at: Instant,
+    /// The `Ready` whose writes are to be made again.
+    held: Option<Held>,
+    /// A commit index not yet saved.
+    commit: Option<u64>,
+}
 
 /// Sends bytes to another member, best effort.
 pub trait Transport: Send + Sync + 'static {
@@ -70,6 +107,8 @@ pub struct State {
     pub leader: Option<NodeId>,
     /// Set when this node's controller stopped on an error (its storage failed).
     pub failed: Option<String>,
+    /// Set while its storage is out of space: (the error, for how long).
+    pub no_space: Option<(String, Duration)>,
 }
 
 impl State {
@@ -94,6 +133,9 @@ pub enum ProposeError {
     /// The controller has stopped.
     #[error("the controller has stopped")]
     Stopped,
+    /// This node's controller storage is out of space; nothing was proposed.
+    #[error("this node's controller storage is out of space: {0}")]
+    NoSpace(String),
 }
 
 /// A proposal's entry data.
@@ -114,10 +156,11 @@ enum Input {
 /// A running controller.
 pub struct Controller {
     me: NodeId,
-    /// When this node last heard from the Raft leader, or, leading, from another member (ms
-    /// since the Unix epoch).
+    /// The start of this node's latest round trip with the controller leader (ms since the
+    /// Unix epoch): when it sent the last report the leader acknowledged, or, leading, when a
+    /// majority of the members had last answered it. What its lease is measured from.
     contact_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// When each other member last sent a valid Raft message (ms since the Unix epoch).
+    /// When each other member last sent a valid controller frame (ms since the Unix epoch).
     peers_ms: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
     tx: mpsc::UnboundedSender<Input>,
     state: watch::Receiver<Arc<State>>,
@@ -206,6 +249,9 @@ impl Controller {
             began: BTreeMap::new(),
             contact_ms: contact_ms.clone(),
             peers_ms: peers_ms.clone(),
+            answered_ms: BTreeMap::new(),
+            started_ms: now_ms(),
+            blocked: None,
         };
         // Replay what was committed before a restart, so the metadata is current on return.
         driver.on_ready().map_err(StartError::Storage)?;
@@ -230,14 +276,14 @@ impl Controller {
         &self.me
     }
 
-    /// How long ago this node last heard from the Raft leader (or, leading, from another
-    /// member).
+    /// How long ago this node's latest round trip with the controller leader began (see
+    /// `contact_ms`): a node cut off in either direction sees it grow.
     pub fn since_contact(&self) -> Duration {
         let at = self.contact_ms.load(std::sync::atomic::Ordering::Relaxed);
         Duration::from_millis(now_ms().saturating_sub(at))
     }
 
-    /// The members heard from within `within` (a valid Raft message), this node included.
+    /// The members heard from within `within` (a valid controller frame), this node included.
     pub fn reachable(&self, within: Duration) -> Vec<NodeId> {
         let now = now_ms();
         let peers = self.peers_ms.lock().unwrap_or_else(|p| p.into_inner());
@@ -331,6 +377,12 @@ struct Driver {
     began: BTreeMap<String, (u64, Instant)>,
     contact_ms: Arc<std::sync::atomic::AtomicU64>,
     peers_ms: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
+    /// Leading: when each other member last answered a Raft message of this node (ms).
+    answered_ms: BTreeMap<NodeId, u64>,
+    /// When this controller started (ms since the Unix epoch).
+    started_ms: u64,
+    /// Set while a storage write is waiting for space.
+    blocked: Option<Blocked>,
 }
 
 fn now_ms() -> u64 {
@@ -360,10 +412,14 @@ impl Driver {
                         Some(i) => self.input(i),
                     },
                     _ = tokio::time::sleep_until(next_tick.into()) => {
-                        self.node.tick();
+                        // Out of space, the node does not tick: it starts no election, and as
+                        // the leader it sends no heartbeats, so the others elect another.
+                        if self.blocked.is_none() {
+                            self.node.tick();
+                            self.failover();
+                        }
                         // Callers that gave up on a proposal are forgotten.
                         self.pending.retain(|_, done| !done.is_closed());
-                        self.failover();
                         next_tick += tick;
                         let now = Instant::now();
                         if next_tick < now {
@@ -400,12 +456,34 @@ impl Driver {
             Input::Report(r) => self.route_report(r),
             Input::Net(from, frame) if frame.first() == Some(&WIRE_REPORT) => {
                 match serde_json::from_slice::<NodeReport>(&frame[1..]) {
-                    Ok(r) if r.node == from => self.route_report(r),
+                    Ok(r) if r.node == from && self.members.contains_key(&from) => {
+                        self.heard_from(&from);
+                        self.ack_report(&r);
+                        self.route_report(r)
+                    }
                     Ok(_) => {
                         tracing::warn!(from = %from, "controller: a report about another node")
                     }
                     Err(e) => {
                         tracing::warn!(from = %from, error = %e, "controller: undecodable report")
+                    }
+                }
+            }
+            Input::Net(from, frame) if frame.first() == Some(&WIRE_REPORT_ACK) => {
+                match serde_json::from_slice::<ReportAck>(&frame[1..]) {
+                    Ok(_) if self.blocked.is_some() => self.heard_from(&from),
+                    Ok(a) => {
+                        self.heard_from(&from);
+                        // Only from the leader of this node's current term: an old leader's
+                        // acknowledgement says nothing about the decider of today.
+                        let r = &self.node.raft;
+                        if self.ids.get(&r.leader_id) == Some(&from) && a.term == r.term {
+                            self.contact_ms
+                                .fetch_max(a.sent_ms, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(from = %from, error = %e, "controller: undecodable report acknowledgement")
                     }
                 }
             }
@@ -416,21 +494,25 @@ impl Driver {
                 }
                 match Message::parse_from_bytes(&frame[1..]) {
                     // A message must come from the member it names.
+                    // Out of space: dropped, as a lossy network would; Raft sends again.
+                    Ok(m) if self.ids.get(&m.from) == Some(&from) && self.blocked.is_some() => {
+                        let _ = m;
+                        self.heard_from(&from);
+                    }
                     Ok(m) if self.ids.get(&m.from) == Some(&from) && m.to == self.raft_id => {
-                        let sender = m.from;
-                        self.peers_ms
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(from.clone(), now_ms());
+                        self.heard_from(&from);
+                        // An answer to this node's own message is a round trip: as the
+                        // leader, that is what its lease rests on.
+                        let answer = matches!(
+                            m.get_msg_type(),
+                            MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
+                        ) && m.term == self.node.raft.term;
                         if let Err(e) = self.node.step(m) {
                             tracing::debug!(error = %e, "controller: raft step");
                         }
-                        let r = &self.node.raft;
-                        if sender == r.leader_id
-                            || (r.state == StateRole::Leader && r.leader_id == self.raft_id)
-                        {
-                            self.contact_ms
-                                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                        if answer && self.node.raft.state == StateRole::Leader {
+                            self.answered_ms.insert(from.clone(), now_ms());
+                            self.leader_contact();
                         }
                     }
                     Ok(_) => {
@@ -440,6 +522,13 @@ impl Driver {
                         tracing::warn!(from = %from, error = %e, "controller: undecodable message")
                     }
                 }
+            }
+            Input::Propose(_, done) if self.blocked.is_some() => {
+                let why = self
+                    .blocked
+                    .as_ref()
+                    .map_or(String::new(), |b| b.error.clone());
+                let _ = done.send(Err(ProposeError::NoSpace(why)));
             }
             Input::Propose(cmd, done) => {
                 self.next_proposal += 1;
@@ -462,8 +551,27 @@ impl Driver {
     /// latest of each, so a member that becomes the controller's leader can judge failures at
     /// once instead of first waiting a `leader_timeout` for reports to arrive. This node's own
     /// report goes to every other member.
-    fn route_report(&mut self, r: NodeReport) {
+    fn route_report(&mut self, mut r: NodeReport) {
         if r.node == self.me {
+            let now = now_ms();
+            let peers = self.peers_ms.lock().unwrap_or_else(|p| p.into_inner());
+            r.heard_ms = self
+                .members
+                .keys()
+                .filter(|id| **id != self.me)
+                .map(|id| {
+                    let at = peers.get(id).copied().unwrap_or(self.started_ms);
+                    (id.clone(), now.saturating_sub(at))
+                })
+                .collect();
+            drop(peers);
+            r.sent_ms = now;
+            r.storage = self.blocked.as_ref().map(|b| b.error.clone());
+            // Leading, this node is its own decider; alone, its lease is its own.
+            if self.node.raft.state == StateRole::Leader && self.members.len() == 1 {
+                self.contact_ms
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
+            }
             let mut frame = vec![WIRE_REPORT];
             frame.extend(serde_json::to_vec(&r).expect("reports serialise"));
             let frame = Bytes::from(frame);
@@ -478,6 +586,41 @@ impl Driver {
                 report: r,
             },
         );
+    }
+
+    /// A valid frame arrived from member `from`.
+    fn heard_from(&self, from: &str) {
+        self.peers_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(from.to_string(), now_ms());
+    }
+
+    /// As the leader: acknowledge a member's report, so the member knows its reports reach
+    /// the decider (its lease).
+    fn ack_report(&self, r: &NodeReport) {
+        if self.node.raft.state != StateRole::Leader || r.sent_ms == 0 || self.blocked.is_some() {
+            return;
+        }
+        let ack = ReportAck {
+            term: self.node.raft.term,
+            sent_ms: r.sent_ms,
+        };
+        let mut frame = vec![WIRE_REPORT_ACK];
+        frame.extend(serde_json::to_vec(&ack).expect("acknowledgements serialise"));
+        self.transport.send(&r.node, Bytes::from(frame));
+    }
+
+    /// As the leader: the lease starts at the latest moment by which a majority of the members
+    /// (this one included) had answered it.
+    fn leader_contact(&self) {
+        let majority = self.members.len() / 2 + 1;
+        let mut answered: Vec<u64> = self.answered_ms.values().copied().collect();
+        answered.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(at) = answered.get(majority.saturating_sub(2)) {
+            self.contact_ms
+                .fetch_max(*at, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// As the leader: propose what failure detection decides.
@@ -534,7 +677,29 @@ impl Driver {
         }
     }
 
+    /// Handle raft's `Ready`: send, persist, apply. A write that runs out of space holds the
+    /// `Ready` (see [`Driver::blocked`]) and is made again later; any other storage failure
+    /// stops the controller.
     fn on_ready(&mut self) -> Result<(), String> {
+        if let Some(b) = &mut self.blocked {
+            if Instant::now() < b.retry_at {
+                return Ok(());
+            }
+            if let Some(held) = b.held.take() {
+                self.finish_ready(held)?;
+                if self.blocked.as_ref().is_some_and(|b| b.held.is_some()) {
+                    return Ok(());
+                }
+            }
+            if let Some(commit) = self.blocked.as_ref().and_then(|b| b.commit) {
+                if let Err(e) = self.node.mut_store().set_commit(commit) {
+                    return self.no_space(e, None, Some(commit));
+                }
+            }
+            let since = self.blocked.take().map(|b| b.since);
+            tracing::warn!(after = ?since.map(|s| s.elapsed()), "controller: storage writable again; voting and proposing resume");
+            self.publish();
+        }
         if !self.node.has_ready() {
             self.maybe_init();
             return Ok(());
@@ -543,39 +708,54 @@ impl Driver {
         if !ready.messages().is_empty() {
             self.send(ready.take_messages());
         }
-        if !ready.snapshot().is_empty() {
-            let snap = ready.snapshot().clone();
+        self.finish_ready(Held {
+            ready,
+            snapshot_done: false,
+            applied_done: false,
+        })
+    }
+
+    /// The rest of a `Ready`, from where an earlier attempt stopped.
+    fn finish_ready(&mut self, mut held: Held) -> Result<(), String> {
+        if !held.snapshot_done && !held.ready.snapshot().is_empty() {
+            let snap = held.ready.snapshot().clone();
             let meta: ClusterMeta = serde_json::from_slice(snap.get_data())
                 .map_err(|e| format!("a metadata snapshot from the leader: {e}"))?;
-            self.node
-                .mut_store()
-                .apply_snapshot(snap.clone())
-                .map_err(|e| e.to_string())?;
+            if let Err(e) = self.node.mut_store().apply_snapshot(snap.clone()) {
+                return self.no_space(e, Some(held), None);
+            }
             self.meta = meta;
             self.applied = snap.get_metadata().index;
         }
-        self.apply(ready.take_committed_entries());
-        if !ready.entries().is_empty() {
-            self.node
-                .mut_store()
-                .append(ready.entries())
-                .map_err(|e| e.to_string())?;
+        held.snapshot_done = true;
+        if !held.applied_done {
+            self.apply(held.ready.take_committed_entries());
+            held.applied_done = true;
         }
-        if let Some(hs) = ready.hs() {
-            self.node
-                .mut_store()
-                .set_hardstate(hs.clone())
-                .map_err(|e| e.to_string())?;
+        if !held.ready.entries().is_empty() {
+            if let Err(e) = self.node.mut_store().append(held.ready.entries()) {
+                return self.no_space(e, Some(held), None);
+            }
         }
+        if let Some(hs) = held.ready.hs() {
+            if let Err(e) = self.node.mut_store().set_hardstate(hs.clone()) {
+                return self.no_space(e, Some(held), None);
+            }
+        }
+        let mut ready = held.ready;
         if !ready.persisted_messages().is_empty() {
             self.send(ready.take_persisted_messages());
         }
         let mut light = self.node.advance(ready);
+        let mut unsaved_commit = None;
         if let Some(commit) = light.commit_index() {
-            self.node
-                .mut_store()
-                .set_commit(commit)
-                .map_err(|e| e.to_string())?;
+            // The commit index is not needed for safety: one that could not be saved is saved
+            // later, and nothing waits for it.
+            match self.node.mut_store().set_commit(commit) {
+                Ok(()) => {}
+                Err(e) if e.is_no_space() => unsaved_commit = Some((commit, e)),
+                Err(e) => return Err(e.to_string()),
+            }
         }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries());
@@ -583,12 +763,55 @@ impl Driver {
         if self.node.store().entries_since_snapshot() > COMPACT_ENTRIES {
             let data = serde_json::to_vec(&self.meta).expect("metadata serialises");
             let conf = self.node.raft.prs().conf().to_conf_state();
-            self.node
-                .mut_store()
-                .compact(self.applied, data, conf)
-                .map_err(|e| e.to_string())?;
+            match self.node.mut_store().compact(self.applied, data, conf) {
+                Ok(()) => {}
+                // Compaction is tried again after the next entry.
+                Err(e) if e.is_no_space() => {
+                    tracing::warn!(error = %e, "controller: compaction postponed")
+                }
+                Err(e) => return Err(e.to_string()),
+            }
         }
         self.maybe_init();
+        self.publish();
+        if let Some((commit, e)) = unsaved_commit {
+            return self.no_space(e, None, Some(commit));
+        }
+        Ok(())
+    }
+
+    /// A write ran out of space: hold what is left to do and try again later (doubling the
+    /// pause up to [`NO_SPACE_RETRY_MAX`]); any other error stops the controller.
+    fn no_space(
+        &mut self,
+        e: super::storage::StorageError,
+        held: Option<Held>,
+        commit: Option<u64>,
+    ) -> Result<(), String> {
+        if !e.is_no_space() {
+            return Err(e.to_string());
+        }
+        let now = Instant::now();
+        let b = self.blocked.get_or_insert_with(|| {
+            tracing::error!(error = %e, "controller: out of space; not voting or proposing until a write succeeds");
+            Blocked {
+                since: now,
+                error: String::new(),
+                pause: NO_SPACE_RETRY_MIN,
+                retry_at: now,
+                held: None,
+                commit: None,
+            }
+        });
+        b.error = e.to_string();
+        b.retry_at = now + b.pause;
+        b.pause = (b.pause * 2).min(NO_SPACE_RETRY_MAX);
+        if held.is_some() {
+            b.held = held;
+        }
+        if commit.is_some() {
+            b.commit = commit;
+        }
         self.publish();
         Ok(())
     }
@@ -649,6 +872,10 @@ impl Driver {
             term: self.node.raft.term,
             leader,
             failed: self.failed.clone(),
+            no_space: self
+                .blocked
+                .as_ref()
+                .map(|b| (b.error.clone(), b.since.elapsed())),
         };
         self.state.send_replace(Arc::new(state));
     }
@@ -784,6 +1011,9 @@ mod tests {
                 end,
                 commit: 10,
             }],
+            heard_ms: BTreeMap::new(),
+            sent_ms: 0,
+            storage: None,
         });
     }
 

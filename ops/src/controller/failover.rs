@@ -1,7 +1,10 @@
 //! Failure detection and elections, decided by the controller's Raft leader from the reports
-//! every node sends it: a log whose leader has not been heard from for `leader_timeout` gets a
-//! new leader by [`choose_leader_above`], or none (and the old one is deposed, so it is fenced by
-//! the new epoch); a planned transfer completes once its target has caught up.
+//! every node sends every member: a log whose leader has not been heard from for
+//! `leader_timeout`, or that has lacked two-way contact with a majority of the members for that
+//! long ([`isolated`]: each report says how long ago its sender last heard from each member, so
+//! a leader cut off in one direction is judged from the followers' view as well as its own),
+//! gets a new leader by [`choose_leader_above`], or none (and the old one is deposed, so it is
+//! fenced by the new epoch); a planned transfer completes once its target has caught up.
 //!
 //! [`decide`] is a pure function of the metadata, what was heard and when, so the whole policy
 //! is tested without a network or a clock.
@@ -38,6 +41,19 @@ pub struct LogReport {
 pub struct NodeReport {
     pub node: NodeId,
     pub logs: Vec<LogReport>,
+    /// For each other member: how long ago (ms) this node last received a controller frame
+    /// from it (since its controller started, for one never heard). Empty: not known (a node
+    /// of an older version).
+    #[serde(default)]
+    pub heard_ms: BTreeMap<NodeId, u64>,
+    /// The sender's clock when it sent the report (ms since the Unix epoch), echoed by the
+    /// controller's leader in its acknowledgement: the sender's lease.
+    #[serde(default)]
+    pub sent_ms: u64,
+    /// Set while the sender's controller storage is out of space (the error): it neither
+    /// votes nor proposes, takes no writes, and is not fit to lead.
+    #[serde(default)]
+    pub storage: Option<String>,
 }
 
 /// A report and when it arrived.
@@ -98,11 +114,16 @@ pub fn decide_with(
     if now.saturating_duration_since(listening_since) < cfg.leader_timeout {
         return Vec::new();
     }
-    let alive = |n: &str| {
-        heard
-            .get(n)
-            .is_some_and(|h| now.saturating_duration_since(h.at) < cfg.leader_timeout)
+    let reported = |n: &str| {
+        heard.get(n).is_some_and(|h| {
+            now.saturating_duration_since(h.at) < cfg.leader_timeout && h.report.storage.is_none()
+        })
     };
+    let members: Vec<&NodeId> = meta.members.keys().collect();
+    // A node is alive when its reports arrive and it exchanges messages both ways with enough
+    // members to form a majority with them: a node cut off in one direction still reports,
+    // but cannot replicate or be heard.
+    let alive = |n: &str| reported(n) && !isolated(n, &members, heard, now, cfg.leader_timeout);
     let mut out = Vec::new();
     for (name, log) in &meta.logs {
         let reachable: Vec<ReplicaState> = log
@@ -154,6 +175,10 @@ pub fn decide_with(
                             reason: format!(
                                 "leader {leader} {} (leader_timeout {:?}); {why}",
                                 match heard.get(leader.as_str()) {
+                                    Some(h) if reported(leader) => format!(
+                                        "is cut off from a majority of the members (last heard from {:?} ago)",
+                                        now.saturating_duration_since(h.at)
+                                    ),
                                     Some(h) => format!(
                                         "last heard from {:?} ago",
                                         now.saturating_duration_since(h.at)
@@ -187,6 +212,52 @@ pub fn decide_with(
         }
     }
     out
+}
+
+/// How long ago `from` last heard from `of`, as of `now`, by its latest report; `None` when
+/// its report says nothing of it.
+fn heard_age(
+    heard: &BTreeMap<NodeId, Heard>,
+    from: &str,
+    of: &str,
+    now: Instant,
+) -> Option<Duration> {
+    let h = heard.get(from)?;
+    let ms = *h.report.heard_ms.get(of)?;
+    Some(Duration::from_millis(ms) + now.saturating_duration_since(h.at))
+}
+
+/// Whether node `n` lacks two-way contact with a majority of `members` (itself included) for
+/// longer than `timeout`, judged from every member's reports: `n`'s own (whom it hears) and
+/// the others' (who hears it). A link counts as broken only where a current report says so:
+/// a member whose reports do not arrive (or, from an older node, carry no figures) says
+/// nothing either way. (A member that is down is heard by nobody: the reports of the others
+/// say so.)
+pub fn isolated(
+    n: &str,
+    members: &[&NodeId],
+    heard: &BTreeMap<NodeId, Heard>,
+    now: Instant,
+    timeout: Duration,
+) -> bool {
+    if members.len() <= 1 {
+        return false;
+    }
+    // Whether `from` hears `of`, by `from`'s current report; `None`: no such report.
+    let hears = |from: &str, of: &str| match heard.get(from) {
+        Some(h)
+            if now.saturating_duration_since(h.at) < timeout && !h.report.heard_ms.is_empty() =>
+        {
+            Some(heard_age(heard, from, of, now).is_some_and(|a| a < timeout))
+        }
+        _ => None,
+    };
+    let linked = members
+        .iter()
+        .filter(|m| m.as_str() != n)
+        .filter(|m| hears(n, m) != Some(false) && hears(m, n) != Some(false))
+        .count();
+    linked + 1 < members.len() / 2 + 1
 }
 
 fn elect(
@@ -290,6 +361,9 @@ mod tests {
                         end,
                         commit,
                     }],
+                    heard_ms: BTreeMap::new(),
+                    sent_ms: 0,
+                    storage: None,
                 },
             },
         )
@@ -370,6 +444,57 @@ mod tests {
         };
         assert_eq!(leader, "c");
         assert_eq!((u.end, u.known_commit, u.at_ms, u.epoch), (11, 9, 77, 2));
+    }
+
+    fn hearing(mut h: (NodeId, Heard), ms: &[(&str, u64)]) -> (NodeId, Heard) {
+        h.1.report.heard_ms = ms.iter().map(|(n, a)| (n.to_string(), *a)).collect();
+        h
+    }
+
+    #[test]
+    fn a_leader_cut_off_in_either_direction_is_replaced_and_a_cut_off_follower_is_not() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(10);
+        let m = meta(&["b"]);
+        let long = T.as_millis() as u64 * 2;
+        let elected_b = |cmds: Vec<Command>| matches!(&cmds[..], [Command::Elect { leader, .. }] if leader == "b");
+        // Followers to leader cut: a still reports, but hears nobody.
+        let h: BTreeMap<_, _> = [
+            hearing(heard(now, "a", 1, 10, 10), &[("b", long), ("c", long)]),
+            hearing(heard(now, "b", 1, 10, 10), &[("a", 50), ("c", 50)]),
+            hearing(heard(now, "c", 1, 10, 10), &[("a", 50), ("b", 50)]),
+        ]
+        .into();
+        assert!(elected_b(decide(&m, &h, now, t0, &cfg(false), 0)));
+        // Leader to followers cut, a's reports still arriving (by another path): nobody hears
+        // a.
+        let h: BTreeMap<_, _> = [
+            hearing(heard(now, "a", 1, 10, 10), &[("b", 50), ("c", 50)]),
+            hearing(heard(now, "b", 1, 10, 10), &[("a", long), ("c", 50)]),
+            hearing(heard(now, "c", 1, 10, 10), &[("a", long), ("b", 50)]),
+        ]
+        .into();
+        assert!(elected_b(decide(&m, &h, now, t0, &cfg(false), 0)));
+        // Not yet for longer than leader_timeout: nothing happens.
+        let short = T.as_millis() as u64 / 2;
+        let h: BTreeMap<_, _> = [
+            hearing(heard(now, "a", 1, 10, 10), &[("b", short), ("c", short)]),
+            hearing(heard(now, "b", 1, 10, 10), &[("a", short), ("c", 50)]),
+            hearing(heard(now, "c", 1, 10, 10), &[("a", short), ("b", 50)]),
+        ]
+        .into();
+        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
+        // A follower cut off both ways does not make the leader fail: a still has b.
+        let h: BTreeMap<_, _> = [
+            hearing(heard(now, "a", 1, 10, 10), &[("b", 50), ("c", long)]),
+            hearing(heard(now, "b", 1, 10, 10), &[("a", 50), ("c", long)]),
+            hearing(heard(now, "c", 1, 10, 10), &[("a", long), ("b", long)]),
+        ]
+        .into();
+        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
+        // Reports of an older node (no figures) count as contact.
+        let h: BTreeMap<_, _> = [heard(now, "a", 1, 10, 10), heard(now, "b", 1, 10, 10)].into();
+        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
     }
 
     #[test]

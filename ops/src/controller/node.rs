@@ -64,6 +64,11 @@ impl ControlPlane for NodeController {
 
     fn lease_ok(&self) -> bool {
         self.controller.since_contact() < self.leader_timeout / 2
+            && self.controller.state().borrow().no_space.is_none()
+    }
+
+    fn no_space(&self) -> bool {
+        self.controller.state().borrow().no_space.is_some()
     }
 
     fn transfer(&self, log: &str, epoch: u64, to: &str) {
@@ -137,18 +142,54 @@ impl ControlPlane for NodeController {
                 })
                 .collect(),
             reachable: reachable.clone(),
-            problem: problem(&s, &reachable, self.leader_timeout),
+            problem: problem(
+                &s,
+                &reachable,
+                self.leader_timeout,
+                self.controller.since_contact(),
+            ),
         }
     }
 }
 
 /// Why the controller cannot act, as `status` shows it; empty when it has a leader.
-fn problem(s: &super::driver::State, reachable: &[String], leader_timeout: Duration) -> String {
+fn problem(
+    s: &super::driver::State,
+    reachable: &[String],
+    leader_timeout: Duration,
+    since_contact: Duration,
+) -> String {
     if let Some(e) = &s.failed {
         return format!("this node's controller stopped: {e}");
     }
-    if s.leader.is_some() {
-        return String::new();
+    if let Some((e, since)) = &s.no_space {
+        return format!(
+            "this node's controller storage is out of space ({e}) for {:.1} s: it neither votes \
+             nor proposes and takes no writes; it tries again every few seconds and resumes by \
+             itself once space is freed",
+            since.as_secs_f64()
+        );
+    }
+    if let Some(leader) = &s.leader {
+        if since_contact < leader_timeout / 2 {
+            return String::new();
+        }
+        let me = s.meta.members.len() > 1 && reachable.len() < s.meta.members.len() / 2 + 1;
+        return format!(
+            "this node has had no round trip with the controller's leader ({leader}) for {:.1} s \
+             (lease: half of leader_timeout {leader_timeout:?}){}: it takes no writes, and its \
+             view of the controller's records may be out of date",
+            since_contact.as_secs_f64().min(1e6),
+            if me {
+                format!(
+                    "; it hears {} of {} members",
+                    reachable.len(),
+                    s.meta.members.len()
+                )
+            } else {
+                String::new()
+            }
+        );
     }
     let n = s.meta.members.len().max(1);
     let majority = n / 2 + 1;
@@ -334,6 +375,10 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
                                 commit: l.committed,
                             })
                             .collect(),
+                        // Filled in by the controller as it sends the report.
+                        heard_ms: BTreeMap::new(),
+                        sent_ms: 0,
+                        storage: None,
                     });
                     let state = nc.controller.state().borrow().clone();
                     if !id_recorded && !state.meta.cluster_id.is_empty() {

@@ -121,6 +121,25 @@ pub enum StorageError {
     Failed { dir: PathBuf, cause: String },
 }
 
+impl StorageError {
+    /// Whether this is a write (not a sync) that failed for lack of space (`ENOSPC`, or a
+    /// quota's `EDQUOT`): an operating condition, not damage. The bytes it left past the end
+    /// of the data are overwritten by the next attempt (or cut as a torn tail at the next
+    /// open), and nothing reported durable was touched, so the write may be retried once space
+    /// returns. A failed sync is never retried (the kernel may have dropped the pages).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StorageError::Io { op, source, .. } => {
+                !op.contains("sync")
+                    && (source.kind() == io::ErrorKind::StorageFull
+                        || source.kind() == io::ErrorKind::QuotaExceeded
+                        || matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Durable [`raft::Storage`] for the controller: a [`MemStorage`] that serves raft's reads, and
 /// files under one directory that every change is written to (and synced) first. See the
 /// [module documentation](self) for the file formats.
@@ -348,8 +367,10 @@ impl DiskStorage {
         }
 
         self.guarded(|s| {
-            if first <= last_index {
-                let keep = (first - first_index) as usize;
+            let keep = (first - first_index) as usize;
+            // (An earlier attempt that ran out of space after cutting the suffix has cut it
+            // already: the memory still has it, the file and `offsets` do not.)
+            if first <= last_index && keep < s.offsets.len() {
                 let cut = s.offsets[keep];
                 s.log
                     .set_len(cut)
@@ -548,7 +569,9 @@ impl DiskStorage {
         }
     }
 
-    /// Runs a write; if it fails, the storage refuses every later write.
+    /// Runs a write; if it fails, the storage refuses every later write, unless it failed
+    /// for lack of space before anything was synced ([`StorageError::is_no_space`]): then
+    /// nothing the storage reported durable changed, and the same write may be made again.
     fn guarded(
         &mut self,
         write: impl FnOnce(&mut Self) -> Result<(), StorageError>,
@@ -556,7 +579,9 @@ impl DiskStorage {
         self.check_failed()?;
         let result = write(self);
         if let Err(e) = &result {
-            self.failed = Some(e.to_string());
+            if !e.is_no_space() {
+                self.failed = Some(e.to_string());
+            }
         }
         result
     }

@@ -124,13 +124,17 @@ async fn send_to(
                 }
             };
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-                Ok(Ok(c)) => conn = Some(c),
+                Ok(Ok(c)) => {
+                    tracing::debug!(peer = %to, "controller: connected");
+                    conn = Some(c)
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %to, error = %e, "controller: connection failed");
                     retry_at = Instant::now() + RECONNECT_BACKOFF;
                     continue;
                 }
                 Err(_) => {
+                    tracing::debug!(peer = %to, "controller: connecting timed out");
                     retry_at = Instant::now() + RECONNECT_BACKOFF;
                     continue;
                 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use protocol::{FrameHeader, Limits, Request, Response};
 
+pub mod net;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_replog");
 
 /// A scratch area: a development CA directory shared by the nodes and CLIs of one test.
@@ -128,13 +130,33 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub args: Vec<String>,
     ca_dir: PathBuf,
+    /// The network namespace it runs in (`None`: this process's).
+    netns: Option<String>,
 }
 
 impl NodeProc {
     pub fn start(env: &Env, data_dir: &Path, extra: &[&str]) -> NodeProc {
         let args = extra.iter().map(|s| s.to_string()).collect();
         let listen = format!("{}:0", env.ip);
-        Self::spawn(env.ca_dir(), data_dir.to_path_buf(), &listen, args)
+        Self::spawn(env.ca_dir(), data_dir.to_path_buf(), &listen, args, None)
+    }
+
+    /// Start a node inside network namespace `netns`, listening on `listen`.
+    pub fn start_in(
+        env: &Env,
+        netns: &str,
+        data_dir: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> NodeProc {
+        let args = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            env.ca_dir(),
+            data_dir.to_path_buf(),
+            &listen.to_string(),
+            args,
+            Some(netns.to_string()),
+        )
     }
 
     /// Start a node listening on `listen` (a fixed address, for members of a controller).
@@ -145,11 +167,28 @@ impl NodeProc {
             data_dir.to_path_buf(),
             &listen.to_string(),
             args,
+            None,
         )
     }
 
-    fn spawn(ca_dir: PathBuf, data_dir: PathBuf, listen: &str, args: Vec<String>) -> NodeProc {
-        let mut child = Command::new(BIN)
+    fn spawn(
+        ca_dir: PathBuf,
+        data_dir: PathBuf,
+        listen: &str,
+        args: Vec<String>,
+        netns: Option<String>,
+    ) -> NodeProc {
+        // `ip netns exec` enters the namespace and execs the node: the child's pid is the
+        // node's.
+        let mut command = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .arg("node")
             .arg("--data-dir")
             .arg(&data_dir)
@@ -179,6 +218,7 @@ impl NodeProc {
             data_dir,
             args,
             ca_dir,
+            netns,
         }
     }
 
@@ -222,6 +262,7 @@ impl NodeProc {
             self.data_dir.clone(),
             &listen,
             self.args.clone(),
+            self.netns.clone(),
         )
     }
 
