@@ -131,8 +131,13 @@ pub struct Damage {
 pub struct Scrubbed {
     /// The segment file.
     pub path: PathBuf,
+    /// The records it holds: `from..until`.
+    pub from: Offset,
+    pub until: Offset,
     /// Bytes checked.
     pub bytes: u64,
+    /// The crc32c of all its batches end to end, to compare with another replica's copy.
+    pub crc: u32,
     pub damaged: Vec<Damage>,
 }
 
@@ -776,7 +781,10 @@ impl Log {
         }
         Some(Scrubbed {
             path: seg.path.clone(),
+            from: seg.base,
+            until: seg.next_offset,
             bytes: seg.data_len,
+            crc: crc32c::crc32c(&seg.map[..seg.data_len as usize]),
             damaged,
         })
     }

@@ -870,12 +870,10 @@ fn retention_waits_for_a_registered_follower_up_to_its_cap() {
     assert_eq!(verify(&env, &lead, &[])["identical"], true);
 }
 
-/// Bytes flipped inside a sealed segment on a follower are found by the background scrub with
-/// no client reading them, reported (status, metrics), and repaired from the leader: the file
-/// holds its original bytes again.
-#[test]
-fn the_scrub_finds_damage_at_rest_on_a_follower_and_repairs_it_from_the_leader() {
-    let env = Env::new();
+/// A leader and a follower `f1` (with a metrics endpoint) that scrub every 200 ms at up to
+/// 100 MiB/s, 64 KiB segments, and 2000 records stored on both: the follower's oldest sealed
+/// segment file and its bytes.
+fn scrubbed_pair(env: &Env) -> (NodeProc, NodeProc, std::path::PathBuf, Vec<u8>) {
     let scrub = "scrub_bytes_per_sec = 104857600\nscrub_interval_ms = 200\n";
     let lead = small_leader(&env, 0, scrub);
     let cfg = env.write_config(
@@ -908,8 +906,19 @@ fn the_scrub_finds_damage_at_rest_on_a_follower_and_repairs_it_from_the_leader()
         .collect();
     segments.sort();
     assert!(segments.len() >= 3, "{segments:?}");
-    let victim = &segments[0];
-    let original = std::fs::read(victim).unwrap();
+    let victim = segments[0].clone();
+    let original = std::fs::read(&victim).unwrap();
+    (lead, f1, victim, original)
+}
+
+/// Bytes flipped inside a sealed segment on a follower are found by the background scrub with
+/// no client reading them, reported (status, metrics), and repaired from the leader: the file
+/// holds its original bytes again.
+#[test]
+fn the_scrub_finds_damage_at_rest_on_a_follower_and_repairs_it_from_the_leader() {
+    let env = Env::new();
+    let (_lead, f1, victim, original) = scrubbed_pair(&env);
+    let victim = &victim;
     let at = 30_000usize;
     {
         use std::os::unix::fs::FileExt;
@@ -961,4 +970,51 @@ fn the_scrub_finds_damage_at_rest_on_a_follower_and_repairs_it_from_the_leader()
     // Found once: later passes find nothing more.
     std::thread::sleep(std::time::Duration::from_millis(600));
     assert_eq!(metric(&metrics, "replog_scrub_damaged_total"), 1.0);
+}
+
+/// A batch on a follower that passes its own checks but is not the leader's (rewritten with a
+/// new crc32c) is found by comparing the segment's checksum with the leader's copy, and
+/// repaired from it.
+#[test]
+fn the_scrub_finds_a_batch_that_differs_from_the_leaders_and_repairs_it() {
+    let env = Env::new();
+    let (_lead, f1, victim, original) = scrubbed_pair(&env);
+    // The batch holding byte 30000: one record byte changed, its crc32c made right again.
+    let (mut pos, at) = (0usize, 30_000usize);
+    let len = loop {
+        let payload = u32::from_le_bytes(original[pos + 40..pos + 44].try_into().unwrap());
+        let len = 48 + payload as usize;
+        if pos + len > at {
+            break len;
+        }
+        pos += len;
+    };
+    let mut batch = original[pos..pos + len].to_vec();
+    let x = batch.len() - 10;
+    assert_eq!(batch[x], b'x');
+    batch[x] = b'y';
+    let crc = crc32c::crc32c(&batch[8..]);
+    batch[4..8].copy_from_slice(&crc.to_le_bytes());
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .unwrap();
+        f.write_all_at(&batch, pos as u64).unwrap();
+    }
+    let found = eventually(60, "the scrub's report of the repaired difference", || {
+        let s = status(&env, &f1);
+        let d = s["damaged"].as_array()?.first()?.clone();
+        d["repaired_ms"].as_u64().map(|_| d)
+    });
+    assert_eq!(found["position"].as_u64(), Some(pos as u64), "{found}");
+    assert!(
+        found["detail"]
+            .as_str()
+            .unwrap()
+            .contains("differs from the leader's"),
+        "{found}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), original);
 }

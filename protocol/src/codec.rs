@@ -30,6 +30,7 @@ mod kind {
     pub const REPLICATE: u8 = 0x10;
     pub const ACK: u8 = 0x11;
     pub const EPOCH_END: u8 = 0x12;
+    pub const CHECKSUM: u8 = 0x13;
 
     pub const OK: u8 = 0x80;
     pub const ERROR: u8 = 0x81;
@@ -40,13 +41,14 @@ mod kind {
     pub const SNAPSHOT: u8 = 0x86;
     pub const REPLICATED: u8 = 0x90;
     pub const EPOCH_END_RESP: u8 = 0x91;
+    pub const CHECKSUM_RESP: u8 = 0x92;
 
     pub fn is_request(k: u8) -> bool {
-        (AUTH..=TRANSFER).contains(&k) || (REPLICATE..=EPOCH_END).contains(&k)
+        (AUTH..=TRANSFER).contains(&k) || (REPLICATE..=CHECKSUM).contains(&k)
     }
 
     pub fn is_response(k: u8) -> bool {
-        (OK..=SNAPSHOT).contains(&k) || (REPLICATED..=EPOCH_END_RESP).contains(&k)
+        (OK..=SNAPSHOT).contains(&k) || (REPLICATED..=CHECKSUM_RESP).contains(&k)
     }
 }
 
@@ -296,6 +298,13 @@ pub fn encode_request(req: &Request, out: &mut BytesMut) {
             out.put_u64_le(*epoch);
             finish(out, at);
         }
+        Request::Checksum { log, from, until } => {
+            let at = begin(out, kind::CHECKSUM);
+            put_str(out, log.as_bytes());
+            out.put_u64_le(*from);
+            out.put_u64_le(*until);
+            finish(out, at);
+        }
     }
 }
 
@@ -418,6 +427,12 @@ pub fn encode_response(resp: &Response, out: &mut BytesMut) {
             let at = begin(out, kind::EPOCH_END_RESP);
             out.put_u64_le(*epoch);
             out.put_u64_le(*end);
+            finish(out, at);
+        }
+        Response::Checksum { crc, bytes } => {
+            let at = begin(out, kind::CHECKSUM_RESP);
+            out.put_u32_le(*crc);
+            out.put_u64_le(*bytes);
             finish(out, at);
         }
     }
@@ -680,6 +695,11 @@ pub fn decode_request(
         kind::EPOCH_END => Request::EpochEnd {
             log: r.string(limits.name_bytes_max, "log name")?,
             epoch: r.u64("epoch")?,
+        },
+        kind::CHECKSUM => Request::Checksum {
+            log: r.string(limits.name_bytes_max, "log name")?,
+            from: r.u64("from")?,
+            until: r.u64("until")?,
         },
         other => return Err(ProtocolError::UnknownKind(other)),
     };
@@ -1022,6 +1042,10 @@ pub fn decode_response(
             epoch: r.u64("epoch")?,
             end: r.u64("end")?,
         },
+        kind::CHECKSUM_RESP => Response::Checksum {
+            crc: r.u32("crc")?,
+            bytes: r.u64("bytes")?,
+        },
         other => return Err(ProtocolError::UnknownKind(other)),
     };
     r.end()?;
@@ -1228,6 +1252,15 @@ mod tests {
             batches: Bytes::from_static(b"batches"),
         }));
         roundtrip_resp(Response::EpochEnd { epoch: 2, end: 70 });
+        roundtrip_req(Request::Checksum {
+            log: "x".into(),
+            from: 10,
+            until: 20,
+        });
+        roundtrip_resp(Response::Checksum {
+            crc: 0xdead_beef,
+            bytes: 4096,
+        });
     }
 
     #[test]

@@ -163,6 +163,14 @@ pub enum Request {
         log: String,
         epoch: u64,
     },
+    /// Peer: the crc32c of the batches holding records `from..until` (both batch boundaries),
+    /// as stored, end to end. Answered by [`Response::Checksum`]; a replica's scrub compares a
+    /// sealed segment with its leader's copy so.
+    Checksum {
+        log: String,
+        from: u64,
+        until: u64,
+    },
 }
 
 impl Request {
@@ -170,7 +178,10 @@ impl Request {
     pub fn is_peer(&self) -> bool {
         matches!(
             self,
-            Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. }
+            Request::Replicate(_)
+                | Request::Ack { .. }
+                | Request::EpochEnd { .. }
+                | Request::Checksum { .. }
         )
     }
 }
@@ -396,6 +407,12 @@ pub enum Response {
     EpochEnd {
         epoch: u64,
         end: u64,
+    },
+    /// Peer: the answer to [`Request::Checksum`]: the crc32c of the range's batch bytes and
+    /// how many bytes that is.
+    Checksum {
+        crc: u32,
+        bytes: u64,
     },
 }
 

@@ -239,11 +239,13 @@ async fn serve_peer_stream(
             r.log.clone()
         }
         // A read: a replica repairing a damaged range from this one.
-        Request::EpochEnd { log, .. } | Request::GetSnapshot { log } => log.clone(),
+        Request::EpochEnd { log, .. }
+        | Request::GetSnapshot { log }
+        | Request::Checksum { log, .. } => log.clone(),
         Request::Read(r) => r.log.clone(),
         _ => {
             let msg =
-                "a peer connection carries only list_logs, replicate, epoch_end, get_snapshot and read";
+                "a peer connection carries only list_logs, replicate, epoch_end, get_snapshot, read and checksum";
             return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
         }
     };
@@ -414,7 +416,10 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
         Request::Tail(t) => &t.log,
         Request::PutSnapshot(p) => &p.log,
         Request::GetSnapshot { log } => log,
-        Request::Replicate(_) | Request::Ack { .. } | Request::EpochEnd { .. } => {
+        Request::Replicate(_)
+        | Request::Ack { .. }
+        | Request::EpochEnd { .. }
+        | Request::Checksum { .. } => {
             unreachable!("peer requests are answered above")
         }
     };

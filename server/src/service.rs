@@ -182,6 +182,9 @@ pub(crate) async fn serve(
             let (epoch, end) = crate::leader::epoch_end(&e.log, epoch);
             Response::EpochEnd { epoch, end }
         }),
+        Request::Checksum { log, from, until } => {
+            entry(&shard, &log).and_then(|e| checksum(&e.log, from, until))
+        }
         Request::Ack { .. } => Err(fail(
             ErrorCode::UnknownMessage,
             "ack is sent only on a replication stream",
@@ -193,6 +196,46 @@ pub(crate) async fn serve(
             send_error(&shard, &mut send, code, &msg, detail, log_name.as_deref()).await
         }
     }
+}
+
+/// The crc32c of the stored batches holding records `from..until`, end to end: `from` and
+/// `until` must be batch boundaries (the same on every replica, which store the same batches).
+fn checksum(log: &Log, from: u64, until: u64) -> Result<Response, Fail> {
+    let (start, end) = (log.start_offset().0, log.end_offset().0);
+    if from > until || from < start || until > end {
+        return Err(Fail(
+            ErrorCode::OffsetOutOfRange,
+            format!("records {from}..{until} are not all stored here ({start}..{end})"),
+            start,
+        ));
+    }
+    let (mut crc, mut bytes, mut at) = (0u32, 0u64, from);
+    while at < until {
+        let read = log
+            .read(Offset(at), Offset(until), 4 << 20)
+            .map_err(|e| fail(code_of(&e), e.to_string()))?;
+        let Some(first) = read.batches.first() else {
+            break;
+        };
+        if at == from && first.view().header().base_offset().0 != from {
+            return Err(fail(
+                ErrorCode::OffsetOutOfRange,
+                format!("offset {from} is not a batch boundary here"),
+            ));
+        }
+        for b in &read.batches {
+            crc = crc32c::crc32c_append(crc, b);
+            bytes += b.len() as u64;
+        }
+        at = read.next_offset.0;
+    }
+    if at != until {
+        return Err(fail(
+            ErrorCode::OffsetOutOfRange,
+            format!("offset {until} is not a batch boundary here (the batches end at {at})"),
+        ));
+    }
+    Ok(Response::Checksum { crc, bytes })
 }
 
 /// On a follower: the redirect to the leader that every write gets.

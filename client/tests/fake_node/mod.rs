@@ -353,6 +353,7 @@ async fn serve_stream(
         Request::Replicate(_)
         | Request::Ack { .. }
         | Request::EpochEnd { .. }
+        | Request::Checksum { .. }
         | Request::PutSnapshot(_)
         | Request::GetSnapshot { .. }
         | Request::Transfer { .. } => error(ErrorCode::UnknownMessage, "peer request"),
