@@ -875,7 +875,7 @@ fn retention_waits_for_a_registered_follower_up_to_its_cap() {
 /// segment file and its bytes.
 fn scrubbed_pair(env: &Env) -> (NodeProc, NodeProc, std::path::PathBuf, Vec<u8>) {
     let scrub = "scrub_bytes_per_sec = 104857600\nscrub_interval_ms = 200\n";
-    let lead = small_leader(&env, 0, scrub);
+    let lead = small_leader(env, 0, scrub);
     let cfg = env.write_config(
         "f1.toml",
         &format!("[log]\nsegment_bytes_max = 65536\nbatch_bytes_max = 16384\n{scrub}"),
@@ -894,8 +894,8 @@ fn scrubbed_pair(env: &Env) -> (NodeProc, NodeProc, std::path::PathBuf, Vec<u8>)
         ],
     );
     env.cli_ok(&["create", "--server", &lead.server(), "--log", LOG], "");
-    append_lines(&env, &lead, 0..2000);
-    wait_caught_up(&env, &lead, &["f1"]);
+    append_lines(env, &lead, 0..2000);
+    wait_caught_up(env, &lead, &["f1"]);
 
     // The oldest segment on f1 is sealed (the log spans several 64 KiB segments).
     let dir = f1.data_dir.join("logs").join(LOG);
