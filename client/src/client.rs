@@ -184,14 +184,16 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(ms.min(2000))
 }
 
-/// The pause before asking again for a leader, or for a sync set that is forming: short, since
-/// a failover completes within about a second of being decided, and the request is waiting.
+/// The pause before asking again for a leader, for a sync set that is forming, or for a node
+/// that could not be reached: short, since a failover completes within about a second of being
+/// decided, and the request is waiting.
 pub(crate) fn leader_backoff(attempt: u32) -> Duration {
-    backoff(attempt).min(LEADER_BACKOFF_MAX)
+    let ms = 10u64.saturating_mul(1 << attempt.min(6));
+    Duration::from_millis(ms).min(LEADER_BACKOFF_MAX)
 }
 
 /// The longest pause between two attempts to find a leader.
-pub(crate) const LEADER_BACKOFF_MAX: Duration = Duration::from_millis(250);
+pub(crate) const LEADER_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 fn unexpected(what: &'static str) -> Error {
     Error::Protocol(ProtocolError::Malformed(what))
@@ -837,7 +839,7 @@ impl Client {
                 Err(e) => {
                     if e.is_transient() && !pinned {
                         waits += 1;
-                        if pause(backoff(waits)).await {
+                        if pause(leader_backoff(waits)).await {
                             target = Target::Current;
                             continue;
                         }
@@ -911,14 +913,16 @@ impl Client {
                         !pinned || failures < config.retries
                     };
                     if e.is_transient() && may_repeat {
-                        if sent {
+                        let wait = if sent {
                             failures += 1;
                             resent = true;
+                            backoff(failures)
                         } else {
                             waits += 1;
-                        }
+                            leader_backoff(waits)
+                        };
                         tracing::debug!(error = %e, "retrying after a connection failure");
-                        if pause(backoff(failures.max(waits))).await {
+                        if pause(wait).await {
                             continue;
                         }
                     }
@@ -958,6 +962,13 @@ mod tests {
         assert_eq!(millis(Duration::from_micros(10)), 1);
         assert_eq!(millis(Duration::from_millis(1500)), 1500);
         assert_eq!(millis(Duration::from_secs(u64::MAX)), u32::MAX);
+    }
+
+    #[test]
+    fn leader_backoff_starts_short_and_is_capped() {
+        assert_eq!(leader_backoff(1), Duration::from_millis(20));
+        assert!(leader_backoff(3) > leader_backoff(2));
+        assert_eq!(leader_backoff(30), LEADER_BACKOFF_MAX);
     }
 
     #[test]
