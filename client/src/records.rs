@@ -1,7 +1,7 @@
 //! Records out of the batches of a `Batches` frame.
 
 use bytes::Bytes;
-use log_core::batch;
+use format::batch;
 
 use crate::{Error, Result};
 
@@ -112,7 +112,7 @@ pub(crate) fn extract_records(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use log_core::{Epoch, Offset, ProducerMeta};
+    use format::{Epoch, Offset, ProducerMeta};
     use std::num::NonZeroU64;
 
     fn batches(parts: &[&[u8]]) -> Bytes {

@@ -1,4 +1,4 @@
-//! Arbitrary bytes into `log_core::batch::decode`. Whatever it accepts must be a canonical batch:
+//! Arbitrary bytes into `format::batch::decode`. Whatever it accepts must be a canonical batch:
 //! re-encoding its header fields, producer metadata and records reproduces the accepted bytes
 //! exactly.
 //!
@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use log_core::batch::{self, BATCH_HEADER_LEN};
+use format::batch::{self, BATCH_HEADER_LEN};
 
 fuzz_target!(|data: &[u8]| {
     check(data);

@@ -33,7 +33,6 @@
 //! });
 //! ```
 
-pub mod batch;
 mod config;
 mod epochs;
 mod error;
@@ -45,13 +44,16 @@ mod log;
 mod recovery;
 mod segment;
 mod store;
-mod types;
 
-pub use batch::{BatchHeader, BatchView, ProducerMeta, Record, BATCH_HEADER_LEN};
+pub use format::batch;
+pub use format::{BatchHeader, BatchView, Epoch, Offset, ProducerMeta, Record, BATCH_HEADER_LEN};
+/// The value types, under the path the rest of this crate uses.
+mod types {
+    pub use format::{Epoch, Offset};
+}
 pub use config::{LogConfig, RetentionPolicy, SEGMENT_LOOKAHEAD};
 pub use epochs::EpochEntry;
 pub use error::{CorruptionKind, Error, Result};
 pub use log::{Appended, BatchRef, Damage, Log, ReadBatches, Scrubbed};
 pub use recovery::RecoveryReport;
 pub use store::{validate_log_name, Store, LOG_NAME_BYTES_MAX};
-pub use types::{Epoch, Offset};

@@ -9,33 +9,15 @@ use crate::fsutil;
 use crate::log::Log;
 use crate::recovery::MANIFEST_FILE;
 
-/// Longest log name, in bytes.
-pub const LOG_NAME_BYTES_MAX: usize = 200;
+pub use format::LOG_NAME_BYTES_MAX;
 
 /// Log names are directory names: 1 to `LOG_NAME_BYTES_MAX` bytes of `[A-Za-z0-9._-]`, not
-/// starting with a dot.
+/// starting with a dot ([`format::check_log_name`]).
 pub fn validate_log_name(name: &str) -> Result<()> {
-    let reason = if name.is_empty() {
-        Some("empty")
-    } else if name.len() > LOG_NAME_BYTES_MAX {
-        Some("longer than LOG_NAME_BYTES_MAX")
-    } else if name.starts_with('.') {
-        Some("starts with a dot")
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        Some("characters outside [A-Za-z0-9._-]")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: name.into(),
-            reason,
-        }),
-        None => Ok(()),
-    }
+    format::check_log_name(name).map_err(|reason| Error::InvalidName {
+        name: name.into(),
+        reason,
+    })
 }
 
 /// The logs under one data directory. Like [`Log`], a store lives on one thread.

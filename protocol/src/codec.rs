@@ -88,7 +88,7 @@ impl Default for Limits {
         Limits {
             frame_bytes_max: 8 << 20,
             records_max: 65_536,
-            name_bytes_max: log_core::LOG_NAME_BYTES_MAX as u16,
+            name_bytes_max: format::LOG_NAME_BYTES_MAX as u16,
             token_bytes_max: 4096,
             text_bytes_max: 4096,
             snapshot_bytes_max: 64 << 20,

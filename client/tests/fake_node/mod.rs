@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use log_core::{Epoch, Offset, ProducerMeta};
+use format::{Epoch, Offset, ProducerMeta};
 use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
 use protocol::{
     BatchesResponse, ErrorCode, ErrorResponse, FrameHeader, Limits, LogInfo, Receipt, Request,
@@ -215,7 +215,7 @@ impl FakeNode {
     pub fn append_direct(&self, log: &str, records: &[&[u8]]) {
         let mut s = self.state.lock().unwrap();
         let l = s.logs.get_mut(log).expect("log exists");
-        let b = log_core::batch::encode(Offset(l.end), Epoch(1), 1, records);
+        let b = format::batch::encode(Offset(l.end), Epoch(1), 1, records);
         l.end += records.len() as u64;
         l.batches.push(Bytes::from(b));
         drop(s);
@@ -227,7 +227,7 @@ impl FakeNode {
         let s = self.state.lock().unwrap();
         let mut out = Vec::new();
         for b in &s.logs[log].batches {
-            let view = log_core::batch::decode(b).unwrap();
+            let view = format::batch::decode(b).unwrap();
             out.extend(view.records().map(|r| Bytes::copy_from_slice(r.value)));
         }
         out
@@ -318,7 +318,7 @@ fn batches_from(l: &LogState, from: u64, bytes_max: u32) -> (Vec<u8>, u64) {
     let mut out = Vec::new();
     let mut next = from;
     for b in &l.batches {
-        let h = log_core::batch::header(b).unwrap();
+        let h = format::batch::header(b).unwrap();
         if h.next_offset().0 <= from {
             continue;
         }
@@ -418,7 +418,7 @@ async fn serve_stream(
                                 producer_id: NonZeroU64::new(id).unwrap(),
                                 first_sequence: seq,
                             });
-                            let b = log_core::batch::encode_with(
+                            let b = format::batch::encode_with(
                                 Offset(first),
                                 Epoch(1),
                                 1,
