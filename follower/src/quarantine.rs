@@ -14,7 +14,6 @@
 //! Both are written to a temporary name, fsync'd and renamed, then the directory is fsync'd,
 //! before the truncation runs.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use log_core::{Log, Offset};
@@ -40,17 +39,12 @@ pub struct Report {
     pub file: PathBuf,
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> String {
-    format!("{what} {}: {e}", path.display())
-}
-
-/// Write `bytes` to `path` durably: a temporary file, fsync, rename.
+/// Write `bytes` to `path` durably (`durable::write_atomic`: a temporary file, fsync, rename,
+/// fsync of the directory).
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-    f.write_all(bytes).map_err(|e| io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| io("fsync", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("rename", &tmp, e))
+    durable::write_atomic(path, bytes, durable::Atomic::durable(&tmp, 0o644))
+        .map_err(|e| e.to_string())
 }
 
 /// Copy the records of `log` (named `name`) from `from` to its end into a quarantine under
@@ -88,7 +82,7 @@ pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Repor
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let dir = dir.join(name);
-    std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+    durable::private_dir(&dir).map_err(|e| e.to_string())?;
     let stem = format!("{at_ms}-{from}-{end}");
     let file = dir.join(format!("{stem}.batches"));
     write_durable(&file, &data)?;
@@ -106,9 +100,6 @@ pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Repor
         &dir.join(format!("{stem}.report")),
         render(&report).as_bytes(),
     )?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("fsync", &dir, e))?;
     Ok(Some(report))
 }
 

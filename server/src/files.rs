@@ -1,9 +1,7 @@
 //! The node's few metadata files: atomic private writes, private directories, locks, secrets.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use crate::Error;
@@ -12,66 +10,37 @@ pub(crate) fn io_err<'a>(op: &'a str, path: &'a Path) -> impl Fn(std::io::Error)
     move |e| Error::Io(format!("{op} {}: {e}", path.display()))
 }
 
-/// Write `data` to `path` atomically with the given mode: temp file, fsync, rename, fsync of
-/// the directory.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    // The mode given at open applies only to a new file: a leftover temp file keeps its own.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io_err("chmod", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    if let Some(parent) = path.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync", parent))?;
+impl From<durable::Error> for Error {
+    fn from(e: durable::Error) -> Error {
+        Error::Io(e.to_string())
     }
-    Ok(())
 }
 
-/// Create `dir` and its missing parents with mode 0700.
+/// Write `data` to `path` atomically with the given mode (`durable::write_atomic`: temp file,
+/// fsync, rename, fsync of the directory).
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
+    let tmp = durable::tmp_beside(path);
+    Ok(durable::write_atomic(
+        path,
+        data,
+        durable::Atomic::durable(&tmp, mode),
+    )?)
+}
+
+/// Create `dir` and its missing parents with mode 0700, durably.
 pub(crate) fn private_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err("create directory", dir))
+    Ok(durable::private_dir(dir)?)
 }
 
 /// Take an exclusive flock on `path` (created 0600), held until the file is dropped. With
 /// `wait` false, `Ok(None)` means another process holds it.
 pub(crate) fn lock(path: &Path, wait: bool) -> Result<Option<File>, Error> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err("open", path))?;
-    let op = if wait {
-        libc::LOCK_EX
+    let how = if wait {
+        durable::Wait::Block
     } else {
-        libc::LOCK_EX | libc::LOCK_NB
+        durable::Wait::Tries(0)
     };
-    // SAFETY: flock on a descriptor we own; released when the file is closed.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-        return Ok(Some(f));
-    }
-    let e = std::io::Error::last_os_error();
-    if !wait && e.kind() == std::io::ErrorKind::WouldBlock {
-        return Ok(None);
-    }
-    Err(io_err("lock", path)(e))
+    Ok(durable::lock(path, how)?)
 }
 
 /// `n` bytes from the kernel's random source.
@@ -86,6 +55,7 @@ pub(crate) fn random_bytes(n: usize) -> Result<Vec<u8>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn atomic_writes_set_the_mode_even_over_a_leftover_temp_file() {

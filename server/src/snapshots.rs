@@ -13,7 +13,6 @@
 //! chunks: data[i*chunk..(i+1)*chunk] | crc32c u32, ...
 //! ```
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
@@ -83,15 +82,7 @@ pub fn write(dir: &Path, offset: u64, data: &[u8]) -> Result<(), Error> {
     }
     let path = dir.join(file_name(offset));
     let tmp = dir.join(format!(".{}.tmp", file_name(offset)));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(&out).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))?;
+    durable::write_atomic(&path, &out, durable::Atomic::durable(&tmp, 0o644))?;
     for old in offsets(dir)?.into_iter().filter(|&o| o < offset) {
         let p = dir.join(file_name(old));
         if let Err(e) = std::fs::remove_file(&p) {

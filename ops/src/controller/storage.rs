@@ -910,37 +910,27 @@ fn decode<M: protobuf::Message>(
     })
 }
 
-/// Replaces `dir/name` by `contents`: writes `name.tmp`, fsyncs it, renames it over `name`, and
-/// fsyncs `dir`.
-pub(crate) fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
-    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
-    let path = dir.join(name);
-    let file = File::create(&tmp).map_err(io_error("create", &tmp))?;
-    file.write_all_at(contents, 0)
-        .map_err(io_error("write", &tmp))?;
-    file.sync_all().map_err(io_error("fsync", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, &path).map_err(io_error("rename", &tmp))?;
-    sync_dir(dir)
-}
-
-/// Creates `dir` and any missing parents, and fsyncs the parent of each created directory.
-fn create_dir_durable(dir: &Path) -> Result<(), StorageError> {
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
-    for created in missing {
-        match created.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
-            _ => sync_dir(Path::new("."))?,
+impl From<durable::Error> for StorageError {
+    fn from(e: durable::Error) -> StorageError {
+        StorageError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
         }
     }
-    Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("fsync directory", dir))
+/// Replaces `dir/name` by `contents` through `name.tmp` (`durable::write_atomic`: write, fsync,
+/// rename, fsync of `dir`).
+pub(crate) fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
+    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+    let how = durable::Atomic::durable(&tmp, 0o600);
+    Ok(durable::write_atomic(&dir.join(name), contents, how)?)
+}
+
+/// Creates `dir` and any missing parents, durably (mode 0700).
+fn create_dir_durable(dir: &Path) -> Result<(), StorageError> {
+    Ok(durable::private_dir(dir)?)
 }
 
 fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
