@@ -277,10 +277,11 @@ impl Controller {
     }
 
     /// How long ago this node's latest round trip with the controller leader began (see
-    /// `contact_ms`): a node cut off in either direction sees it grow.
-    pub fn since_contact(&self) -> Duration {
+    /// `contact_ms`): a node cut off in either direction sees it grow. `None`: it has had none
+    /// since it started.
+    pub fn since_contact(&self) -> Option<Duration> {
         let at = self.contact_ms.load(std::sync::atomic::Ordering::Relaxed);
-        Duration::from_millis(now_ms().saturating_sub(at))
+        (at > 0).then(|| Duration::from_millis(now_ms().saturating_sub(at)))
     }
 
     /// The members heard from within `within` (a valid controller frame), this node included.

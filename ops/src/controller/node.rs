@@ -63,7 +63,9 @@ impl ControlPlane for NodeController {
     }
 
     fn lease_ok(&self) -> bool {
-        self.controller.since_contact() < self.leader_timeout / 2
+        self.controller
+            .since_contact()
+            .is_some_and(|d| d < self.leader_timeout / 2)
             && self.controller.state().borrow().no_space.is_none()
     }
 
@@ -157,7 +159,7 @@ fn problem(
     s: &super::driver::State,
     reachable: &[String],
     leader_timeout: Duration,
-    since_contact: Duration,
+    since_contact: Option<Duration>,
 ) -> String {
     if let Some(e) = &s.failed {
         return format!("this node's controller stopped: {e}");
@@ -171,15 +173,18 @@ fn problem(
         );
     }
     if let Some(leader) = &s.leader {
-        if since_contact < leader_timeout / 2 {
+        if since_contact.is_some_and(|d| d < leader_timeout / 2) {
             return String::new();
         }
         let me = s.meta.members.len() > 1 && reachable.len() < s.meta.members.len() / 2 + 1;
         return format!(
-            "this node has had no round trip with the controller's leader ({leader}) for {:.1} s \
-             (lease: half of leader_timeout {leader_timeout:?}){}: it takes no writes, and its \
-             view of the controller's records may be out of date",
-            since_contact.as_secs_f64().min(1e6),
+            "this node has had no round trip with the controller's leader ({leader}) {} (lease: \
+             half of leader_timeout {leader_timeout:?}){}: it takes no writes, and its view of \
+             the controller's records may be out of date",
+            match since_contact {
+                Some(d) => format!("for {:.1} s", d.as_secs_f64()),
+                None => "since it started".to_string(),
+            },
             if me {
                 format!(
                     "; it hears {} of {} members",
@@ -412,6 +417,32 @@ pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeC
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_problem_line_says_why_this_node_cannot_act() {
+        let t = Duration::from_secs(2);
+        let mut s = super::super::driver::State {
+            leader: Some("n2".into()),
+            ..Default::default()
+        };
+        // A leader heard in a round trip within the lease: no problem.
+        assert_eq!(problem(&s, &[], t, Some(Duration::from_millis(200))), "");
+        // A lapsed lease, and none since the start, are both said.
+        let p = problem(&s, &[], t, Some(Duration::from_secs(5)));
+        assert!(
+            p.contains("no round trip with the controller's leader (n2) for 5.0 s"),
+            "{p}"
+        );
+        let p = problem(&s, &[], t, None);
+        assert!(p.contains("since it started"), "{p}");
+        // Out of space comes first.
+        s.no_space = Some((
+            "write: No space left on device".into(),
+            Duration::from_secs(3),
+        ));
+        let p = problem(&s, &[], t, Some(Duration::from_millis(200)));
+        assert!(p.contains("out of space") && p.contains("for 3.0 s"), "{p}");
+    }
 
     #[test]
     fn the_cluster_id_ties_a_data_dir_to_its_cluster() {
