@@ -627,6 +627,9 @@ mod tests {
         let mut c = base();
         c.log.retention_check_ms = 0;
         assert!(err(c).contains("retention_check_ms"));
+        let mut c = base();
+        c.log.scrub_interval_ms = 0;
+        assert!(err(c).contains("scrub_interval_ms"));
         // A standalone node has no followers: the sync set is empty whatever sync_replicas says.
         assert_eq!(base().replication_config().unwrap().sync_replicas, 0);
         assert!(valid_node_id("node-1") && valid_node_id("a"));

@@ -15,7 +15,7 @@ use log_core::{Log, Offset};
 use protocol::{Request, Response};
 
 use crate::metrics::Stage;
-use crate::shard::{EntryRole, LogEntry, RoleChoice, Shard};
+use crate::shard::{EntryRole, RoleChoice, Shard};
 use crate::Error;
 
 /// How often the follower asks the leader for its list of logs (new logs and new snapshots
@@ -51,12 +51,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
             .c
             .controller_no_space
             .store(control.no_space() as u64, Ordering::Relaxed);
-        let local: Vec<(String, Rc<LogEntry>)> = shard
-            .logs
-            .borrow()
-            .iter()
-            .map(|(n, e)| (n.clone(), e.clone()))
-            .collect();
+        let local = shard.entries();
         let mut leaders = BTreeSet::new();
         // Entries to take out of service, by name and identity: none is held across the
         // change (the old log's directory lock goes with its last handle).

@@ -237,19 +237,21 @@ impl Replication {
                 }
                 Progress::Pending => {}
             }
-            if acks != Acks::None && acks != Acks::Leader {
+            if Instant::now() >= deadline {
+                return Err(WaitFail::Deadline);
+            }
+            // Losing the lease wakes nobody: it is looked at when a tick passes with no
+            // progress (an append that makes progress completes or meets its deadline).
+            let idle = tokio::time::timeout_at(deadline.min(Instant::now() + TICK).into(), changed)
+                .await
+                .is_err();
+            if idle && !matches!(acks, Acks::None | Acks::Leader) {
                 if let Some(c) = &shard.common.control {
                     if !c.lease_ok() {
                         return Err(WaitFail::Lease);
                     }
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(WaitFail::Deadline);
-            }
-            // The lease is looked at again every tick: losing it wakes nobody.
-            let _ =
-                tokio::time::timeout_at(deadline.min(Instant::now() + TICK).into(), changed).await;
         }
     }
 

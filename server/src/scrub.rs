@@ -98,12 +98,7 @@ pub(crate) async fn run(shard: Rc<Shard>) {
     while !shard.closing.get() {
         let began = Instant::now();
         let mut peers = Peers::default();
-        let logs: Vec<(String, Rc<LogEntry>)> = shard
-            .logs
-            .borrow()
-            .iter()
-            .map(|(n, e)| (n.clone(), e.clone()))
-            .collect();
+        let logs = shard.entries();
         for (name, entry) in logs {
             for base in entry.log.sealed_bases() {
                 if shard.closing.get() || entry.retired.get() {

@@ -214,6 +214,15 @@ impl Shard {
         }
     }
 
+    /// The logs in service now, by name (a copy: the caller may await while going through it).
+    pub fn entries(&self) -> Vec<(String, Rc<LogEntry>)> {
+        self.logs
+            .borrow()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect()
+    }
+
     /// Note that log `name`'s local storage failed (`true`) or works again (`false`).
     pub fn note_failed(&self, name: &str, failed: bool) {
         let changed = if failed {
@@ -523,12 +532,7 @@ async fn retention(shard: Rc<Shard>, policy: log_core::RetentionPolicy) {
         let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        let logs: Vec<(String, Rc<LogEntry>)> = shard
-            .logs
-            .borrow()
-            .iter()
-            .map(|(n, e)| (n.clone(), e.clone()))
-            .collect();
+        let logs = shard.entries();
         for (name, e) in logs {
             let cap = shard.common.config.replication.retention_pin_bytes_max;
             if let Some(repl) = e.leading() {

@@ -496,9 +496,8 @@ impl Driver {
                 match Message::parse_from_bytes(&frame[1..]) {
                     // A message must come from the member it names.
                     // Out of space: dropped, as a lossy network would; Raft sends again.
-                    Ok(m) if self.ids.get(&m.from) == Some(&from) && self.blocked.is_some() => {
-                        let _ = m;
-                        self.heard_from(&from);
+                    Ok(m) if self.blocked.is_some() && self.ids.get(&m.from) == Some(&from) => {
+                        self.heard_from(&from)
                     }
                     Ok(m) if self.ids.get(&m.from) == Some(&from) && m.to == self.raft_id => {
                         self.heard_from(&from);

@@ -149,26 +149,29 @@ impl NodeProc {
         listen: SocketAddr,
         extra: &[&str],
     ) -> NodeProc {
+        Self::start_on(env, Some(netns), data_dir, listen, extra)
+    }
+
+    fn start_on(
+        env: &Env,
+        netns: Option<&str>,
+        data_dir: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> NodeProc {
         let args = extra.iter().map(|s| s.to_string()).collect();
         Self::spawn(
             env.ca_dir(),
             data_dir.to_path_buf(),
             &listen.to_string(),
             args,
-            Some(netns.to_string()),
+            netns.map(str::to_string),
         )
     }
 
     /// Start a node listening on `listen` (a fixed address, for members of a controller).
     pub fn start_at(env: &Env, data_dir: &Path, listen: SocketAddr, extra: &[&str]) -> NodeProc {
-        let args = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn(
-            env.ca_dir(),
-            data_dir.to_path_buf(),
-            &listen.to_string(),
-            args,
-            None,
-        )
+        Self::start_on(env, None, data_dir, listen, extra)
     }
 
     fn spawn(
