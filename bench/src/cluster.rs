@@ -17,7 +17,7 @@ pub const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the `replog` binary is: `explicit` (`--replog`), else `$REPLOG_BIN`, else beside this
 /// program (`target/<profile>/replog` for `cargo run -p bench`), else built with `cargo build
-/// -p ops --bin replog` in this program's profile when run by cargo, else `replog` on `$PATH`.
+/// -p replog` in this program's profile when run by cargo, else `replog` on `$PATH`.
 pub fn find_replog(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
@@ -37,7 +37,7 @@ pub fn find_replog(explicit: Option<&Path>) -> Result<PathBuf, String> {
             .ancestors()
             .any(|a| a.file_name() == Some("release".as_ref()));
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "ops", "--bin", "replog"]);
+        cmd.args(["build", "-p", "replog"]);
         if release {
             cmd.arg("--release");
         }

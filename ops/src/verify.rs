@@ -82,8 +82,8 @@ async fn checksum(c: &Client, log: &str, lo: u64, hi: u64, range: u64) -> Result
             )));
         }
         for b in &read.batches {
-            let view =
-                log_core::batch::decode(b).map_err(|e| failure(format!("batch at {pos}: {e}")))?;
+            let view = protocol::format::batch::decode(b)
+                .map_err(|e| failure(format!("batch at {pos}: {e}")))?;
             let h = view.header();
             let (base, next) = (h.base_offset().0, h.next_offset().0);
             if base < lo || next > hi {

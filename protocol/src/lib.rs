@@ -23,6 +23,9 @@ pub mod idempotence;
 mod message;
 pub mod replication;
 
+/// The value types and the batch format the messages carry.
+pub use format;
+
 pub use codec::{
     decode_request, decode_response, encode_batches_prefix, encode_replicated_prefix,
     encode_request, encode_response, FrameHeader, Limits, BATCHES_PREFIX_LEN, FRAME_HEADER_LEN,

@@ -1,5 +1,5 @@
-//! The node's side of the embedded controller: the interface a controller implementation (the
-//! `ops` crate's) is given to the node through, so the node depends on no controller code.
+//! The node's side of the embedded controller: the interface the controller (`crate::controller`)
+//! is given to the node through, so the shards depend on no controller code.
 //!
 //! Controller frames travel between nodes on the peer transport: one unidirectional QUIC stream
 //! per frame on a mutually authenticated peer connection (ALPN `replog-peer/1`), holding

@@ -11,9 +11,11 @@
 //!
 //! The wire protocol is the `protocol` crate and `docs/protocol.md`.
 
+pub mod cli;
 pub mod config;
 mod conn;
 pub mod control;
+pub mod controller;
 mod files;
 mod follow;
 mod leader;

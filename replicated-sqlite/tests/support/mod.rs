@@ -29,7 +29,7 @@ pub fn replog_bin() -> PathBuf {
         if !bin.exists() {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "ops", "--bin", "replog", "--target-dir"])
+            cmd.args(["build", "-p", "replog", "--target-dir"])
                 .arg(profile_dir.parent().unwrap());
             match profile_dir.file_name().and_then(|n| n.to_str()) {
                 Some("debug") => {}

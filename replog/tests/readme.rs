@@ -53,6 +53,11 @@ fn the_quick_start_runs_as_written() {
     // The first block starts the cluster; the second is the quick start against it.
     let run = commands(&blocks[0]);
     assert_eq!(run.len(), 1, "{run:?}");
+    // The binary's package: `cargo run` must build the `replog` binary.
+    assert!(
+        run[0].starts_with("cargo run --release -p replog "),
+        "{run:?}"
+    );
     let dev_args: Vec<&str> = run[0]
         .split_once(" -- ")
         .expect("cargo run ... -- dev")

@@ -1,6 +1,6 @@
 //! Controller frames between nodes over QUIC: the node's peer TLS configuration (mutual TLS,
 //! ALPN `replog-peer/1`), one connection per member made on demand, one unidirectional stream
-//! per frame (`server::control::encode_frame`). Best effort: a frame for a member that cannot
+//! per frame (`crate::control::encode_frame`). Best effort: a frame for a member that cannot
 //! be reached is dropped, and Raft sends again.
 
 use std::collections::HashMap;
@@ -106,7 +106,7 @@ async fn send_to(
     endpoint: quinn::Endpoint,
     mut rx: mpsc::Receiver<Bytes>,
 ) {
-    let name = server::tls::peer_name(&to);
+    let name = crate::tls::peer_name(&to);
     let mut conn: Option<quinn::Connection> = None;
     let mut retry_at = Instant::now();
     while let Some(frame) = rx.recv().await {
@@ -141,7 +141,7 @@ async fn send_to(
             }
         }
         let c = conn.clone().expect("connected above");
-        let bytes = server::control::encode_frame(&me, &frame);
+        let bytes = crate::control::encode_frame(&me, &frame);
         tokio::spawn(async move {
             if let Ok(mut s) = c.open_uni().await {
                 if s.write_all(&bytes).await.is_ok() {

@@ -1,5 +1,5 @@
 //! The controller inside a `replog node`: started by the node through
-//! [`server::control::ControlFactory`] once it knows its id and TLS configuration, fed the
+//! [`crate::control::ControlFactory`] once it knows its id and TLS configuration, fed the
 //! node's log states every two ticks, and answering for the controller part of `status`.
 //!
 //! The node steers each log by the records this controller serves
@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::control::{ControlContext, ControlFactory, ControlPlane, LogRecord};
+use crate::NodeConfig;
 use bytes::Bytes;
-use server::control::{ControlContext, ControlFactory, ControlPlane, LogRecord};
-use server::NodeConfig;
 
 use super::driver::{Controller, ControllerConfig};
 use super::failover::{FailoverConfig, LogReport, NodeReport};
@@ -332,9 +332,9 @@ pub fn factory(cfg: &NodeConfig) -> (ControlFactory, Arc<Mutex<Option<Arc<NodeCo
 
 /// Every two ticks, until the node stops: report the node's logs to the controller leader,
 /// and, on the configured leader, register the logs the metadata does not know yet.
-pub fn run_reports(node: server::NodeHandle, nc: Arc<NodeController>, cfg: NodeConfig) {
+pub fn run_reports(node: crate::NodeHandle, nc: Arc<NodeController>, cfg: NodeConfig) {
     let every = Duration::from_millis(cfg.controller.tick_ms * 2);
-    let leading = cfg.role() == server::config::Role::Leader;
+    let leading = cfg.role() == crate::config::Role::Leader;
     let policy = if cfg.replication.sync_replicas > 0 {
         Policy::SyncSet
     } else {
