@@ -1,5 +1,9 @@
-//! The node's decisions, without I/O: what the embedded controller records and how it chooses
-//! leaders. Time comes in as an argument; nothing here reads a clock, a file or a socket, so
-//! the real node and tests drive the same code.
+//! The node's decisions, without I/O: the embedded controller (a Raft host over a storage
+//! trait, the replicated metadata, the election rule, failure detection, leases) and each log's
+//! leader and follower rules. Time comes in as an argument; nothing here reads a clock, a file
+//! or a socket (`clippy.toml` keeps it so), so the real node (`server`) and the cluster
+//! simulator (`sim`) drive the same code.
 
 pub mod controller;
+
+pub use protocol::planted;

@@ -21,6 +21,7 @@ mod codec;
 mod error;
 pub mod idempotence;
 mod message;
+pub mod planted;
 pub mod replication;
 
 /// The value types and the batch format the messages carry.

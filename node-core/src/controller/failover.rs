@@ -10,7 +10,7 @@
 //! is tested without a network or a clock.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,11 +56,16 @@ pub struct NodeReport {
     pub storage: Option<String>,
 }
 
-/// A report and when it arrived.
+/// A report and when it arrived (ms, on the receiving node's clock).
 #[derive(Clone, Debug)]
 pub struct Heard {
-    pub at: Instant,
+    pub at_ms: u64,
     pub report: NodeReport,
+}
+
+/// The time from `earlier` to `now` (ms) as a duration; zero if the clock says otherwise.
+fn since(now_ms: u64, earlier_ms: u64) -> Duration {
+    Duration::from_millis(now_ms.saturating_sub(earlier_ms))
 }
 
 /// The failover settings.
@@ -77,24 +82,23 @@ fn log_report<'a>(heard: &'a Heard, log: &str) -> Option<&'a LogReport> {
     heard.report.logs.iter().find(|l| l.log == log)
 }
 
-/// The commands the controller leader should propose now. `listening_since` is when this node
-/// started receiving reports (every member receives every member's reports): until
-/// `leader_timeout` has passed since, it has not heard from everyone, and decides nothing. `now_ms` is the wall clock recorded in commands.
+/// The commands the controller leader should propose now. `listening_since_ms` is when this
+/// node started receiving reports (every member receives every member's reports): until
+/// `leader_timeout` has passed since, it has not heard from everyone, and decides nothing.
+/// Times are ms on this node's clock (`now_ms` is also what commands record).
 pub fn decide(
     meta: &ClusterMeta,
     heard: &BTreeMap<NodeId, Heard>,
-    now: Instant,
-    listening_since: Instant,
-    cfg: &FailoverConfig,
     now_ms: u64,
+    listening_since_ms: u64,
+    cfg: &FailoverConfig,
 ) -> Vec<Command> {
     decide_with(
         meta,
         heard,
-        now,
-        listening_since,
-        cfg,
         now_ms,
+        listening_since_ms,
+        cfg,
         &BTreeMap::new(),
     )
 }
@@ -105,25 +109,24 @@ pub fn decide(
 pub fn decide_with(
     meta: &ClusterMeta,
     heard: &BTreeMap<NodeId, Heard>,
-    now: Instant,
-    listening_since: Instant,
-    cfg: &FailoverConfig,
     now_ms: u64,
-    began: &BTreeMap<String, Instant>,
+    listening_since_ms: u64,
+    cfg: &FailoverConfig,
+    began: &BTreeMap<String, u64>,
 ) -> Vec<Command> {
-    if now.saturating_duration_since(listening_since) < cfg.leader_timeout {
+    if since(now_ms, listening_since_ms) < cfg.leader_timeout {
         return Vec::new();
     }
     let reported = |n: &str| {
         heard.get(n).is_some_and(|h| {
-            now.saturating_duration_since(h.at) < cfg.leader_timeout && h.report.storage.is_none()
+            since(now_ms, h.at_ms) < cfg.leader_timeout && h.report.storage.is_none()
         })
     };
     let members: Vec<&NodeId> = meta.members.keys().collect();
     // A node is alive when its reports arrive and it exchanges messages both ways with enough
     // members to form a majority with them: a node cut off in one direction still reports,
     // but cannot replicate or be heard.
-    let alive = |n: &str| reported(n) && !isolated(n, &members, heard, now, cfg.leader_timeout);
+    let alive = |n: &str| reported(n) && !isolated(n, &members, heard, now_ms, cfg.leader_timeout);
     let mut out = Vec::new();
     for (name, log) in &meta.logs {
         let reachable: Vec<ReplicaState> = log
@@ -149,9 +152,9 @@ pub fn decide_with(
         match &log.leader {
             Some(leader)
                 if alive(leader)
-                    || began.get(name).is_some_and(|t| {
-                        now.saturating_duration_since(*t) < cfg.leader_timeout
-                    }) =>
+                    || began
+                        .get(name)
+                        .is_some_and(|t| since(now_ms, *t) < cfg.leader_timeout) =>
             {
                 if let Some(cmd) = transfer_step(name, log, now_ms) {
                     out.push(cmd);
@@ -177,11 +180,11 @@ pub fn decide_with(
                                 match heard.get(leader.as_str()) {
                                     Some(h) if reported(leader) => format!(
                                         "is cut off from a majority of the members (last heard from {:?} ago)",
-                                        now.saturating_duration_since(h.at)
+                                        since(now_ms, h.at_ms)
                                     ),
                                     Some(h) => format!(
                                         "last heard from {:?} ago",
-                                        now.saturating_duration_since(h.at)
+                                        since(now_ms, h.at_ms)
                                     ),
                                     None => "never heard from by this controller".into(),
                                 },
@@ -220,11 +223,11 @@ fn heard_age(
     heard: &BTreeMap<NodeId, Heard>,
     from: &str,
     of: &str,
-    now: Instant,
+    now_ms: u64,
 ) -> Option<Duration> {
     let h = heard.get(from)?;
     let ms = *h.report.heard_ms.get(of)?;
-    Some(Duration::from_millis(ms) + now.saturating_duration_since(h.at))
+    Some(Duration::from_millis(ms) + since(now_ms, h.at_ms))
 }
 
 /// Whether node `n` lacks two-way contact with a majority of `members` (itself included) for
@@ -237,7 +240,7 @@ pub fn isolated(
     n: &str,
     members: &[&NodeId],
     heard: &BTreeMap<NodeId, Heard>,
-    now: Instant,
+    now_ms: u64,
     timeout: Duration,
 ) -> bool {
     if members.len() <= 1 {
@@ -245,10 +248,8 @@ pub fn isolated(
     }
     // Whether `from` hears `of`, by `from`'s current report; `None`: no such report.
     let hears = |from: &str, of: &str| match heard.get(from) {
-        Some(h)
-            if now.saturating_duration_since(h.at) < timeout && !h.report.heard_ms.is_empty() =>
-        {
-            Some(heard_age(heard, from, of, now).is_some_and(|a| a < timeout))
+        Some(h) if since(now_ms, h.at_ms) < timeout && !h.report.heard_ms.is_empty() => {
+            Some(heard_age(heard, from, of, now_ms).is_some_and(|a| a < timeout))
         }
         _ => None,
     };
@@ -309,6 +310,7 @@ mod tests {
     use crate::controller::meta::{Member, Policy, Transfer};
 
     const T: Duration = Duration::from_secs(2);
+    const T_MS: u64 = 2000;
 
     fn meta(sync_set: &[&str]) -> ClusterMeta {
         let mut m = ClusterMeta::default();
@@ -347,11 +349,11 @@ mod tests {
         m
     }
 
-    fn heard(at: Instant, node: &str, epoch: u64, end: u64, commit: u64) -> (NodeId, Heard) {
+    fn heard(at_ms: u64, node: &str, epoch: u64, end: u64, commit: u64) -> (NodeId, Heard) {
         (
             node.to_string(),
             Heard {
-                at,
+                at_ms,
                 report: NodeReport {
                     node: node.into(),
                     logs: vec![LogReport {
@@ -378,28 +380,28 @@ mod tests {
 
     #[test]
     fn nothing_happens_while_the_leader_is_heard_or_the_controller_is_new() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let m = meta(&["b"]);
         let h: BTreeMap<_, _> = [heard(now, "a", 1, 10, 10), heard(now, "b", 1, 10, 10)].into();
-        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
+        assert!(decide(&m, &h, now, t0, &cfg(false)).is_empty());
         // The leader is silent, but this controller leader is new: wait.
         let h: BTreeMap<_, _> = [heard(now, "b", 1, 10, 10)].into();
-        assert!(decide(&m, &h, now, now - T / 2, &cfg(false), 0).is_empty());
+        assert!(decide(&m, &h, now, now - T_MS / 2, &cfg(false)).is_empty());
     }
 
     #[test]
     fn a_silent_leader_is_replaced_by_a_sync_set_member() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let m = meta(&["b"]);
         let h: BTreeMap<_, _> = [
-            heard(now - T * 2, "a", 1, 12, 10),
+            heard(now - 2 * T_MS, "a", 1, 12, 10),
             heard(now, "b", 1, 10, 10),
             heard(now, "c", 1, 11, 10),
         ]
         .into();
-        let cmds = decide(&m, &h, now, t0, &cfg(false), 0);
+        let cmds = decide(&m, &h, now, t0, &cfg(false));
         assert_eq!(
             cmds,
             vec![Command::Elect {
@@ -415,12 +417,15 @@ mod tests {
 
     #[test]
     fn without_a_guaranteed_replica_the_leader_is_deposed_or_unclean_elected() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let m = meta(&["b"]);
-        let h: BTreeMap<_, _> =
-            [heard(now - T * 2, "a", 1, 12, 9), heard(now, "c", 1, 11, 9)].into();
-        let cmds = decide(&m, &h, now, t0, &cfg(false), 0);
+        let h: BTreeMap<_, _> = [
+            heard(now - 2 * T_MS, "a", 1, 12, 9),
+            heard(now, "c", 1, 11, 9),
+        ]
+        .into();
+        let cmds = decide(&m, &h, now, t0, &cfg(false));
         let [Command::Depose {
             epoch: 1, reason, ..
         }] = &cmds[..]
@@ -433,7 +438,7 @@ mod tests {
         );
         assert!(reason.contains("unclean_failover is off"), "{reason}");
         // With unclean failover, c leads and the possible loss is recorded.
-        let cmds = decide(&m, &h, now, t0, &cfg(true), 77);
+        let cmds = decide(&m, &h, now, t0, &cfg(true));
         let [Command::Elect {
             leader,
             unclean: Some(u),
@@ -443,7 +448,7 @@ mod tests {
             panic!("{cmds:?}")
         };
         assert_eq!(leader, "c");
-        assert_eq!((u.end, u.known_commit, u.at_ms, u.epoch), (11, 9, 77, 2));
+        assert_eq!((u.end, u.known_commit, u.at_ms, u.epoch), (11, 9, now, 2));
     }
 
     fn hearing(mut h: (NodeId, Heard), ms: &[(&str, u64)]) -> (NodeId, Heard) {
@@ -453,8 +458,8 @@ mod tests {
 
     #[test]
     fn a_leader_cut_off_in_either_direction_is_replaced_and_a_cut_off_follower_is_not() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let m = meta(&["b"]);
         let long = T.as_millis() as u64 * 2;
         let elected_b = |cmds: Vec<Command>| matches!(&cmds[..], [Command::Elect { leader, .. }] if leader == "b");
@@ -465,7 +470,7 @@ mod tests {
             hearing(heard(now, "c", 1, 10, 10), &[("a", 50), ("b", 50)]),
         ]
         .into();
-        assert!(elected_b(decide(&m, &h, now, t0, &cfg(false), 0)));
+        assert!(elected_b(decide(&m, &h, now, t0, &cfg(false))));
         // Leader to followers cut, a's reports still arriving (by another path): nobody hears
         // a.
         let h: BTreeMap<_, _> = [
@@ -474,7 +479,7 @@ mod tests {
             hearing(heard(now, "c", 1, 10, 10), &[("a", long), ("b", 50)]),
         ]
         .into();
-        assert!(elected_b(decide(&m, &h, now, t0, &cfg(false), 0)));
+        assert!(elected_b(decide(&m, &h, now, t0, &cfg(false))));
         // Not yet for longer than leader_timeout: nothing happens.
         let short = T.as_millis() as u64 / 2;
         let h: BTreeMap<_, _> = [
@@ -483,7 +488,7 @@ mod tests {
             hearing(heard(now, "c", 1, 10, 10), &[("a", short), ("b", 50)]),
         ]
         .into();
-        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
+        assert!(decide(&m, &h, now, t0, &cfg(false)).is_empty());
         // A follower cut off both ways does not make the leader fail: a still has b.
         let h: BTreeMap<_, _> = [
             hearing(heard(now, "a", 1, 10, 10), &[("b", 50), ("c", long)]),
@@ -491,31 +496,28 @@ mod tests {
             hearing(heard(now, "c", 1, 10, 10), &[("a", long), ("b", long)]),
         ]
         .into();
-        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
+        assert!(decide(&m, &h, now, t0, &cfg(false)).is_empty());
         // Reports of an older node (no figures) count as contact.
         let h: BTreeMap<_, _> = [heard(now, "a", 1, 10, 10), heard(now, "b", 1, 10, 10)].into();
-        assert!(decide(&m, &h, now, t0, &cfg(false), 0).is_empty());
+        assert!(decide(&m, &h, now, t0, &cfg(false)).is_empty());
     }
 
     #[test]
     fn a_leader_just_elected_has_leader_timeout_to_start_reporting() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let m = meta(&["b"]);
         let h: BTreeMap<_, _> = [heard(now, "b", 1, 10, 10)].into();
-        let began: BTreeMap<String, Instant> = [("l".to_string(), now - T / 2)].into();
-        assert!(decide_with(&m, &h, now, t0, &cfg(false), 0, &began).is_empty());
-        let began: BTreeMap<String, Instant> = [("l".to_string(), now - T * 2)].into();
-        assert_eq!(
-            decide_with(&m, &h, now, t0, &cfg(false), 0, &began).len(),
-            1
-        );
+        let began: BTreeMap<String, u64> = [("l".to_string(), now - T_MS / 2)].into();
+        assert!(decide_with(&m, &h, now, t0, &cfg(false), &began).is_empty());
+        let began: BTreeMap<String, u64> = [("l".to_string(), now - 2 * T_MS)].into();
+        assert_eq!(decide_with(&m, &h, now, t0, &cfg(false), &began).len(), 1);
     }
 
     #[test]
     fn a_leaderless_log_gets_a_leader_when_a_holder_returns_and_says_why_until_then() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let mut m = meta(&["b"]);
         m.apply(&Command::Depose {
             log: "l".into(),
@@ -524,7 +526,7 @@ mod tests {
         })
         .unwrap();
         let h: BTreeMap<_, _> = [heard(now, "c", 1, 11, 9)].into();
-        let cmds = decide(&m, &h, now, t0, &cfg(false), 0);
+        let cmds = decide(&m, &h, now, t0, &cfg(false));
         let [Command::NoLeader {
             epoch: 2, reason, ..
         }] = &cmds[..]
@@ -533,13 +535,10 @@ mod tests {
         };
         // Once recorded, the same reason is not proposed again.
         m.apply(&cmds[0]).unwrap();
-        assert!(
-            decide(&m, &h, now, t0, &cfg(false), 0).is_empty(),
-            "{reason}"
-        );
+        assert!(decide(&m, &h, now, t0, &cfg(false)).is_empty(), "{reason}");
         // The old leader returns: it may lead again.
         let h: BTreeMap<_, _> = [heard(now, "c", 1, 11, 9), heard(now, "a", 1, 12, 9)].into();
-        let cmds = decide(&m, &h, now, t0, &cfg(false), 0);
+        let cmds = decide(&m, &h, now, t0, &cfg(false));
         assert!(
             matches!(&cmds[..], [Command::Elect { leader, epoch: 2, .. }] if leader == "a"),
             "{cmds:?}"
@@ -548,8 +547,8 @@ mod tests {
 
     #[test]
     fn a_transfer_is_left_to_the_leader_and_expires_if_it_does_not_complete() {
-        let t0 = Instant::now();
-        let now = t0 + Duration::from_secs(10);
+        let t0 = 0u64;
+        let now = 10_000u64;
         let mut m = meta(&["b"]);
         m.logs.get_mut("l").unwrap().transfer = Some(Transfer {
             to: "c".into(),
@@ -557,15 +556,17 @@ mod tests {
         });
         let behind: BTreeMap<_, _> =
             [heard(now, "a", 1, 12, 10), heard(now, "c", 1, 11, 10)].into();
-        assert!(decide(&m, &behind, now, t0, &cfg(false), 2000).is_empty());
+        assert!(decide(&m, &behind, now, t0, &cfg(false)).is_empty());
         // Even with equal ends reported, the controller does not elect the target: the reports
         // may be older than the leader's last appends.
         let caught_up: BTreeMap<_, _> =
             [heard(now, "a", 1, 12, 12), heard(now, "c", 1, 12, 12)].into();
-        assert!(decide(&m, &caught_up, now, t0, &cfg(false), 2000).is_empty());
+        assert!(decide(&m, &caught_up, now, t0, &cfg(false)).is_empty());
         let late = 1000 + TRANSFER_TIMEOUT.as_millis() as u64 + 1;
+        let behind: BTreeMap<_, _> =
+            [heard(late, "a", 1, 12, 10), heard(late, "c", 1, 11, 10)].into();
         assert_eq!(
-            decide(&m, &behind, now, t0, &cfg(false), late),
+            decide(&m, &behind, late, t0, &cfg(false)),
             vec![Command::CancelTransfer {
                 log: "l".into(),
                 epoch: 1

@@ -1,77 +1,79 @@
-//! The controller's Raft driver: one raft-rs `RawNode` per node, ticked and stepped on a thread
-//! of its own, persisting through [`DiskStorage`] before anything it wrote is acknowledged, and
-//! applying committed [`Command`]s to the [`ClusterMeta`] every node holds.
+//! The controller's driver: one [`ControllerCore`] per node (`node_core`), run on a thread of
+//! its own. It feeds the core frames from the transport, this node's reports, proposals and
+//! ticks, with the node's clock ([`now_ms`]); persists through [`DiskStorage`] (the core
+//! writes before anything it wrote is acknowledged); sends what the core queues through a
+//! [`Transport`]; answers proposals as they apply; and publishes the state after every change.
 //!
-//! Membership is static: every member of the configured list is a voter from the start (the
-//! same list on every node, checked against what the data dir recorded). The first Raft leader
-//! of a new cluster proposes `Init` with a fresh cluster id.
-//!
-//! Messages to other nodes go through a [`Transport`]: best effort, in any order, possibly
+//! Messages to other nodes go through the transport: best effort, in any order, possibly
 //! lost; Raft retries what matters.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use protobuf::Message as _;
-use raft::prelude::{Entry, EntryType, Message, MessageType};
-use raft::{RawNode, StateRole};
-use serde::{Deserialize, Serialize};
+use node_core::controller::core::{ControllerCore, CoreConfig, RaftStore, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::failover::{decide_with, FailoverConfig, Heard, NodeReport};
-use super::meta::{ClusterMeta, Command, Member, NodeId, Refusal};
-use super::storage::DiskStorage;
+pub use node_core::controller::core::{
+    ProposeError, StartError, ELECTION_TICKS, HEARTBEAT_TICKS, NO_SPACE_RETRY_MAX,
+    NO_SPACE_RETRY_MIN,
+};
 
-/// Raft ticks per election timeout (randomised by raft-rs between 1x and 2x).
-pub const ELECTION_TICKS: usize = 10;
-/// Raft ticks between a leader's heartbeats.
-pub const HEARTBEAT_TICKS: usize = 2;
-/// Applied entries after which the metadata is snapshotted and the Raft log compacted.
-pub const COMPACT_ENTRIES: u64 = 1000;
-/// Wire frame kinds: a Raft message (protobuf), a node's report to the leader (JSON), the
-/// leader's acknowledgement of a report (JSON [`ReportAck`]).
-const WIRE_RAFT: u8 = 1;
-const WIRE_REPORT: u8 = 2;
-const WIRE_REPORT_ACK: u8 = 3;
+use super::failover::{FailoverConfig, NodeReport};
+use super::meta::{ClusterMeta, Command, Member, NodeId};
+use super::storage::{DiskStorage, StorageError};
 
-/// The controller leader's answer to a report: the lease of its sender.
-#[derive(Serialize, Deserialize)]
-struct ReportAck {
-    /// The leader's Raft term.
-    term: u64,
-    /// The report's `sent_ms`.
-    sent_ms: u64,
-}
-/// How long the leader waits before proposing the same failover command for a log again.
-const REPROPOSE_AFTER: Duration = Duration::from_secs(1);
-/// The first and the longest pause before a write that ran out of space is made again.
-pub const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(100);
-pub const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// A `Ready` not yet fully handled, and how far it got.
-struct Held {
-    ready: raft::Ready,
-    snapshot_done: bool,
-    applied_done: bool,
+/// The node's clock for the controller, in ms: the wall clock when the process first asked,
+/// advanced by the monotonic clock since (so it never jumps back, and its figures read as
+/// times of day). Leases, reports and failure detection are measured on it.
+pub fn now_ms() -> u64 {
+    static ORIGIN: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (at, wall) = ORIGIN.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (Instant::now(), wall)
+    });
+    wall + at.elapsed().as_millis() as u64
 }
 
-/// The controller's storage ran out of space: until a write succeeds again the node neither
-/// votes, nor proposes, nor steps Raft messages (so nothing is acknowledged that is not
-/// durable), nor ticks, and its reports say so.
-struct Blocked {
-    since: Instant,
-    /// The last error, for status.
-    error: String,
-    /// The next pause.
-    pause: Duration,
-    retry_at: Instant,
-    /// The `Ready` whose writes are to be made again.
-    held: Option<Held>,
-    /// A commit index not yet saved.
-    commit: Option<u64>,
+fn store_error(e: StorageError) -> StoreError {
+    StoreError {
+        no_space: e.is_no_space(),
+        message: e.to_string(),
+    }
+}
+
+impl RaftStore for DiskStorage {
+    fn append(&mut self, entries: &[raft::prelude::Entry]) -> Result<(), StoreError> {
+        DiskStorage::append(self, entries).map_err(store_error)
+    }
+    fn set_hardstate(&mut self, hs: raft::prelude::HardState) -> Result<(), StoreError> {
+        DiskStorage::set_hardstate(self, hs).map_err(store_error)
+    }
+    fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
+        DiskStorage::set_commit(self, commit).map_err(store_error)
+    }
+    fn apply_snapshot(&mut self, snap: raft::prelude::Snapshot) -> Result<(), StoreError> {
+        DiskStorage::apply_snapshot(self, snap).map_err(store_error)
+    }
+    fn compact(
+        &mut self,
+        index: u64,
+        data: Vec<u8>,
+        conf: raft::prelude::ConfState,
+    ) -> Result<(), StoreError> {
+        DiskStorage::compact(self, index, data, conf).map_err(store_error)
+    }
+    fn entries_since_snapshot(&self) -> u64 {
+        DiskStorage::entries_since_snapshot(self)
+    }
+    fn snapshot_data(&self) -> Option<(u64, Vec<u8>)> {
+        DiskStorage::snapshot_data(self)
+    }
 }
 
 /// Sends bytes to another member, best effort.
@@ -118,34 +120,6 @@ impl State {
     }
 }
 
-/// Why a proposal did not apply.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ProposeError {
-    /// The command was applied and refused by the state machine (stale epoch, ...).
-    #[error("refused: {0}")]
-    Refused(#[from] Refusal),
-    /// Raft could not take it (no leader known at the moment); nothing was proposed.
-    #[error("the controller has no leader")]
-    NoLeader,
-    /// It may or may not apply later (a leader change lost it, or it is slow).
-    #[error("no outcome within {0:?}")]
-    Timeout(Duration),
-    /// The controller has stopped.
-    #[error("the controller has stopped")]
-    Stopped,
-    /// This node's controller storage is out of space; nothing was proposed.
-    #[error("this node's controller storage is out of space: {0}")]
-    NoSpace(String),
-}
-
-/// A proposal's entry data.
-#[derive(Serialize, Deserialize)]
-struct Proposal {
-    /// Unique per proposing node: (raft id << 40) + counter.
-    id: u64,
-    cmd: Command,
-}
-
 enum Input {
     Net(NodeId, Bytes),
     Report(NodeReport),
@@ -156,25 +130,13 @@ enum Input {
 /// A running controller.
 pub struct Controller {
     me: NodeId,
-    /// The start of this node's latest round trip with the controller leader (ms since the
-    /// Unix epoch): when it sent the last report the leader acknowledged, or, leading, when a
-    /// majority of the members had last answered it. What its lease is measured from.
-    contact_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// When each other member last sent a valid controller frame (ms since the Unix epoch).
-    peers_ms: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
+    /// The core's `contact_ms` (0: none yet), as of its last change.
+    contact_ms: Arc<AtomicU64>,
+    /// The core's `peers_ms`, as of its last change.
+    peers_ms: Arc<Mutex<BTreeMap<NodeId, u64>>>,
     tx: mpsc::UnboundedSender<Input>,
     state: watch::Receiver<Arc<State>>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("node {0} is not in the member list")]
-    NotAMember(NodeId),
-    #[error("controller storage: {0}")]
-    Storage(String),
-    #[error("raft: {0}")]
-    Raft(String),
 }
 
 impl Controller {
@@ -183,78 +145,37 @@ impl Controller {
         cfg: ControllerConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<Controller, StartError> {
-        let me = cfg
-            .members
-            .get(&cfg.node_id)
-            .ok_or_else(|| StartError::NotAMember(cfg.node_id.clone()))?
-            .raft_id;
         let voters: Vec<u64> = cfg.members.values().map(|m| m.raft_id).collect();
+        if !cfg.members.contains_key(&cfg.node_id) {
+            return Err(StartError::NotAMember(cfg.node_id.clone()));
+        }
         let storage =
             DiskStorage::open(&cfg.dir, &voters).map_err(|e| StartError::Storage(e.to_string()))?;
-        let (meta, applied) = match storage.snapshot_data() {
-            Some((index, data)) => (
-                serde_json::from_slice::<ClusterMeta>(&data)
-                    .map_err(|e| StartError::Storage(format!("metadata snapshot: {e}")))?,
-                index,
-            ),
-            None => (ClusterMeta::default(), 0),
-        };
-        let config = raft::Config {
-            id: me,
-            election_tick: ELECTION_TICKS,
-            heartbeat_tick: HEARTBEAT_TICKS,
-            applied,
-            check_quorum: true,
-            pre_vote: true,
-            ..Default::default()
-        };
-        config
-            .validate()
-            .map_err(|e| StartError::Raft(e.to_string()))?;
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let node =
-            RawNode::new(&config, storage, &logger).map_err(|e| StartError::Raft(e.to_string()))?;
+        let mut id = [0u8; 8];
+        let _ = getrandom::fill(&mut id);
+        let core = ControllerCore::new(
+            CoreConfig {
+                node_id: cfg.node_id.clone(),
+                members: cfg.members.clone(),
+                failover: cfg.failover,
+                election_ticks: ELECTION_TICKS,
+                cluster_id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            },
+            storage,
+            now_ms(),
+        )?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let contact_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let peers_ms = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-        let initial = Arc::new(State {
-            meta: meta.clone(),
-            applied,
-            ..State::default()
-        });
-        let (state_tx, state) = watch::channel(initial);
-        let ids: HashMap<u64, NodeId> = cfg
-            .members
-            .iter()
-            .map(|(id, m)| (m.raft_id, id.clone()))
-            .collect();
-        let mut driver = Driver {
-            node,
-            me: cfg.node_id.clone(),
-            raft_id: me,
-            ids,
-            members: cfg.members.clone(),
-            meta,
-            applied,
+        let contact_ms = Arc::new(AtomicU64::new(0));
+        let peers_ms = Arc::new(Mutex::new(BTreeMap::new()));
+        let (state_tx, state) = watch::channel(Arc::new(State::default()));
+        let driver = Driver {
+            core,
             transport,
             pending: HashMap::new(),
-            next_proposal: 0,
             state: state_tx,
-            failed: None,
-            init_term: None,
-            failover: cfg.failover,
-            heard: BTreeMap::new(),
-            listening_since: Instant::now(),
-            proposed: HashMap::new(),
-            began: BTreeMap::new(),
             contact_ms: contact_ms.clone(),
             peers_ms: peers_ms.clone(),
-            answered_ms: BTreeMap::new(),
-            started_ms: now_ms(),
-            blocked: None,
         };
-        // Replay what was committed before a restart, so the metadata is current on return.
-        driver.on_ready().map_err(StartError::Storage)?;
         driver.publish();
         let tick = cfg.tick;
         let thread = std::thread::Builder::new()
@@ -276,12 +197,18 @@ impl Controller {
         &self.me
     }
 
-    /// How long ago this node's latest round trip with the controller leader began (see
-    /// `contact_ms`): a node cut off in either direction sees it grow. `None`: it has had none
-    /// since it started.
+    /// When this node's latest round trip with the controller leader began (on [`now_ms`]'s
+    /// clock): a node cut off in either direction sees it age. `None`: it has had none since it
+    /// started.
+    pub fn contact_ms(&self) -> Option<u64> {
+        let at = self.contact_ms.load(Ordering::Relaxed);
+        (at > 0).then_some(at)
+    }
+
+    /// How long ago [`Controller::contact_ms`] was.
     pub fn since_contact(&self) -> Option<Duration> {
-        let at = self.contact_ms.load(std::sync::atomic::Ordering::Relaxed);
-        (at > 0).then(|| Duration::from_millis(now_ms().saturating_sub(at)))
+        self.contact_ms()
+            .map(|at| Duration::from_millis(now_ms().saturating_sub(at)))
     }
 
     /// The members heard from within `within` (a valid controller frame), this node included.
@@ -353,43 +280,13 @@ impl Drop for Controller {
 }
 
 struct Driver {
-    node: RawNode<DiskStorage>,
-    me: NodeId,
-    raft_id: u64,
-    ids: HashMap<u64, NodeId>,
-    members: BTreeMap<NodeId, Member>,
-    meta: ClusterMeta,
-    applied: u64,
+    core: ControllerCore<DiskStorage>,
     transport: Arc<dyn Transport>,
+    /// Proposals of this node waiting for their outcome, by the core's id.
     pending: HashMap<u64, oneshot::Sender<Result<(), ProposeError>>>,
-    next_proposal: u64,
     state: watch::Sender<Arc<State>>,
-    failed: Option<String>,
-    /// The term in which this node proposed `Init`.
-    init_term: Option<u64>,
-    failover: Option<FailoverConfig>,
-    /// The latest report of each member (every member keeps them, the leader decides).
-    heard: BTreeMap<NodeId, Heard>,
-    /// When this node's controller started: reports have been arriving since.
-    listening_since: Instant,
-    /// Failover commands proposed recently, per log: (epoch, when).
-    proposed: HashMap<String, (u64, Instant)>,
-    /// When each log's current epoch began, as this node saw it: (epoch, when).
-    began: BTreeMap<String, (u64, Instant)>,
-    contact_ms: Arc<std::sync::atomic::AtomicU64>,
-    peers_ms: Arc<std::sync::Mutex<BTreeMap<NodeId, u64>>>,
-    /// Leading: when each other member last answered a Raft message of this node (ms).
-    answered_ms: BTreeMap<NodeId, u64>,
-    /// When this controller started (ms since the Unix epoch).
-    started_ms: u64,
-    /// Set while a storage write is waiting for space.
-    blocked: Option<Blocked>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    contact_ms: Arc<AtomicU64>,
+    peers_ms: Arc<Mutex<BTreeMap<NodeId, u64>>>,
 }
 
 impl Driver {
@@ -400,25 +297,20 @@ impl Driver {
         {
             Ok(rt) => rt,
             Err(e) => {
-                self.fail(format!("runtime: {e}"));
+                tracing::error!(error = %e, "controller: no runtime");
                 return;
             }
         };
         rt.block_on(async move {
             let mut next_tick = Instant::now() + tick;
-            while self.failed.is_none() {
+            while self.core.failed().is_none() {
                 tokio::select! {
                     input = rx.recv() => match input {
                         None | Some(Input::Stop) => break,
                         Some(i) => self.input(i),
                     },
                     _ = tokio::time::sleep_until(next_tick.into()) => {
-                        // Out of space, the node does not tick: it starts no election, and as
-                        // the leader it sends no heartbeats, so the others elect another.
-                        if self.blocked.is_none() {
-                            self.node.tick();
-                            self.failover();
-                        }
+                        self.core.tick(now_ms());
                         // Callers that gave up on a proposal are forgotten.
                         self.pending.retain(|_, done| !done.is_closed());
                         next_tick += tick;
@@ -436,446 +328,71 @@ impl Driver {
                     }
                     self.input(i);
                 }
-                if let Err(e) = self.on_ready() {
-                    self.fail(e);
-                }
+                let _ = self.core.process(now_ms());
+                self.flush();
             }
         });
     }
 
-    fn fail(&mut self, why: String) {
-        tracing::error!(error = %why, "controller stopped");
-        self.failed = Some(why);
-        for (_, p) in self.pending.drain() {
-            let _ = p.send(Err(ProposeError::Stopped));
-        }
-        self.publish();
-    }
-
     fn input(&mut self, input: Input) {
+        let now = now_ms();
         match input {
-            Input::Report(r) => self.route_report(r),
-            Input::Net(from, frame) if frame.first() == Some(&WIRE_REPORT) => {
-                match serde_json::from_slice::<NodeReport>(&frame[1..]) {
-                    Ok(r) if r.node == from && self.members.contains_key(&from) => {
-                        self.heard_from(&from);
-                        self.ack_report(&r);
-                        self.route_report(r)
-                    }
-                    Ok(_) => {
-                        tracing::warn!(from = %from, "controller: a report about another node")
-                    }
-                    Err(e) => {
-                        tracing::warn!(from = %from, error = %e, "controller: undecodable report")
-                    }
+            Input::Net(from, frame) => self.core.receive(now, &from, &frame),
+            Input::Report(r) => self.core.report(now, r),
+            Input::Propose(cmd, done) => match self.core.propose(cmd) {
+                Ok(id) => {
+                    self.pending.insert(id, done);
                 }
-            }
-            Input::Net(from, frame) if frame.first() == Some(&WIRE_REPORT_ACK) => {
-                match serde_json::from_slice::<ReportAck>(&frame[1..]) {
-                    Ok(_) if self.blocked.is_some() => self.heard_from(&from),
-                    Ok(a) => {
-                        self.heard_from(&from);
-                        // Only from the leader of this node's current term: an old leader's
-                        // acknowledgement says nothing about the decider of today.
-                        let r = &self.node.raft;
-                        if self.ids.get(&r.leader_id) == Some(&from) && a.term == r.term {
-                            self.contact_ms
-                                .fetch_max(a.sent_ms, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(from = %from, error = %e, "controller: undecodable report acknowledgement")
-                    }
+                Err(e) => {
+                    let _ = done.send(Err(e));
                 }
-            }
-            Input::Net(from, frame) => {
-                if frame.first() != Some(&WIRE_RAFT) {
-                    tracing::warn!(from = %from, "controller: unknown frame kind");
-                    return;
-                }
-                match Message::parse_from_bytes(&frame[1..]) {
-                    // A message must come from the member it names.
-                    // Out of space: dropped, as a lossy network would; Raft sends again.
-                    Ok(m) if self.blocked.is_some() && self.ids.get(&m.from) == Some(&from) => {
-                        self.heard_from(&from)
-                    }
-                    Ok(m) if self.ids.get(&m.from) == Some(&from) && m.to == self.raft_id => {
-                        self.heard_from(&from);
-                        // An answer to this node's own message is a round trip: as the
-                        // leader, that is what its lease rests on.
-                        let answer = matches!(
-                            m.get_msg_type(),
-                            MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
-                        ) && m.term == self.node.raft.term;
-                        if let Err(e) = self.node.step(m) {
-                            tracing::debug!(error = %e, "controller: raft step");
-                        }
-                        if answer && self.node.raft.state == StateRole::Leader {
-                            self.answered_ms.insert(from.clone(), now_ms());
-                            self.leader_contact();
-                        }
-                    }
-                    Ok(_) => {
-                        tracing::warn!(from = %from, "controller: a message not from its sender or not for this node")
-                    }
-                    Err(e) => {
-                        tracing::warn!(from = %from, error = %e, "controller: undecodable message")
-                    }
-                }
-            }
-            Input::Propose(_, done) if self.blocked.is_some() => {
-                let why = self
-                    .blocked
-                    .as_ref()
-                    .map_or(String::new(), |b| b.error.clone());
-                let _ = done.send(Err(ProposeError::NoSpace(why)));
-            }
-            Input::Propose(cmd, done) => {
-                self.next_proposal += 1;
-                let id = (self.raft_id << 40) + self.next_proposal;
-                let data = serde_json::to_vec(&Proposal { id, cmd }).expect("commands serialise");
-                match self.node.propose(Vec::new(), data) {
-                    Ok(()) => {
-                        self.pending.insert(id, done);
-                    }
-                    Err(_) => {
-                        let _ = done.send(Err(ProposeError::NoLeader));
-                    }
-                }
-            }
+            },
             Input::Stop => {}
         }
     }
 
-    /// A report, this node's own or one received from its member: every member keeps the
-    /// latest of each, so a member that becomes the controller's leader can judge failures at
-    /// once instead of first waiting a `leader_timeout` for reports to arrive. This node's own
-    /// report goes to every other member.
-    fn route_report(&mut self, mut r: NodeReport) {
-        if r.node == self.me {
-            let now = now_ms();
-            let peers = self.peers_ms.lock().unwrap_or_else(|p| p.into_inner());
-            r.heard_ms = self
-                .members
-                .keys()
-                .filter(|id| **id != self.me)
-                .map(|id| {
-                    let at = peers.get(id).copied().unwrap_or(self.started_ms);
-                    (id.clone(), now.saturating_sub(at))
-                })
-                .collect();
-            drop(peers);
-            r.sent_ms = now;
-            r.storage = self.blocked.as_ref().map(|b| b.error.clone());
-            // Leading, this node is its own decider; alone, its lease is its own.
-            if self.node.raft.state == StateRole::Leader && self.members.len() == 1 {
-                self.contact_ms
-                    .store(now, std::sync::atomic::Ordering::Relaxed);
-            }
-            let mut frame = vec![WIRE_REPORT];
-            frame.extend(serde_json::to_vec(&r).expect("reports serialise"));
-            let frame = Bytes::from(frame);
-            for id in self.members.keys().filter(|id| **id != self.me) {
-                self.transport.send(id, frame.clone());
+    /// Send what the core queued, answer proposals that applied, publish the state.
+    fn flush(&mut self) {
+        for (to, frame) in self.core.take_outbox() {
+            self.transport.send(&to, Bytes::from(frame));
+        }
+        for (id, outcome) in self.core.take_outcomes() {
+            if let Some(done) = self.pending.remove(&id) {
+                let _ = done.send(outcome);
             }
         }
-        self.heard.insert(
-            r.node.clone(),
-            Heard {
-                at: Instant::now(),
-                report: r,
-            },
-        );
-    }
-
-    /// A valid frame arrived from member `from`.
-    fn heard_from(&self, from: &str) {
-        self.peers_ms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(from.to_string(), now_ms());
-    }
-
-    /// As the leader: acknowledge a member's report, so the member knows its reports reach
-    /// the decider (its lease).
-    fn ack_report(&self, r: &NodeReport) {
-        if self.node.raft.state != StateRole::Leader || r.sent_ms == 0 || self.blocked.is_some() {
-            return;
-        }
-        let ack = ReportAck {
-            term: self.node.raft.term,
-            sent_ms: r.sent_ms,
-        };
-        let mut frame = vec![WIRE_REPORT_ACK];
-        frame.extend(serde_json::to_vec(&ack).expect("acknowledgements serialise"));
-        self.transport.send(&r.node, Bytes::from(frame));
-    }
-
-    /// As the leader: the lease starts at the latest moment by which a majority of the members
-    /// (this one included) had answered it.
-    fn leader_contact(&self) {
-        let majority = self.members.len() / 2 + 1;
-        let mut answered: Vec<u64> = self.answered_ms.values().copied().collect();
-        answered.sort_unstable_by(|a, b| b.cmp(a));
-        if let Some(at) = answered.get(majority.saturating_sub(2)) {
-            self.contact_ms
-                .fetch_max(*at, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// As the leader: propose what failure detection decides.
-    fn failover(&mut self) {
-        let now = Instant::now();
-        // When each log's current epoch began, as this node saw it.
-        for (name, l) in &self.meta.logs {
-            if self.began.get(name).is_none_or(|(e, _)| *e != l.epoch) {
-                self.began.insert(name.clone(), (l.epoch, now));
+        if self.core.failed().is_some() {
+            for (_, p) in self.pending.drain() {
+                let _ = p.send(Err(ProposeError::Stopped));
             }
         }
-        let leading = self.node.raft.state == StateRole::Leader;
-        let Some(cfg) = self.failover.filter(|_| leading) else {
-            return;
-        };
-        let since = self.listening_since;
-        let began: BTreeMap<String, Instant> = self
-            .began
-            .iter()
-            .map(|(n, (_, t))| (n.clone(), *t))
-            .collect();
-        for cmd in decide_with(&self.meta, &self.heard, now, since, &cfg, now_ms(), &began) {
-            let (log, epoch) = match &cmd {
-                Command::Elect { log, epoch, .. }
-                | Command::Depose { log, epoch, .. }
-                | Command::NoLeader { log, epoch, .. }
-                | Command::CancelTransfer { log, epoch } => (log.clone(), *epoch),
-                _ => continue,
-            };
-            if self
-                .proposed
-                .get(&log)
-                .is_some_and(|(e, at)| *e == epoch && now.duration_since(*at) < REPROPOSE_AFTER)
-            {
-                continue;
-            }
-            tracing::warn!(?cmd, "controller: failover");
-            self.proposed.insert(log, (epoch, now));
-            let (done, _ignored) = oneshot::channel();
-            self.input(Input::Propose(cmd, done));
-        }
-    }
-
-    fn send(&self, msgs: Vec<Message>) {
-        for m in msgs {
-            let Some(to) = self.ids.get(&m.to) else {
-                continue;
-            };
-            let mut frame = Vec::with_capacity(1 + m.compute_size() as usize);
-            frame.push(WIRE_RAFT);
-            if m.write_to_vec(&mut frame).is_ok() {
-                self.transport.send(to, Bytes::from(frame));
-            }
-        }
-    }
-
-    /// Handle raft's `Ready`: send, persist, apply. A write that runs out of space holds the
-    /// `Ready` (see [`Driver::blocked`]) and is made again later; any other storage failure
-    /// stops the controller.
-    fn on_ready(&mut self) -> Result<(), String> {
-        if let Some(b) = &mut self.blocked {
-            if Instant::now() < b.retry_at {
-                return Ok(());
-            }
-            if let Some(held) = b.held.take() {
-                self.finish_ready(held)?;
-                if self.blocked.as_ref().is_some_and(|b| b.held.is_some()) {
-                    return Ok(());
-                }
-            }
-            if let Some(commit) = self.blocked.as_ref().and_then(|b| b.commit) {
-                if let Err(e) = self.node.mut_store().set_commit(commit) {
-                    return self.no_space(e, None, Some(commit));
-                }
-            }
-            let since = self.blocked.take().map(|b| b.since);
-            tracing::warn!(after = ?since.map(|s| s.elapsed()), "controller: storage writable again; voting and proposing resume");
-            self.publish();
-        }
-        if !self.node.has_ready() {
-            self.maybe_init();
-            return Ok(());
-        }
-        let mut ready = self.node.ready();
-        if !ready.messages().is_empty() {
-            self.send(ready.take_messages());
-        }
-        self.finish_ready(Held {
-            ready,
-            snapshot_done: false,
-            applied_done: false,
-        })
-    }
-
-    /// The rest of a `Ready`, from where an earlier attempt stopped.
-    fn finish_ready(&mut self, mut held: Held) -> Result<(), String> {
-        if !held.snapshot_done && !held.ready.snapshot().is_empty() {
-            let snap = held.ready.snapshot().clone();
-            let meta: ClusterMeta = serde_json::from_slice(snap.get_data())
-                .map_err(|e| format!("a metadata snapshot from the leader: {e}"))?;
-            if let Err(e) = self.node.mut_store().apply_snapshot(snap.clone()) {
-                return self.no_space(e, Some(held), None);
-            }
-            self.meta = meta;
-            self.applied = snap.get_metadata().index;
-        }
-        held.snapshot_done = true;
-        if !held.applied_done {
-            self.apply(held.ready.take_committed_entries());
-            held.applied_done = true;
-        }
-        if !held.ready.entries().is_empty() {
-            if let Err(e) = self.node.mut_store().append(held.ready.entries()) {
-                return self.no_space(e, Some(held), None);
-            }
-        }
-        if let Some(hs) = held.ready.hs() {
-            if let Err(e) = self.node.mut_store().set_hardstate(hs.clone()) {
-                return self.no_space(e, Some(held), None);
-            }
-        }
-        let mut ready = held.ready;
-        if !ready.persisted_messages().is_empty() {
-            self.send(ready.take_persisted_messages());
-        }
-        let mut light = self.node.advance(ready);
-        let mut unsaved_commit = None;
-        if let Some(commit) = light.commit_index() {
-            // The commit index is not needed for safety: one that could not be saved is saved
-            // later, and nothing waits for it.
-            match self.node.mut_store().set_commit(commit) {
-                Ok(()) => {}
-                Err(e) if e.is_no_space() => unsaved_commit = Some((commit, e)),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        self.send(light.take_messages());
-        self.apply(light.take_committed_entries());
-        self.node.advance_apply();
-        if self.node.store().entries_since_snapshot() > COMPACT_ENTRIES {
-            let data = serde_json::to_vec(&self.meta).expect("metadata serialises");
-            let conf = self.node.raft.prs().conf().to_conf_state();
-            match self.node.mut_store().compact(self.applied, data, conf) {
-                Ok(()) => {}
-                // Compaction is tried again after the next entry.
-                Err(e) if e.is_no_space() => {
-                    tracing::warn!(error = %e, "controller: compaction postponed")
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        self.maybe_init();
-        self.publish();
-        if let Some((commit, e)) = unsaved_commit {
-            return self.no_space(e, None, Some(commit));
-        }
-        Ok(())
-    }
-
-    /// A write ran out of space: hold what is left to do and try again later (doubling the
-    /// pause up to [`NO_SPACE_RETRY_MAX`]); any other error stops the controller.
-    fn no_space(
-        &mut self,
-        e: super::storage::StorageError,
-        held: Option<Held>,
-        commit: Option<u64>,
-    ) -> Result<(), String> {
-        if !e.is_no_space() {
-            return Err(e.to_string());
-        }
-        let now = Instant::now();
-        let b = self.blocked.get_or_insert_with(|| {
-            tracing::error!(error = %e, "controller: out of space; not voting or proposing until a write succeeds");
-            Blocked {
-                since: now,
-                error: String::new(),
-                pause: NO_SPACE_RETRY_MIN,
-                retry_at: now,
-                held: None,
-                commit: None,
-            }
-        });
-        b.error = e.to_string();
-        b.retry_at = now + b.pause;
-        b.pause = (b.pause * 2).min(NO_SPACE_RETRY_MAX);
-        if held.is_some() {
-            b.held = held;
-        }
-        if commit.is_some() {
-            b.commit = commit;
-        }
-        self.publish();
-        Ok(())
-    }
-
-    /// A new cluster's first leader forms it (once per term: a proposal lost to a leader
-    /// change is made again by the next leader).
-    fn maybe_init(&mut self) {
-        let term = self.node.raft.term;
-        if self.node.raft.state == StateRole::Leader
-            && self.meta.cluster_id.is_empty()
-            && self.init_term != Some(term)
+        self.contact_ms
+            .store(self.core.contact_ms().unwrap_or(0), Ordering::Relaxed);
         {
-            self.init_term = Some(term);
-            let mut id = [0u8; 8];
-            let _ = getrandom::fill(&mut id);
-            let cmd = Command::Init {
-                cluster_id: id.iter().map(|b| format!("{b:02x}")).collect(),
-                members: self.members.clone(),
-            };
-            let (done, _ignored) = oneshot::channel();
-            self.input(Input::Propose(cmd, done));
+            let mut peers = self.peers_ms.lock().unwrap_or_else(|p| p.into_inner());
+            if *peers != *self.core.peers_ms() {
+                peers.clone_from(self.core.peers_ms());
+            }
         }
-    }
-
-    fn apply(&mut self, entries: Vec<Entry>) {
-        for e in entries {
-            self.applied = e.index;
-            if e.data.is_empty() || e.get_entry_type() != EntryType::EntryNormal {
-                continue;
-            }
-            let result = match serde_json::from_slice::<Proposal>(&e.data) {
-                Ok(p) => {
-                    let r = self.meta.apply(&p.cmd).map_err(ProposeError::from);
-                    if let Err(err) = &r {
-                        tracing::debug!(error = %err, "controller: command refused");
-                    }
-                    Some((p.id, r))
-                }
-                Err(err) => {
-                    // Every node skips it alike: the state machine stays the same everywhere.
-                    tracing::error!(index = e.index, error = %err, "controller: undecodable entry skipped");
-                    None
-                }
-            };
-            if let Some((id, r)) = result {
-                if let Some(done) = self.pending.remove(&id) {
-                    let _ = done.send(r);
-                }
-            }
+        if self.core.take_changed() {
+            self.publish();
         }
     }
 
     fn publish(&self) {
-        let leader = self.ids.get(&self.node.raft.leader_id).cloned();
+        let now = now_ms();
         let state = State {
-            meta: self.meta.clone(),
-            applied: self.applied,
-            term: self.node.raft.term,
-            leader,
-            failed: self.failed.clone(),
-            no_space: self
-                .blocked
-                .as_ref()
-                .map(|b| (b.error.clone(), b.since.elapsed())),
+            meta: self.core.meta().clone(),
+            applied: self.core.applied(),
+            term: self.core.term(),
+            leader: self.core.leader().cloned(),
+            failed: self.core.failed().map(str::to_string),
+            no_space: self.core.no_space().map(|(e, since)| {
+                (
+                    e.to_string(),
+                    Duration::from_millis(now.saturating_sub(since)),
+                )
+            }),
         };
         self.state.send_replace(Arc::new(state));
     }
@@ -885,7 +402,7 @@ impl Driver {
 mod tests {
     use super::*;
     use crate::controller::failover::LogReport;
-    use crate::controller::meta::Policy;
+    use crate::controller::meta::{Policy, Refusal};
     use std::collections::HashSet;
     use std::sync::{Mutex, Weak};
 

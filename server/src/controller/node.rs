@@ -63,10 +63,12 @@ impl ControlPlane for NodeController {
     }
 
     fn lease_ok(&self) -> bool {
-        self.controller
-            .since_contact()
-            .is_some_and(|d| d < self.leader_timeout / 2)
-            && self.controller.state().borrow().no_space.is_none()
+        node_core::controller::core::lease_holds(
+            self.controller.contact_ms(),
+            super::driver::now_ms(),
+            self.leader_timeout,
+            self.controller.state().borrow().no_space.is_some(),
+        )
     }
 
     fn no_space(&self) -> bool {
@@ -74,9 +76,7 @@ impl ControlPlane for NodeController {
     }
 
     fn transfer(&self, log: &str, epoch: u64, to: &str) {
-        let since_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let since_ms = super::driver::now_ms();
         self.controller.submit(Command::BeginTransfer {
             log: log.to_string(),
             epoch,
