@@ -13,6 +13,9 @@
 pub mod quarantine;
 pub mod session;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use log_core::batch::{self, BatchError};
 use log_core::{Log, Offset};
 use protocol::replication::{Follower, Refusal};
@@ -38,7 +41,8 @@ pub enum ApplyError {
 /// A local log kept as a replica of a leader's.
 pub struct Replica {
     log: Log,
-    state: Follower,
+    /// Shared with the session's acknowledgement loop, which asks it what to acknowledge.
+    state: Rc<RefCell<Follower>>,
 }
 
 impl Replica {
@@ -46,7 +50,10 @@ impl Replica {
     pub fn new(log: Log) -> Replica {
         let epoch = log.last_epoch().map_or(0, |e| e.0);
         let state = Follower::new(log.next_offset().0, log.flush_offset().0, epoch);
-        Replica { log, state }
+        Replica {
+            log,
+            state: Rc::new(RefCell::new(state)),
+        }
     }
 
     pub fn log(&self) -> &Log {
@@ -58,9 +65,15 @@ impl Replica {
         self.log
     }
 
-    /// The replication state (highest leader epoch seen, readable horizon).
-    pub fn state(&self) -> &Follower {
-        &self.state
+    /// The replication state (highest leader epoch seen, readable horizon), as of now.
+    pub fn state(&self) -> Follower {
+        *self.state.borrow()
+    }
+
+    /// The replication state, shared: what to acknowledge is its decision
+    /// (`Follower::flushed`).
+    pub fn shared_state(&self) -> Rc<RefCell<Follower>> {
+        self.state.clone()
     }
 
     /// Validate a whole frame, then append its batches verbatim (waiting for room if the write
@@ -96,6 +109,7 @@ impl Replica {
             });
         }
         self.state
+            .borrow_mut()
             .accept(frame.epoch, frame.commit, first, expected, epochs)
             .map_err(ApplyError::Refused)?;
         for span in spans {
@@ -116,11 +130,11 @@ impl Replica {
     pub async fn sync(&mut self) -> Result<Option<u64>, ApplyError> {
         let end = self.log.next_offset();
         self.log.wait_flushed(end).await?;
-        Ok(self.state.flushed(self.log.flush_offset().0))
+        Ok(self.state.borrow_mut().flushed(self.log.flush_offset().0))
     }
 
     /// What this replica may serve to readers.
     pub fn readable(&self) -> Offset {
-        Offset(self.state.readable())
+        Offset(self.state.borrow().readable())
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use log_core::{Log, Offset};
-use protocol::replication::{follower_step, LeaderLog, LocalLog, Step};
+use protocol::replication::{follower_step, Follower, LeaderLog, LocalLog, Step};
 use protocol::{
     ErrorCode, FrameHeader, Limits, ReplicateRequest, Request, Response, FRAME_HEADER_LEN,
 };
@@ -210,19 +210,24 @@ fn time_flushed(stored: &StoredFrames, flushed: u64, observe: &StageObserver) {
 /// or the log failed).
 async fn acknowledge(
     log: &Log,
+    state: &RefCell<Follower>,
     send: &mut quinn::SendStream,
     changed: &Notify,
     timed: Option<(&StoredFrames, &StageObserver)>,
 ) -> Result<Outcome, SessionError> {
-    let mut acked = 0u64;
     loop {
         let flushed = log.flush_offset();
         if let Some((stored, observe)) = timed {
             time_flushed(stored, flushed.0, observe);
         }
-        if flushed.0 > acked {
-            write_frame(send, &Request::Ack { durable: flushed.0 }).await?;
-            acked = flushed.0;
+        // What to acknowledge is the replication state's decision: what is durable here.
+        let ack = {
+            let mut st = state.borrow_mut();
+            let written = st.written(log.end_offset().0);
+            st.flushed(flushed.0).or(written)
+        };
+        if let Some(durable) = ack {
+            write_frame(send, &Request::Ack { durable }).await?;
             changed.notify_waiters();
         }
         if log.next_offset() > flushed {
@@ -251,6 +256,7 @@ pub async fn run(
             start: log.start_offset().0,
             end: log.next_offset().0,
             last_epoch: Some(e.0),
+            commit: commit.get(),
         };
         let leader = LeaderLog {
             epoch: 0,
@@ -314,6 +320,7 @@ pub async fn run(
 
     // 3. Store frames as they come; acknowledge as the local fdatasync moves.
     let stored = StoredFrames::default();
+    let state = replica.shared_state();
     let receive = async {
         loop {
             match read_frame(&mut recv, &cfg.limits).await? {
@@ -352,6 +359,7 @@ pub async fn run(
     };
     let acks = acknowledge(
         log,
+        &state,
         &mut send,
         changed,
         cfg.stages.as_ref().map(|o| (&stored, o)),

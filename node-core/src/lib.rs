@@ -5,5 +5,6 @@
 //! simulator (`sim`) drive the same code.
 
 pub mod controller;
+pub mod log;
 
 pub use protocol::planted;

@@ -83,6 +83,9 @@ impl ProducerTable {
         let Some(state) = self.producers.get_mut(&producer_id) else {
             return Decision::Append;
         };
+        if crate::planted::active(crate::planted::Bug::IdempotentTwice) {
+            return Decision::Append;
+        }
         state.last_used = tick;
         let Some(last) = state.batches.back() else {
             return Decision::Append;

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::planted::{self, Bug};
 use crate::Acks;
 
 /// What to do when an `acks=sync` append cannot get the sync set it needs.
@@ -276,6 +277,9 @@ impl Leader {
     /// The leader appended: its log now ends at `end`. A follower that held everything up to
     /// this moment was caught up until now, however long the log was idle before.
     pub fn appended(&mut self, end: u64, now_ms: u64) {
+        if planted::active(Bug::CommitFromWrittenEnd) {
+            self.flushed = self.flushed.max(end);
+        }
         if end > self.end {
             for f in self.followers.values_mut() {
                 if f.durable >= self.end {
@@ -448,13 +452,17 @@ impl Leader {
                 continue;
             }
             let behind = end.saturating_sub(f.durable);
+            let lagging = if planted::active(Bug::LagByLastHeard) {
+                now_ms.saturating_sub(f.last_heard_ms) > cfg.sync_lag_ms_max
+            } else {
+                behind > 0
+                    && now_ms.saturating_sub(f.caught_up_ms.unwrap_or(0)) > cfg.sync_lag_ms_max
+            };
             let reason = if !f.connected {
                 Some(LeaveReason::Disconnected)
             } else if behind > cfg.sync_lag_records_max {
                 Some(LeaveReason::LagRecords)
-            } else if behind > 0
-                && now_ms.saturating_sub(f.caught_up_ms.unwrap_or(0)) > cfg.sync_lag_ms_max
-            {
+            } else if lagging {
                 Some(LeaveReason::LagTime)
             } else {
                 None
@@ -478,6 +486,8 @@ impl Leader {
                         && !f.in_sync_set
                         && f.durable >= flushed
                         && end.saturating_sub(f.durable) <= lag_max
+                        && (!planted::active(Bug::LagByLastHeard)
+                            || now_ms.saturating_sub(f.last_heard_ms) <= cfg.sync_lag_ms_max)
                 })
                 .collect();
             candidates.sort_by(|a, b| b.1.durable.cmp(&a.1.durable).then(a.0.cmp(b.0)));
@@ -505,6 +515,12 @@ impl Leader {
     }
 }
 
+/// What a follower may serve to readers, knowing the leader's commit offset `leader_commit`
+/// and holding records durably up to `durable`: committed records it holds durably.
+pub fn readable(leader_commit: u64, durable: u64) -> u64 {
+    leader_commit.min(durable)
+}
+
 /// What a follower knows about its own log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct LocalLog {
@@ -513,6 +529,9 @@ pub struct LocalLog {
     pub end: u64,
     /// Epoch of its last batch, if it holds any.
     pub last_epoch: Option<u64>,
+    /// The commit offset it last learnt from a leader (its high watermark). Not a truncation
+    /// point: the leader may have committed more since.
+    pub commit: u64,
 }
 
 /// What the leader told the follower.
@@ -551,6 +570,9 @@ pub fn follower_step(local: LocalLog, leader: LeaderLog) -> Step {
         Some(e) if e == leader.epoch => Step::Fetch { from: local.end },
         Some(e) => match leader.end_of_follower_epoch {
             None => Step::AskEpochEnd { epoch: e },
+            Some(_) if planted::active(Bug::TruncateBelowCommit) && local.commit < local.end => {
+                Step::Truncate { to: local.commit }
+            }
             Some(epoch_end) if epoch_end < local.end => {
                 if epoch_end < local.start {
                     Step::Bootstrap
@@ -610,7 +632,7 @@ impl Follower {
         next: u64,
         batch_epochs: impl IntoIterator<Item = u64>,
     ) -> Result<(), Refusal> {
-        if epoch < self.epoch {
+        if epoch < self.epoch && !planted::active(Bug::StaleEpochAccepted) {
             return Err(Refusal::StaleEpoch {
                 seen: self.epoch,
                 got: epoch,
@@ -634,6 +656,20 @@ impl Follower {
         Ok(())
     }
 
+    /// The local log has written (not yet durably) up to `written`. Returns the offset to
+    /// acknowledge to the leader when it moved: never, since only durable records are
+    /// acknowledged (the planted `AckBeforeFollowerFsync` does otherwise).
+    pub fn written(&mut self, written: u64) -> Option<u64> {
+        if !planted::active(Bug::AckBeforeFollowerFsync) {
+            return None;
+        }
+        let w = written.min(self.end);
+        (w > self.acked).then(|| {
+            self.acked = w;
+            w
+        })
+    }
+
     /// The local log is durable up to `durable`. Returns the offset to acknowledge to the
     /// leader, when it moved.
     pub fn flushed(&mut self, durable: u64) -> Option<u64> {
@@ -651,7 +687,12 @@ impl Follower {
 
     /// What this follower may serve to readers: committed by the leader and durable here.
     pub fn readable(&self) -> u64 {
-        self.leader_commit.min(self.durable)
+        readable(self.leader_commit, self.durable)
+    }
+
+    /// The leader's commit offset as the last accepted frame brought it.
+    pub fn leader_commit(&self) -> u64 {
+        self.leader_commit
     }
 }
 
@@ -999,12 +1040,14 @@ mod tests {
             start: 0,
             end: 40,
             last_epoch: Some(3),
+            commit: 0,
         };
         assert_eq!(follower_step(same, leader), Step::Fetch { from: 40 });
         let empty = LocalLog {
             start: 0,
             end: 0,
             last_epoch: None,
+            commit: 0,
         };
         assert_eq!(follower_step(empty, leader), Step::Fetch { from: 0 });
         // An older epoch: ask first, then truncate only at the divergence point.
@@ -1012,6 +1055,7 @@ mod tests {
             start: 0,
             end: 90,
             last_epoch: Some(2),
+            commit: 0,
         };
         assert_eq!(follower_step(old, leader), Step::AskEpochEnd { epoch: 2 });
         let answered = LeaderLog {
@@ -1035,6 +1079,7 @@ mod tests {
             start: 80,
             end: 90,
             last_epoch: Some(2),
+            commit: 0,
         };
         assert_eq!(follower_step(trimmed, answered), Step::Bootstrap);
     }

@@ -53,18 +53,7 @@ pub trait ControlPlane: Send + Sync + 'static {
     }
 }
 
-/// The controller's record of one log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogRecord {
-    pub epoch: u64,
-    pub leader: Option<String>,
-    /// The followers failover may elect: they hold every append acknowledged at `sync`.
-    pub sync_set: Vec<String>,
-    /// Every node holding the log.
-    pub replicas: Vec<String>,
-    /// The target of a planned transfer under way.
-    pub transfer_to: Option<String>,
-}
+pub use node_core::log::LogRecord;
 
 /// What the node gives the controller it starts: who it is, and how to reach its peers.
 pub struct ControlContext {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use log_core::{Epoch, Log, Offset};
+use node_core::log::{LeaderAction, LeaderRules, LevelRefusal, StreamRefusal};
 use protocol::replication::{Event, Leader, Progress};
 use protocol::{Acks, ErrorCode, FollowerStatus, LogReplication, ReplicateRequest, Request};
 use tokio::sync::Notify;
@@ -27,8 +28,6 @@ type InFlight = RefCell<VecDeque<(u64, Instant)>>;
 /// Most frames per follower stream whose send time is kept for the acknowledgement latency
 /// histogram (older ones are forgotten, not measured).
 const IN_FLIGHT_TIMED_MAX: usize = 4096;
-/// How often a leader proposes its sync set to the controller while the record differs.
-const SYNC_SET_PROPOSE_EVERY: Duration = Duration::from_millis(500);
 /// How long a new commit offset waits for records to travel with before it is sent alone.
 const COMMIT_LINGER: Duration = Duration::from_millis(1);
 
@@ -58,14 +57,10 @@ pub(crate) struct Replication {
     origin: Instant,
     /// Set while acks=sync appends are acknowledged degraded (to warn once per episode).
     degraded: std::cell::Cell<bool>,
-    /// When the local sync set was last proposed to the controller (ms since `origin`).
-    proposed_ms: std::cell::Cell<Option<u64>>,
-    /// When this node last asked the controller to complete a planned transfer.
-    handed_over_ms: std::cell::Cell<Option<u64>>,
+    /// The rules around the replication state (`node_core::log`), on the clock of `origin`.
+    rules: RefCell<LeaderRules>,
     /// Set when this node stops leading the log: appends still waiting give up.
     deposed: std::cell::Cell<bool>,
-    /// Set once the sync set has been seen full and on record in this epoch.
-    ready_seen: std::cell::Cell<bool>,
 }
 
 impl Replication {
@@ -95,23 +90,9 @@ impl Replication {
             peers: RefCell::new(BTreeMap::new()),
             origin: Instant::now(),
             degraded: Default::default(),
-            proposed_ms: Default::default(),
-            handed_over_ms: Default::default(),
+            rules: RefCell::new(LeaderRules::new(0)),
             deposed: Default::default(),
-            ready_seen: Default::default(),
         }
-    }
-
-    /// Whether this leader took the log less than `window` ago and its sync set has not yet
-    /// been full and on record: an `acks=sync` append finding it short is answered
-    /// `unavailable` (retry) rather than `not_enough_replicas`, since the followers are
-    /// expected to join in a moment (right after a failover or a restart).
-    pub fn forming(&self, window: Duration) -> bool {
-        if self.ready_seen.get() || self.state.borrow().sync_ready() {
-            self.ready_seen.set(true);
-            return false;
-        }
-        self.origin.elapsed() < window
     }
 
     fn now_ms(&self) -> u64 {
@@ -187,13 +168,14 @@ impl Replication {
         self.events(log_name, shard, events);
     }
 
-    /// Whether `acks` can be reached at all now; an append that cannot is refused before it is
-    /// stored (so `not_enough_replicas` always means "not stored").
-    pub fn admits(&self, acks: Acks) -> Result<(), (usize, usize)> {
-        match self.state.borrow().progress(acks, u64::MAX) {
-            Progress::NotEnoughReplicas { have, need } => Err((have, need)),
-            _ => Ok(()),
-        }
+    /// Whether `acks` can be reached at all now (see `LeaderRules::admit`): an append that
+    /// cannot is refused before it is stored, so `not_enough_replicas` always means "not
+    /// stored". `window` is `replication.create_wait_ms`.
+    pub fn admit(&self, acks: Acks, window: Duration) -> Result<(), LevelRefusal> {
+        let now = self.now_ms();
+        self.rules
+            .borrow_mut()
+            .admit(&self.state.borrow(), acks, now, window.as_millis() as u64)
     }
 
     /// Wait until the append ending at `next` reaches `acks`, or `deadline`.
@@ -394,56 +376,16 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
                 .set_replication(&name, repl.status(&name, log));
             if let Some(control) = &shard.common.control {
                 if let Some(record) = control.log_record(&name) {
-                    record_sync_set(&shard, &repl, &name, &record, &**control, now);
-                    hand_over(&shard, &repl, &name, &record, log, &**control, now);
+                    on_record(&shard, &repl, &name, &record, log, &**control, now);
                 }
             }
         }
     }
 }
 
-/// Keep the controller's record of the sync set in step with the local one: commit waits for
-/// the members of both (see `protocol::replication::Leader::set_confirmed`), and a local
-/// change is proposed to the controller, at most every [`SYNC_SET_PROPOSE_EVERY`].
-fn record_sync_set(
-    shard: &Rc<Shard>,
-    repl: &Replication,
-    name: &str,
-    record: &crate::control::LogRecord,
-    control: &dyn crate::control::ControlPlane,
-    now_ms: u64,
-) {
-    if record.leader.as_deref() != Some(shard.common.node_id.as_str()) {
-        return;
-    }
-    let events = repl
-        .state
-        .borrow_mut()
-        .set_confirmed(record.sync_set.iter().cloned(), now_ms);
-    repl.events(name, shard, events);
-    let local: Vec<String> = {
-        let st = repl.state.borrow();
-        if !st.unconfirmed() {
-            return;
-        }
-        st.sync_set().into_iter().map(str::to_string).collect()
-    };
-    let due = repl
-        .proposed_ms
-        .get()
-        .is_none_or(|at| now_ms.saturating_sub(at) >= SYNC_SET_PROPOSE_EVERY.as_millis() as u64);
-    if due {
-        repl.proposed_ms.set(Some(now_ms));
-        control.propose_sync_set(name, record.epoch, local);
-    }
-}
-
-/// The leader's half of a planned transfer: once the transfer is on record (so this node takes
-/// no more writes to the log) and the target holds everything this node has written, durably,
-/// ask the controller to let the target lead the next epoch. Proposed at most every
-/// [`SYNC_SET_PROPOSE_EVERY`]; the controller refuses it if the transfer was cancelled
-/// meanwhile.
-fn hand_over(
+/// Act on the controller's record of the log (see `LeaderRules::on_record`): confirm the sync
+/// set, propose a changed one, complete a planned transfer once its target holds everything.
+fn on_record(
     shard: &Rc<Shard>,
     repl: &Replication,
     name: &str,
@@ -452,38 +394,31 @@ fn hand_over(
     control: &dyn crate::control::ControlPlane,
     now_ms: u64,
 ) {
-    let me = shard.common.node_id.as_str();
-    let Some(to) = record.transfer_to.as_deref() else {
-        return;
-    };
-    if record.leader.as_deref() != Some(me) {
-        return;
+    let (events, actions) = repl.rules.borrow_mut().on_record(
+        &shard.common.node_id,
+        &mut repl.state.borrow_mut(),
+        record,
+        log.next_offset().0,
+        log.flush_offset().0,
+        now_ms,
+    );
+    repl.events(name, shard, events);
+    for action in actions {
+        match action {
+            LeaderAction::ProposeSyncSet { epoch, sync_set } => {
+                control.propose_sync_set(name, epoch, sync_set)
+            }
+            LeaderAction::CompleteTransfer {
+                epoch,
+                to,
+                end,
+                sync_set,
+            } => {
+                tracing::info!(log = name, to, end, "handing the leadership over");
+                control.complete_transfer(name, epoch, &to, end, sync_set);
+            }
+        }
     }
-    let end = log.next_offset().0;
-    let target_has_all = {
-        let st = repl.state.borrow();
-        st.followers().get(to).is_some_and(|f| f.durable >= end)
-    };
-    if log.flush_offset().0 < end || !target_has_all {
-        return;
-    }
-    let due = repl
-        .handed_over_ms
-        .get()
-        .is_none_or(|at| now_ms.saturating_sub(at) >= SYNC_SET_PROPOSE_EVERY.as_millis() as u64);
-    if !due {
-        return;
-    }
-    repl.handed_over_ms.set(Some(now_ms));
-    let sync_set: Vec<String> = record
-        .sync_set
-        .iter()
-        .filter(|n| n.as_str() != to)
-        .cloned()
-        .chain(std::iter::once(me.to_string()))
-        .collect();
-    tracing::info!(log = name, to, end, "handing the leadership over");
-    control.complete_transfer(name, record.epoch, to, end, sync_set);
 }
 
 /// Serve a follower's replication stream: send it everything from `req.from` as it is written,
@@ -514,25 +449,28 @@ pub(crate) async fn serve(
     }
     let log = &entry.log;
     let (start, end) = (log.start_offset().0, log.next_offset().0);
-    if req.from < start {
-        return Err((
-            ErrorCode::OffsetOutOfRange,
-            format!(
-                "offset {} is no longer stored (the log starts at {start}): bootstrap",
-                req.from
-            ),
-            start,
-        ));
-    }
-    if req.from > end {
-        return Err((
-            ErrorCode::OffsetOutOfRange,
-            format!(
-                "the follower is at {} beyond the leader's end {end}: it must truncate at the epoch divergence point first",
-                req.from
-            ),
-            start,
-        ));
+    match node_core::log::stream_from(req.from, start, end) {
+        Ok(()) => {}
+        Err(StreamRefusal::Bootstrap { start }) => {
+            return Err((
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {} is no longer stored (the log starts at {start}): bootstrap",
+                    req.from
+                ),
+                start,
+            ))
+        }
+        Err(StreamRefusal::Ahead { end }) => {
+            return Err((
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "the follower is at {} beyond the leader's end {end}: it must truncate at the epoch divergence point first",
+                    req.from
+                ),
+                start,
+            ))
+        }
     }
     let name = req.log.clone();
     let follower = req.follower.clone();

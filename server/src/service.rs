@@ -243,27 +243,31 @@ fn checksum(log: &Log, from: u64, until: u64) -> Result<Response, Fail> {
 /// takes them for the logs it leads while its lease holds (see
 /// [`crate::control::ControlPlane::lease_ok`]) and no planned transfer is under way.
 fn not_leader(shard: &Shard, log: &str) -> Option<Fail> {
+    use node_core::log::NotLeader;
     if let (Some(control), Some(e)) = (&shard.common.control, shard.get(log)) {
-        if let Some(to) = control.log_record(log).and_then(|r| r.transfer_to) {
-            return Some(Fail(
-                ErrorCode::NotLeader,
-                format!("the leadership of log {log:?} is moving to {to}; retry in a moment"),
-                0,
-            ));
-        }
-        return match e.leading() {
-            Some(_) if control.lease_ok() => None,
-            Some(_) => Some(Fail(
-                ErrorCode::NotLeader,
-                "this node has lost contact with the controller: it takes no writes until it is back".into(),
-                0,
-            )),
-            None => Some(Fail(
-                ErrorCode::NotLeader,
-                format!("this node does not lead log {log:?}; write to its leader"),
-                0,
-            )),
+        let leading_in = e.leading().map(|_| e.epoch.0);
+        let lease_ok = control.lease_ok();
+        let verdict = match control.log_record(log) {
+            Some(r) => node_core::log::may_write(&shard.common.node_id, leading_in, &r, lease_ok),
+            // Not on record yet (a configured leader registers its new logs): its role decides.
+            None => match leading_in {
+                Some(_) if lease_ok => Ok(()),
+                Some(_) => Err(NotLeader::NoLease),
+                None => Err(NotLeader::NotLeading),
+            },
         };
+        return verdict.err().map(|n| {
+            let msg = match n {
+                NotLeader::Transferring { to } => {
+                    format!("the leadership of log {log:?} is moving to {to}; retry in a moment")
+                }
+                NotLeader::NoLease => "this node has lost contact with the controller: it takes no writes until it is back".into(),
+                NotLeader::NotLeading => {
+                    format!("this node does not lead log {log:?}; write to its leader")
+                }
+            };
+            Fail(ErrorCode::NotLeader, msg, 0)
+        });
     }
     match shard.common.role {
         Role::Follower(leader) => Some(Fail(
@@ -531,20 +535,20 @@ async fn append(
                 ),
             ))
         }
-        Some(r) => {
-            if let Err((have, need)) = r.admits(a.acks) {
-                let window = Duration::from_millis(shard.common.config.replication.create_wait_ms);
-                if a.acks == Acks::Sync && r.forming(window) {
-                    let missing = r.state.borrow().sync_missing().join("; ");
-                    return Err(fail(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "this node took the lead of log {:?} {} ms ago and its sync set is still forming ({missing}); nothing was stored; retry in a moment",
-                            a.log,
-                            r.leading_for().as_millis()
-                        ),
-                    ));
-                }
+        Some(r) => match r.admit(a.acks, Duration::from_millis(shard.common.config.replication.create_wait_ms)) {
+            Ok(()) => {}
+            Err(node_core::log::LevelRefusal::Forming { missing }) => {
+                return Err(fail(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this node took the lead of log {:?} {} ms ago and its sync set is still forming ({}); nothing was stored; retry in a moment",
+                        a.log,
+                        r.leading_for().as_millis(),
+                        missing.join("; ")
+                    ),
+                ));
+            }
+            Err(node_core::log::LevelRefusal::NotEnoughReplicas { have, need }) => {
                 return Err(fail(
                     ErrorCode::NotEnoughReplicas,
                     format!(
@@ -553,7 +557,7 @@ async fn append(
                     ),
                 ));
             }
-        }
+        },
         None => {}
     }
     let timeout = match a.timeout_ms {
@@ -703,39 +707,28 @@ async fn append(
             (a.acks, holders, false)
         }
     };
-    // A leader that lost contact with the controller may have been replaced meanwhile: what
-    // it stored may or may not survive, so it cannot say the append succeeded.
-    if a.acks != Acks::None && shard.common.control.as_ref().is_some_and(|c| !c.lease_ok()) {
-        return Err(fail(
-            ErrorCode::Timeout,
-            "this node lost contact with the controller while the append waited; it is stored here, and a new leader may or may not have it",
-        ));
-    }
-    // The controller's record decides whether this node may still say so: it must still lead
-    // the log in this epoch (another leader's log need not hold the append), and while a
-    // planned transfer is under way the target, which may take over at any moment from what it
-    // holds, must hold the append.
-    let record = shard
-        .common
-        .control
-        .as_ref()
-        .and_then(|c| c.log_record(&a.log));
-    if let (Some(r), true) = (record, a.acks != Acks::None) {
-        if r.leader.as_deref() != Some(shard.common.node_id.as_str()) || r.epoch != e.epoch.0 {
-            return Err(fail(
-                ErrorCode::Timeout,
-                "this node stopped leading the log while the append waited; it is stored here, and the new leader may or may not have it",
-            ));
-        }
-        if let Some(to) = r.transfer_to {
-            let held = repl.as_ref().is_some_and(|r| r.holders(next).contains(&to));
-            if !held {
-                return Err(fail(
-                    ErrorCode::Timeout,
-                    format!("the leadership is moving to {to}, which does not hold this append yet; it is stored here, and the new leader may or may not have it"),
-                ));
-            }
-        }
+    // The node must still be able to say so: a leader that lost contact with the controller
+    // may have been replaced meanwhile; it must still lead the log in this epoch (another
+    // leader's log need not hold the append); and while a planned transfer is under way the
+    // target, which may take over at any moment from what it holds, must hold the append.
+    let control = shard.common.control.as_ref();
+    let record = control.and_then(|c| c.log_record(&a.log));
+    let lease_ok = control.is_none_or(|c| c.lease_ok());
+    if let Err(u) = node_core::log::confirm(
+        &shard.common.node_id,
+        e.epoch.0,
+        record.as_ref(),
+        lease_ok,
+        a.acks,
+        &holders,
+    ) {
+        use node_core::log::Unconfirmed;
+        let msg = match u {
+            Unconfirmed::NoLease => "this node lost contact with the controller while the append waited; it is stored here, and a new leader may or may not have it".to_string(),
+            Unconfirmed::Deposed => "this node stopped leading the log while the append waited; it is stored here, and the new leader may or may not have it".to_string(),
+            Unconfirmed::TargetLacks { to } => format!("the leadership is moving to {to}, which does not hold this append yet; it is stored here, and the new leader may or may not have it"),
+        };
+        return Err(fail(ErrorCode::Timeout, msg));
     }
     let m = &shard.common.metrics;
     if duplicate {

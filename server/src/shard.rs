@@ -110,7 +110,10 @@ impl LogEntry {
         match &self.role {
             EntryRole::Standalone => self.log.flush_offset(),
             EntryRole::Leader(r) => r.commit().min(self.log.flush_offset()),
-            EntryRole::Follower(c) => Offset(c.get()).min(self.log.flush_offset()),
+            EntryRole::Follower(c) => Offset(protocol::replication::readable(
+                c.get(),
+                self.log.flush_offset().0,
+            )),
         }
     }
 }
@@ -161,20 +164,14 @@ impl Shard {
         if let Some(control) = &self.common.control {
             if let Some(r) = control.log_record(name) {
                 let last = log.last_epoch().map_or(0, |e| e.0);
-                let leading_now =
-                    current.is_some_and(|e| e.leading().is_some() && e.epoch.0 == r.epoch);
-                return match r.leader {
-                    Some(l) if l == self.common.node_id && leading_now => {
-                        RoleChoice::Lead(Epoch(r.epoch))
+                let leading_in = current.filter(|e| e.leading().is_some()).map(|e| e.epoch.0);
+                return match node_core::log::choose_role(&self.common.node_id, &r, last, leading_in)
+                {
+                    node_core::log::Role::Lead(e) => RoleChoice::Lead(Epoch(e)),
+                    node_core::log::Role::Follow(None) => RoleChoice::Follow(None),
+                    node_core::log::Role::Follow(Some(l)) => {
+                        RoleChoice::Follow(control.member_addr(&l))
                     }
-                    // A leader leads only in an epoch newer than its log's: after a restart it
-                    // asks the controller for one, and waits as a leaderless follower.
-                    Some(l) if l == self.common.node_id && r.epoch > last => {
-                        RoleChoice::Lead(Epoch(r.epoch))
-                    }
-                    Some(l) if l == self.common.node_id => RoleChoice::Follow(None),
-                    Some(l) => RoleChoice::Follow(control.member_addr(&l)),
-                    None => RoleChoice::Follow(None),
                 };
             }
         }

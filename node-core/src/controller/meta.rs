@@ -498,10 +498,12 @@ pub fn choose_leader_above(
     let guaranteed = match policy {
         Policy::SyncSet => {
             let holders: Vec<&NodeId> = log.sync_set.iter().chain(&log.last_leader).collect();
+            let outside = crate::planted::active(crate::planted::Bug::ElectOutsideSyncSet)
+                && candidates.iter().any(|s| !holders.contains(&&s.node));
             let eligible = candidates
                 .iter()
                 .copied()
-                .filter(|s| holders.contains(&&s.node));
+                .filter(|s| holders.contains(&&s.node) != outside);
             match most_up_to_date(eligible) {
                 Some(s) => Ok(s),
                 None if holders.is_empty() => Err(

@@ -27,16 +27,6 @@ pub struct NodeController {
     leader_timeout: Duration,
 }
 
-fn record(l: &super::meta::LogMeta) -> LogRecord {
-    LogRecord {
-        epoch: l.epoch,
-        leader: l.leader.clone(),
-        sync_set: l.sync_set.clone(),
-        replicas: l.replicas.clone(),
-        transfer_to: l.transfer.as_ref().map(|t| t.to.clone()),
-    }
-}
-
 impl ControlPlane for NodeController {
     fn deliver(&self, from: &str, frame: Bytes) {
         self.controller.deliver(from, frame);
@@ -45,7 +35,7 @@ impl ControlPlane for NodeController {
     fn log_record(&self, log: &str) -> Option<LogRecord> {
         let s = self.controller.state();
         let s = s.borrow();
-        s.meta.logs.get(log).map(record)
+        s.meta.logs.get(log).map(LogRecord::of)
     }
 
     fn logs(&self) -> Vec<(String, LogRecord)> {
@@ -54,7 +44,7 @@ impl ControlPlane for NodeController {
         s.meta
             .logs
             .iter()
-            .map(|(n, l)| (n.clone(), record(l)))
+            .map(|(n, l)| (n.clone(), LogRecord::of(l)))
             .collect()
     }
 
