@@ -268,7 +268,7 @@ pub async fn run(
             Step::Truncate { to } => {
                 if leader_epoch == 0 && to == 0 {
                     return Err(SessionError::Unsafe(format!(
-                        "the leader has no history at or below epoch {e} while this follower holds records up to {}; refusing to truncate them",
+                        "the leader has an empty epoch history (asked about epoch {e}) while this follower holds records up to {}; refusing to truncate them",
                         local.end
                     )));
                 }

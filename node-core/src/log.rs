@@ -26,6 +26,8 @@ pub struct LogRecord {
     pub replicas: Vec<NodeId>,
     /// The target of a planned transfer under way.
     pub transfer_to: Option<NodeId>,
+    /// While the log has no leader: the last one, which holds every acknowledged append.
+    pub last_leader: Option<NodeId>,
 }
 
 impl LogRecord {
@@ -37,8 +39,33 @@ impl LogRecord {
             sync_set: l.sync_set.clone(),
             replicas: l.replicas.clone(),
             transfer_to: l.transfer.as_ref().map(|t| t.to.clone()),
+            last_leader: l.last_leader.clone(),
         }
     }
+}
+
+/// A replica that had to create its copy of a log afresh, where the controller had it hold the
+/// log (its data directory was wiped or lost), is *recovering*: until it holds everything the
+/// leader has committed, it must not count as holding acknowledged appends. The state is
+/// durable (the server keeps a marker file in the log's directory), so a crash while it
+/// catches up does not make a partial copy look whole.
+///
+/// Whether a recovering node must first withdraw (`Command::Withdraw`), and not replicate
+/// until the controller has recorded it: it is a member of the sync set, the leader, or the
+/// last leader of a leaderless log. Each would make failover (or clients) count on records it
+/// no longer has.
+pub fn must_withdraw(me: &str, record: &LogRecord, recovering: bool) -> bool {
+    recovering
+        && (record.sync_set.iter().any(|n| n == me)
+            || record.last_leader.as_deref() == Some(me)
+            || record.leader.as_deref() == Some(me))
+}
+
+/// Whether a recovering replica has recovered: it holds durably everything the leader has
+/// committed, as a frame of its current session told it (`leader_commit`: `None` before the
+/// first).
+pub fn recovered(durable: u64, leader_commit: Option<u64>) -> bool {
+    leader_commit.is_some_and(|c| durable >= c)
 }
 
 /// The role a log should have on a node, by the controller's record.
@@ -53,16 +80,64 @@ pub enum Role {
 
 /// The role node `me` takes for a log the controller has on record. `last_epoch` is the epoch
 /// of the last record in its local log (0: empty); `leading_in` the epoch it leads the log in
-/// now, if it does. A node leads only in an epoch newer than its log's, or the one it already
-/// leads in: after a restart it must ask for a new epoch, since records it wrote but lost
-/// unflushed must never share an epoch with different records at the same offsets elsewhere.
-pub fn choose_role(me: &str, record: &LogRecord, last_epoch: u64, leading_in: Option<u64>) -> Role {
+/// now, if it does; `recovering` whether its copy is recovering (see [`must_withdraw`]). A node
+/// leads only in an epoch newer than its log's, or the one it already leads in: after a
+/// restart it must ask for a new epoch, since records it wrote but lost unflushed must never
+/// share an epoch with different records at the same offsets elsewhere. A recovering copy
+/// never leads.
+pub fn choose_role(
+    me: &str,
+    record: &LogRecord,
+    last_epoch: u64,
+    leading_in: Option<u64>,
+    recovering: bool,
+) -> Role {
     match &record.leader {
+        Some(l) if l == me && recovering => Role::Follow(None),
         Some(l) if l == me && leading_in == Some(record.epoch) => Role::Lead(record.epoch),
         Some(l) if l == me && record.epoch > last_epoch => Role::Lead(record.epoch),
         Some(l) if l == me => Role::Follow(None),
         Some(l) => Role::Follow(Some(l.clone())),
         None => Role::Follow(None),
+    }
+}
+
+/// How often a node recorded as a log's leader, which may not lead in the recorded epoch, asks
+/// the controller again for a new one (ms).
+pub const RENEW_EVERY_MS: u64 = 1000;
+
+/// A node's requests for new epochs, per log.
+#[derive(Clone, Debug, Default)]
+pub struct Renewals {
+    asked: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl Renewals {
+    /// Whether node `me`, which takes `role` for `log` by `record`, asks the controller for a
+    /// new epoch now: it is the recorded leader but may not lead in the recorded epoch (after a
+    /// restart, see [`choose_role`]), and its copy is not recovering (a recovering copy
+    /// withdraws instead). Returns the epoch to renew, at most every [`RENEW_EVERY_MS`] for
+    /// the same epoch.
+    pub fn due(
+        &mut self,
+        log: &str,
+        me: &str,
+        record: &LogRecord,
+        role: &Role,
+        recovering: bool,
+        now_ms: u64,
+    ) -> Option<u64> {
+        if *role != Role::Follow(None) || record.leader.as_deref() != Some(me) || recovering {
+            return None;
+        }
+        let due = self.asked.get(log).is_none_or(|(e, at)| {
+            *e != record.epoch || now_ms.saturating_sub(*at) > RENEW_EVERY_MS
+        });
+        if !due {
+            return None;
+        }
+        self.asked.insert(log.to_string(), (record.epoch, now_ms));
+        Some(record.epoch)
     }
 }
 
@@ -322,23 +397,59 @@ mod tests {
             sync_set: vec!["b".into()],
             replicas: vec!["a".into(), "b".into(), "c".into()],
             transfer_to: None,
+            last_leader: None,
         }
+    }
+
+    #[test]
+    fn a_replica_that_lost_its_copy_withdraws_until_it_has_caught_up() {
+        let mut r = record("a", 3);
+        assert!(must_withdraw("a", &r, true));
+        assert!(must_withdraw("b", &r, true));
+        assert!(!must_withdraw("b", &r, false));
+        assert!(!must_withdraw("c", &r, true));
+        r.leader = None;
+        r.last_leader = Some("c".into());
+        assert!(must_withdraw("c", &r, true));
+        assert!(!recovered(100, None));
+        assert!(!recovered(99, Some(100)));
+        assert!(recovered(100, Some(100)));
     }
 
     #[test]
     fn a_node_leads_only_in_a_newer_epoch_or_the_one_it_leads_in() {
         let r = record("a", 3);
-        assert_eq!(choose_role("a", &r, 2, None), Role::Lead(3));
-        assert_eq!(choose_role("a", &r, 3, Some(3)), Role::Lead(3));
+        assert_eq!(choose_role("a", &r, 2, None, false), Role::Lead(3));
+        assert_eq!(choose_role("a", &r, 3, Some(3), false), Role::Lead(3));
         // Restarted with records of epoch 3: it waits for a new epoch.
-        assert_eq!(choose_role("a", &r, 3, None), Role::Follow(None));
+        assert_eq!(choose_role("a", &r, 3, None, false), Role::Follow(None));
         assert_eq!(
-            choose_role("b", &r, 3, None),
+            choose_role("b", &r, 3, None, false),
             Role::Follow(Some("a".into()))
         );
+        // Its copy lost (wiped): it does not lead.
+        assert_eq!(choose_role("a", &r, 0, None, true), Role::Follow(None));
         let mut none = r.clone();
         none.leader = None;
-        assert_eq!(choose_role("a", &none, 0, None), Role::Follow(None));
+        assert_eq!(choose_role("a", &none, 0, None, false), Role::Follow(None));
+    }
+
+    #[test]
+    fn a_recorded_leader_that_may_not_lead_asks_for_a_new_epoch_now_and_then() {
+        let r = record("a", 3);
+        let mut renewals = Renewals::default();
+        let waiting = Role::Follow(None);
+        assert_eq!(renewals.due("l", "a", &r, &waiting, false, 0), Some(3));
+        assert_eq!(renewals.due("l", "a", &r, &waiting, false, 500), None);
+        assert_eq!(renewals.due("l", "a", &r, &waiting, false, 1001), Some(3));
+        // A recovering copy withdraws instead.
+        assert_eq!(renewals.due("l", "a", &r, &waiting, true, 9000), None);
+        // Not the recorded leader, or leading already: nothing to ask.
+        assert_eq!(renewals.due("l", "b", &r, &waiting, false, 5000), None);
+        assert_eq!(
+            renewals.due("l", "a", &r, &Role::Lead(3), false, 5000),
+            None
+        );
     }
 
     #[test]

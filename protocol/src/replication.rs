@@ -427,8 +427,11 @@ impl Leader {
                         need,
                     };
                 }
+                // A majority, and committed: failover elects from the sync set (policy
+                // `sync_set`), so an append the sync set lacks could be lost with the leader
+                // even when a majority holds it.
                 let have = usize::from(leader_durable) + durable_followers.len();
-                if have >= need {
+                if have >= need && leader_durable && self.required_durable() >= next {
                     Progress::Done {
                         replicas: holders(&durable_followers),
                         degraded: false,
@@ -968,6 +971,21 @@ mod tests {
         );
         // Asynchronous replication: commit follows the leader alone.
         assert_eq!(l.commit_offset(), 3);
+    }
+
+    #[test]
+    fn quorum_also_waits_for_the_sync_set_which_failover_elects_from() {
+        let mut l = Leader::new("L", cfg(1, Insufficient::Reject), 0, 0, 0);
+        l.connected("a", 0, 0);
+        l.connected("b", 0, 0);
+        assert_eq!(l.sync_set(), ["a"]);
+        l.appended(3, 1);
+        l.flushed(3, 1);
+        l.acked("b", 3, 2);
+        // A majority (L and b) holds it, but not the sync set: a failover to a would lose it.
+        assert_eq!(l.progress(Acks::Quorum, 3), Progress::Pending);
+        l.acked("a", 3, 3);
+        assert_eq!(ids(&l.progress(Acks::Quorum, 3)), ["L", "a", "b"]);
     }
 
     #[test]

@@ -27,8 +27,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// How often, with a controller, each log is checked against the controller's record.
 const STEER_INTERVAL: Duration = Duration::from_millis(100);
-/// How often a leader asks again for a new epoch the controller has not granted yet.
-const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// With a controller: every [`STEER_INTERVAL`], put each log of this shard in the role the
 /// controller has on record for it (closing and reopening it when that changes), ask for a
@@ -41,8 +39,8 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
     };
     let me = shard.common.node_id.clone();
     let loops: Rc<RefCell<BTreeSet<SocketAddr>>> = Default::default();
-    let mut renewed: std::collections::BTreeMap<String, (u64, std::time::Instant)> =
-        Default::default();
+    let mut renewals = node_core::log::Renewals::default();
+    let started = std::time::Instant::now();
     while !shard.closing.get() {
         tokio::time::sleep(STEER_INTERVAL).await;
         shard
@@ -62,14 +60,11 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
                 leaders.insert(a);
             }
             if choice == RoleChoice::Follow(None) {
-                let record = control.log_record(&name);
-                if let Some(r) = record.filter(|r| r.leader.as_deref() == Some(me.as_str())) {
-                    let due = renewed
-                        .get(&name)
-                        .is_none_or(|(e, at)| *e != r.epoch || at.elapsed() > RENEW_EVERY);
-                    if due {
-                        control.renew_epoch(&name, r.epoch, entry.log.next_offset().0);
-                        renewed.insert(name.clone(), (r.epoch, std::time::Instant::now()));
+                if let Some(r) = control.log_record(&name) {
+                    let role = node_core::log::Role::Follow(None);
+                    let now = started.elapsed().as_millis() as u64;
+                    if let Some(epoch) = renewals.due(&name, &me, &r, &role, false, now) {
+                        control.renew_epoch(&name, epoch, entry.log.next_offset().0);
                     }
                 }
             }

@@ -728,10 +728,15 @@ async fn send_loop(
 }
 
 /// Where `epoch` ends in this log (KIP-101): the largest epoch of the history that is at most
-/// `epoch`, and the offset where it ends. (0, 0) when the history has nothing at or below it.
+/// `epoch`, and the offset where it ends. When the history begins after `epoch`: its first
+/// epoch and the offset it begins at (what the asker holds from there predates this history).
+/// (0, 0) when the history is empty.
 pub(crate) fn epoch_end(log: &Log, epoch: u64) -> (u64, u64) {
     match log.end_offset_for_epoch(Epoch(epoch)) {
         Some((e, end)) => (e.0, end.0),
-        None => (0, 0),
+        None => log
+            .epoch_history()
+            .first()
+            .map_or((0, 0), |f| (f.epoch.0, f.start_offset.0)),
     }
 }

@@ -165,8 +165,13 @@ impl Shard {
             if let Some(r) = control.log_record(name) {
                 let last = log.last_epoch().map_or(0, |e| e.0);
                 let leading_in = current.filter(|e| e.leading().is_some()).map(|e| e.epoch.0);
-                return match node_core::log::choose_role(&self.common.node_id, &r, last, leading_in)
-                {
+                return match node_core::log::choose_role(
+                    &self.common.node_id,
+                    &r,
+                    last,
+                    leading_in,
+                    false,
+                ) {
                     node_core::log::Role::Lead(e) => RoleChoice::Lead(Epoch(e)),
                     node_core::log::Role::Follow(None) => RoleChoice::Follow(None),
                     node_core::log::Role::Follow(Some(l)) => {

@@ -540,6 +540,14 @@ impl<S: RaftStore> ControllerCore<S> {
         let Some(cfg) = self.failover.filter(|_| self.is_leader()) else {
             return;
         };
+        // Only with current metadata: a new leader has applied everything committed once an
+        // entry of its own term is committed.
+        let raft_log = &self.node.raft.raft_log;
+        let current = raft_log.applied >= raft_log.committed
+            && raft_log.term(raft_log.committed).ok() == Some(self.node.raft.term);
+        if !current {
+            return;
+        }
         let began: BTreeMap<String, u64> = self
             .began
             .iter()

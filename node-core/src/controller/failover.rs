@@ -34,6 +34,10 @@ pub struct LogReport {
     pub end: u64,
     /// Its commit offset (as leader: the log's; as follower: as far as it knows).
     pub commit: u64,
+    /// It lost its copy and is catching up (see `node_core::log::must_withdraw`): it holds no
+    /// guarantee and may not lead.
+    #[serde(default)]
+    pub recovering: bool,
 }
 
 /// A node's periodic report to the controller leader.
@@ -134,7 +138,7 @@ pub fn decide_with(
             .iter()
             .filter(|n| alive(n))
             .filter_map(|n| {
-                let r = log_report(&heard[n.as_str()], name)?;
+                let r = log_report(&heard[n.as_str()], name).filter(|r| !r.recovering)?;
                 Some(ReplicaState {
                     node: n.clone(),
                     last_epoch: r.last_epoch,
@@ -362,6 +366,7 @@ mod tests {
                         last_epoch: epoch,
                         end,
                         commit,
+                        recovering: false,
                     }],
                     heard_ms: BTreeMap::new(),
                     sent_ms: 0,

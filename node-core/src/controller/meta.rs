@@ -144,6 +144,11 @@ pub enum Command {
     },
     /// Abandon the planned transfer of `epoch` (the leader resumes).
     CancelTransfer { log: String, epoch: u64 },
+    /// `node` lost its copy of the log (its data was wiped or lost, and it created the log
+    /// afresh): it no longer holds every acknowledged append, so it leaves the sync set (and
+    /// is no longer the last leader of a leaderless log; as the leader, it is deposed). It
+    /// replicates again only once this is on record.
+    Withdraw { log: String, node: NodeId },
     /// The leader of `epoch`, having stopped taking writes for the planned transfer to `to`
     /// and seen `to` hold its whole log (ending at `start`) durably, hands over: `to` leads
     /// epoch `epoch + 1`. Refused unless that transfer is still under way in `epoch` (a
@@ -184,6 +189,8 @@ pub enum Refusal {
     BadSyncSet { log: String },
     #[error("log {log} has no transfer to {to} under way in epoch {epoch}")]
     NoTransfer { log: String, epoch: u64, to: NodeId },
+    #[error("the election for log {log} was decided on metadata that has changed since")]
+    StaleDecision { log: String },
 }
 
 impl ClusterMeta {
@@ -243,6 +250,31 @@ impl ClusterMeta {
                 );
                 Ok(())
             }
+            Command::Withdraw { log, node } => {
+                let l = self
+                    .logs
+                    .get_mut(log)
+                    .ok_or_else(|| Refusal::UnknownLog(log.clone()))?;
+                if !l.replicas.contains(node) {
+                    return Err(Refusal::NotAReplica {
+                        log: log.clone(),
+                        node: node.clone(),
+                    });
+                }
+                l.sync_set.retain(|n| n != node);
+                if l.last_leader.as_ref() == Some(node) {
+                    l.last_leader = None;
+                }
+                if l.leader.as_ref() == Some(node) {
+                    // A leader without its records: fenced by a new epoch, and failover
+                    // elects a member of the sync set.
+                    l.epoch += 1;
+                    l.leader = None;
+                    l.no_leader = Some(format!("leader {node} lost its copy of the log"));
+                    l.transfer = None;
+                }
+                Ok(())
+            }
             Command::SetSyncSet {
                 log,
                 epoch,
@@ -272,36 +304,15 @@ impl ClusterMeta {
                 start,
                 sync_set,
                 unclean,
-            } => {
-                let l = self.current(log, *epoch)?;
-                if !l.replicas.contains(leader) {
-                    return Err(Refusal::NotAReplica {
-                        log: log.clone(),
-                        node: leader.clone(),
-                    });
-                }
-                if sync_set
-                    .iter()
-                    .any(|n| n == leader || !l.replicas.contains(n))
-                {
-                    return Err(Refusal::BadSyncSet { log: log.clone() });
-                }
-                let l = self.logs.get_mut(log).expect("checked");
-                l.epoch = epoch + 1;
-                l.leader = Some(leader.clone());
-                l.last_leader = None;
-                l.sync_set = sync_set.clone();
-                l.epochs.push((l.epoch, *start));
-                l.no_leader = None;
-                l.transfer = None;
-                if let Some(u) = unclean {
-                    l.unclean.push(u.clone());
-                    if l.unclean.len() > UNCLEAN_HISTORY_MAX {
-                        l.unclean.remove(0);
-                    }
-                }
-                Ok(())
-            }
+            } => self.elect(
+                log,
+                *epoch,
+                leader,
+                *start,
+                sync_set,
+                unclean.as_ref(),
+                true,
+            ),
             Command::Depose { log, epoch, reason } => {
                 let l = self.current(log, *epoch)?;
                 if l.leader.is_none() {
@@ -374,16 +385,68 @@ impl ClusterMeta {
                         to: to.clone(),
                     });
                 }
-                self.apply(&Command::Elect {
-                    log: log.clone(),
-                    epoch: *epoch,
-                    leader: to.clone(),
-                    start: *start,
-                    sync_set: sync_set.clone(),
-                    unclean: None,
-                })
+                // The target need not be in the sync set: the leader saw it hold everything.
+                self.elect(log, *epoch, to, *start, sync_set, None, false)
             }
         }
+    }
+
+    /// Start epoch `epoch + 1` with `leader` (see `Command::Elect`); `check`: verify that a
+    /// clean election is still right by the current metadata (a planned transfer's target is
+    /// checked by its own rule instead).
+    #[allow(clippy::too_many_arguments)]
+    fn elect(
+        &mut self,
+        log: &String,
+        epoch: u64,
+        leader: &NodeId,
+        start: u64,
+        sync_set: &[NodeId],
+        unclean: Option<&UncleanElection>,
+        check: bool,
+    ) -> Result<(), Refusal> {
+        let l = self.current(log, epoch)?;
+        if !l.replicas.contains(leader) {
+            return Err(Refusal::NotAReplica {
+                log: log.clone(),
+                node: leader.clone(),
+            });
+        }
+        if sync_set
+            .iter()
+            .any(|n| n == leader || !l.replicas.contains(n))
+        {
+            return Err(Refusal::BadSyncSet { log: log.clone() });
+        }
+        // A clean election under `sync_set` was decided from the metadata of its
+        // moment: the leader must still hold every acknowledged append (the leader
+        // renewing its epoch, a member of the sync set, or the last leader), and the
+        // new sync set must be the current one without it. A sync-set change applied
+        // since (in the same epoch) makes the decision stale.
+        if unclean.is_none() && l.policy == Policy::SyncSet && check {
+            let eligible = l.leader.as_ref() == Some(leader)
+                || l.sync_set.contains(leader)
+                || l.last_leader.as_ref() == Some(leader);
+            let rest: Vec<&NodeId> = l.sync_set.iter().filter(|n| *n != leader).collect();
+            if !eligible || rest != sync_set.iter().collect::<Vec<_>>() {
+                return Err(Refusal::StaleDecision { log: log.clone() });
+            }
+        }
+        let l = self.logs.get_mut(log).expect("checked");
+        l.epoch = epoch + 1;
+        l.leader = Some(leader.clone());
+        l.last_leader = None;
+        l.sync_set = sync_set.to_vec();
+        l.epochs.push((l.epoch, start));
+        l.no_leader = None;
+        l.transfer = None;
+        if let Some(u) = unclean {
+            l.unclean.push(u.clone());
+            if l.unclean.len() > UNCLEAN_HISTORY_MAX {
+                l.unclean.remove(0);
+            }
+        }
+        Ok(())
     }
 
     fn member(&self, id: &str) -> Result<&Member, Refusal> {
@@ -634,7 +697,7 @@ mod tests {
             epoch: 1,
             leader: "b".into(),
             start: 10,
-            sync_set: vec!["c".into()],
+            sync_set: vec![],
             unclean: None,
         })
         .unwrap();
@@ -665,8 +728,92 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_that_lost_its_copy_leaves_the_sync_set_and_is_no_last_leader() {
+        let mut m = formed();
+        m.apply(&Command::SetSyncSet {
+            log: "l".into(),
+            epoch: 1,
+            sync_set: vec!["b".into(), "c".into()],
+        })
+        .unwrap();
+        m.apply(&Command::Withdraw {
+            log: "l".into(),
+            node: "b".into(),
+        })
+        .unwrap();
+        assert_eq!(m.logs["l"].sync_set, vec!["c".to_string()]);
+        m.apply(&Command::Depose {
+            log: "l".into(),
+            epoch: 1,
+            reason: "gone".into(),
+        })
+        .unwrap();
+        assert_eq!(m.logs["l"].last_leader.as_deref(), Some("a"));
+        m.apply(&Command::Withdraw {
+            log: "l".into(),
+            node: "a".into(),
+        })
+        .unwrap();
+        assert_eq!(m.logs["l"].last_leader, None);
+        assert!(matches!(
+            m.apply(&Command::Withdraw {
+                log: "l".into(),
+                node: "z".into()
+            }),
+            Err(Refusal::NotAReplica { .. })
+        ));
+    }
+
+    #[test]
+    fn an_election_decided_before_a_sync_set_change_is_refused() {
+        let mut m = formed();
+        let set = |m: &mut ClusterMeta, to: &[&str]| {
+            m.apply(&Command::SetSyncSet {
+                log: "l".into(),
+                epoch: 1,
+                sync_set: to.iter().map(|s| s.to_string()).collect(),
+            })
+            .unwrap()
+        };
+        set(&mut m, &["b"]);
+        // Decided while b was the member; c replaced it before the election applied.
+        let stale = Command::Elect {
+            log: "l".into(),
+            epoch: 1,
+            leader: "b".into(),
+            start: 10,
+            sync_set: vec![],
+            unclean: None,
+        };
+        set(&mut m, &["c"]);
+        let before = m.clone();
+        assert_eq!(
+            m.apply(&stale),
+            Err(Refusal::StaleDecision { log: "l".into() })
+        );
+        assert_eq!(m, before);
+        // Decided on the current metadata: applies.
+        m.apply(&Command::Elect {
+            log: "l".into(),
+            epoch: 1,
+            leader: "c".into(),
+            start: 10,
+            sync_set: vec![],
+            unclean: None,
+        })
+        .unwrap();
+        assert_eq!(m.logs["l"].leader.as_deref(), Some("c"));
+    }
+
+    #[test]
     fn a_deposed_log_has_no_leader_until_elected() {
         let mut m = formed();
+        m.apply(&Command::SetSyncSet {
+            log: "l".into(),
+            epoch: 1,
+            sync_set: vec!["c".into()],
+        })
+        .unwrap();
         m.apply(&Command::Depose {
             log: "l".into(),
             epoch: 1,

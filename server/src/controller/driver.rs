@@ -527,6 +527,7 @@ mod tests {
                 last_epoch: 1,
                 end,
                 commit: 10,
+                recovering: false,
             }],
             heard_ms: BTreeMap::new(),
             sent_ms: 0,

@@ -368,6 +368,7 @@ pub fn run_reports(node: crate::NodeHandle, nc: Arc<NodeController>, cfg: NodeCo
                                 last_epoch: l.epoch,
                                 end: l.end,
                                 commit: l.committed,
+                                recovering: false,
                             })
                             .collect(),
                         // Filled in by the controller as it sends the report.

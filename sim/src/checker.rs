@@ -1,0 +1,388 @@
+//! The checker: watches a run's history as it happens (receipts, reads, truncations, commit
+//! offsets, the controller's epochs) and the logs at the end, and reports the first broken
+//! promise.
+//!
+//! - Every receipt is true: each replica it names holds the records, durably, at those offsets;
+//!   one at `sync` names the leader and a full sync set, one at `quorum` a majority.
+//! - No append is acknowledged in a stale epoch: by the time of the receipt, no leader of a
+//!   newer epoch has begun writing below the append's end; and no leader begins writing below
+//!   a record acknowledged in an earlier epoch.
+//! - A truncation never removes an acknowledged record (at `sync` or `quorum`).
+//! - No read returns beyond the commit offset, and no offset ever holds two payloads among the
+//!   records reads returned and appends acknowledged at `sync` or `quorum`.
+//! - A leader's commit offset never moves back, nor a follower's readable horizon, for as long
+//!   as the node runs.
+//! - At the end, after every fault has healed: every acknowledged (`sync`/`quorum`) append and
+//!   every record a read returned is in the final log at its offset; no record is stored twice
+//!   (so no retried idempotent append either); nothing definitely refused is stored; every
+//!   replica holds the same committed records.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use node_core::controller::meta::ClusterMeta;
+use protocol::{Acks, ErrorCode};
+
+use crate::disk::{Batch, Disk};
+use crate::msg::Rep;
+use crate::Config;
+
+/// One log at the end of a run: its leader's batches, and each other replica's (node index,
+/// batches).
+pub type Final = (Vec<Batch>, Vec<(usize, Vec<Batch>)>);
+
+/// What the checker has learnt.
+pub struct Checker {
+    sync_replicas: usize,
+    replicas: usize,
+    /// Per log: offset -> record id, for records acknowledged at sync or quorum.
+    acked: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Per log: offset -> the epoch of the acknowledged record's batch.
+    acked_epoch: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Per log: offset -> record id, for records returned by reads.
+    read: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Records a node definitely refused (never stored).
+    refused: BTreeSet<u64>,
+    /// Per log: epoch -> (the offset its leader began writing at, when it began) (us).
+    epochs: BTreeMap<String, BTreeMap<u64, (u64, u64)>>,
+    /// Per log: the epochs the controller has recorded.
+    recorded: BTreeMap<String, BTreeSet<u64>>,
+    /// Per log: the highest commit offset any leader has had.
+    commit: BTreeMap<String, u64>,
+    /// Per (node, incarnation, epoch, log): the leader's commit offset.
+    leader_commit: BTreeMap<(usize, u64, u64, String), u64>,
+    /// Per (node, incarnation, log): the follower's readable horizon.
+    readable: BTreeMap<(usize, u64, String), u64>,
+    pub violations: Vec<String>,
+    pub stats: Stats,
+}
+
+/// Counts for the run's report.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub appends_sent: u64,
+    pub receipts: u64,
+    pub acked_sync: u64,
+    pub reads: u64,
+    pub truncations: u64,
+    /// Epochs begun after the first of each log (elections, renewals, transfers).
+    pub new_epochs: u64,
+}
+
+impl Checker {
+    pub fn new(cfg: &Config) -> Checker {
+        Checker {
+            sync_replicas: cfg.sync_replicas.min(cfg.replicas - 1),
+            replicas: cfg.replicas,
+            acked: BTreeMap::new(),
+            acked_epoch: BTreeMap::new(),
+            read: BTreeMap::new(),
+            refused: BTreeSet::new(),
+            epochs: BTreeMap::new(),
+            recorded: BTreeMap::new(),
+            commit: BTreeMap::new(),
+            leader_commit: BTreeMap::new(),
+            readable: BTreeMap::new(),
+            violations: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn violation(&mut self, what: String) {
+        if self.violations.len() < 16 {
+            self.violations.push(what);
+        }
+    }
+
+    /// A node applied controller metadata: count the epochs committed so far. Returns what is
+    /// new, for the trace.
+    pub fn saw_meta(&mut self, _now: u64, meta: &ClusterMeta) -> Vec<String> {
+        let mut news = Vec::new();
+        for (name, l) in &meta.logs {
+            let seen = self.recorded.entry(name.clone()).or_default();
+            for &(epoch, start) in &l.epochs {
+                if seen.insert(epoch) {
+                    news.push(format!(
+                        "controller: {name} epoch {epoch} (reported end {start}), leader {:?}, sync set {:?}",
+                        l.leader, l.sync_set
+                    ));
+                    if seen.len() > 1 {
+                        self.stats.new_epochs += 1;
+                    }
+                }
+            }
+        }
+        news
+    }
+
+    /// Node `node` began leading `log` in `epoch`: it writes from `start`, its log's end.
+    /// Anything acknowledged at or above `start` in an earlier epoch is lost.
+    pub fn leads(&mut self, now: u64, node: usize, log: &str, epoch: u64, start: u64) {
+        let seen = self.epochs.entry(log.to_string()).or_default();
+        if seen.contains_key(&epoch) {
+            return;
+        }
+        seen.insert(epoch, (start, now));
+        let lost = self.acked_epoch.get(log).and_then(|m| {
+            m.range(start..)
+                .find(|(_, e)| **e < epoch)
+                .map(|(o, e)| (*o, *e))
+        });
+        if let Some((o, e)) = lost {
+            self.violation(format!(
+                "n{node} leads {log} in epoch {epoch} from {start}, below the record at {o} acknowledged in epoch {e}"
+            ));
+        }
+    }
+
+    /// A leader's commit offset (node, incarnation, epoch).
+    pub fn saw_commit(&mut self, _now: u64, who: (usize, u64, u64), log: &str, commit: u64) {
+        let c = self.commit.entry(log.to_string()).or_default();
+        *c = (*c).max(commit);
+        let key = (who.0, who.1, who.2, log.to_string());
+        let before = self.leader_commit.insert(key, commit).unwrap_or(0);
+        if commit < before {
+            self.violation(format!(
+                "n{}'s commit offset of {log} moved back from {before} to {commit} in epoch {}",
+                who.0, who.2
+            ));
+        }
+    }
+
+    /// A follower's readable horizon.
+    pub fn saw_readable(&mut self, _now: u64, node: usize, incarnation: u64, log: &str, at: u64) {
+        let before = self
+            .readable
+            .insert((node, incarnation, log.to_string()), at)
+            .unwrap_or(0);
+        if at < before {
+            self.violation(format!(
+                "n{node}'s readable horizon of {log} moved back from {before} to {at}"
+            ));
+        }
+    }
+
+    pub fn sent(&mut self, _records: &[u64]) {
+        self.stats.appends_sent += 1;
+    }
+
+    /// Node `node` acknowledges an append of `records` to `log` at `acks` with `rep`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn receipt(
+        &mut self,
+        now: u64,
+        node: usize,
+        log: &str,
+        rep: &Rep,
+        acks: Acks,
+        records: &[u64],
+        disks: &[Disk],
+    ) {
+        let Rep::Receipt {
+            first,
+            next,
+            epoch,
+            degraded,
+            holders,
+            ..
+        } = rep
+        else {
+            return;
+        };
+        let (first, next, epoch) = (*first, *next, *epoch);
+        self.stats.receipts += 1;
+        for h in holders {
+            let held = disks[*h].logs.get(log);
+            let durable = held.map_or(0, |l| l.durable_end());
+            let ids = held.and_then(|l| l.ids(first, next));
+            if durable < next || ids.as_deref() != Some(records) {
+                self.violation(format!(
+                    "n{node}'s receipt for {log} {first}..{next} (acks={}) names n{h}, which holds {ids:?} durably up to {durable}",
+                    acks.name()
+                ));
+            }
+        }
+        let need = match acks {
+            Acks::Sync if !degraded => 1 + self.sync_replicas,
+            Acks::Quorum => self.replicas / 2 + 1,
+            Acks::Leader => 1,
+            _ => 0,
+        };
+        if holders.len() < need {
+            self.violation(format!(
+                "n{node}'s receipt for {log} {first}..{next} at acks={} names {} holders ({holders:?}), fewer than {need}",
+                acks.name(),
+                holders.len()
+            ));
+        }
+        if acks != Acks::None {
+            let newer = self.epochs.get(log).and_then(|e| {
+                e.range(epoch + 1..)
+                    .find(|(_, (start, seen))| *start < next && *seen < now)
+                    .map(|(e, (start, _))| (*e, *start))
+            });
+            if let Some((e, start)) = newer {
+                self.violation(format!(
+                    "n{node} acknowledged {log} {first}..{next} in epoch {epoch}, after epoch {e} had begun at {start}"
+                ));
+            }
+        }
+    }
+
+    /// A client got a receipt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn acked(
+        &mut self,
+        log: &str,
+        first: u64,
+        next: u64,
+        epoch: u64,
+        records: &[u64],
+        _asked: Acks,
+        level: Acks,
+        degraded: bool,
+    ) {
+        if degraded || !matches!(level, Acks::Sync | Acks::Quorum) {
+            return;
+        }
+        self.stats.acked_sync += 1;
+        let epochs = self.acked_epoch.entry(log.to_string()).or_default();
+        for o in first..next {
+            epochs.insert(o, epoch);
+        }
+        let map = self.acked.entry(log.to_string()).or_default();
+        let mut clash = None;
+        for (i, id) in records.iter().enumerate().take((next - first) as usize) {
+            let o = first + i as u64;
+            if let Some(prev) = map.insert(o, *id) {
+                if prev != *id {
+                    clash = Some((o, prev, *id));
+                }
+            }
+            if let Some(r) = self.read.get(log).and_then(|m| m.get(&o)) {
+                if r != id {
+                    clash = Some((o, *r, *id));
+                }
+            }
+        }
+        if let Some((o, a, b)) = clash {
+            self.violation(format!(
+                "offset {o} of {log} holds two payloads: {a:#x} and {b:#x}"
+            ));
+        }
+    }
+
+    /// A client's append was definitely refused: it must never be stored.
+    pub fn refused(&mut self, records: &[u64], _code: ErrorCode) {
+        self.refused.extend(records.iter().copied());
+    }
+
+    /// A node answered a read.
+    pub fn read(&mut self, _now: u64, node: usize, log: &str, rep: &Rep) {
+        let Rep::Records { from, ids, .. } = rep else {
+            return;
+        };
+        self.stats.reads += 1;
+        let commit = self.commit.get(log).copied().unwrap_or(0);
+        let end = from + ids.len() as u64;
+        if !ids.is_empty() && end > commit {
+            self.violation(format!(
+                "n{node} returned {log} {from}..{end}, beyond the highest commit offset {commit}"
+            ));
+        }
+        let map = self.read.entry(log.to_string()).or_default();
+        let mut clash = None;
+        for (i, id) in ids.iter().enumerate() {
+            let o = from + i as u64;
+            if let Some(prev) = map.insert(o, *id) {
+                if prev != *id {
+                    clash = Some((o, prev, *id));
+                }
+            }
+            if let Some(a) = self.acked.get(log).and_then(|m| m.get(&o)) {
+                if a != id {
+                    clash = Some((o, *a, *id));
+                }
+            }
+        }
+        if let Some((o, a, b)) = clash {
+            self.violation(format!(
+                "offset {o} of {log} holds two payloads: {a:#x} and {b:#x} (a read from n{node})"
+            ));
+        }
+    }
+
+    /// A node truncated `removed` from `log`. (A record may be stored twice at the same
+    /// offset in two epochs: a client resent it to the next leader. Only the acknowledged copy
+    /// counts.)
+    pub fn truncated(&mut self, _now: u64, node: usize, log: &str, removed: &[Batch]) {
+        self.stats.truncations += 1;
+        let (Some(acked), Some(epochs)) = (self.acked.get(log), self.acked_epoch.get(log)) else {
+            return;
+        };
+        for b in removed {
+            for (i, id) in b.records.iter().enumerate() {
+                let o = b.base + i as u64;
+                if acked.get(&o) == Some(id) && epochs.get(&o) == Some(&b.epoch) {
+                    let what = format!(
+                        "n{node} truncated {log} at {}, removing acknowledged record {id:#x} at {o}",
+                        removed[0].base
+                    );
+                    self.violation(what);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The end of the run: `finals` holds, per log, the final log's batches (its leader's) and
+    /// each replica's batches.
+    pub fn finish(&mut self, finals: &BTreeMap<String, Final>) {
+        for (log, (leader, replicas)) in finals {
+            let mut at: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+            for b in leader {
+                for (i, id) in b.records.iter().enumerate() {
+                    let o = b.base + i as u64;
+                    at.insert(o, *id);
+                    if let Some(prev) = seen.insert(*id, o) {
+                        self.violation(format!(
+                            "record {id:#x} is stored twice in {log}: at {prev} and at {o}"
+                        ));
+                    }
+                    if self.refused.contains(id) {
+                        self.violation(format!(
+                            "record {id:#x} was refused, yet {log} holds it at {o}"
+                        ));
+                    }
+                }
+            }
+            let promised = self.acked.get(log).into_iter().flatten();
+            let returned = self.read.get(log).into_iter().flatten();
+            let mut lost = None;
+            for (o, id) in promised.chain(returned) {
+                if at.get(o) != Some(id) {
+                    lost = Some((*o, *id, at.get(o).copied()));
+                    break;
+                }
+            }
+            if let Some((o, id, found)) = lost {
+                self.violation(format!(
+                    "{log} lost record {id:#x} at {o} (acknowledged or read; the final log has {found:?} there)"
+                ));
+            }
+            let end = leader.last().map_or(0, Batch::next);
+            for (node, batches) in replicas {
+                let other = batches.last().map_or(0, Batch::next);
+                let same = batches
+                    .iter()
+                    .zip(leader)
+                    .all(|(a, b)| a.base == b.base && a.records == b.records);
+                if !same || other != end {
+                    self.violation(format!(
+                        "n{node}'s {log} differs from its leader's at the end ({other} against {end} records)"
+                    ));
+                }
+            }
+        }
+    }
+}

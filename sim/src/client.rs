@@ -1,0 +1,292 @@
+//! Simulated clients: the workload. Each has one request in flight at a time and follows the
+//! client library's rules: it follows `not_leader` redirects, asks other nodes when none is
+//! named, waits through `unavailable`, and resends an idempotent producer's append, unchanged,
+//! until it has a definite answer.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use protocol::{Acks, ErrorCode};
+use rand::Rng;
+
+use crate::msg::{Msg, Rep, Req};
+use crate::world::{Event, World};
+
+/// A request in flight, with what its attempts so far may have done.
+struct Pending {
+    id: u64,
+    req: Req,
+    /// An attempt may have stored it (an unknown outcome).
+    maybe_stored: bool,
+    /// When the client stops trying (us).
+    give_up: u64,
+}
+
+/// One client.
+pub struct Client {
+    pub endpoint: usize,
+    idx: usize,
+    next_id: u64,
+    next_record: u64,
+    pending: Option<Pending>,
+    hints: BTreeMap<String, usize>,
+    /// This client's idempotent producer, and its next sequence number per log.
+    producer: u64,
+    sequences: BTreeMap<String, u64>,
+    /// The highest offset this client has seen per log (read-your-writes).
+    seen: BTreeMap<String, u64>,
+    pub stopped: bool,
+    /// Appends and reads answered, for the report.
+    pub done: u64,
+}
+
+impl Client {
+    pub fn new(idx: usize, endpoint: usize) -> Client {
+        Client {
+            endpoint,
+            idx,
+            next_id: 0,
+            next_record: 0,
+            pending: None,
+            hints: BTreeMap::new(),
+            producer: 0x5eed_0000 + idx as u64 + 1,
+            sequences: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            stopped: false,
+            done: 0,
+        }
+    }
+
+    pub fn idle(&self) -> bool {
+        self.pending.is_none()
+    }
+
+    fn node(&self, w: &mut World, log: &str) -> usize {
+        match self.hints.get(log) {
+            Some(n) => *n,
+            None => w.rng.gen_range(0..w.cfg.nodes),
+        }
+    }
+
+    fn send(&mut self, w: &mut World, to: usize) {
+        let p = self.pending.as_mut().expect("a request to send");
+        self.next_id += 1;
+        p.id = self.next_id;
+        w.send(
+            self.endpoint,
+            to,
+            Msg::Request {
+                id: p.id,
+                req: p.req.clone(),
+            },
+        );
+        let timeout = (w.cfg.append_timeout_ms + 2000) * 1000;
+        w.after(
+            timeout,
+            Event::ClientDeadline {
+                client: self.idx,
+                id: p.id,
+            },
+        );
+    }
+
+    fn wake_in(&self, w: &mut World, us: u64) {
+        w.after(us, Event::Client { client: self.idx });
+    }
+
+    /// The next step: a new request, unless one is in flight or the client has stopped.
+    pub fn wake(&mut self, w: &mut World) {
+        if self.pending.is_some() {
+            // A retry's pause is over.
+            let log = match &self.pending.as_ref().expect("pending").req {
+                Req::Append { log, .. } | Req::Read { log, .. } => log.clone(),
+            };
+            let to = self.node(w, &log);
+            return self.send(w, to);
+        }
+        if self.stopped {
+            return;
+        }
+        let log = format!("l{}", w.rng.gen_range(0..w.cfg.logs));
+        let seen = self.seen.get(&log).copied().unwrap_or(0);
+        let req = if w.rng.gen_bool(0.75) {
+            let n = w.rng.gen_range(1..=3u64);
+            let records: Rc<[u64]> = (0..n)
+                .map(|_| {
+                    self.next_record += 1;
+                    ((self.idx as u64 + 1) << 40) | self.next_record
+                })
+                .collect();
+            let acks = match w.rng.gen_range(0..100) {
+                0..=54 => Acks::Sync,
+                55..=69 => Acks::Quorum,
+                70..=89 => Acks::Leader,
+                _ => Acks::None,
+            };
+            let idempotent = w.rng.gen_bool(0.5);
+            let producer = idempotent.then(|| {
+                let seq = *self.sequences.entry(log.clone()).or_insert(0);
+                (self.producer, seq)
+            });
+            let expected = (!idempotent && w.rng.gen_bool(0.1)).then_some(seen);
+            Req::Append {
+                log: log.clone(),
+                records,
+                acks,
+                producer,
+                expected,
+            }
+        } else {
+            Req::Read {
+                log: log.clone(),
+                from: w.rng.gen_range(0..=seen),
+                min_offset: if w.rng.gen_bool(0.5) { seen } else { 0 },
+            }
+        };
+        if let Req::Append { records, .. } = &req {
+            w.checker.sent(records);
+        }
+        let give_up = w.now + 4 * (w.cfg.append_timeout_ms + 2000) * 1000;
+        self.pending = Some(Pending {
+            id: 0,
+            req,
+            maybe_stored: false,
+            give_up,
+        });
+        let to = match self.pending.as_ref().map(|p| &p.req) {
+            // Reads go to any replica.
+            Some(Req::Read { .. }) => w.rng.gen_range(0..w.cfg.nodes),
+            _ => self.node(w, &log),
+        };
+        self.send(w, to);
+    }
+
+    /// Done with the request in flight: think, then go on (now and then after a long idle).
+    fn finish(&mut self, w: &mut World) {
+        self.pending = None;
+        self.done += 1;
+        let pause = if w.rng.gen_bool(w.cfg.idle_chance) {
+            w.rng.gen_range(20_000_000..90_000_000)
+        } else {
+            w.rng.gen_range(2_000..w.cfg.think_us_max)
+        };
+        self.wake_in(w, pause);
+    }
+
+    /// Try again after a pause, unless it is time to give up. `unknown`: the last attempt
+    /// may have been stored.
+    fn retry(&mut self, w: &mut World, unknown: bool) {
+        let p = self.pending.as_mut().expect("pending");
+        p.maybe_stored |= unknown;
+        p.id = 0;
+        let (append, idempotent) = match &p.req {
+            Req::Append { producer, .. } => (true, producer.is_some()),
+            Req::Read { .. } => (false, false),
+        };
+        // A plain append whose outcome is unknown is not resent (it could be stored twice):
+        // the client library reports the unknown outcome.
+        if unknown && append && !idempotent {
+            return self.finish(w);
+        }
+        // An idempotent producer resends until it knows (the node turns a resend of a stored
+        // append into its receipt); anything else gives up at its deadline.
+        if w.now >= p.give_up && !(idempotent && p.maybe_stored) {
+            return self.finish(w);
+        }
+        let pause = w.rng.gen_range(20_000..100_000);
+        self.wake_in(w, pause);
+    }
+
+    /// A node's answer.
+    pub fn reply(&mut self, w: &mut World, from: usize, id: u64, rep: Rep) {
+        let Some(p) = self.pending.as_mut().filter(|p| p.id == id) else {
+            return;
+        };
+        let log = match &p.req {
+            Req::Append { log, .. } | Req::Read { log, .. } => log.clone(),
+        };
+        match rep {
+            Rep::Receipt {
+                first,
+                next,
+                epoch,
+                level,
+                degraded,
+                ..
+            } => {
+                let Req::Append {
+                    records,
+                    acks,
+                    producer,
+                    ..
+                } = &p.req
+                else {
+                    return;
+                };
+                w.checker
+                    .acked(&log, first, next, epoch, records, *acks, level, degraded);
+                if let Some((_, seq)) = producer {
+                    self.sequences
+                        .insert(log.clone(), seq + records.len() as u64);
+                }
+                self.hints.insert(log.clone(), from);
+                let seen = self.seen.entry(log).or_default();
+                *seen = (*seen).max(next);
+                self.finish(w);
+            }
+            Rep::Records { from: at, ids, .. } => {
+                let seen = self.seen.entry(log).or_default();
+                *seen = (*seen).max(at + ids.len() as u64);
+                self.finish(w);
+            }
+            Rep::Error {
+                code: ErrorCode::NotLeader,
+                leader,
+            } => {
+                match leader {
+                    Some(l) => self.hints.insert(log, l),
+                    None => self.hints.remove(&log),
+                };
+                self.retry(w, false);
+            }
+            Rep::Error {
+                code: ErrorCode::Timeout,
+                ..
+            } => {
+                self.hints.remove(&log);
+                self.retry(w, true);
+            }
+            Rep::Error {
+                code: ErrorCode::Unavailable | ErrorCode::Busy | ErrorCode::LogNotFound,
+                ..
+            } => self.retry(w, false),
+            Rep::Error { code, .. } => {
+                // A definite answer: nothing of this attempt was stored.
+                if let (false, Req::Append { records, .. }) = (p.maybe_stored, &p.req) {
+                    w.checker.refused(records, code);
+                }
+                if let Req::Append {
+                    producer: Some(_), ..
+                } = &p.req
+                {
+                    if p.maybe_stored {
+                        // An earlier attempt may be stored: resend until known.
+                        return self.retry(w, false);
+                    }
+                }
+                self.finish(w);
+            }
+        }
+    }
+
+    /// No answer in time: the outcome is unknown.
+    pub fn deadline(&mut self, w: &mut World, id: u64) {
+        if self.pending.as_ref().is_some_and(|p| p.id == id) {
+            if let Some(Req::Append { log, .. }) = self.pending.as_ref().map(|p| &p.req) {
+                let log = log.clone();
+                self.hints.remove(&log);
+            }
+            self.retry(w, true);
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Simulated disks: each node's logs and its controller's Raft state.
+//!
+//! A log write lands in the page cache at once; an fdatasync takes time and makes durable what
+//! was written before it was issued. A crash keeps what is durable and, of what is not, any
+//! prefix of the writes (the last one kept may be torn, and a torn batch is dropped by
+//! recovery, as log-core's crc32c check does). The controller's Raft state is written durably
+//! by every call, as `DiskStorage` does (it fsyncs before returning); a full disk refuses its
+//! writes with an out-of-space error that leaves nothing changed.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use node_core::controller::core::{RaftStore, StoreError};
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, Storage};
+
+/// A batch of records: offsets `base..base + records.len()`, written in `epoch`. A record is
+/// a unique id (the workload's), so "byte-identical" is "the same ids at the same offsets".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub base: u64,
+    pub epoch: u64,
+    /// The idempotent producer and the sequence number of its first record.
+    pub producer: Option<(u64, u64)>,
+    pub records: Rc<[u64]>,
+}
+
+impl Batch {
+    pub fn next(&self) -> u64 {
+        self.base + self.records.len() as u64
+    }
+}
+
+/// One log on one node's disk.
+#[derive(Clone, Debug, Default)]
+pub struct SimLog {
+    batches: Vec<Batch>,
+    /// How many of `batches` are durable.
+    durable: usize,
+    /// The copy was created afresh where the node should have held the log, and has not
+    /// caught up yet (`node_core::log::must_withdraw`); durable, as the server's marker file.
+    pub recovering: bool,
+    /// The epoch history, (epoch, its first offset), durable as soon as recorded (log-core's
+    /// epochs file): written when a batch of a new epoch is, or when a leader begins one.
+    history: Vec<(u64, u64)>,
+}
+
+impl SimLog {
+    /// A copy created afresh where the node should have held the log: recovering.
+    pub fn afresh() -> SimLog {
+        SimLog {
+            recovering: true,
+            ..SimLog::default()
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.batches.last().map_or(0, Batch::next)
+    }
+
+    pub fn durable_end(&self) -> u64 {
+        match self.durable {
+            0 => 0,
+            n => self.batches[n - 1].next(),
+        }
+    }
+
+    pub fn last_epoch(&self) -> Option<u64> {
+        self.history.last().map(|(e, _)| *e)
+    }
+
+    fn observe(&mut self, epoch: u64, at: u64) {
+        if self.last_epoch().is_none_or(|last| epoch > last) {
+            self.history.push((epoch, at));
+        }
+    }
+
+    /// A leader begins `epoch` at the log's end, durably, before any batch of it.
+    pub fn begin_epoch(&mut self, epoch: u64) {
+        let end = self.end();
+        self.observe(epoch, end);
+    }
+
+    pub fn batches(&self) -> &[Batch] {
+        &self.batches
+    }
+
+    /// Write a batch (into the page cache): it must continue the log.
+    pub fn append(&mut self, b: Batch) {
+        assert_eq!(b.base, self.end(), "a write continues the log");
+        assert!(!b.records.is_empty());
+        self.observe(b.epoch, b.base);
+        self.batches.push(b);
+    }
+
+    /// How many batches are written: an fdatasync issued now covers them.
+    pub fn written_batches(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// An fdatasync issued when `batches` were written completed.
+    pub fn synced(&mut self, batches: usize) {
+        self.durable = self.durable.max(batches.min(self.batches.len()));
+    }
+
+    /// Remove every batch at or after `to` (a batch boundary), durably. Returns what was
+    /// removed.
+    pub fn truncate(&mut self, to: u64) -> Vec<Batch> {
+        let keep = self.batches.partition_point(|b| b.next() <= to);
+        assert!(
+            keep == self.batches.len() || self.batches[keep].base == to,
+            "truncation at a batch boundary"
+        );
+        let removed = self.batches.split_off(keep);
+        self.durable = self.durable.min(keep);
+        self.history.retain(|(_, start)| *start < to);
+        removed
+    }
+
+    /// A crash: what is durable stays, and of the rest the first `survivors` writes.
+    pub fn crash(&mut self, survivors: usize) {
+        let keep = (self.durable + survivors).min(self.batches.len());
+        self.batches.truncate(keep);
+        self.durable = keep;
+        let end = self.end();
+        self.history.retain(|(_, start)| *start <= end);
+    }
+
+    /// The batches holding records `from..until` (whole batches, starting at the one holding
+    /// `from`).
+    pub fn read(&self, from: u64, until: u64) -> Vec<Batch> {
+        let i = self.batches.partition_point(|b| b.next() <= from);
+        self.batches[i..]
+            .iter()
+            .take_while(|b| b.base < until)
+            .cloned()
+            .collect()
+    }
+
+    /// The record ids at `first..next`, if the log holds exactly those offsets.
+    pub fn ids(&self, first: u64, next: u64) -> Option<Vec<u64>> {
+        let mut out = Vec::new();
+        for b in self.read(first, next) {
+            for (i, id) in b.records.iter().enumerate() {
+                let o = b.base + i as u64;
+                if o >= first && o < next {
+                    out.push(*id);
+                }
+            }
+        }
+        (out.len() as u64 == next - first).then_some(out)
+    }
+
+    /// Where `epoch` ends in this log (KIP-101): the largest epoch of the history that is at
+    /// most `epoch`, and the offset where it ends; the history's first epoch and its start when
+    /// it begins after `epoch`; (0, 0) when it is empty (as the server answers `EpochEnd`).
+    pub fn epoch_end(&self, epoch: u64) -> (u64, u64) {
+        let Some(i) = self.history.iter().rposition(|(e, _)| *e <= epoch) else {
+            // The history begins after `epoch` (its first epoch and start), or is empty.
+            return self.history.first().copied().unwrap_or((0, 0));
+        };
+        let end = self
+            .history
+            .get(i + 1)
+            .map_or(self.end(), |(_, start)| *start);
+        (self.history[i].0, end)
+    }
+}
+
+/// The controller's durable Raft state on one node.
+#[derive(Clone, Debug, Default)]
+pub struct RaftDisk {
+    pub hard_state: HardState,
+    pub snapshot: Snapshot,
+    pub entries: Vec<Entry>,
+    /// The disk is full: writes fail with an out-of-space error.
+    pub full: bool,
+}
+
+/// One node's disk.
+#[derive(Debug, Default)]
+pub struct Disk {
+    pub logs: BTreeMap<String, SimLog>,
+    pub raft: Rc<RefCell<RaftDisk>>,
+}
+
+/// raft-rs storage over a [`RaftDisk`]: reads from memory, every write durable on return.
+pub struct SimRaftStore {
+    mem: MemStorage,
+    disk: Rc<RefCell<RaftDisk>>,
+}
+
+fn full() -> StoreError {
+    StoreError {
+        no_space: true,
+        message: "No space left on device (simulated)".into(),
+    }
+}
+
+impl SimRaftStore {
+    /// Open the state on `disk` for a cluster of `voters` (created empty the first time).
+    pub fn open(disk: Rc<RefCell<RaftDisk>>, voters: &[u64]) -> SimRaftStore {
+        let mem = MemStorage::new();
+        {
+            let d = disk.borrow();
+            let mut core = mem.wl();
+            if d.snapshot.get_metadata().index > 0 {
+                let mut meta_only = Snapshot::default();
+                meta_only.set_metadata(d.snapshot.get_metadata().clone());
+                core.apply_snapshot(meta_only)
+                    .expect("a stored snapshot applies");
+            } else {
+                core.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
+            }
+            core.append(&d.entries)
+                .expect("stored entries follow the snapshot");
+            core.set_hardstate(d.hard_state.clone());
+        }
+        SimRaftStore { mem, disk }
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.disk.borrow().full {
+            return Err(full());
+        }
+        Ok(())
+    }
+}
+
+impl RaftStore for SimRaftStore {
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        self.writable()?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.mem.wl().append(entries).map_err(|e| StoreError {
+            no_space: false,
+            message: e.to_string(),
+        })?;
+        let mut d = self.disk.borrow_mut();
+        let first = entries[0].index;
+        d.entries.retain(|e| e.index < first);
+        d.entries.extend_from_slice(entries);
+        Ok(())
+    }
+
+    fn set_hardstate(&mut self, hs: HardState) -> Result<(), StoreError> {
+        if self.disk.borrow().hard_state == hs {
+            return Ok(());
+        }
+        self.writable()?;
+        self.mem.wl().set_hardstate(hs.clone());
+        self.disk.borrow_mut().hard_state = hs;
+        Ok(())
+    }
+
+    fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
+        let mut hs = self.disk.borrow().hard_state.clone();
+        hs.commit = commit;
+        self.set_hardstate(hs)
+    }
+
+    fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), StoreError> {
+        self.writable()?;
+        let (index, term) = (snap.get_metadata().index, snap.get_metadata().term);
+        let mut meta_only = Snapshot::default();
+        meta_only.set_metadata(snap.get_metadata().clone());
+        self.mem
+            .wl()
+            .apply_snapshot(meta_only)
+            .map_err(|e| StoreError {
+                no_space: false,
+                message: e.to_string(),
+            })?;
+        let mut d = self.disk.borrow_mut();
+        d.entries.clear();
+        d.snapshot = snap;
+        if d.hard_state.term < term {
+            d.hard_state.term = term;
+            d.hard_state.vote = 0;
+        }
+        d.hard_state.commit = d.hard_state.commit.max(index);
+        let hs = d.hard_state.clone();
+        self.mem.wl().set_hardstate(hs);
+        Ok(())
+    }
+
+    fn compact(&mut self, index: u64, data: Vec<u8>, conf: ConfState) -> Result<(), StoreError> {
+        self.writable()?;
+        let term = self.mem.term(index).map_err(|e| StoreError {
+            no_space: false,
+            message: e.to_string(),
+        })?;
+        let mut snap = Snapshot::default();
+        snap.set_data(data.into());
+        let m = snap.mut_metadata();
+        m.index = index;
+        m.term = term;
+        m.set_conf_state(conf);
+        let mut d = self.disk.borrow_mut();
+        d.entries.retain(|e| e.index > index);
+        d.snapshot = snap;
+        d.hard_state.commit = d.hard_state.commit.max(index);
+        // Memory as a reopen would build it: the snapshot's metadata, then what follows.
+        let mem = MemStorage::new();
+        {
+            let mut core = mem.wl();
+            let mut meta_only = Snapshot::default();
+            meta_only.set_metadata(d.snapshot.get_metadata().clone());
+            core.apply_snapshot(meta_only).expect("a snapshot applies");
+            core.append(&d.entries)
+                .expect("entries follow the snapshot");
+            core.set_hardstate(d.hard_state.clone());
+        }
+        self.mem = mem;
+        Ok(())
+    }
+
+    fn entries_since_snapshot(&self) -> u64 {
+        let d = self.disk.borrow();
+        d.entries.len() as u64
+    }
+
+    fn snapshot_data(&self) -> Option<(u64, Vec<u8>)> {
+        let d = self.disk.borrow();
+        let index = d.snapshot.get_metadata().index;
+        (index > 0).then(|| (index, d.snapshot.data.to_vec()))
+    }
+}
+
+impl Storage for SimRaftStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let d = self.disk.borrow();
+        let index = d.snapshot.get_metadata().index;
+        if index == 0 || index < request_index {
+            return Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(d.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(base: u64, epoch: u64, n: u64) -> Batch {
+        Batch {
+            base,
+            epoch,
+            producer: None,
+            records: (base..base + n).collect(),
+        }
+    }
+
+    #[test]
+    fn a_crash_keeps_what_is_durable_and_a_prefix_of_the_rest() {
+        let mut l = SimLog::default();
+        l.append(batch(0, 1, 2));
+        l.append(batch(2, 1, 3));
+        l.synced(1);
+        l.append(batch(5, 2, 1));
+        assert_eq!((l.end(), l.durable_end()), (6, 2));
+        let mut c = l.clone();
+        c.crash(0);
+        assert_eq!((c.end(), c.durable_end()), (2, 2));
+        l.crash(1);
+        assert_eq!((l.end(), l.durable_end()), (5, 5));
+    }
+
+    #[test]
+    fn epoch_ends_and_truncation_follow_the_history() {
+        let mut l = SimLog::default();
+        l.append(batch(0, 1, 2));
+        l.append(batch(2, 1, 2));
+        l.append(batch(4, 3, 2));
+        assert_eq!(l.epoch_end(1), (1, 4));
+        assert_eq!(l.epoch_end(2), (1, 4));
+        assert_eq!(l.epoch_end(3), (3, 6));
+        assert_eq!(l.epoch_end(0), (1, 0));
+        assert_eq!(SimLog::default().epoch_end(3), (0, 0));
+        assert_eq!(l.ids(1, 5), Some(vec![1, 2, 3, 4]));
+        let removed = l.truncate(4);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(l.end(), 4);
+        assert_eq!(l.ids(3, 5), None);
+    }
+}

@@ -1,0 +1,1259 @@
+//! One simulated node: the node core's controller (`ControllerCore`) and each log's leader or
+//! follower rules (`node_core::log`, `protocol::replication`, `protocol::idempotence`), driven
+//! over the simulated network and disk as the server drives them over QUIC and io_uring.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use node_core::controller::core::{ControllerCore, CoreConfig};
+use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
+use node_core::controller::meta::{Command, Member, NodeId};
+use node_core::log::{
+    choose_role, confirm, may_write, must_withdraw, recovered, stream_from, LeaderAction,
+    LeaderRules, LevelRefusal, LogRecord, Renewals, Role,
+};
+use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
+use protocol::replication::{
+    follower_step, Follower, Insufficient, Leader, LeaderLog, LocalLog, Progress,
+    ReplicationConfig, Step,
+};
+use protocol::{Acks, ErrorCode};
+use rand::Rng;
+
+use crate::disk::{Batch, SimRaftStore};
+use crate::msg::{Msg, Rep, Req};
+use crate::world::{Event, World};
+
+/// Producers remembered per log, as the server's default.
+const PRODUCERS_MAX: usize = 1000;
+/// The longest answer to a read, in records.
+const READ_RECORDS_MAX: u64 = 64;
+
+/// A node's id for the controller.
+pub fn node_id(idx: usize) -> NodeId {
+    format!("n{idx}")
+}
+
+/// A node's index from its id.
+pub fn node_idx(id: &str) -> usize {
+    id[1..].parse().expect("node ids are n<index>")
+}
+
+/// A node's clock: it runs at `rate` (within the configured drift of 1) from `offset_ms`.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub offset_ms: u64,
+    pub rate: f64,
+}
+
+impl Clock {
+    pub fn ms(&self, now_us: u64) -> u64 {
+        self.offset_ms + (now_us as f64 * self.rate / 1000.0) as u64
+    }
+
+    /// Simulated time (us) for `ms` of this clock to pass.
+    pub fn us_for(&self, ms: u64) -> u64 {
+        (ms as f64 * 1000.0 / self.rate) as u64
+    }
+}
+
+/// An append waiting for its level.
+#[derive(Debug)]
+struct Waiting {
+    client: usize,
+    id: u64,
+    acks: Acks,
+    records: Rc<[u64]>,
+    stored: StoredAppend,
+    duplicate: bool,
+    deadline_ms: u64,
+}
+
+/// A follower's replication stream, as its leader serves it.
+#[derive(Debug)]
+struct Stream {
+    session: u64,
+    /// When it began (us).
+    since: u64,
+    /// Everything below was sent.
+    sent: u64,
+    commit_sent: Option<u64>,
+}
+
+struct Leading {
+    epoch: u64,
+    repl: Leader,
+    rules: LeaderRules,
+    producers: ProducerTable,
+    waiting: Vec<Waiting>,
+    streams: BTreeMap<usize, Stream>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// No session; start one at `retry_ms`.
+    Idle {
+        retry_ms: u64,
+    },
+    AskingEpochEnd,
+    Streaming,
+}
+
+struct Following {
+    leader: Option<usize>,
+    session: u64,
+    phase: Phase,
+    state: Follower,
+    /// A frame of the current session has been accepted (`state` knows the leader's commit).
+    framed: bool,
+    /// The copy is recovering and must withdraw first: no session until it is on record.
+    withdrawing: bool,
+    /// When the current session began (us).
+    since: u64,
+}
+
+enum RoleState {
+    Leading(Box<Leading>),
+    Following(Following),
+}
+
+struct LogState {
+    role: RoleState,
+    /// The leader's commit offset as frames brought it (kept across sessions).
+    leader_commit: u64,
+    fsync_in_flight: bool,
+}
+
+/// One node.
+pub struct Node {
+    pub idx: usize,
+    pub incarnation: u64,
+    pub clock: Clock,
+    id: NodeId,
+    pub ctl: ControllerCore<SimRaftStore>,
+    logs: BTreeMap<String, LogState>,
+    renewals: Renewals,
+    /// When this node last asked to withdraw from each log (ms).
+    withdrawn: BTreeMap<String, u64>,
+    next_session: u64,
+    ticks: u64,
+}
+
+impl Node {
+    /// Start node `idx` from what its disk holds.
+    pub fn start(w: &mut World, idx: usize, incarnation: u64, clock: Clock) -> Node {
+        let cfg = &w.cfg;
+        let members: BTreeMap<NodeId, Member> = (0..cfg.nodes)
+            .map(|i| {
+                (
+                    node_id(i),
+                    Member {
+                        raft_id: i as u64 + 1,
+                        addr: format!("sim:{i}"),
+                    },
+                )
+            })
+            .collect();
+        let voters: Vec<u64> = (1..=cfg.nodes as u64).collect();
+        let store = SimRaftStore::open(w.disks[idx].raft.clone(), &voters);
+        // A fixed election timeout per node start (raft-rs draws from [min, max)): the run
+        // stays a function of its seed.
+        let election = w.rng.gen_range(10..20);
+        let core = ControllerCore::new(
+            CoreConfig {
+                node_id: node_id(idx),
+                members,
+                failover: Some(FailoverConfig {
+                    leader_timeout: Duration::from_millis(cfg.leader_timeout_ms),
+                    unclean: false,
+                }),
+                election_ticks: (election, election + 1),
+                cluster_id: format!("{:016x}", w.rng.gen::<u64>()),
+            },
+            store,
+            clock.ms(w.now),
+        )
+        .expect("the controller starts");
+        let tick_us = clock.us_for(cfg.tick_ms);
+        let phase = w.rng.gen_range(0..tick_us);
+        w.after(
+            phase,
+            Event::Tick {
+                node: idx,
+                incarnation,
+            },
+        );
+        Node {
+            idx,
+            incarnation,
+            clock,
+            id: node_id(idx),
+            ctl: core,
+            logs: BTreeMap::new(),
+            renewals: Renewals::default(),
+            withdrawn: BTreeMap::new(),
+            next_session: 0,
+            ticks: 0,
+        }
+    }
+
+    fn now_ms(&self, w: &World) -> u64 {
+        self.clock.ms(w.now)
+    }
+
+    fn lease_ok(&self, w: &World) -> bool {
+        self.ctl.lease_ok(
+            self.now_ms(w),
+            Duration::from_millis(w.cfg.leader_timeout_ms),
+        )
+    }
+
+    fn record(&self, log: &str) -> Option<LogRecord> {
+        self.ctl.meta().logs.get(log).map(LogRecord::of)
+    }
+
+    /// Whether this node leads `log` now, and in which epoch.
+    pub fn leading(&self, log: &str) -> Option<u64> {
+        match &self.logs.get(log)?.role {
+            RoleState::Leading(l) => Some(l.epoch),
+            RoleState::Following(_) => None,
+        }
+    }
+
+    /// Queue the controller's frames and note what it applied.
+    fn flush_controller(&mut self, w: &mut World) {
+        let now = self.now_ms(w);
+        let _ = self.ctl.process(now);
+        for (to, frame) in self.ctl.take_outbox() {
+            w.send(self.idx, node_idx(&to), Msg::Control(frame.into()));
+        }
+        self.ctl.take_outcomes();
+        if self.ctl.take_changed() {
+            for news in w.checker.saw_meta(w.now, self.ctl.meta()) {
+                w.note(news);
+            }
+        }
+    }
+
+    /// The periodic tick.
+    pub fn tick(&mut self, w: &mut World) {
+        let now = self.now_ms(w);
+        self.ticks += 1;
+        self.ctl.tick(now);
+        if self.ticks % 2 == 0 {
+            let report = self.report(w);
+            self.ctl.report(now, report);
+        }
+        self.steer(w);
+        let names: Vec<String> = self.logs.keys().cloned().collect();
+        for name in names {
+            self.leader_tick(w, &name);
+            self.follower_tick(w, &name);
+        }
+        self.flush_controller(w);
+        let next = self.clock.us_for(w.cfg.tick_ms);
+        w.after(
+            next,
+            Event::Tick {
+                node: self.idx,
+                incarnation: self.incarnation,
+            },
+        );
+    }
+
+    fn report(&self, w: &World) -> NodeReport {
+        let disk = &w.disks[self.idx];
+        NodeReport {
+            node: self.id.clone(),
+            logs: self
+                .logs
+                .iter()
+                .map(|(name, st)| {
+                    let log = &disk.logs[name];
+                    let (epoch, commit) = match &st.role {
+                        RoleState::Leading(l) => (l.epoch, l.repl.commit_offset()),
+                        RoleState::Following(f) => (f.state.epoch(), st.leader_commit),
+                    };
+                    LogReport {
+                        log: name.clone(),
+                        epoch,
+                        last_epoch: log.last_epoch().unwrap_or(0),
+                        end: log.end(),
+                        commit,
+                        recovering: log.recovering,
+                    }
+                })
+                .collect(),
+            heard_ms: BTreeMap::new(),
+            sent_ms: 0,
+            storage: None,
+        }
+    }
+
+    /// Put each log in the role the controller has on record for it here (creating the logs
+    /// the record has for this node), and ask for new epochs where this node may not lead in
+    /// the recorded one.
+    fn steer(&mut self, w: &mut World) {
+        let now = self.now_ms(w);
+        let records: Vec<(String, LogRecord)> = self
+            .ctl
+            .meta()
+            .logs
+            .iter()
+            .filter(|(_, l)| l.replicas.contains(&self.id))
+            .map(|(n, l)| (n.clone(), LogRecord::of(l)))
+            .collect();
+        for (name, record) in records {
+            // A copy created here, where the node should have held the log, is recovering.
+            let log = w.disks[self.idx]
+                .logs
+                .entry(name.clone())
+                .or_insert_with(crate::disk::SimLog::afresh);
+            let last_epoch = log.last_epoch().unwrap_or(0);
+            let end = log.end();
+            let recovering = log.recovering;
+            let leading_in = self.leading(&name);
+            let role = choose_role(&self.id, &record, last_epoch, leading_in, recovering);
+            let withdraw = must_withdraw(&self.id, &record, recovering);
+            if withdraw
+                && self
+                    .withdrawn
+                    .get(&name)
+                    .is_none_or(|at| now.saturating_sub(*at) > 1000)
+            {
+                w.note(format_args!(
+                    "{} withdraws from {name}: its copy is recovering",
+                    self.id
+                ));
+                self.withdrawn.insert(name.clone(), now);
+                let _ = self.ctl.propose(Command::Withdraw {
+                    log: name.clone(),
+                    node: self.id.clone(),
+                });
+            }
+            if let Some(LogState {
+                role: RoleState::Following(f),
+                ..
+            }) = self.logs.get_mut(&name)
+            {
+                f.withdrawing = withdraw;
+            }
+            if let Some(epoch) = self
+                .renewals
+                .due(&name, &self.id, &record, &role, recovering, now)
+            {
+                let _ = self.ctl.propose(Command::Elect {
+                    log: name.clone(),
+                    epoch,
+                    leader: self.id.clone(),
+                    start: end,
+                    sync_set: record.sync_set.clone(),
+                    unclean: None,
+                });
+            }
+            let in_role = match (&role, self.logs.get(&name).map(|s| &s.role)) {
+                (Role::Lead(e), Some(RoleState::Leading(l))) => l.epoch == *e,
+                (Role::Follow(to), Some(RoleState::Following(f))) => {
+                    f.leader == to.as_deref().map(node_idx)
+                }
+                _ => false,
+            };
+            if !in_role {
+                self.install(w, &name, &record, role);
+            }
+        }
+    }
+
+    /// Take `log` out of its old role (a deposed leader's waiting appends answer that their
+    /// outcome is unknown) and into `role`.
+    fn install(&mut self, w: &mut World, name: &str, record: &LogRecord, role: Role) {
+        let now = self.now_ms(w);
+        let old = self.logs.remove(name);
+        let (leader_commit, fsync_in_flight) = match &old {
+            Some(s) => (s.leader_commit, s.fsync_in_flight),
+            None => (0, false),
+        };
+        if let Some(LogState {
+            role: RoleState::Leading(l),
+            ..
+        }) = old
+        {
+            for wt in l.waiting {
+                self.reply(w, wt.client, wt.id, error(ErrorCode::Timeout));
+            }
+            // The old role's replication streams end with it (the server resets them).
+            for (f, stream) in l.streams {
+                let msg = Msg::Refused {
+                    log: name.to_string(),
+                    session: stream.session,
+                };
+                w.send(self.idx, f, msg);
+            }
+        }
+        if let Role::Follow(leader) = &role {
+            w.note(format_args!("{} follows {leader:?} for {name}", self.id));
+        }
+        if let Role::Lead(epoch) = role {
+            // Durably, before any batch of it: after a restart, this node asks for a new one.
+            w.disks[self.idx]
+                .logs
+                .get_mut(name)
+                .expect("steered logs exist")
+                .begin_epoch(epoch);
+        }
+        let log = &w.disks[self.idx].logs[name];
+        let role_state = match role {
+            Role::Lead(epoch) => {
+                let cfg = &w.cfg;
+                let policy = ReplicationConfig {
+                    sync_replicas: cfg.sync_replicas.min(record.replicas.len() - 1),
+                    sync_lag_records_max: 10_000,
+                    sync_lag_ms_max: cfg.sync_lag_ms_max,
+                    insufficient: Insufficient::Reject,
+                };
+                let (end, flushed) = (log.end(), log.durable_end());
+                let mut repl = Leader::new(self.id.clone(), policy, end, flushed, 0);
+                for f in record.replicas.iter().filter(|r| **r != self.id) {
+                    repl.register(f, now);
+                }
+                repl.expect_controller();
+                repl.flushed(flushed, now);
+                // The producer table, rebuilt from the log.
+                let mut producers = ProducerTable::new(PRODUCERS_MAX);
+                for b in log.batches() {
+                    if let Some((pid, seq)) = b.producer {
+                        producers.record(
+                            pid,
+                            seq,
+                            b.records.len() as u32,
+                            StoredAppend {
+                                first: b.base,
+                                next: b.next(),
+                                epoch: b.epoch,
+                            },
+                        );
+                    }
+                }
+                w.note(format_args!(
+                    "{} leads {name} in epoch {epoch} from {end}",
+                    self.id
+                ));
+                let (now_us, idx) = (w.now, self.idx);
+                w.checker.leads(now_us, idx, name, epoch, end);
+                RoleState::Leading(Box::new(Leading {
+                    epoch,
+                    repl,
+                    rules: LeaderRules::new(now),
+                    producers,
+                    waiting: Vec::new(),
+                    streams: BTreeMap::new(),
+                }))
+            }
+            Role::Follow(leader) => {
+                let state =
+                    Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
+                RoleState::Following(Following {
+                    leader: leader.as_deref().map(node_idx),
+                    session: 0,
+                    phase: Phase::Idle { retry_ms: 0 },
+                    state,
+                    framed: false,
+                    withdrawing: must_withdraw(&self.id, record, log.recovering),
+                    since: 0,
+                })
+            }
+        };
+        self.logs.insert(
+            name.to_string(),
+            LogState {
+                role: role_state,
+                leader_commit,
+                fsync_in_flight,
+            },
+        );
+    }
+
+    fn reply(&self, w: &mut World, client: usize, id: u64, rep: Rep) {
+        w.send(self.idx, client, Msg::Reply { id, rep });
+    }
+
+    /// Lag bounds, the controller's record, waiting appends' deadlines and lease.
+    fn leader_tick(&mut self, w: &mut World, name: &str) {
+        let now = self.now_ms(w);
+        let record = self.record(name);
+        let (end, flushed) = {
+            let l = &w.disks[self.idx].logs[name];
+            (l.end(), l.durable_end())
+        };
+        let me = self.id.clone();
+        let Some(LogState {
+            role: RoleState::Leading(l),
+            ..
+        }) = self.logs.get_mut(name)
+        else {
+            return;
+        };
+        l.repl.tick(now);
+        let mut actions = Vec::new();
+        if let Some(r) = &record {
+            let (_, a) = l.rules.on_record(&me, &mut l.repl, r, end, flushed, now);
+            actions = a;
+        }
+        for a in actions {
+            let cmd = match a {
+                LeaderAction::ProposeSyncSet { epoch, sync_set } => Command::SetSyncSet {
+                    log: name.to_string(),
+                    epoch,
+                    sync_set,
+                },
+                LeaderAction::CompleteTransfer {
+                    epoch,
+                    to,
+                    end,
+                    sync_set,
+                } => {
+                    w.note(format_args!("{me} hands {name} over to {to} at {end}"));
+                    Command::CompleteTransfer {
+                        log: name.to_string(),
+                        epoch,
+                        to,
+                        start: end,
+                        sync_set,
+                    }
+                }
+            };
+            let _ = self.ctl.propose(cmd);
+        }
+        self.settle(w, name);
+        self.pump(w, name);
+    }
+
+    /// Start a replication session where this node follows a leader and has none.
+    fn follower_tick(&mut self, w: &mut World, name: &str) {
+        let now = self.now_ms(w);
+        let Some(LogState {
+            role: RoleState::Following(f),
+            ..
+        }) = self.logs.get_mut(name)
+        else {
+            return;
+        };
+        let (Some(leader), Phase::Idle { retry_ms }) = (f.leader, &f.phase) else {
+            return;
+        };
+        if now < *retry_ms || f.withdrawing {
+            return;
+        }
+        f.framed = false;
+        f.since = w.now;
+        self.next_session += 1;
+        f.session = (self.idx as u64) << 48 | self.next_session;
+        let log = &w.disks[self.idx].logs[name];
+        // A fresh view of the local log for each session, as the server's `Replica::new`.
+        f.state = Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
+        let msg = match log.last_epoch() {
+            Some(epoch) => {
+                f.phase = Phase::AskingEpochEnd;
+                Msg::EpochEnd {
+                    log: name.to_string(),
+                    session: f.session,
+                    epoch,
+                }
+            }
+            None => {
+                f.phase = Phase::Streaming;
+                Msg::Replicate {
+                    log: name.to_string(),
+                    session: f.session,
+                    from: log.end(),
+                    durable: log.durable_end(),
+                }
+            }
+        };
+        w.send(self.idx, leader, msg);
+    }
+
+    /// End the follower session of `name` (it starts again after a pause).
+    fn end_session(&mut self, w: &World, name: &str) {
+        let retry_ms = self.now_ms(w) + 200;
+        if let Some(LogState {
+            role: RoleState::Following(f),
+            ..
+        }) = self.logs.get_mut(name)
+        {
+            f.phase = Phase::Idle { retry_ms };
+        }
+    }
+
+    /// A message from endpoint `from`.
+    pub fn receive(&mut self, w: &mut World, from: usize, msg: Msg) {
+        match msg {
+            Msg::Control(frame) => {
+                let now = self.now_ms(w);
+                self.ctl.receive(now, &node_id(from), &frame);
+                self.flush_controller(w);
+            }
+            Msg::Request { id, req } => match req {
+                Req::Append {
+                    log,
+                    records,
+                    acks,
+                    producer,
+                    expected,
+                } => self.append(w, from, id, &log, records, acks, producer, expected),
+                Req::Read {
+                    log,
+                    from: at,
+                    min_offset,
+                } => self.read(w, from, id, &log, at, min_offset),
+            },
+            Msg::Reply { .. } => {}
+            Msg::EpochEnd {
+                log,
+                session,
+                epoch,
+            } => {
+                let Some(l) = w.disks[self.idx].logs.get(&log) else {
+                    return w.send(self.idx, from, Msg::Refused { log, session });
+                };
+                let (epoch, end) = l.epoch_end(epoch);
+                w.send(
+                    self.idx,
+                    from,
+                    Msg::EpochEndIs {
+                        log,
+                        session,
+                        epoch,
+                        end,
+                    },
+                );
+            }
+            Msg::EpochEndIs {
+                log,
+                session,
+                epoch,
+                end,
+            } => self.epoch_end_is(w, &log, session, epoch, end),
+            Msg::Replicate {
+                log,
+                session,
+                from: at,
+                durable,
+            } => self.replicate(w, from, &log, session, at, durable),
+            Msg::Replicated {
+                log,
+                session,
+                epoch,
+                commit,
+                first,
+                batches,
+            } => self.replicated(w, &log, session, epoch, commit, first, batches),
+            Msg::Ack {
+                log,
+                session,
+                durable,
+            } => {
+                let now = self.now_ms(w);
+                if let Some(LogState {
+                    role: RoleState::Leading(l),
+                    ..
+                }) = self.logs.get_mut(&log)
+                {
+                    if let Some(s) = l.streams.get(&from).filter(|s| s.session == session) {
+                        let durable = durable.min(s.sent);
+                        l.repl.acked(&node_id(from), durable, now);
+                        self.settle(w, &log);
+                        self.pump(w, &log);
+                    }
+                }
+            }
+            Msg::Refused { log, session } => {
+                let current = matches!(self.logs.get(&log), Some(LogState { role: RoleState::Following(f), .. }) if f.session == session);
+                if current {
+                    self.end_session(w, &log);
+                }
+            }
+        }
+    }
+
+    /// The connection to `peer` died at `since`: streams and sessions begun over it end.
+    pub fn conn_down(&mut self, w: &mut World, peer: usize, since: u64) {
+        let now = self.now_ms(w);
+        let names: Vec<String> = self.logs.keys().cloned().collect();
+        for name in names {
+            let st = self.logs.get_mut(&name).expect("listed");
+            match &mut st.role {
+                RoleState::Leading(l) => {
+                    if l.streams.get(&peer).is_some_and(|s| s.since <= since) {
+                        l.streams.remove(&peer);
+                        l.repl.disconnected(&node_id(peer), now);
+                        self.settle(w, &name);
+                    }
+                }
+                RoleState::Following(f) => {
+                    if f.leader == Some(peer)
+                        && f.since <= since
+                        && !matches!(f.phase, Phase::Idle { .. })
+                    {
+                        f.phase = Phase::Idle {
+                            retry_ms: now + 200,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        w: &mut World,
+        client: usize,
+        id: u64,
+        name: &str,
+        records: Rc<[u64]>,
+        acks: Acks,
+        producer: Option<(u64, u64)>,
+        expected: Option<u64>,
+    ) {
+        let now = self.now_ms(w);
+        let lease_ok = self.lease_ok(w);
+        let record = self.record(name);
+        let hint = record
+            .as_ref()
+            .and_then(|r| r.leader.as_deref())
+            .filter(|l| *l != self.id)
+            .map(node_idx);
+        let not_leader = Rep::Error {
+            code: ErrorCode::NotLeader,
+            leader: hint,
+        };
+        let Some(record) = record else {
+            return self.reply(w, client, id, not_leader);
+        };
+        let leading_in = self.leading(name);
+        if may_write(&self.id, leading_in, &record, lease_ok).is_err() {
+            return self.reply(w, client, id, not_leader);
+        }
+        let window = w.cfg.create_wait_ms;
+        let deadline_ms = now + w.cfg.append_timeout_ms;
+        let Some(LogState {
+            role: RoleState::Leading(l),
+            ..
+        }) = self.logs.get_mut(name)
+        else {
+            unreachable!("may_write said this node leads the log");
+        };
+        match l.rules.admit(&l.repl, acks, now, window) {
+            Ok(()) => {}
+            Err(LevelRefusal::Forming { .. }) => {
+                return self.reply(w, client, id, error(ErrorCode::Unavailable))
+            }
+            Err(LevelRefusal::NotEnoughReplicas { .. }) => {
+                return self.reply(w, client, id, error(ErrorCode::NotEnoughReplicas))
+            }
+        }
+        let count = records.len() as u32;
+        if let Some((pid, seq)) = producer {
+            match l.producers.check(pid, seq, count) {
+                Decision::Append => {}
+                Decision::Duplicate(stored) => {
+                    l.waiting.push(Waiting {
+                        client,
+                        id,
+                        acks,
+                        records,
+                        stored,
+                        duplicate: true,
+                        deadline_ms,
+                    });
+                    self.settle(w, name);
+                    return;
+                }
+                Decision::SequenceGap { .. } => {
+                    return self.reply(w, client, id, error(ErrorCode::SequenceGap))
+                }
+                Decision::Stale { .. } => {
+                    return self.reply(w, client, id, error(ErrorCode::StaleSequence))
+                }
+            }
+        }
+        let log = w.disks[self.idx]
+            .logs
+            .get_mut(name)
+            .expect("a led log exists");
+        if let Some(expected) = expected {
+            if log.end() != expected {
+                return self.reply(w, client, id, error(ErrorCode::OffsetConflict));
+            }
+        }
+        let first = log.end();
+        let batch = Batch {
+            base: first,
+            epoch: l.epoch,
+            producer,
+            records: records.clone(),
+        };
+        let next = batch.next();
+        log.append(batch);
+        l.repl.appended(next, now);
+        let stored = StoredAppend {
+            first,
+            next,
+            epoch: l.epoch,
+        };
+        if let Some((pid, seq)) = producer {
+            l.producers.record(pid, seq, count, stored);
+        }
+        l.waiting.push(Waiting {
+            client,
+            id,
+            acks,
+            records,
+            stored,
+            duplicate: false,
+            deadline_ms,
+        });
+        self.sync(w, name);
+        self.settle(w, name);
+        self.pump(w, name);
+    }
+
+    /// Issue an fdatasync of `name` unless one is in flight (group commit: what is written
+    /// meanwhile goes in the next).
+    fn sync(&mut self, w: &mut World, name: &str) {
+        let Some(st) = self.logs.get_mut(name) else {
+            return;
+        };
+        let log = &w.disks[self.idx].logs[name];
+        if st.fsync_in_flight || log.durable_end() >= log.end() {
+            return;
+        }
+        st.fsync_in_flight = true;
+        let batches = log.written_batches();
+        let (lo, hi) = w.cfg.fsync_us;
+        let mut latency = w.rng.gen_range(lo..=hi);
+        if w.rng.gen_bool(0.01) {
+            latency *= 20;
+        }
+        w.after(
+            latency,
+            Event::Fsync {
+                node: self.idx,
+                incarnation: self.incarnation,
+                log: name.to_string(),
+                batches,
+            },
+        );
+    }
+
+    /// An fdatasync completed.
+    pub fn fsync_done(&mut self, w: &mut World, name: &str, batches: usize) {
+        let now = self.now_ms(w);
+        let Some(st) = self.logs.get_mut(name) else {
+            return;
+        };
+        st.fsync_in_flight = false;
+        let log = w.disks[self.idx]
+            .logs
+            .get_mut(name)
+            .expect("an open log exists");
+        log.synced(batches);
+        let durable = log.durable_end();
+        match &mut st.role {
+            RoleState::Leading(l) => {
+                l.repl.flushed(durable, now);
+            }
+            RoleState::Following(f) => {
+                if log.recovering && f.framed && recovered(durable, Some(f.state.leader_commit())) {
+                    log.recovering = false;
+                }
+                if let Some(ack) = f.state.flushed(durable) {
+                    if let (Some(leader), Phase::Streaming) = (f.leader, &f.phase) {
+                        w.send(
+                            self.idx,
+                            leader,
+                            Msg::Ack {
+                                log: name.to_string(),
+                                session: f.session,
+                                durable: ack,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.sync(w, name);
+        self.settle(w, name);
+        self.pump(w, name);
+    }
+
+    /// Answer the waiting appends of `name` that reached their level, or cannot.
+    fn settle(&mut self, w: &mut World, name: &str) {
+        let now = self.now_ms(w);
+        let lease_ok = self.lease_ok(w);
+        let record = self.record(name);
+        let me = self.id.clone();
+        let Some(LogState {
+            role: RoleState::Leading(l),
+            ..
+        }) = self.logs.get_mut(name)
+        else {
+            return;
+        };
+        w.checker.saw_commit(
+            w.now,
+            (self.idx, self.incarnation, l.epoch),
+            name,
+            l.repl.commit_offset(),
+        );
+        let waiting = std::mem::take(&mut l.waiting);
+        let mut answers = Vec::new();
+        for wt in waiting {
+            let next = wt.stored.next;
+            match l.repl.progress(wt.acks, next) {
+                Progress::Done { replicas, degraded } => {
+                    match confirm(&me, l.epoch, record.as_ref(), lease_ok, wt.acks, &replicas) {
+                        Ok(()) => {
+                            let holders: Vec<usize> =
+                                replicas.iter().map(|r| node_idx(r)).collect();
+                            let level = if degraded { Acks::Leader } else { wt.acks };
+                            answers.push((
+                                wt,
+                                Rep::Receipt {
+                                    first: 0,
+                                    next,
+                                    epoch: 0,
+                                    level,
+                                    degraded,
+                                    duplicate: false,
+                                    holders,
+                                },
+                            ));
+                        }
+                        Err(_) => answers.push((wt, error(ErrorCode::Timeout))),
+                    }
+                }
+                Progress::NotEnoughReplicas { .. } => answers.push((wt, error(ErrorCode::Timeout))),
+                Progress::Pending => {
+                    let lease_lost = !lease_ok && !matches!(wt.acks, Acks::None | Acks::Leader);
+                    if now >= wt.deadline_ms || lease_lost {
+                        answers.push((wt, error(ErrorCode::Timeout)));
+                    } else {
+                        l.waiting.push(wt);
+                    }
+                }
+            }
+        }
+        for (wt, mut rep) in answers {
+            if let Rep::Receipt {
+                first,
+                epoch,
+                duplicate,
+                ..
+            } = &mut rep
+            {
+                *first = wt.stored.first;
+                *epoch = wt.stored.epoch;
+                *duplicate = wt.duplicate;
+                w.checker
+                    .receipt(w.now, self.idx, name, &rep, wt.acks, &wt.records, &w.disks);
+            }
+            self.reply(w, wt.client, wt.id, rep);
+        }
+    }
+
+    /// Send each follower stream of `name` what it has not had: new batches, or the commit
+    /// offset alone when that moved.
+    fn pump(&mut self, w: &mut World, name: &str) {
+        let Some(LogState {
+            role: RoleState::Leading(l),
+            ..
+        }) = self.logs.get_mut(name)
+        else {
+            return;
+        };
+        let log = &w.disks[self.idx].logs[name];
+        let (end, commit) = (log.end(), l.repl.commit_offset());
+        let mut out = Vec::new();
+        for (f, s) in l.streams.iter_mut() {
+            if s.sent < end {
+                let batches = log.read(s.sent, end);
+                out.push((
+                    *f,
+                    Msg::Replicated {
+                        log: name.to_string(),
+                        session: s.session,
+                        epoch: l.epoch,
+                        commit,
+                        first: s.sent,
+                        batches,
+                    },
+                ));
+                s.sent = end;
+                s.commit_sent = Some(commit);
+            } else if s.commit_sent != Some(commit) {
+                out.push((
+                    *f,
+                    Msg::Replicated {
+                        log: name.to_string(),
+                        session: s.session,
+                        epoch: l.epoch,
+                        commit,
+                        first: s.sent,
+                        batches: Vec::new(),
+                    },
+                ));
+                s.commit_sent = Some(commit);
+            }
+        }
+        for (to, msg) in out {
+            w.send(self.idx, to, msg);
+        }
+    }
+
+    /// A follower asks for a stream.
+    fn replicate(
+        &mut self,
+        w: &mut World,
+        follower: usize,
+        name: &str,
+        session: u64,
+        from: u64,
+        durable: u64,
+    ) {
+        let now = self.now_ms(w);
+        let refused = Msg::Refused {
+            log: name.to_string(),
+            session,
+        };
+        let record = self.record(name);
+        let Some(LogState {
+            role: RoleState::Leading(l),
+            ..
+        }) = self.logs.get_mut(name)
+        else {
+            return w.send(self.idx, follower, refused);
+        };
+        let fid = node_id(follower);
+        if !record.is_some_and(|r| r.replicas.contains(&fid)) {
+            return w.send(self.idx, follower, refused);
+        }
+        let log = &w.disks[self.idx].logs[name];
+        if stream_from(from, 0, log.end()).is_err() {
+            return w.send(self.idx, follower, refused);
+        }
+        l.streams.insert(
+            follower,
+            Stream {
+                session,
+                since: w.now,
+                sent: from,
+                commit_sent: None,
+            },
+        );
+        l.repl.connected(&fid, durable.min(from), now);
+        self.settle(w, name);
+        self.pump(w, name);
+    }
+
+    /// The leader's answer about where the follower's last epoch ends.
+    fn epoch_end_is(&mut self, w: &mut World, name: &str, session: u64, epoch: u64, end: u64) {
+        let me = self.id.clone();
+        let Some(st) = self.logs.get_mut(name) else {
+            return;
+        };
+        let leader_commit = st.leader_commit;
+        let RoleState::Following(f) = &mut st.role else {
+            return;
+        };
+        if f.session != session || f.phase != Phase::AskingEpochEnd {
+            return;
+        }
+        let leader = f.leader.expect("a session has a leader");
+        let log = w.disks[self.idx].logs.get_mut(name).expect("followed log");
+        let local = LocalLog {
+            start: 0,
+            end: log.end(),
+            last_epoch: log.last_epoch(),
+            commit: leader_commit,
+        };
+        let remote = LeaderLog {
+            epoch: 0,
+            start: 0,
+            end: 0,
+            end_of_follower_epoch: Some(end),
+        };
+        let step = follower_step(local, remote);
+        w.note(format_args!(
+            "{me} follows n{leader} for {name}: its epoch {:?} ends at {end} there (epoch {epoch}); here {}..{}: {step:?}",
+            local.last_epoch, local.commit, local.end
+        ));
+        let log = w.disks[self.idx].logs.get_mut(name).expect("followed log");
+        match step {
+            Step::Truncate { to } => {
+                if epoch == 0 && to == 0 {
+                    // The leader's history is empty: refusing to truncate
+                    // everything, as the server does.
+                    f.phase = Phase::Idle {
+                        retry_ms: self.clock.ms(w.now) + 1000,
+                    };
+                    return;
+                }
+                let removed = log.truncate(to);
+                let (now, idx) = (w.now, self.idx);
+                w.checker.truncated(now, idx, name, &removed);
+                w.note(format_args!(
+                    "{me} truncates {name} to {to} ({} batches)",
+                    removed.len()
+                ));
+            }
+            Step::Bootstrap | Step::Fetch { .. } | Step::AskEpochEnd { .. } => {}
+        }
+        let log = &w.disks[self.idx].logs[name];
+        f.state = Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
+        f.phase = Phase::Streaming;
+        let msg = Msg::Replicate {
+            log: name.to_string(),
+            session,
+            from: log.end(),
+            durable: log.durable_end(),
+        };
+        w.send(self.idx, leader, msg);
+    }
+
+    /// A frame of the leader's stream.
+    #[allow(clippy::too_many_arguments)]
+    fn replicated(
+        &mut self,
+        w: &mut World,
+        name: &str,
+        session: u64,
+        epoch: u64,
+        commit: u64,
+        first: u64,
+        batches: Vec<Batch>,
+    ) {
+        let idx = self.idx;
+        let Some(st) = self.logs.get_mut(name) else {
+            return;
+        };
+        let RoleState::Following(f) = &mut st.role else {
+            return;
+        };
+        if f.session != session || f.phase != Phase::Streaming {
+            return;
+        }
+        let next = batches.last().map_or(first, Batch::next);
+        let epochs = batches.iter().map(|b| b.epoch);
+        if f.state.accept(epoch, commit, first, next, epochs).is_err() {
+            f.phase = Phase::Idle {
+                retry_ms: self.clock.ms(w.now) + 200,
+            };
+            return;
+        }
+        f.framed = true;
+        let log = w.disks[idx].logs.get_mut(name).expect("followed log");
+        for b in batches {
+            log.append(b);
+        }
+        if log.recovering && recovered(log.durable_end(), Some(f.state.leader_commit())) {
+            log.recovering = false;
+        }
+        let written = f.state.written(log.end());
+        let durable = log.durable_end();
+        st.leader_commit = st.leader_commit.max(f.state.leader_commit());
+        if let (Some(ack), Some(leader)) = (written, f.leader) {
+            w.send(
+                idx,
+                leader,
+                Msg::Ack {
+                    log: name.to_string(),
+                    session,
+                    durable: ack,
+                },
+            );
+        }
+        let readable = protocol::replication::readable(st.leader_commit, durable);
+        w.checker
+            .saw_readable(w.now, idx, self.incarnation, name, readable);
+        self.sync(w, name);
+    }
+
+    /// A read: what this replica may serve, from `from`.
+    fn read(
+        &mut self,
+        w: &mut World,
+        client: usize,
+        id: u64,
+        name: &str,
+        from: u64,
+        min_offset: u64,
+    ) {
+        let (Some(st), Some(log)) = (self.logs.get(name), w.disks[self.idx].logs.get(name)) else {
+            return self.reply(w, client, id, error(ErrorCode::LogNotFound));
+        };
+        let committed = match &st.role {
+            RoleState::Leading(l) => l.repl.commit_offset().min(log.durable_end()),
+            RoleState::Following(_) => {
+                protocol::replication::readable(st.leader_commit, log.durable_end())
+            }
+        };
+        if committed < min_offset {
+            return self.reply(w, client, id, error(ErrorCode::Behind));
+        }
+        if from > log.end() {
+            return self.reply(w, client, id, error(ErrorCode::OffsetOutOfRange));
+        }
+        let until = committed.min(from + READ_RECORDS_MAX);
+        let ids = if until > from {
+            log.ids(from, until).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let rep = Rep::Records {
+            from,
+            ids,
+            commit: committed,
+        };
+        w.checker.read(w.now, self.idx, name, &rep);
+        self.reply(w, client, id, rep);
+    }
+
+    /// Ask the controller for a planned transfer of `name` (this node must lead it).
+    pub fn begin_transfer(&mut self, w: &mut World, name: &str) -> bool {
+        let Some(r) = self.record(name) else {
+            return false;
+        };
+        if r.leader.as_deref() != Some(&self.id) || r.transfer_to.is_some() {
+            return false;
+        }
+        let Some(to) = r.sync_set.first().cloned() else {
+            return false;
+        };
+        w.note(format_args!(
+            "{} begins a transfer of {name} to {to}",
+            self.id
+        ));
+        let since_ms = self.now_ms(w);
+        let _ = self.ctl.propose(Command::BeginTransfer {
+            log: name.to_string(),
+            epoch: r.epoch,
+            to,
+            since_ms,
+        });
+        self.flush_controller(w);
+        true
+    }
+
+    /// Propose `cmd` to the controller through this node.
+    pub fn propose(&mut self, w: &mut World, cmd: Command) {
+        let _ = self.ctl.propose(cmd);
+        self.flush_controller(w);
+    }
+}
+
+fn error(code: ErrorCode) -> Rep {
+    Rep::Error { code, leader: None }
+}
