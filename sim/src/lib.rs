@@ -24,6 +24,19 @@ pub mod world;
 
 pub use sim::{run, Failure, Report};
 
+/// Run one simulation with `bug` planted (`protocol::planted`), on this thread only.
+#[cfg(feature = "planted-bugs")]
+pub fn run_planted(
+    seed: u64,
+    cfg: &Config,
+    bug: protocol::planted::Bug,
+) -> Result<Report, Failure> {
+    protocol::planted::plant(Some(bug));
+    let r = run(seed, cfg);
+    protocol::planted::plant(None);
+    r
+}
+
 /// A run's settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -67,7 +80,7 @@ impl Default for Config {
             duration_ms: 600_000,
             faults: true,
             fault_every_ms: 8_000,
-            drift: 0.05,
+            drift: 0.1,
             tick_ms: 100,
             leader_timeout_ms: 3_000,
             sync_replicas: 1,

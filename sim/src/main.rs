@@ -34,6 +34,37 @@ struct Args {
     /// No faults: only the workload.
     #[arg(long)]
     no_faults: bool,
+    /// `leader_timeout_ms` of every node.
+    #[arg(long, default_value_t = 3000)]
+    leader_timeout_ms: u64,
+    /// Each node's clock runs at a rate within 1 +- this.
+    #[arg(long, default_value_t = 0.1)]
+    drift: f64,
+    /// Plant a bug (by its name in `protocol::planted::Bug`, e.g. LeaseWithoutMargin) to see
+    /// the checker find it; needs the `planted-bugs` feature.
+    #[arg(long)]
+    plant: Option<String>,
+}
+
+#[cfg(feature = "planted-bugs")]
+fn run(seed: u64, cfg: &sim::Config, plant: Option<&str>) -> Result<sim::Report, sim::Failure> {
+    use protocol::planted::Bug;
+    match plant {
+        None => sim::run(seed, cfg),
+        Some(name) => {
+            let bug = Bug::ALL
+                .into_iter()
+                .find(|b| format!("{b:?}") == name)
+                .unwrap_or_else(|| panic!("no planted bug {name:?}; one of {:?}", Bug::ALL));
+            sim::run_planted(seed, cfg, bug)
+        }
+    }
+}
+
+#[cfg(not(feature = "planted-bugs"))]
+fn run(seed: u64, cfg: &sim::Config, plant: Option<&str>) -> Result<sim::Report, sim::Failure> {
+    assert!(plant.is_none(), "--plant needs the planted-bugs feature");
+    sim::run(seed, cfg)
 }
 
 fn main() -> ExitCode {
@@ -46,10 +77,12 @@ fn main() -> ExitCode {
             logs: a.logs,
             duration_ms: (a.hours * 3.6e6) as u64,
             faults: !a.no_faults,
+            leader_timeout_ms: a.leader_timeout_ms,
+            drift: a.drift,
             ..sim::Config::default()
         };
         let t = Instant::now();
-        match sim::run(seed, &cfg) {
+        match run(seed, &cfg, a.plant.as_deref()) {
             Ok(r) => println!("ok  {r} in {:.1} s", t.elapsed().as_secs_f64()),
             Err(f) => {
                 failed += 1;

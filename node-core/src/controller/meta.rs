@@ -423,7 +423,8 @@ impl ClusterMeta {
         // renewing its epoch, a member of the sync set, or the last leader), and the
         // new sync set must be the current one without it. A sync-set change applied
         // since (in the same epoch) makes the decision stale.
-        if unclean.is_none() && l.policy == Policy::SyncSet && check {
+        let planted = crate::planted::active(crate::planted::Bug::ElectOutsideSyncSet);
+        if unclean.is_none() && l.policy == Policy::SyncSet && check && !planted {
             let eligible = l.leader.as_ref() == Some(leader)
                 || l.sync_set.contains(leader)
                 || l.last_leader.as_ref() == Some(leader);
@@ -556,18 +557,27 @@ pub fn choose_leader_above(
         .filter(|s| s.end < committed)
         .map(|s| s.node.as_str())
         .collect();
-    let candidates: Vec<&ReplicaState> =
-        all.iter().copied().filter(|s| s.end >= committed).collect();
+    // (Planted: the rule looks at neither the sync set nor the commit offset.)
+    let planted = crate::planted::active(crate::planted::Bug::ElectOutsideSyncSet);
+    let candidates: Vec<&ReplicaState> = all
+        .iter()
+        .copied()
+        .filter(|s| s.end >= committed || planted)
+        .collect();
     let guaranteed = match policy {
         Policy::SyncSet => {
             let holders: Vec<&NodeId> = log.sync_set.iter().chain(&log.last_leader).collect();
-            let outside = crate::planted::active(crate::planted::Bug::ElectOutsideSyncSet)
-                && candidates.iter().any(|s| !holders.contains(&&s.node));
+            let outside = planted && candidates.iter().any(|s| !holders.contains(&&s.node));
             let eligible = candidates
                 .iter()
                 .copied()
                 .filter(|s| holders.contains(&&s.node) != outside);
-            match most_up_to_date(eligible) {
+            // (Planted: the least up-to-date replica outside the sync set.)
+            let chosen = match outside {
+                true => eligible.min_by_key(|s| (s.last_epoch, s.end)),
+                false => most_up_to_date(eligible),
+            };
+            match chosen {
                 Some(s) => Ok(s),
                 None if holders.is_empty() => Err(
                     "the sync set is empty: only the failed leader held every acknowledged append"
