@@ -61,6 +61,9 @@ pub fn must_withdraw(me: &str, record: &LogRecord, recovering: bool) -> bool {
             || record.leader.as_deref() == Some(me))
 }
 
+/// How often a recovering node asks again to withdraw while the record still counts on it.
+pub const WITHDRAW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Whether a recovering replica has recovered: it holds durably everything the leader has
 /// committed, as a frame of its current session told it (`leader_commit`: `None` before the
 /// first).

@@ -323,6 +323,41 @@ fn a_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     );
 }
 
+#[test]
+fn a_leader_that_lost_its_copy_gives_the_log_up_to_a_member_of_the_sync_set() {
+    let _serial = serial();
+    // A long leader_timeout: the leader is back, without its copy, long before anything would
+    // fail it over for silence.
+    let mut c = start_with(&["--leader-timeout-ms", "20000"]);
+    let all = servers(&[&c.nodes[0], &c.nodes[1], &c.nodes[2]]);
+    let acked = create_with_records(&c, 10);
+    assert_eq!(acked, (0..10).collect::<Vec<u64>>());
+
+    // n1 loses its copy of the log (its directory is gone) and starts again.
+    c.nodes[0].kill();
+    let copy = c.env.path("n1").join("logs").join("orders");
+    std::fs::remove_dir_all(&copy).unwrap();
+    c.respawn(0);
+
+    // It creates the log afresh, marked recovering, and withdraws: the controller deposes it
+    // and elects the member of the sync set, which holds every acknowledged append.
+    let (leader, _) = wait_for_new_leader(&c, 1, "n1");
+    assert_ne!(leader, "n1");
+    let after = eventually(60, "acks=sync appends on the new leader", || {
+        append_sync(&c.env, &all, "orders", 10, "after-0\nafter-1\n")
+    });
+    assert_eq!(after, vec![10, 11]);
+
+    // n1 catches up as a follower; then its copy is whole again and no longer recovering.
+    let expected = before_then_after(10, 2);
+    eventually(60, "n1 holds every acknowledged record again", || {
+        (records(&c.env, &c.nodes[0], "orders") == expected).then_some(())
+    });
+    eventually(30, "n1's copy is no longer recovering", || {
+        (!copy.join("RECOVERING").exists()).then_some(())
+    });
+}
+
 impl Cluster {
     /// Start node `i` again on its data dir and address (after it was killed).
     fn respawn(&mut self, i: usize) {

@@ -46,6 +46,10 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// no writes and `to` holds its whole log (ending at `end`) durably, so `to` may lead the
     /// next epoch with `sync_set`. Refused by the controller if the transfer was cancelled.
     fn complete_transfer(&self, log: &str, epoch: u64, to: &str, end: u64, sync_set: Vec<String>);
+    /// This node lost its copy of `log` and is catching up (`node_core::log::must_withdraw`):
+    /// ask the controller to take it out of the sync set (and its leadership). There is no
+    /// answer: [`ControlPlane::log_record`] shows the outcome.
+    fn withdraw(&self, log: &str);
     /// Whether the controller's storage is out of space now (it neither votes nor proposes
     /// until a write succeeds again), for the `replog_controller_no_space` gauge.
     fn no_space(&self) -> bool {

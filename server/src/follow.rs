@@ -40,6 +40,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
     let me = shard.common.node_id.clone();
     let loops: Rc<RefCell<BTreeSet<SocketAddr>>> = Default::default();
     let mut renewals = node_core::log::Renewals::default();
+    let mut withdrawn: std::collections::BTreeMap<String, std::time::Instant> = Default::default();
     let started = std::time::Instant::now();
     while !shard.closing.get() {
         tokio::time::sleep(STEER_INTERVAL).await;
@@ -59,11 +60,25 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
             if let RoleChoice::Follow(Some(a)) = choice {
                 leaders.insert(a);
             }
+            if let Some(r) = control.log_record(&name) {
+                let recovering =
+                    crate::shard::recovering(&shard.common.config.node.data_dir, &name);
+                let due = withdrawn
+                    .get(&name)
+                    .is_none_or(|at| at.elapsed() > node_core::log::WITHDRAW_EVERY);
+                if node_core::log::must_withdraw(&me, &r, recovering) && due {
+                    tracing::warn!(log = %name, "this node's copy of the log is recovering (it was created afresh): withdrawing from its sync set and leadership until it has caught up");
+                    control.withdraw(&name);
+                    withdrawn.insert(name.clone(), std::time::Instant::now());
+                }
+            }
             if choice == RoleChoice::Follow(None) {
                 if let Some(r) = control.log_record(&name) {
                     let role = node_core::log::Role::Follow(None);
                     let now = started.elapsed().as_millis() as u64;
-                    if let Some(epoch) = renewals.due(&name, &me, &r, &role, false, now) {
+                    let recovering =
+                        crate::shard::recovering(&shard.common.config.node.data_dir, &name);
+                    if let Some(epoch) = renewals.due(&name, &me, &r, &role, recovering, now) {
                         control.renew_epoch(&name, epoch, entry.log.next_offset().0);
                     }
                 }
@@ -89,6 +104,18 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
                 && shard.get(&name).is_none()
             {
                 leaders.extend(replicated_from(&shard, &*control, &r));
+                // A log this node is recorded to lead, and lacks (its data was lost): created
+                // afresh, recovering, so that it gives the leadership up.
+                if r.leader.as_deref() == Some(me.as_str())
+                    && !shard.creating.borrow().contains(&name)
+                {
+                    let (shard, name) = (shard.clone(), name.clone());
+                    tokio_uring::spawn(async move {
+                        if let Err(e) = create_local(&shard, &name, true).await {
+                            tracing::error!(log = %name, error = %e, "cannot create the local replica");
+                        }
+                    });
+                }
             }
         }
         for a in leaders {
@@ -316,6 +343,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
                             conn.clone(),
                             leader,
                             name,
+                            info.committed > 0,
                             scfg.clone(),
                             running.clone(),
                         ));
@@ -403,11 +431,14 @@ async fn fetch_snapshot(
 }
 
 /// Replicate one log for as long as the connection lasts.
+/// `committed`: the leader's log had committed records when it was listed (a replica created
+/// here now is recovering).
 async fn follow_log(
     shard: Rc<Shard>,
     conn: quinn::Connection,
     leader: SocketAddr,
     name: String,
+    committed: bool,
     scfg: Rc<SessionConfig>,
     running: Rc<RefCell<BTreeSet<String>>>,
 ) {
@@ -418,7 +449,7 @@ async fn follow_log(
             Some(e) => e,
             // Changing role: it comes back in its new role, with a session of its own.
             None if shard.creating.borrow().contains(&name) => break,
-            None => match create_local(&shard, &name).await {
+            None => match create_local(&shard, &name, committed).await {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::error!(log = %name, error = %e, "cannot create the local replica");
@@ -436,6 +467,18 @@ async fn follow_log(
         if entry.log.failure().is_none() {
             shard.note_failed(&name, false);
         }
+        // A recovering copy that must withdraw replicates nothing until that is on record.
+        let recovering = crate::shard::recovering(&shard.common.config.node.data_dir, &name);
+        if let Some(control) = &shard.common.control {
+            let record = control.log_record(&name);
+            if record.is_some_and(|r| {
+                node_core::log::must_withdraw(&shard.common.node_id, &r, recovering)
+            }) {
+                drop(entry);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
         let began = std::time::Instant::now();
         let retiring = entry.retiring.notified();
         if entry.retired.get() {
@@ -444,6 +487,7 @@ async fn follow_log(
         tracing::debug!(log = %name, %leader, "replication session starting");
         let result = tokio::select! {
             r = follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed) => r,
+            () = clear_when_recovered(&shard, &name, &entry, commit, recovering) => unreachable!("it never returns"),
             _ = retiring => break,
         };
         tracing::debug!(log = %name, %leader, ?result, "replication session ended");
@@ -501,8 +545,52 @@ async fn follow_log(
     tracing::debug!(log = %name, %leader, "following the log from this leader ended");
 }
 
-/// Create the local replica of a log the leader has.
-async fn create_local(shard: &Rc<Shard>, name: &str) -> Result<Rc<crate::shard::LogEntry>, Error> {
+/// While the local copy of `name` is recovering: once it holds, durably, a commit offset the
+/// leader sent it, remove its marker (it holds every acknowledged append again). Never returns.
+async fn clear_when_recovered(
+    shard: &Shard,
+    name: &str,
+    entry: &crate::shard::LogEntry,
+    commit: &std::cell::Cell<u64>,
+    recovering: bool,
+) {
+    if recovering {
+        let marker = shard
+            .logs_dir()
+            .join(name)
+            .join(crate::shard::RECOVERING_FILE);
+        loop {
+            let changed = entry.changed.notified();
+            let c = commit.get();
+            if c > 0 && node_core::log::recovered(entry.log.flush_offset().0, Some(c)) {
+                match std::fs::remove_file(&marker)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| durable::sync_parent(&marker).map_err(|e| e.to_string()))
+                {
+                    Ok(()) => tracing::info!(
+                        log = name,
+                        commit = c,
+                        "the local copy has caught up; no longer recovering"
+                    ),
+                    Err(e) => {
+                        tracing::error!(log = name, error = %e, "cannot remove the recovering marker")
+                    }
+                }
+                break;
+            }
+            changed.await;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// Create the local replica of a log the leader has; `recovering`: the log has records this
+/// node should have held (its copy was lost), so the new copy is marked recovering.
+async fn create_local(
+    shard: &Rc<Shard>,
+    name: &str,
+    recovering: bool,
+) -> Result<Rc<crate::shard::LogEntry>, Error> {
     let count = &shard.common.log_count;
     let max = shard.common.config.limits.logs_max;
     if count.fetch_add(1, Ordering::Relaxed) >= max {
@@ -514,7 +602,11 @@ async fn create_local(shard: &Rc<Shard>, name: &str) -> Result<Rc<crate::shard::
     // The name is reserved while the log opens, so neither another follow loop nor a change of
     // role opens it at the same time.
     shard.creating.borrow_mut().insert(name.to_string());
-    let opened = shard.open_log(name).await;
+    let opened = match recovering && shard.common.control.is_some() {
+        // The marker is durable before the log opens (and before anything is replicated).
+        true => mark_recovering(shard, name).and(shard.open_log(name).await),
+        false => shard.open_log(name).await,
+    };
     shard.creating.borrow_mut().remove(name);
     match opened {
         Ok(e) => {
@@ -526,6 +618,23 @@ async fn create_local(shard: &Rc<Shard>, name: &str) -> Result<Rc<crate::shard::
             Err(e)
         }
     }
+}
+
+/// Write the recovering marker of `name` durably (its directory created if need be).
+fn mark_recovering(shard: &Shard, name: &str) -> Result<(), Error> {
+    let dir = shard.logs_dir().join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    let marker = dir.join(crate::shard::RECOVERING_FILE);
+    let tmp = durable::tmp_beside(&marker);
+    durable::write_atomic(
+        &marker,
+        b"created afresh; catching up\n",
+        durable::Atomic::durable(&tmp, 0o644),
+    )
+    .map_err(|e| Error::Config(format!("{}: {e}", marker.display())))?;
+    durable::sync_parent(&dir).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    tracing::warn!(log = name, "created a fresh copy of a log this node should have held: recovering until it has caught up");
+    Ok(())
 }
 
 /// Replace the local log by an empty one starting at `start` (the leader's first stored

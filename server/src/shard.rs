@@ -135,6 +135,21 @@ pub(crate) struct Shard {
 /// stored again (its original receipt is no longer known).
 pub(crate) const PRODUCER_SCAN_SEGMENTS: usize = 2;
 
+/// The marker file, in a log's directory, of a copy created afresh where this node should have
+/// held the log (its data was wiped or lost) and that has not caught up yet: it is
+/// *recovering* (see `node_core::log::must_withdraw`). Written durably before anything is
+/// replicated into the copy, removed once it holds the leader's commit offset.
+pub(crate) const RECOVERING_FILE: &str = "RECOVERING";
+
+/// Whether this node's copy of `log` is recovering (its marker file exists).
+pub(crate) fn recovering(data_dir: &std::path::Path, log: &str) -> bool {
+    data_dir
+        .join("logs")
+        .join(log)
+        .join(RECOVERING_FILE)
+        .exists()
+}
+
 /// The retention pin that keeps every record after a log's latest application snapshot.
 pub(crate) const SNAPSHOT_PIN: &str = "snapshot";
 
@@ -165,12 +180,13 @@ impl Shard {
             if let Some(r) = control.log_record(name) {
                 let last = log.last_epoch().map_or(0, |e| e.0);
                 let leading_in = current.filter(|e| e.leading().is_some()).map(|e| e.epoch.0);
+                let recovering = recovering(&self.common.config.node.data_dir, name);
                 return match node_core::log::choose_role(
                     &self.common.node_id,
                     &r,
                     last,
                     leading_in,
-                    false,
+                    recovering,
                 ) {
                     node_core::log::Role::Lead(e) => RoleChoice::Lead(Epoch(e)),
                     node_core::log::Role::Follow(None) => RoleChoice::Follow(None),

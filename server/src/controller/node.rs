@@ -97,6 +97,13 @@ impl ControlPlane for NodeController {
         });
     }
 
+    fn withdraw(&self, log: &str) {
+        self.controller.submit(Command::Withdraw {
+            log: log.to_string(),
+            node: self.controller.node_id().to_string(),
+        });
+    }
+
     fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
         self.controller.submit(Command::SetSyncSet {
             log: log.to_string(),
@@ -363,12 +370,12 @@ pub fn run_reports(node: crate::NodeHandle, nc: Arc<NodeController>, cfg: NodeCo
                         logs: logs
                             .iter()
                             .map(|l| LogReport {
+                                recovering: crate::shard::recovering(&data_dir, &l.name),
                                 log: l.name.clone(),
                                 epoch: l.epoch,
                                 last_epoch: l.epoch,
                                 end: l.end,
                                 commit: l.committed,
-                                recovering: false,
                             })
                             .collect(),
                         // Filled in by the controller as it sends the report.
