@@ -46,6 +46,8 @@ pub struct Checker {
     epochs: BTreeMap<String, BTreeMap<u64, (u64, u64)>>,
     /// Per log: the epochs the controller has recorded.
     recorded: BTreeMap<String, BTreeSet<u64>>,
+    /// Per log: the leader of the latest epoch recorded with one.
+    last_leader: BTreeMap<String, String>,
     /// Per log: the highest commit offset any leader has had.
     commit: BTreeMap<String, u64>,
     /// Per (node, incarnation, epoch, log): the leader's commit offset.
@@ -66,6 +68,9 @@ pub struct Stats {
     pub truncations: u64,
     /// Epochs begun after the first of each log (elections, renewals, transfers).
     pub new_epochs: u64,
+    /// New epochs whose leader is another node than the last epoch's (failovers and planned
+    /// switchovers).
+    pub leader_changes: u64,
 }
 
 impl Checker {
@@ -79,6 +84,7 @@ impl Checker {
             refused: BTreeSet::new(),
             epochs: BTreeMap::new(),
             recorded: BTreeMap::new(),
+            last_leader: BTreeMap::new(),
             commit: BTreeMap::new(),
             leader_commit: BTreeMap::new(),
             readable: BTreeMap::new(),
@@ -107,6 +113,14 @@ impl Checker {
                     ));
                     if seen.len() > 1 {
                         self.stats.new_epochs += 1;
+                    }
+                    if *seen.last().expect("inserted") == epoch {
+                        if let Some(leader) = &l.leader {
+                            let before = self.last_leader.insert(name.clone(), leader.clone());
+                            if before.is_some_and(|b| b != *leader) {
+                                self.stats.leader_changes += 1;
+                            }
+                        }
                     }
                 }
             }

@@ -35,13 +35,14 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs, {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations",
+            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations",
             self.seed,
             self.simulated_ms as f64 / 3.6e6,
             self.events,
             self.faults,
             self.crashes,
             self.stats.new_epochs,
+            self.stats.leader_changes,
             self.stats.appends_sent,
             self.stats.receipts,
             self.stats.acked_sync,
