@@ -61,8 +61,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
                 leaders.insert(a);
             }
             if let Some(r) = control.log_record(&name) {
-                let recovering =
-                    crate::shard::recovering(&shard.common.config.node.data_dir, &name);
+                let recovering = entry.recovering.get();
                 let due = withdrawn
                     .get(&name)
                     .is_none_or(|at| at.elapsed() > node_core::log::WITHDRAW_EVERY);
@@ -76,8 +75,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
                 if let Some(r) = control.log_record(&name) {
                     let role = node_core::log::Role::Follow(None);
                     let now = started.elapsed().as_millis() as u64;
-                    let recovering =
-                        crate::shard::recovering(&shard.common.config.node.data_dir, &name);
+                    let recovering = entry.recovering.get();
                     if let Some(epoch) = renewals.due(&name, &me, &r, &role, recovering, now) {
                         control.renew_epoch(&name, epoch, entry.log.next_offset().0);
                     }
@@ -468,7 +466,7 @@ async fn follow_log(
             shard.note_failed(&name, false);
         }
         // A recovering copy that must withdraw replicates nothing until that is on record.
-        let recovering = crate::shard::recovering(&shard.common.config.node.data_dir, &name);
+        let recovering = entry.recovering.get();
         if let Some(control) = &shard.common.control {
             let record = control.log_record(&name);
             if record.is_some_and(|r| {
@@ -567,11 +565,14 @@ async fn clear_when_recovered(
                     .map_err(|e| e.to_string())
                     .and_then(|()| durable::sync_parent(&marker).map_err(|e| e.to_string()))
                 {
-                    Ok(()) => tracing::info!(
-                        log = name,
-                        commit = c,
-                        "the local copy has caught up; no longer recovering"
-                    ),
+                    Ok(()) => {
+                        entry.recovering.set(false);
+                        tracing::info!(
+                            log = name,
+                            commit = c,
+                            "the local copy has caught up; no longer recovering"
+                        )
+                    }
                     Err(e) => {
                         tracing::error!(log = name, error = %e, "cannot remove the recovering marker")
                     }
@@ -623,7 +624,7 @@ async fn create_local(
 /// Write the recovering marker of `name` durably (its directory created if need be).
 fn mark_recovering(shard: &Shard, name: &str) -> Result<(), Error> {
     let dir = shard.logs_dir().join(name);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
     let marker = dir.join(crate::shard::RECOVERING_FILE);
     let tmp = durable::tmp_beside(&marker);
     durable::write_atomic(
@@ -631,8 +632,8 @@ fn mark_recovering(shard: &Shard, name: &str) -> Result<(), Error> {
         b"created afresh; catching up\n",
         durable::Atomic::durable(&tmp, 0o644),
     )
-    .map_err(|e| Error::Config(format!("{}: {e}", marker.display())))?;
-    durable::sync_parent(&dir).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+    .map_err(|e| Error::Io(format!("{}: {e}", marker.display())))?;
+    durable::sync_parent(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
     tracing::warn!(log = name, "created a fresh copy of a log this node should have held: recovering until it has caught up");
     Ok(())
 }

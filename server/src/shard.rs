@@ -74,6 +74,8 @@ pub(crate) struct LogEntry {
     /// replication sessions end.
     pub retired: std::cell::Cell<bool>,
     pub retiring: Rc<Notify>,
+    /// This copy is recovering (its `RECOVERING` marker exists; see [`RECOVERING_FILE`]).
+    pub recovering: std::cell::Cell<bool>,
 }
 
 /// The role a log is installed in.
@@ -180,7 +182,10 @@ impl Shard {
             if let Some(r) = control.log_record(name) {
                 let last = log.last_epoch().map_or(0, |e| e.0);
                 let leading_in = current.filter(|e| e.leading().is_some()).map(|e| e.epoch.0);
-                let recovering = recovering(&self.common.config.node.data_dir, name);
+                let recovering = match current {
+                    Some(e) => e.recovering.get(),
+                    None => recovering(&self.common.config.node.data_dir, name),
+                };
                 return match node_core::log::choose_role(
                     &self.common.node_id,
                     &r,
@@ -337,6 +342,7 @@ impl Shard {
             following,
             retired: Default::default(),
             retiring: Default::default(),
+            recovering: std::cell::Cell::new(recovering(&self.common.config.node.data_dir, name)),
         });
         self.logs
             .borrow_mut()
