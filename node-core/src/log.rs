@@ -156,20 +156,21 @@ pub enum NotLeader {
 }
 
 /// Whether node `me`, leading the log in `leading_in` (if it leads it), takes a write now:
-/// it must lead it in the recorded epoch, hold its lease, and no transfer may be under way.
+/// it must lead it in the recorded epoch (`record`; `None`: the log is not on record yet, and
+/// its role decides), hold its lease, and no transfer may be under way.
 pub fn may_write(
     me: &str,
     leading_in: Option<u64>,
-    record: &LogRecord,
+    record: Option<&LogRecord>,
     lease_ok: bool,
 ) -> Result<(), NotLeader> {
-    if let Some(to) = &record.transfer_to {
+    if let Some(to) = record.and_then(|r| r.transfer_to.as_ref()) {
         return Err(NotLeader::Transferring { to: to.clone() });
     }
     let Some(epoch) = leading_in else {
         return Err(NotLeader::NotLeading);
     };
-    let current = record.leader.as_deref() == Some(me) && record.epoch == epoch;
+    let current = record.is_none_or(|r| r.leader.as_deref() == Some(me) && r.epoch == epoch);
     if !current && !planted::active(Bug::StaleEpochAccepted) {
         return Err(NotLeader::NotLeading);
     }
@@ -458,17 +459,30 @@ mod tests {
     #[test]
     fn writes_need_the_recorded_epoch_the_lease_and_no_transfer() {
         let r = record("a", 3);
-        assert_eq!(may_write("a", Some(3), &r, true), Ok(()));
-        assert_eq!(may_write("a", Some(3), &r, false), Err(NotLeader::NoLease));
+        assert_eq!(may_write("a", Some(3), Some(&r), true), Ok(()));
         assert_eq!(
-            may_write("a", Some(2), &r, true),
+            may_write("a", Some(3), Some(&r), false),
+            Err(NotLeader::NoLease)
+        );
+        assert_eq!(
+            may_write("a", Some(2), Some(&r), true),
             Err(NotLeader::NotLeading)
         );
-        assert_eq!(may_write("b", None, &r, true), Err(NotLeader::NotLeading));
+        assert_eq!(
+            may_write("b", None, Some(&r), true),
+            Err(NotLeader::NotLeading)
+        );
+        // Not on record yet: the role decides, and the lease.
+        assert_eq!(may_write("a", Some(1), None, true), Ok(()));
+        assert_eq!(
+            may_write("a", Some(1), None, false),
+            Err(NotLeader::NoLease)
+        );
+        assert_eq!(may_write("a", None, None, true), Err(NotLeader::NotLeading));
         let mut t = r.clone();
         t.transfer_to = Some("b".into());
         assert_eq!(
-            may_write("a", Some(3), &t, true),
+            may_write("a", Some(3), Some(&t), true),
             Err(NotLeader::Transferring { to: "b".into() })
         );
     }

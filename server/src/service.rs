@@ -247,15 +247,11 @@ fn not_leader(shard: &Shard, log: &str) -> Option<Fail> {
     if let (Some(control), Some(e)) = (&shard.common.control, shard.get(log)) {
         let leading_in = e.leading().map(|_| e.epoch.0);
         let lease_ok = control.lease_ok();
-        let verdict = match control.log_record(log) {
-            Some(r) => node_core::log::may_write(&shard.common.node_id, leading_in, &r, lease_ok),
-            // Not on record yet (a configured leader registers its new logs): its role decides.
-            None => match leading_in {
-                Some(_) if lease_ok => Ok(()),
-                Some(_) => Err(NotLeader::NoLease),
-                None => Err(NotLeader::NotLeading),
-            },
-        };
+        // A log not on record yet (a configured leader registers its new logs): its role
+        // decides.
+        let record = control.log_record(log);
+        let verdict =
+            node_core::log::may_write(&shard.common.node_id, leading_in, record.as_ref(), lease_ok);
         return verdict.err().map(|n| {
             let msg = match n {
                 NotLeader::Transferring { to } => {

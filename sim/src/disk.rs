@@ -192,6 +192,27 @@ pub struct SimRaftStore {
     disk: Rc<RefCell<RaftDisk>>,
 }
 
+/// Memory as a start from `d` builds it: the snapshot's metadata (or, before the first, a
+/// cluster of `voters`), the entries after it, the hard state.
+fn memory(d: &RaftDisk, voters: &[u64]) -> MemStorage {
+    let mem = MemStorage::new();
+    {
+        let mut core = mem.wl();
+        if d.snapshot.get_metadata().index > 0 {
+            let mut meta_only = Snapshot::default();
+            meta_only.set_metadata(d.snapshot.get_metadata().clone());
+            core.apply_snapshot(meta_only)
+                .expect("a stored snapshot applies");
+        } else {
+            core.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
+        }
+        core.append(&d.entries)
+            .expect("stored entries follow the snapshot");
+        core.set_hardstate(d.hard_state.clone());
+    }
+    mem
+}
+
 fn full() -> StoreError {
     StoreError {
         no_space: true,
@@ -202,22 +223,7 @@ fn full() -> StoreError {
 impl SimRaftStore {
     /// Open the state on `disk` for a cluster of `voters` (created empty the first time).
     pub fn open(disk: Rc<RefCell<RaftDisk>>, voters: &[u64]) -> SimRaftStore {
-        let mem = MemStorage::new();
-        {
-            let d = disk.borrow();
-            let mut core = mem.wl();
-            if d.snapshot.get_metadata().index > 0 {
-                let mut meta_only = Snapshot::default();
-                meta_only.set_metadata(d.snapshot.get_metadata().clone());
-                core.apply_snapshot(meta_only)
-                    .expect("a stored snapshot applies");
-            } else {
-                core.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
-            }
-            core.append(&d.entries)
-                .expect("stored entries follow the snapshot");
-            core.set_hardstate(d.hard_state.clone());
-        }
+        let mem = memory(&disk.borrow(), voters);
         SimRaftStore { mem, disk }
     }
 
@@ -303,18 +309,8 @@ impl RaftStore for SimRaftStore {
         d.entries.retain(|e| e.index > index);
         d.snapshot = snap;
         d.hard_state.commit = d.hard_state.commit.max(index);
-        // Memory as a reopen would build it: the snapshot's metadata, then what follows.
-        let mem = MemStorage::new();
-        {
-            let mut core = mem.wl();
-            let mut meta_only = Snapshot::default();
-            meta_only.set_metadata(d.snapshot.get_metadata().clone());
-            core.apply_snapshot(meta_only).expect("a snapshot applies");
-            core.append(&d.entries)
-                .expect("entries follow the snapshot");
-            core.set_hardstate(d.hard_state.clone());
-        }
-        self.mem = mem;
+        // Memory as a reopen builds it (the snapshot carries the voters).
+        self.mem = memory(&d, &[]);
         Ok(())
     }
 

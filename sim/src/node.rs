@@ -729,11 +729,8 @@ impl Node {
             code: ErrorCode::NotLeader,
             leader: hint,
         };
-        let Some(record) = record else {
-            return self.reply(w, client, id, not_leader);
-        };
         let leading_in = self.leading(name);
-        if may_write(&self.id, leading_in, &record, lease_ok).is_err() {
+        if may_write(&self.id, leading_in, record.as_ref(), lease_ok).is_err() {
             return self.reply(w, client, id, not_leader);
         }
         let window = w.cfg.create_wait_ms;
@@ -919,18 +916,16 @@ impl Node {
                             let holders: Vec<usize> =
                                 replicas.iter().map(|r| node_idx(r)).collect();
                             let level = if degraded { Acks::Leader } else { wt.acks };
-                            answers.push((
-                                wt,
-                                Rep::Receipt {
-                                    first: 0,
-                                    next,
-                                    epoch: 0,
-                                    level,
-                                    degraded,
-                                    duplicate: false,
-                                    holders,
-                                },
-                            ));
+                            let rep = Rep::Receipt {
+                                first: wt.stored.first,
+                                next,
+                                epoch: wt.stored.epoch,
+                                level,
+                                degraded,
+                                duplicate: wt.duplicate,
+                                holders,
+                            };
+                            answers.push((wt, rep));
                         }
                         Err(_) => answers.push((wt, error(ErrorCode::Timeout))),
                     }
@@ -946,17 +941,8 @@ impl Node {
                 }
             }
         }
-        for (wt, mut rep) in answers {
-            if let Rep::Receipt {
-                first,
-                epoch,
-                duplicate,
-                ..
-            } = &mut rep
-            {
-                *first = wt.stored.first;
-                *epoch = wt.stored.epoch;
-                *duplicate = wt.duplicate;
+        for (wt, rep) in answers {
+            if let Rep::Receipt { .. } = rep {
                 w.checker
                     .receipt(w.now, self.idx, name, &rep, wt.acks, &wt.records, &w.disks);
             }
