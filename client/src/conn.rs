@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use protocol::{ErrorCode, FrameHeader, Limits, ProtocolError, Request, Response};
+use protocol::{ErrorCode, Limits, ProtocolError, Request, Response};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt};
 
 use crate::config::ServerAddr;
@@ -14,7 +14,7 @@ use crate::{Error, Result};
 /// QUIC application code for a normal close or stop.
 pub(crate) const CODE_NORMAL: u32 = 0;
 /// QUIC application code for a protocol violation.
-pub(crate) const CODE_PROTOCOL: u32 = 1;
+const CODE_PROTOCOL: u32 = protocol::close_code::PROTOCOL_VIOLATION;
 const CODE_BUSY: u64 = protocol::close_code::BUSY as u64;
 const CODE_UNAUTHENTICATED: u64 = protocol::close_code::UNAUTHENTICATED as u64;
 const CODE_SLOW_READER: u64 = protocol::close_code::SLOW_READER as u64;
@@ -23,9 +23,7 @@ const ADDRESSES_PER_HOST_MAX: usize = 4;
 
 /// Encode one request into a frame.
 pub(crate) fn encode(req: &Request) -> Bytes {
-    let mut out = BytesMut::new();
-    protocol::encode_request(req, &mut out);
-    out.freeze()
+    frames::encode_request(req)
 }
 
 /// The error for a connection that ended.
@@ -83,66 +81,28 @@ fn read_error(e: ReadError) -> Error {
     }
 }
 
-/// Reads response frames from a stream. Progress is kept in the reader, so a read that is
-/// cancelled (its future dropped) loses nothing: the next call resumes where it stopped.
-#[derive(Default)]
-pub(crate) struct FrameReader {
-    head: [u8; protocol::FRAME_HEADER_LEN],
-    head_filled: usize,
-    header: Option<FrameHeader>,
-    body: Vec<u8>,
-    body_filled: usize,
+/// Reads answer frames from a stream, resuming where a cancelled read stopped; a frame that
+/// fails its checks stops the stream as a protocol violation.
+pub(crate) struct FrameReader(frames::FrameReader);
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader(frames::FrameReader::responses())
+    }
 }
 
 impl FrameReader {
     /// Read one response frame. `Ok(None)` when the stream ended cleanly where a frame would
     /// start.
-    ///
-    /// The header is checked against `limits` before anything is allocated for the body. On a
-    /// frame that fails to decode, the receive side is stopped with the protocol-violation code.
     pub async fn read(
         &mut self,
         recv: &mut RecvStream,
         limits: &Limits,
     ) -> Result<Option<Response>> {
-        while self.header.is_none() {
-            match recv
-                .read(&mut self.head[self.head_filled..])
-                .await
-                .map_err(read_error)?
-            {
-                None if self.head_filled == 0 => return Ok(None),
-                None => return Err(ProtocolError::Truncated("frame header").into()),
-                Some(n) => self.head_filled += n,
-            }
-            if self.head_filled == self.head.len() {
-                let header = FrameHeader::parse(&self.head, limits).map_err(|e| {
-                    let _ = recv.stop(VarInt::from_u32(CODE_PROTOCOL));
-                    Error::Protocol(e)
-                })?;
-                self.body = vec![0u8; header.body_len as usize];
-                self.body_filled = 0;
-                self.header = Some(header);
-            }
-        }
-        while self.body_filled < self.body.len() {
-            match recv
-                .read(&mut self.body[self.body_filled..])
-                .await
-                .map_err(read_error)?
-            {
-                None => return Err(ProtocolError::Truncated("frame body").into()),
-                Some(n) => self.body_filled += n,
-            }
-        }
-        let header = self.header.take().expect("a header was parsed");
-        self.head_filled = 0;
-        let body = Bytes::from(std::mem::take(&mut self.body));
-        let resp = protocol::decode_response(&header, body, limits).map_err(|e| {
-            let _ = recv.stop(VarInt::from_u32(CODE_PROTOCOL));
-            Error::Protocol(e)
-        })?;
-        Ok(Some(resp))
+        self.0.response(recv, limits).await.map_err(|e| match e {
+            frames::ReadFail::Stream(e) => read_error(e),
+            frames::ReadFail::Protocol(e) => Error::Protocol(e),
+        })
     }
 }
 
@@ -150,7 +110,7 @@ impl FrameReader {
 /// early, for example because the header failed its checks) is not an error: its answer is read
 /// from the receive side.
 pub(crate) async fn write_request(send: &mut SendStream, frame: &[u8]) -> Result<()> {
-    match send.write_all(frame).await {
+    match frames::write(send, frame).await {
         Ok(()) => {
             let _ = send.finish();
             Ok(())

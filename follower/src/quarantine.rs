@@ -41,15 +41,28 @@ pub struct Report {
 
 /// Write `bytes` to `path` durably (`durable::write_atomic`: a temporary file, fsync, rename,
 /// fsync of the directory).
-fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), SaveError> {
     let tmp = path.with_extension("tmp");
-    durable::write_atomic(path, bytes, durable::Atomic::durable(&tmp, 0o644))
-        .map_err(|e| e.to_string())
+    durable::write_atomic(path, bytes, durable::Atomic::durable(&tmp, 0o644))?;
+    Ok(())
+}
+
+/// Why a divergent suffix could not be saved (and so is not truncated).
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("read {log} at {at}: {source}")]
+    Read {
+        log: String,
+        at: u64,
+        source: log_core::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] durable::Error),
 }
 
 /// Copy the records of `log` (named `name`) from `from` to its end into a quarantine under
 /// `dir`, and say what they were. `None` when there is nothing after `from`.
-pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Report>, String> {
+pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Report>, SaveError> {
     let end = log.end_offset().0.max(log.next_offset().0);
     if end <= from {
         return Ok(None);
@@ -60,7 +73,11 @@ pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Repor
     while pos.0 < end {
         let read = log
             .read(pos, Offset(end), READ_BYTES)
-            .map_err(|e| format!("read {name} at {}: {e}", pos.0))?;
+            .map_err(|source| SaveError::Read {
+                log: name.to_string(),
+                at: pos.0,
+                source,
+            })?;
         if read.batches.is_empty() {
             break;
         }
@@ -82,7 +99,7 @@ pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Repor
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let dir = dir.join(name);
-    durable::private_dir(&dir).map_err(|e| e.to_string())?;
+    durable::private_dir(&dir)?;
     let stem = format!("{at_ms}-{from}-{end}");
     let file = dir.join(format!("{stem}.batches"));
     write_durable(&file, &data)?;

@@ -9,12 +9,9 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use log_core::{Log, Offset};
 use protocol::replication::{follower_step, Follower, LeaderLog, LocalLog, Step};
-use protocol::{
-    ErrorCode, FrameHeader, Limits, ReplicateRequest, Request, Response, FRAME_HEADER_LEN,
-};
+use protocol::{ErrorCode, Limits, ProtocolError, ReplicateRequest, Request, Response};
 use tokio::sync::Notify;
 
 use crate::{ApplyError, Replica};
@@ -83,46 +80,44 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("connection: {0}")]
-    Connection(String),
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the leader allowed no new stream on the connection within {0:?} (its stream limit for peers is reached)")]
+    NoStream(Duration),
+    #[error("stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("the leader ended the stream without an answer")]
+    NoAnswer,
     #[error("the leader answered {code:?}: {message}")]
     Refused { code: ErrorCode, message: String },
     #[error("bad frame from the leader: {0}")]
-    Protocol(String),
+    Protocol(#[from] ProtocolError),
+    #[error("unexpected answer from the leader: {0:?}")]
+    Unexpected(Box<Response>),
     #[error("replicated frame refused: {0}")]
     Apply(#[from] ApplyError),
     #[error("storage: {0}")]
     Storage(#[from] log_core::Error),
-    #[error("{0}")]
-    Unsafe(String),
+    /// The leader's epoch history is empty while this follower holds records after its
+    /// epoch `asked`: truncating them to match could lose acknowledged records.
+    #[error("the leader has an empty epoch history (asked about epoch {asked}) while this follower holds records up to {end}; refusing to truncate them")]
+    EmptyLeaderHistory { asked: u64, end: u64 },
+    #[error("cannot quarantine the divergent suffix, so it is not truncated: {0}")]
+    Quarantine(#[from] crate::quarantine::SaveError),
+}
+
+impl From<frames::ReadFail> for SessionError {
+    fn from(e: frames::ReadFail) -> Self {
+        match e {
+            frames::ReadFail::Stream(e) => SessionError::Read(e),
+            frames::ReadFail::Protocol(e) => SessionError::Protocol(e),
+        }
+    }
 }
 
 async fn write_frame(send: &mut quinn::SendStream, req: &Request) -> Result<(), SessionError> {
-    let mut out = BytesMut::new();
-    protocol::encode_request(req, &mut out);
-    send.write_all(&out)
-        .await
-        .map_err(|e| SessionError::Connection(e.to_string()))
-}
-
-/// Read one response frame; `None` when the stream ended cleanly between frames.
-async fn read_frame(
-    recv: &mut quinn::RecvStream,
-    limits: &Limits,
-) -> Result<Option<Response>, SessionError> {
-    let mut hdr = [0u8; FRAME_HEADER_LEN];
-    match recv.read_exact(&mut hdr).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(SessionError::Connection(e.to_string())),
-    }
-    let h = FrameHeader::parse(&hdr, limits).map_err(|e| SessionError::Protocol(e.to_string()))?;
-    let mut body = BytesMut::zeroed(h.body_len as usize);
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| SessionError::Connection(e.to_string()))?;
-    protocol::decode_response(&h, body.freeze(), limits)
-        .map(Some)
-        .map_err(|e| SessionError::Protocol(e.to_string()))
+    Ok(frames::write(send, &frames::encode_request(req)).await?)
 }
 
 fn refused(resp: Response) -> SessionError {
@@ -131,7 +126,7 @@ fn refused(resp: Response) -> SessionError {
             code: e.code,
             message: e.message,
         },
-        other => SessionError::Protocol(format!("unexpected answer {other:?}")),
+        other => SessionError::Unexpected(Box::new(other)),
     }
 }
 
@@ -146,11 +141,11 @@ async fn open_stream(
     conn: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), SessionError> {
     match tokio::time::timeout(OPEN_STREAM_TIMEOUT, conn.open_bi()).await {
-        Ok(r) => r.map_err(|e| SessionError::Connection(e.to_string())),
+        Ok(r) => Ok(r?),
         Err(_) => {
-            let why = "the leader allowed no new stream on the connection in time (its stream limit for peers is reached)";
-            conn.close(0u32.into(), why.as_bytes());
-            Err(SessionError::Connection(why.into()))
+            let e = SessionError::NoStream(OPEN_STREAM_TIMEOUT);
+            conn.close(0u32.into(), e.to_string().as_bytes());
+            Err(e)
         }
     }
 }
@@ -164,9 +159,10 @@ pub async fn exchange(
     let (mut send, mut recv) = open_stream(conn).await?;
     write_frame(&mut send, req).await?;
     let _ = send.finish();
-    read_frame(&mut recv, limits)
+    frames::FrameReader::responses()
+        .response(&mut recv, limits)
         .await?
-        .ok_or_else(|| SessionError::Connection("stream ended".into()))
+        .ok_or(SessionError::NoAnswer)
 }
 
 /// Ask the leader where `epoch` ends in its log.
@@ -267,10 +263,10 @@ pub async fn run(
         match follower_step(local, leader) {
             Step::Truncate { to } => {
                 if leader_epoch == 0 && to == 0 {
-                    return Err(SessionError::Unsafe(format!(
-                        "the leader has an empty epoch history (asked about epoch {e}) while this follower holds records up to {}; refusing to truncate them",
-                        local.end
-                    )));
+                    return Err(SessionError::EmptyLeaderHistory {
+                        asked: e.0,
+                        end: local.end,
+                    });
                 }
                 tracing::warn!(
                     log = name,
@@ -287,11 +283,7 @@ pub async fn run(
                             }
                         }
                         Ok(None) => {}
-                        Err(e) => {
-                            return Err(SessionError::Unsafe(format!(
-                            "cannot quarantine the divergent suffix, so it is not truncated: {e}"
-                        )))
-                        }
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 log.truncate_after(Offset(to)).await?;
@@ -322,8 +314,9 @@ pub async fn run(
     let stored = StoredFrames::default();
     let state = replica.shared_state();
     let receive = async {
+        let mut reader = frames::FrameReader::responses();
         loop {
-            match read_frame(&mut recv, &cfg.limits).await? {
+            match reader.response(&mut recv, &cfg.limits).await? {
                 Some(Response::Replicated(frame)) => {
                     let read = Instant::now();
                     let end = replica.apply(&frame).await?;

@@ -142,6 +142,10 @@ impl FrameHeader {
         kind::is_request(self.kind)
     }
 
+    pub fn is_response(&self) -> bool {
+        kind::is_response(self.kind)
+    }
+
     fn encode(kind: u8, body_len: u32) -> [u8; FRAME_HEADER_LEN] {
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[0..4].copy_from_slice(&body_len.to_le_bytes());

@@ -45,6 +45,10 @@ pub use message::{
 pub mod close_code {
     /// The node is shutting down, or the connection ended normally.
     pub const NORMAL: u32 = 0;
+    /// A client or a follower stops a stream (and may close the connection) whose answer it
+    /// cannot decode: the node does not speak the protocol correctly. Nodes do not send it;
+    /// they answer a malformed request with an `Error` frame.
+    pub const PROTOCOL_VIOLATION: u32 = 1;
     /// `connections_max` was reached; the reason string is `busy`.
     pub const BUSY: u32 = 2;
     /// The first stream did not carry a valid token.

@@ -6,10 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use protocol::{
-    ErrorCode, FrameHeader, LogInfo, LogReplication, ProtocolError, Request, Response,
-    StatusResponse, FRAME_HEADER_LEN,
+    ErrorCode, LogInfo, LogReplication, ProtocolError, Request, Response, StatusResponse,
 };
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
@@ -309,7 +308,8 @@ pub(crate) async fn read_request(
     limits: &protocol::Limits,
 ) -> Result<Request, ReadFail> {
     let timeout = Duration::from_millis(cfg.limits.request_timeout_ms as u64);
-    match tokio::time::timeout(timeout, read_frame(recv, limits)).await {
+    let mut reader = frames::FrameReader::requests();
+    match tokio::time::timeout(timeout, read_frame(&mut reader, recv, limits)).await {
         Ok(r) => r,
         Err(_) => Err(ReadFail::Answer(
             ErrorCode::Timeout,
@@ -318,31 +318,18 @@ pub(crate) async fn read_request(
     }
 }
 
-/// Read one request frame, however long it takes to come.
+/// Read one request frame, however long it takes to come. A stream that ends before a frame
+/// is a truncated request.
 pub(crate) async fn read_frame(
+    reader: &mut frames::FrameReader,
     recv: &mut quinn::RecvStream,
     limits: &protocol::Limits,
 ) -> Result<Request, ReadFail> {
-    let mut hdr = [0u8; FRAME_HEADER_LEN];
-    read_exact(recv, &mut hdr, "frame header").await?;
-    let h = FrameHeader::parse(&hdr, limits)?;
-    if !h.is_request() {
-        return Err(ProtocolError::UnknownKind(h.kind).into());
-    }
-    let mut body = BytesMut::zeroed(h.body_len as usize);
-    read_exact(recv, &mut body, "frame body").await?;
-    Ok(protocol::decode_request(&h, body.freeze(), limits)?)
-}
-
-async fn read_exact(
-    recv: &mut quinn::RecvStream,
-    buf: &mut [u8],
-    what: &'static str,
-) -> Result<(), ReadFail> {
-    match recv.read_exact(buf).await {
-        Ok(()) => Ok(()),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(ProtocolError::Truncated(what).into()),
-        Err(quinn::ReadExactError::ReadError(_)) => Err(ReadFail::Gone),
+    match reader.request(recv, limits).await {
+        Ok(Some(req)) => Ok(req),
+        Ok(None) => Err(ProtocolError::Truncated("frame header").into()),
+        Err(frames::ReadFail::Protocol(e)) => Err(e.into()),
+        Err(frames::ReadFail::Stream(_)) => Err(ReadFail::Gone),
     }
 }
 

@@ -7,12 +7,9 @@ use std::path::Path;
 use crate::Error;
 
 pub(crate) fn io_err<'a>(op: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
-    move |e| Error::Io(format!("{op} {}: {e}", path.display()))
-}
-
-impl From<durable::Error> for Error {
-    fn from(e: durable::Error) -> Error {
-        Error::Io(e.to_string())
+    move |source| Error::Io {
+        what: format!("{op} {}", path.display()),
+        source,
     }
 }
 

@@ -624,16 +624,15 @@ async fn create_local(
 /// Write the recovering marker of `name` durably (its directory created if need be).
 fn mark_recovering(shard: &Shard, name: &str) -> Result<(), Error> {
     let dir = shard.logs_dir().join(name);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(crate::io(format!("create {}", dir.display())))?;
     let marker = dir.join(crate::shard::RECOVERING_FILE);
     let tmp = durable::tmp_beside(&marker);
     durable::write_atomic(
         &marker,
         b"created afresh; catching up\n",
         durable::Atomic::durable(&tmp, 0o644),
-    )
-    .map_err(|e| Error::Io(format!("{}: {e}", marker.display())))?;
-    durable::sync_parent(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+    )?;
+    durable::sync_parent(&dir)?;
     tracing::warn!(log = name, "created a fresh copy of a log this node should have held: recovering until it has caught up");
     Ok(())
 }

@@ -517,8 +517,9 @@ pub(crate) async fn serve(
         async move {
             let mut recv = recv;
             let limits = shard.common.config.protocol_limits();
+            let mut reader = frames::FrameReader::requests();
             loop {
-                match crate::conn::read_frame(&mut recv, &limits).await {
+                match crate::conn::read_frame(&mut reader, &mut recv, &limits).await {
                     Ok(Request::Ack { durable }) => {
                         if !current(&repl) {
                             return;

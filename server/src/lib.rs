@@ -42,10 +42,37 @@ pub enum Error {
     Config(String),
     #[error("tls: {0}")]
     Tls(String),
-    #[error("{0}")]
-    Io(String),
+    /// An operating-system call failed; `what` names the call and what it was on.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Durable(#[from] durable::Error),
+    #[error("data directory {} is in use by another node (lock {})", dir.display(), lock.display())]
+    DataDirInUse {
+        dir: std::path::PathBuf,
+        lock: std::path::PathBuf,
+    },
+    #[error("{} is not 32 bytes; remove it to regenerate", .0.display())]
+    BadResetKey(std::path::PathBuf),
+    #[error("snapshot {} is damaged: {why}", path.display())]
+    DamagedSnapshot {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("a shard thread died while starting")]
+    ShardDied,
     #[error("storage: {0}")]
     Storage(#[from] log_core::Error),
+}
+
+/// The [`Error::Io`] of a failed call; `what` names it and what it was on.
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
 }
 
 /// The shard that owns log `name` among `shards`: FNV-1a of the name, modulo the shard count.
@@ -93,12 +120,9 @@ pub struct Node {
 /// Take the node lock on the data directory, so two nodes never share one.
 fn lock_data_dir(dir: &Path) -> Result<File, Error> {
     let path = dir.join("node.lock");
-    files::lock(&path, false)?.ok_or_else(|| {
-        Error::Io(format!(
-            "data directory {} is in use by another node (lock {})",
-            dir.display(),
-            path.display()
-        ))
+    files::lock(&path, false)?.ok_or_else(|| Error::DataDirInUse {
+        dir: dir.to_path_buf(),
+        lock: path.clone(),
     })
 }
 
@@ -139,12 +163,7 @@ fn endpoint_config(dir: &Path) -> Result<quinn::EndpointConfig, Error> {
     let path = dir.join("reset-key");
     let secret = match std::fs::read(&path) {
         Ok(b) if b.len() == 32 => b,
-        Ok(_) => {
-            return Err(Error::Io(format!(
-                "{} is not 32 bytes; remove it to regenerate",
-                path.display()
-            )))
-        }
+        Ok(_) => return Err(Error::BadResetKey(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let b = files::random_bytes(32)?;
             files::write_atomic(&path, &b, 0o600)?;
@@ -165,14 +184,12 @@ fn endpoint_config(dir: &Path) -> Result<quinn::EndpointConfig, Error> {
 fn bind_reuseport(addr: SocketAddr) -> Result<std::net::UdpSocket, Error> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(|e| Error::Io(format!("socket: {e}")))?;
-    s.set_reuse_port(true)
-        .map_err(|e| Error::Io(format!("SO_REUSEPORT: {e}")))?;
+        .map_err(io("socket"))?;
+    s.set_reuse_port(true).map_err(io("SO_REUSEPORT"))?;
     if addr.is_ipv6() {
         let _ = s.set_only_v6(false);
     }
-    s.bind(&addr.into())
-        .map_err(|e| Error::Io(format!("bind {addr}: {e}")))?;
+    s.bind(&addr.into()).map_err(io(format!("bind {addr}")))?;
     Ok(s.into())
 }
 
@@ -206,7 +223,7 @@ impl Node {
         };
 
         let first = bind_reuseport(cfg.node.listen)?;
-        let local_addr = first.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+        let local_addr = first.local_addr().map_err(io("local address"))?;
         let mut sockets = vec![first];
         for _ in 1..shards {
             sockets.push(bind_reuseport(local_addr)?);
@@ -250,7 +267,7 @@ impl Node {
             let t = std::thread::Builder::new()
                 .name(format!("replog-shard-{i}"))
                 .spawn(move || shard::run(i, common, socket, configs, rx, tx_ready))
-                .map_err(|e| Error::Io(format!("spawn shard thread: {e}")))?;
+                .map_err(io("spawn shard thread"))?;
             threads.push(t);
             ready.push(rx_ready);
         }
@@ -272,7 +289,7 @@ impl Node {
                 }
                 Err(_) => {
                     let _ = node.shutdown();
-                    return Err(Error::Io("a shard thread died while starting".into()));
+                    return Err(Error::ShardDied);
                 }
             }
         }

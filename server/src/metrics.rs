@@ -554,13 +554,13 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
 /// Bind the metrics endpoint on a thread of its own, so a scrape never runs on a shard.
 pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, crate::Error> {
     let std_listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| crate::Error::Io(format!("bind metrics endpoint {addr}: {e}")))?;
+        .map_err(crate::io(format!("bind metrics endpoint {addr}")))?;
     std_listener
         .set_nonblocking(true)
-        .map_err(|e| crate::Error::Io(e.to_string()))?;
+        .map_err(crate::io("metrics endpoint: set non-blocking"))?;
     let local = std_listener
         .local_addr()
-        .map_err(|e| crate::Error::Io(e.to_string()))?;
+        .map_err(crate::io("metrics endpoint: local address"))?;
     std::thread::Builder::new()
         .name("replog-metrics".into())
         .spawn(move || {
@@ -574,7 +574,7 @@ pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, crat
                 serve(listener, metrics).await
             });
         })
-        .map_err(|e| crate::Error::Io(format!("spawn metrics thread: {e}")))?;
+        .map_err(crate::io("spawn metrics thread"))?;
     Ok(local)
 }
 

@@ -4,10 +4,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use log_core::batch::ProducerMeta;
 use log_core::{Log, Offset};
-use protocol::close_code;
 use protocol::idempotence::{Decision, StoredAppend};
 use protocol::{
     Acks, AppendRequest, ErrorCode, ErrorResponse, ReadRequest, Receipt, Request, Response,
@@ -18,46 +17,34 @@ use crate::config::Role;
 use crate::shard::{LogEntry, Shard};
 
 /// Write `chunks` in full, as long as the peer keeps taking data: a stream whose peer accepts
-/// nothing for `stall` is reset with the slow-reader code. Returns whether everything was
-/// written (a peer that went away, or was cut off, is not an error of the node's).
+/// nothing for `write_stall_timeout_ms` is reset with the slow-reader code. Returns whether
+/// everything was written (a peer that went away, or was cut off, is not an error of the
+/// node's).
 pub(crate) async fn write_all(
     shard: &Shard,
     send: &mut quinn::SendStream,
     chunks: &mut [Bytes],
 ) -> bool {
     let stall = Duration::from_millis(shard.common.config.limits.write_stall_timeout_ms as u64);
-    let mut i = 0;
-    while i < chunks.len() {
-        match tokio::time::timeout(stall, send.write_chunks(&mut chunks[i..])).await {
-            Ok(Ok(written)) => i += written.chunks,
-            Ok(Err(_)) => return false,
-            Err(_) => {
-                shard
-                    .common
-                    .metrics
-                    .c
-                    .slow_readers_cut
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    "reader took nothing for {} ms; stream reset",
-                    stall.as_millis()
-                );
-                let _ = send.reset(close_code::SLOW_READER.into());
-                return false;
-            }
-        }
-        while i < chunks.len() && chunks[i].is_empty() {
-            i += 1;
+    match frames::write_within(send, chunks, stall).await {
+        Ok(()) => true,
+        Err(frames::WriteFail::Stream(_)) => false,
+        Err(e @ frames::WriteFail::Stalled(_)) => {
+            shard
+                .common
+                .metrics
+                .c
+                .slow_readers_cut
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!("{e}");
+            false
         }
     }
-    true
 }
 
 /// Write one response frame and finish the stream.
 pub(crate) async fn reply(shard: &Shard, send: &mut quinn::SendStream, resp: &Response) {
-    let mut out = BytesMut::new();
-    protocol::encode_response(resp, &mut out);
-    if write_all(shard, send, &mut [out.freeze()]).await {
+    if write_all(shard, send, &mut [frames::encode_response(resp)]).await {
         let _ = send.finish();
     }
 }

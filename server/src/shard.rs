@@ -440,10 +440,9 @@ fn rebuild_producers(log: &Log, table: &mut ProducerTable) -> Result<(), Error> 
 /// Names of the logs under `dir` that shard `id` of `shards` owns.
 fn owned_logs(dir: &std::path::Path, id: usize, shards: usize) -> Result<Vec<String>, Error> {
     let mut names = Vec::new();
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::Io(format!("read {}: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(crate::io(format!("read {}", dir.display())))?;
     for entry in entries {
-        let entry = entry.map_err(|e| Error::Io(format!("read {}: {e}", dir.display())))?;
+        let entry = entry.map_err(crate::io(format!("read {}", dir.display())))?;
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
@@ -493,7 +492,7 @@ pub(crate) fn run(
                 socket,
                 Arc::new(quinn::TokioRuntime),
             )
-            .map_err(|e| Error::Io(format!("QUIC endpoint: {e}")))
+            .map_err(crate::io("QUIC endpoint"))
         }) {
             Ok(ep) => ep,
             Err(e) => {

@@ -96,7 +96,10 @@ pub fn write(dir: &Path, offset: u64, data: &[u8]) -> Result<(), Error> {
 pub fn load(dir: &Path, offset: u64) -> Result<(Bytes, u32), Error> {
     let path = dir.join(file_name(offset));
     let raw = std::fs::read(&path).map_err(io_err("read", &path))?;
-    let bad = |why: &str| Error::Io(format!("snapshot {} is damaged: {why}", path.display()));
+    let bad = |why: &str| Error::DamagedSnapshot {
+        path: path.clone(),
+        why: why.to_string(),
+    };
     if raw.len() < HEADER_LEN || &raw[..8] != MAGIC {
         return Err(bad("no snapshot header"));
     }

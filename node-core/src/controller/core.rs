@@ -119,7 +119,19 @@ pub enum ProposeError {
     Stopped,
     /// This node's controller storage is out of space; nothing was proposed.
     #[error("this node's controller storage is out of space: {0}")]
-    NoSpace(String),
+    NoSpace(StoreError),
+}
+
+/// Why a controller stopped: it takes no more input, and its node restarts it (see
+/// [`ControllerCore::process`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Halt {
+    /// A storage write failed for a reason other than space.
+    #[error("controller storage: {0}")]
+    Storage(StoreError),
+    /// The leader sent a metadata snapshot that does not decode (the decoder's message).
+    #[error("a metadata snapshot from the leader does not decode: {0}")]
+    BadSnapshot(String),
 }
 
 /// Why a controller could not start.
@@ -127,10 +139,12 @@ pub enum ProposeError {
 pub enum StartError {
     #[error("node {0} is not in the member list")]
     NotAMember(NodeId),
-    #[error("controller storage: {0}")]
-    Storage(String),
+    #[error("{0}")]
+    Halted(#[from] Halt),
+    #[error("controller storage: the metadata snapshot does not decode: {0}")]
+    Snapshot(#[from] serde_json::Error),
     #[error("raft: {0}")]
-    Raft(String),
+    Raft(#[from] raft::Error),
 }
 
 /// A proposal's entry data.
@@ -152,7 +166,7 @@ struct Held {
 struct Blocked {
     since_ms: u64,
     /// The last error, for status.
-    error: String,
+    error: StoreError,
     /// The next pause.
     pause: Duration,
     retry_at_ms: u64,
@@ -172,7 +186,7 @@ pub struct ControllerCore<S: RaftStore> {
     meta: ClusterMeta,
     applied: u64,
     next_proposal: u64,
-    failed: Option<String>,
+    failed: Option<Halt>,
     cluster_id: String,
     /// The term in which this node proposed `Init`.
     init_term: Option<u64>,
@@ -230,11 +244,7 @@ impl<S: RaftStore> ControllerCore<S> {
             .ok_or_else(|| StartError::NotAMember(cfg.node_id.clone()))?
             .raft_id;
         let (meta, applied) = match store.snapshot_data() {
-            Some((index, data)) => (
-                serde_json::from_slice::<ClusterMeta>(&data)
-                    .map_err(|e| StartError::Storage(format!("metadata snapshot: {e}")))?,
-                index,
-            ),
+            Some((index, data)) => (serde_json::from_slice::<ClusterMeta>(&data)?, index),
             None => (ClusterMeta::default(), 0),
         };
         let (min, max) = cfg.election_ticks;
@@ -249,12 +259,9 @@ impl<S: RaftStore> ControllerCore<S> {
             pre_vote: true,
             ..Default::default()
         };
-        config
-            .validate()
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let node =
-            RawNode::new(&config, store, &logger).map_err(|e| StartError::Raft(e.to_string()))?;
+        let node = RawNode::new(&config, store, &logger)?;
         let ids = cfg
             .members
             .iter()
@@ -285,7 +292,7 @@ impl<S: RaftStore> ControllerCore<S> {
             outcomes: Vec::new(),
             changed: true,
         };
-        core.process(now_ms).map_err(StartError::Storage)?;
+        core.process(now_ms)?;
         Ok(core)
     }
 
@@ -320,15 +327,13 @@ impl<S: RaftStore> ControllerCore<S> {
     }
 
     /// Set when the controller stopped on a storage failure.
-    pub fn failed(&self) -> Option<&str> {
-        self.failed.as_deref()
+    pub fn failed(&self) -> Option<&Halt> {
+        self.failed.as_ref()
     }
 
     /// While the storage is out of space: the error, and since when.
-    pub fn no_space(&self) -> Option<(&str, u64)> {
-        self.blocked
-            .as_ref()
-            .map(|b| (b.error.as_str(), b.since_ms))
+    pub fn no_space(&self) -> Option<(&StoreError, u64)> {
+        self.blocked.as_ref().map(|b| (&b.error, b.since_ms))
     }
 
     /// See the `contact_ms` field: `None` until the first round trip.
@@ -459,7 +464,7 @@ impl<S: RaftStore> ControllerCore<S> {
             })
             .collect();
         r.sent_ms = now_ms;
-        r.storage = self.blocked.as_ref().map(|b| b.error.clone());
+        r.storage = self.blocked.as_ref().map(|b| b.error.message.clone());
         // Leading alone, this node is its own decider and its lease is its own.
         if self.is_leader() && self.members.len() == 1 {
             self.contact_ms = Some(now_ms);
@@ -597,7 +602,7 @@ impl<S: RaftStore> ControllerCore<S> {
     /// holds the `Ready` and is made again by a later call once its pause has passed; any
     /// other storage failure stops the controller (the error is returned, and kept in
     /// [`ControllerCore::failed`]).
-    pub fn process(&mut self, now_ms: u64) -> Result<(), String> {
+    pub fn process(&mut self, now_ms: u64) -> Result<(), Halt> {
         if let Some(f) = &self.failed {
             return Err(f.clone());
         }
@@ -610,7 +615,7 @@ impl<S: RaftStore> ControllerCore<S> {
         r
     }
 
-    fn process_ready(&mut self, now_ms: u64) -> Result<(), String> {
+    fn process_ready(&mut self, now_ms: u64) -> Result<(), Halt> {
         if let Some(b) = &mut self.blocked {
             if now_ms < b.retry_at_ms {
                 return Ok(());
@@ -654,12 +659,12 @@ impl<S: RaftStore> ControllerCore<S> {
     }
 
     /// The rest of a `Ready`, from where an earlier attempt stopped.
-    fn finish_ready(&mut self, now_ms: u64, mut held: Held) -> Result<(), String> {
+    fn finish_ready(&mut self, now_ms: u64, mut held: Held) -> Result<(), Halt> {
         self.changed = true;
         if !held.snapshot_done && !held.ready.snapshot().is_empty() {
             let snap = held.ready.snapshot().clone();
             let meta: ClusterMeta = serde_json::from_slice(snap.get_data())
-                .map_err(|e| format!("a metadata snapshot from the leader: {e}"))?;
+                .map_err(|e| Halt::BadSnapshot(e.to_string()))?;
             if let Err(e) = self.node.mut_store().apply_snapshot(snap.clone()) {
                 return self.out_of_space(now_ms, e, Some(held), None);
             }
@@ -695,7 +700,7 @@ impl<S: RaftStore> ControllerCore<S> {
             match self.node.mut_store().set_commit(commit) {
                 Ok(()) => {}
                 Err(e) if e.no_space => unsaved_commit = Some((commit, e)),
-                Err(e) => return Err(e.message),
+                Err(e) => return Err(Halt::Storage(e)),
             }
         }
         let msgs = light.take_messages();
@@ -712,7 +717,7 @@ impl<S: RaftStore> ControllerCore<S> {
                 Err(e) if e.no_space => {
                     tracing::warn!(error = %e, "controller: compaction postponed")
                 }
-                Err(e) => return Err(e.message),
+                Err(e) => return Err(Halt::Storage(e)),
             }
         }
         self.maybe_init();
@@ -730,23 +735,23 @@ impl<S: RaftStore> ControllerCore<S> {
         e: StoreError,
         held: Option<Held>,
         commit: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Halt> {
         if !e.no_space {
-            return Err(e.message);
+            return Err(Halt::Storage(e));
         }
         self.changed = true;
         let b = self.blocked.get_or_insert_with(|| {
             tracing::error!(error = %e, "controller: out of space; not voting or proposing until a write succeeds");
             Blocked {
                 since_ms: now_ms,
-                error: String::new(),
+                error: e.clone(),
                 pause: NO_SPACE_RETRY_MIN,
                 retry_at_ms: now_ms,
                 held: None,
                 commit: None,
             }
         });
-        b.error = e.message;
+        b.error = e;
         b.retry_at_ms = now_ms + b.pause.as_millis() as u64;
         b.pause = (b.pause * 2).min(NO_SPACE_RETRY_MAX);
         if held.is_some() {

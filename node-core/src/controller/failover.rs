@@ -206,6 +206,7 @@ pub fn decide_with(
                         unclean,
                     } => out.push(elect(name, log, node, start, unclean, 0, now_ms)),
                     Choice::None(why) => {
+                        let why = why.to_string();
                         if log.no_leader.as_deref() != Some(why.as_str()) {
                             out.push(Command::NoLeader {
                                 log: name.clone(),

@@ -503,7 +503,49 @@ pub enum Choice {
         unclean: bool,
     },
     /// No replica may lead: why.
-    None(String),
+    None(NoCandidate),
+}
+
+/// Why no replica may lead a log (the text is recorded in the metadata as the reason).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{why}{}{}", behind_text(.behind, *.committed), match .unclean {
+    true => "; no replica is reachable at all",
+    false => "; unclean_failover is off",
+})]
+pub struct NoCandidate {
+    /// Why no replica is guaranteed to hold every acknowledged append.
+    pub why: Unguaranteed,
+    /// Replicas reachable but behind the commit offset (wiped or restored copies).
+    pub behind: Vec<NodeId>,
+    /// The highest commit offset a replica reported.
+    pub committed: u64,
+    /// Whether unclean failover was allowed (and no replica at all was reachable).
+    pub unclean: bool,
+}
+
+fn behind_text(behind: &[NodeId], committed: u64) -> String {
+    match behind.is_empty() {
+        true => String::new(),
+        false => format!(
+            " ({} reachable but behind the commit offset {committed}: wiped or restored)",
+            behind.join(", ")
+        ),
+    }
+}
+
+/// Why no reachable replica is guaranteed to hold every acknowledged append.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unguaranteed {
+    #[error("the sync set is empty: only the failed leader held every acknowledged append")]
+    SyncSetEmpty,
+    #[error("none of the replicas holding every acknowledged append ({}) is reachable", .0.join(", "))]
+    HoldersUnreachable(Vec<NodeId>),
+    #[error("{reachable} of {replicas} replicas reachable; {need} are needed to be sure one holds every append acknowledged by a majority")]
+    TooFewReachable {
+        reachable: usize,
+        replicas: usize,
+        need: usize,
+    },
 }
 
 /// The best of `states` by (last epoch, end offset), ties broken by node id for determinism.
@@ -552,10 +594,10 @@ pub fn choose_leader_above(
         .iter()
         .filter(|s| log.leader.as_ref() != Some(&s.node) && log.replicas.contains(&s.node))
         .collect();
-    let behind: Vec<&str> = all
+    let behind: Vec<NodeId> = all
         .iter()
         .filter(|s| s.end < committed)
-        .map(|s| s.node.as_str())
+        .map(|s| s.node.clone())
         .collect();
     // (Planted: the rule looks at neither the sync set nor the commit offset.)
     let planted = crate::planted::active(crate::planted::Bug::ElectOutsideSyncSet);
@@ -579,17 +621,9 @@ pub fn choose_leader_above(
             };
             match chosen {
                 Some(s) => Ok(s),
-                None if holders.is_empty() => Err(
-                    "the sync set is empty: only the failed leader held every acknowledged append"
-                        .to_string(),
-                ),
-                None => Err(format!(
-                    "none of the replicas holding every acknowledged append ({}) is reachable",
-                    holders
-                        .iter()
-                        .map(|n| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                None if holders.is_empty() => Err(Unguaranteed::SyncSetEmpty),
+                None => Err(Unguaranteed::HoldersUnreachable(
+                    holders.into_iter().cloned().collect(),
                 )),
             }
         }
@@ -599,20 +633,22 @@ pub fn choose_leader_above(
             if candidates.len() >= need {
                 Ok(most_up_to_date(candidates.iter().copied()).expect("need >= 1"))
             } else {
-                Err(format!(
-                    "{} of {n} replicas reachable; {need} are needed to be sure one holds every append acknowledged by a majority",
-                    candidates.len(),
-                ))
+                Err(Unguaranteed::TooFewReachable {
+                    reachable: candidates.len(),
+                    replicas: n,
+                    need,
+                })
             }
         }
     };
-    let guaranteed = guaranteed.map_err(|why| match behind.is_empty() {
-        true => why,
-        false => format!(
-            "{why} ({} reachable but behind the commit offset {committed}: wiped or restored)",
-            behind.join(", ")
-        ),
-    });
+    let none = |why, unclean| {
+        Choice::None(NoCandidate {
+            why,
+            behind: behind.clone(),
+            committed,
+            unclean,
+        })
+    };
     match guaranteed {
         Ok(s) => Choice::Elect {
             node: s.node.clone(),
@@ -625,9 +661,9 @@ pub fn choose_leader_above(
                 start: s.end,
                 unclean: true,
             },
-            None => Choice::None(format!("{why}; no replica is reachable at all")),
+            None => none(why, true),
         },
-        Err(why) => Choice::None(format!("{why}; unclean_failover is off")),
+        Err(why) => none(why, false),
     }
 }
 
@@ -928,8 +964,11 @@ mod tests {
         let Choice::None(why) = choose_leader(&l, &reach, Policy::SyncSet, false) else {
             panic!()
         };
+        assert_eq!(why.why, Unguaranteed::HoldersUnreachable(vec!["b".into()]));
         assert!(
-            why.contains("none of the replicas holding every acknowledged append (b) is reachable"),
+            why.to_string().contains(
+                "none of the replicas holding every acknowledged append (b) is reachable; unclean_failover is off"
+            ),
             "{why}"
         );
         assert_eq!(
@@ -945,7 +984,8 @@ mod tests {
         let Choice::None(why) = choose_leader(&l, &reach, Policy::SyncSet, false) else {
             panic!()
         };
-        assert!(why.contains("sync set is empty"), "{why}");
+        assert_eq!(why.why, Unguaranteed::SyncSetEmpty);
+        assert!(why.to_string().contains("sync set is empty"), "{why}");
     }
 
     #[test]
@@ -957,8 +997,10 @@ mod tests {
         let Choice::None(why) = choose_leader_above(&l, &reach, Policy::SyncSet, false, 10) else {
             panic!()
         };
+        assert_eq!((why.behind.clone(), why.committed), (vec!["b".into()], 10));
         assert!(
-            why.contains("b reachable but behind the commit offset 10"),
+            why.to_string()
+                .contains("b reachable but behind the commit offset 10"),
             "{why}"
         );
         // Without the commit offset it would have been elected.
@@ -1057,8 +1099,17 @@ mod tests {
         let Choice::None(why) = choose_leader(&l, &reach, Policy::Majority, false) else {
             panic!()
         };
+        assert_eq!(
+            why.why,
+            Unguaranteed::TooFewReachable {
+                reachable: 1,
+                replicas: 3,
+                need: 2
+            }
+        );
         assert!(
-            why.contains("1 of 3 replicas reachable; 2 are needed"),
+            why.to_string()
+                .contains("1 of 3 replicas reachable; 2 are needed"),
             "{why}"
         );
         let reach = [st("b", 1, 7), st("c", 1, 9)];

@@ -139,18 +139,28 @@ pub struct Controller {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Why [`Controller::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartFail {
+    #[error(transparent)]
+    Core(#[from] StartError),
+    #[error("controller storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("cannot start the controller thread: {0}")]
+    Thread(std::io::Error),
+}
+
 impl Controller {
     /// Open the Raft state in `cfg.dir` and start the driver thread.
     pub fn start(
         cfg: ControllerConfig,
         transport: Arc<dyn Transport>,
-    ) -> Result<Controller, StartError> {
+    ) -> Result<Controller, StartFail> {
         let voters: Vec<u64> = cfg.members.values().map(|m| m.raft_id).collect();
         if !cfg.members.contains_key(&cfg.node_id) {
-            return Err(StartError::NotAMember(cfg.node_id.clone()));
+            return Err(StartError::NotAMember(cfg.node_id.clone()).into());
         }
-        let storage =
-            DiskStorage::open(&cfg.dir, &voters).map_err(|e| StartError::Storage(e.to_string()))?;
+        let storage = DiskStorage::open(&cfg.dir, &voters)?;
         let mut id = [0u8; 8];
         let _ = getrandom::fill(&mut id);
         let core = ControllerCore::new(
@@ -181,7 +191,7 @@ impl Controller {
         let thread = std::thread::Builder::new()
             .name(format!("controller-{}", cfg.node_id))
             .spawn(move || driver.run(rx, tick))
-            .map_err(|e| StartError::Raft(format!("spawn: {e}")))?;
+            .map_err(StartFail::Thread)?;
         Ok(Controller {
             me: cfg.node_id,
             contact_ms,
@@ -386,7 +396,7 @@ impl Driver {
             applied: self.core.applied(),
             term: self.core.term(),
             leader: self.core.leader().cloned(),
-            failed: self.core.failed().map(str::to_string),
+            failed: self.core.failed().map(|h| h.to_string()),
             no_space: self.core.no_space().map(|(e, since)| {
                 (
                     e.to_string(),
