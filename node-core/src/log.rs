@@ -62,7 +62,39 @@ pub fn must_withdraw(me: &str, record: &LogRecord, recovering: bool) -> bool {
 }
 
 /// How often a recovering node asks again to withdraw while the record still counts on it.
-pub const WITHDRAW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+pub const WITHDRAW_EVERY_MS: u64 = 1000;
+
+/// A node's requests to withdraw from logs whose copy is recovering, per log.
+#[derive(Clone, Debug, Default)]
+pub struct Withdrawals {
+    asked: std::collections::BTreeMap<String, u64>,
+}
+
+impl Withdrawals {
+    /// Whether node `me` asks the controller now to withdraw from `log` ([`must_withdraw`]),
+    /// at most every [`WITHDRAW_EVERY_MS`] per log while the record still counts on it.
+    pub fn due(
+        &mut self,
+        log: &str,
+        me: &str,
+        record: &LogRecord,
+        recovering: bool,
+        now_ms: u64,
+    ) -> bool {
+        if !must_withdraw(me, record, recovering) {
+            self.asked.remove(log);
+            return false;
+        }
+        let due = self
+            .asked
+            .get(log)
+            .is_none_or(|at| now_ms.saturating_sub(*at) > WITHDRAW_EVERY_MS);
+        if due {
+            self.asked.insert(log.to_string(), now_ms);
+        }
+        due
+    }
+}
 
 /// Whether a recovering replica has recovered: it holds durably everything the leader has
 /// committed, as a frame of its current session told it (`leader_commit`: `None` before the
@@ -403,6 +435,28 @@ mod tests {
             transfer_to: None,
             last_leader: None,
         }
+    }
+
+    #[test]
+    fn a_recovering_node_asks_to_withdraw_at_most_every_withdraw_every_ms_per_log() {
+        let mut w = Withdrawals::default();
+        let r = record("a", 3);
+        // b is in the sync set and its copy is recovering.
+        assert!(w.due("l", "b", &r, true, 10_000));
+        assert!(!w.due("l", "b", &r, true, 10_000 + WITHDRAW_EVERY_MS));
+        assert!(
+            w.due("m", "b", &r, true, 10_000 + WITHDRAW_EVERY_MS),
+            "per log"
+        );
+        assert!(w.due("l", "b", &r, true, 10_000 + WITHDRAW_EVERY_MS + 1));
+        // Once the record no longer counts on it (or its copy has recovered), it stops asking,
+        // and asks at once if it must again.
+        let mut out = r.clone();
+        out.sync_set.clear();
+        assert!(!w.due("l", "b", &out, true, 20_000));
+        assert!(w.due("l", "b", &r, true, 20_001));
+        assert!(!w.due("l", "b", &r, false, 20_002));
+        assert!(!w.due("l", "c", &r, true, 20_003), "c is not counted on");
     }
 
     #[test]

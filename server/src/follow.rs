@@ -40,7 +40,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
     let me = shard.common.node_id.clone();
     let loops: Rc<RefCell<BTreeSet<SocketAddr>>> = Default::default();
     let mut renewals = node_core::log::Renewals::default();
-    let mut withdrawn: std::collections::BTreeMap<String, std::time::Instant> = Default::default();
+    let mut withdrawals = node_core::log::Withdrawals::default();
     let started = std::time::Instant::now();
     while !shard.closing.get() {
         tokio::time::sleep(STEER_INTERVAL).await;
@@ -62,13 +62,10 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
             }
             if let Some(r) = control.log_record(&name) {
                 let recovering = entry.recovering.get();
-                let due = withdrawn
-                    .get(&name)
-                    .is_none_or(|at| at.elapsed() > node_core::log::WITHDRAW_EVERY);
-                if node_core::log::must_withdraw(&me, &r, recovering) && due {
+                let now = started.elapsed().as_millis() as u64;
+                if withdrawals.due(&name, &me, &r, recovering, now) {
                     tracing::warn!(log = %name, "this node's copy of the log is recovering (it was created afresh): withdrawing from its sync set and leadership until it has caught up");
                     control.withdraw(&name);
-                    withdrawn.insert(name.clone(), std::time::Instant::now());
                 }
             }
             if choice == RoleChoice::Follow(None) {

@@ -177,6 +177,8 @@ pub struct RaftDisk {
     pub entries: Vec<Entry>,
     /// The disk is full: writes fail with an out-of-space error.
     pub full: bool,
+    /// Writes refused because the disk was full.
+    pub refused: u64,
 }
 
 /// One node's disk.
@@ -228,7 +230,9 @@ impl SimRaftStore {
     }
 
     fn writable(&self) -> Result<(), StoreError> {
-        if self.disk.borrow().full {
+        let mut d = self.disk.borrow_mut();
+        if d.full {
+            d.refused += 1;
             return Err(full());
         }
         Ok(())

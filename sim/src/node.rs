@@ -11,7 +11,7 @@ use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
 use node_core::controller::meta::{Command, Member, NodeId};
 use node_core::log::{
     choose_role, confirm, may_write, must_withdraw, recovered, stream_from, LeaderAction,
-    LeaderRules, LevelRefusal, LogRecord, Renewals, Role,
+    LeaderRules, LevelRefusal, LogRecord, Renewals, Role, Withdrawals,
 };
 use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
 use protocol::replication::{
@@ -134,8 +134,8 @@ pub struct Node {
     pub ctl: ControllerCore<SimRaftStore>,
     logs: BTreeMap<String, LogState>,
     renewals: Renewals,
-    /// When this node last asked to withdraw from each log (ms).
-    withdrawn: BTreeMap<String, u64>,
+    /// Its requests to withdraw from logs whose copy is recovering.
+    withdrawals: Withdrawals,
     next_session: u64,
     ticks: u64,
 }
@@ -192,7 +192,7 @@ impl Node {
             ctl: core,
             logs: BTreeMap::new(),
             renewals: Renewals::default(),
-            withdrawn: BTreeMap::new(),
+            withdrawals: Withdrawals::default(),
             next_session: 0,
             ticks: 0,
         }
@@ -316,17 +316,14 @@ impl Node {
             let leading_in = self.leading(&name);
             let role = choose_role(&self.id, &record, last_epoch, leading_in, recovering);
             let withdraw = must_withdraw(&self.id, &record, recovering);
-            if withdraw
-                && self
-                    .withdrawn
-                    .get(&name)
-                    .is_none_or(|at| now.saturating_sub(*at) > 1000)
+            if self
+                .withdrawals
+                .due(&name, &self.id, &record, recovering, now)
             {
                 w.note(format_args!(
                     "{} withdraws from {name}: its copy is recovering",
                     self.id
                 ));
-                self.withdrawn.insert(name.clone(), now);
                 let _ = self.ctl.propose(Command::Withdraw {
                     log: name.clone(),
                     node: self.id.clone(),

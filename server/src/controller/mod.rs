@@ -11,5 +11,6 @@ pub use node_core::controller::{failover, meta};
 
 pub mod driver;
 pub mod node;
+pub mod raft_log;
 pub mod storage;
 pub mod transport;

@@ -4,43 +4,37 @@
 //!
 //! # Files
 //!
-//! The directory holds three files, each starting with the 8-byte header `RLRAFT01`
-//! (`RLRAFT` and a two-digit format version). A *record* is `[u32 LE body length]`
-//! `[u32 LE crc32c of the body][body]`, the body being a protobuf-encoded raft-rs message.
-//!
-//! - `raft.log`: the header, then one record per [`Entry`], in index order, without gaps: the
-//!   entries after the snapshot. Appends are fdatasync'ed before [`DiskStorage::append`]
-//!   returns. A conflicting suffix is cut off with `ftruncate` (and an fdatasync) before the
-//!   replacement is written. A compaction or a snapshot from the leader rewrites the whole file
-//!   (a temporary file, fsync, rename, fsync of the directory).
-//! - `hardstate`: the header and one record holding the [`HardState`]; replaced atomically
-//!   (temporary file, fsync, rename, fsync of the directory).
-//! - `snapshot`: the header and one record holding the latest [`Snapshot`] — its metadata (index,
-//!   term, [`ConfState`]) and the state machine's data; replaced atomically. A new directory
-//!   gets a snapshot at index 0 that only carries the initial voters.
+//! - `raft-log/`: the entries after the snapshot, in a log-core log ([`super::raft_log`]):
+//!   entry index = offset, term = epoch, one record per entry (its protobuf encoding). log-core
+//!   checksums every batch, cuts a torn tail at open, refuses damage anywhere else, and
+//!   truncates crash-safely; appends are fdatasync'ed before [`DiskStorage::append`] returns.
+//!   A compaction deletes the whole segments the snapshot covers; a snapshot from the leader
+//!   replaces the log by an empty one (the old one is renamed away, then removed).
+//! - `hardstate` and `snapshot`: the header `RLRAFT01` (`RLRAFT` and a two-digit format
+//!   version), then one record `[u32 LE body length][u32 LE crc32c of the body][body]`, the
+//!   body being the protobuf-encoded [`HardState`] or [`Snapshot`] (its metadata and the state
+//!   machine's data); each replaced atomically (`durable::write_atomic`). A new directory gets
+//!   a snapshot at index 0 that only carries the initial voters.
 //!
 //! # Recovery
 //!
-//! A bad record (short, or with a checksum mismatch) at the end of `raft.log`, with no intact
-//! record after it, is the torn tail of an append that was never acknowledged: it is cut off
-//! with a warning. Anything else that fails validation — a bad record followed by intact ones,
-//! a gap in the entry indexes, a bad `hardstate` or `snapshot`, an unknown header or format
-//! version — is corruption, and [`DiskStorage::open`] refuses it rather than drop acknowledged
-//! Raft state.
-//!
 //! The snapshot file is the commit point of a compaction and of a snapshot install: if the
-//! process stops after it was replaced but before `raft.log` was rewritten, the next open
-//! finishes the job (it keeps the entries after the snapshot if the log holds the snapshot's
-//! entry with the snapshot's term, and drops the whole log otherwise).
+//! process stops after it was replaced but before the log was purged or replaced, the next
+//! open finishes the job (it keeps the entries after the snapshot if the log holds the
+//! snapshot's entry with the snapshot's term, and replaces the log by an empty one
+//! otherwise). A log that lacks entries between the snapshot and its first entry, an entry
+//! whose index or term disagrees with its offset or epoch, a bad `hardstate` or `snapshot`,
+//! or an unknown format version is refused rather than acknowledged Raft state dropped.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage};
+
+use super::raft_log::{RaftLog, ENTRY_BYTES_MAX};
 
 /// The first six bytes of every file.
 const MAGIC: &[u8; 6] = b"RLRAFT";
@@ -51,7 +45,9 @@ const HEADER_LEN: usize = MAGIC.len() + VERSION.len();
 /// Length of a record's header: body length and crc32c.
 const RECORD_HEADER_LEN: usize = 8;
 
-const LOG_FILE: &str = "raft.log";
+const LOG_DIR: &str = "raft-log";
+/// The log of an earlier format version, refused with a clear error.
+const OLD_LOG_FILE: &str = "raft.log";
 const HARDSTATE_FILE: &str = "hardstate";
 const SNAPSHOT_FILE: &str = "snapshot";
 /// Suffix of the temporary file an atomic replacement writes first.
@@ -114,6 +110,23 @@ pub enum StorageError {
     #[error("invalid request to the raft storage in {}: {detail}", dir.display())]
     Invalid { dir: PathBuf, detail: String },
 
+    /// A raft log written by an earlier build (one file beside the others), which this build
+    /// does not read.
+    #[error(
+        "{} is a controller log of an earlier build, which this build does not read; move the \
+         controller directory away to rejoin the cluster with an empty one",
+        path.display()
+    )]
+    OldLog { path: PathBuf },
+
+    /// The entries' log (log-core) failed.
+    #[error("raft log in {}: {source}", dir.display())]
+    Log {
+        dir: PathBuf,
+        #[source]
+        source: log_core::Error,
+    },
+
     /// A write or sync failed earlier; the storage accepts no more writes until it is reopened
     /// (and re-validated from disk). A failed fsync is never retried: the kernel may have
     /// dropped the dirty pages, and a retry could report lost data as durable.
@@ -129,14 +142,27 @@ impl StorageError {
     /// returns. A failed sync is never retried (the kernel may have dropped the pages).
     pub fn is_no_space(&self) -> bool {
         match self {
-            StorageError::Io { op, source, .. } => {
-                !op.contains("sync")
-                    && (source.kind() == io::ErrorKind::StorageFull
-                        || source.kind() == io::ErrorKind::QuotaExceeded
-                        || matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
-            }
+            StorageError::Io { op, source, .. } => no_space(op, source),
+            StorageError::Log { source, .. } => log_no_space(source),
             _ => false,
         }
+    }
+}
+
+fn no_space(op: &str, e: &io::Error) -> bool {
+    !op.contains("sync")
+        && (e.kind() == io::ErrorKind::StorageFull
+            || e.kind() == io::ErrorKind::QuotaExceeded
+            || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+}
+
+/// [`StorageError::is_no_space`] for log-core's errors: a write that failed for lack of space,
+/// possibly as the cause of the log's failure.
+fn log_no_space(e: &log_core::Error) -> bool {
+    match e {
+        log_core::Error::Io { op, source, .. } => no_space(op, source),
+        log_core::Error::Failed { cause, .. } => log_no_space(cause),
+        _ => false,
     }
 }
 
@@ -158,12 +184,10 @@ pub struct DiskStorage {
     snapshot: Snapshot,
     /// The hard state as stored in `hardstate` (and in `mem`).
     hard_state: HardState,
-    /// `raft.log`, open for writing.
-    log: File,
-    /// `offsets[i]` is the position in `raft.log` of the record of entry `snapshot index + 1 + i`.
-    offsets: Vec<u64>,
-    /// The length of `raft.log`: the end of its last record.
-    log_end: u64,
+    /// The entries after the snapshot.
+    log: RaftLog,
+    /// The last entry's index (the snapshot's when there is none after it).
+    last: u64,
     /// Why an earlier write failed. While set, every write is refused.
     failed: Option<String>,
 }
@@ -190,7 +214,11 @@ impl DiskStorage {
         if !dir.exists() {
             create_dir_durable(dir)?;
         }
-        for name in [LOG_FILE, HARDSTATE_FILE, SNAPSHOT_FILE] {
+        let old = dir.join(OLD_LOG_FILE);
+        if old.exists() {
+            return Err(StorageError::OldLog { path: old });
+        }
+        for name in [HARDSTATE_FILE, SNAPSHOT_FILE] {
             let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
             match fs::remove_file(&tmp) {
                 Ok(()) => {}
@@ -219,113 +247,97 @@ impl DiskStorage {
         let stored_hard_state: HardState =
             read_message_file(&dir.join(HARDSTATE_FILE), "hard state")?;
 
-        let log_path = dir.join(LOG_FILE);
-        let loaded = read_log(&log_path)?;
+        let log_dir = dir.join(LOG_DIR);
+        let log_error = |source| StorageError::Log {
+            dir: log_dir.clone(),
+            source,
+        };
         let (snap_index, snap_term) = (snapshot.get_metadata().index, snapshot.get_metadata().term);
-        let torn = loaded
-            .torn
-            .map(|problem| (problem, loaded.end, loaded.file_len));
-        let (entries, mut offsets, mut log_end, rewrite) =
-            match loaded.entries.first().map(|e| e.index) {
-                None => (loaded.entries, loaded.offsets, loaded.end, false),
-                Some(first) if first == snap_index + 1 => {
-                    (loaded.entries, loaded.offsets, loaded.end, false)
+        let (log, loaded) = RaftLog::open(&log_dir, snap_index + 1).map_err(log_error)?;
+        // What a replacement for a snapshot that was cut short left behind.
+        super::raft_log::remove_dir(&log_dir.with_extension("old")).map_err(log_error)?;
+        let corrupt = |detail: String| StorageError::Corrupt {
+            path: log_dir.clone(),
+            offset: 0,
+            detail,
+        };
+        let mut all = Vec::with_capacity(loaded.records.len());
+        for (offset, epoch, bytes) in &loaded.records {
+            let e: Entry = decode(&log_dir, *offset as usize, bytes, "raft log entry")?;
+            if (e.index, e.term) != (*offset, *epoch) {
+                return Err(corrupt(format!(
+                    "the record at offset {offset} (epoch {epoch}) holds entry {} of term {}",
+                    e.index, e.term
+                )));
+            }
+            all.push(e);
+        }
+        let end = loaded.start + all.len() as u64;
+        let entries = if loaded.start == snap_index + 1 {
+            all
+        } else if loaded.start > snap_index + 1 {
+            if all.is_empty() {
+                log.reset(snap_index + 1).map_err(log_error)?;
+                Vec::new()
+            } else {
+                return Err(corrupt(format!(
+                    "the log starts at entry {}, but the snapshot ends at entry {snap_index}: \
+                     entries are missing",
+                    loaded.start
+                )));
+            }
+        } else {
+            // The snapshot was replaced, and the log not purged or replaced after it.
+            let at = (snap_index - loaded.start) as usize;
+            match all.get(at) {
+                Some(e) if e.term == snap_term => {
+                    all.drain(..=at);
+                    all
                 }
-                Some(first) if first > snap_index + 1 => {
-                    return Err(StorageError::Corrupt {
-                        path: log_path,
-                        offset: HEADER_LEN as u64,
-                        detail: format!(
-                            "the log starts at entry {first}, but the snapshot ends at entry \
-                             {snap_index}: entries are missing"
-                        ),
-                    });
+                _ => {
+                    tracing::warn!(
+                        path = %log_dir.display(),
+                        snapshot_index = snap_index,
+                        snapshot_term = snap_term,
+                        log_end = end,
+                        "raft log does not hold the snapshot's entry; replacing it by an empty \
+                         one for the snapshot"
+                    );
+                    log.reset(snap_index + 1).map_err(log_error)?;
+                    Vec::new()
                 }
-                Some(first) => {
-                    // The snapshot was replaced, but the log was not rewritten after it.
-                    let at_snapshot = (snap_index - first) as usize;
-                    let kept = match loaded.entries.get(at_snapshot) {
-                        Some(e) if e.term == snap_term => {
-                            tracing::warn!(
-                                path = %log_path.display(),
-                                snapshot_index = snap_index,
-                                "raft log predates the snapshot; dropping the entries the \
-                                 snapshot covers"
-                            );
-                            loaded.entries[at_snapshot + 1..].to_vec()
-                        }
-                        _ => {
-                            tracing::warn!(
-                                path = %log_path.display(),
-                                snapshot_index = snap_index,
-                                snapshot_term = snap_term,
-                                "raft log does not hold the snapshot's entry; dropping it for \
-                                 the snapshot"
-                            );
-                            Vec::new()
-                        }
-                    };
-                    (kept, Vec::new(), 0, true)
-                }
-            };
+            }
+        };
 
         let mut hard_state = stored_hard_state.clone();
         raise_to_snapshot(&mut hard_state, snap_index, snap_term);
-        let last_index = snap_index + entries.len() as u64;
-        if hard_state.commit > last_index {
+        let last = snap_index + entries.len() as u64;
+        if hard_state.commit > last {
             return Err(StorageError::Corrupt {
                 path: dir.join(HARDSTATE_FILE),
                 offset: 0,
                 detail: format!(
-                    "the hard state commits entry {}, but the log ends at entry {last_index}",
+                    "the hard state commits entry {}, but the log ends at entry {last}",
                     hard_state.commit
                 ),
             });
-        }
-
-        // Everything is validated: repair.
-        if let Some((problem, end, file_len)) = torn {
-            tracing::warn!(
-                path = %log_path.display(),
-                offset = end,
-                dropped_bytes = file_len - end,
-                problem,
-                "cutting off the torn tail of the raft log (an append that never completed)"
-            );
-        }
-        if rewrite {
-            (offsets, log_end) = write_log_file(dir, &entries)?;
-        } else if torn.is_some() {
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&log_path)
-                .map_err(io_error("open", &log_path))?;
-            file.set_len(log_end)
-                .map_err(io_error("truncate", &log_path))?;
-            file.sync_all().map_err(io_error("fsync", &log_path))?;
         }
         if hard_state != stored_hard_state {
             write_message_file(dir, HARDSTATE_FILE, &hard_state, "hard state")?;
         }
         let mem =
             build_mem(&snapshot, &entries, &hard_state).map_err(|e| StorageError::Corrupt {
-                path: log_path.clone(),
+                path: log_dir.clone(),
                 offset: 0,
                 detail: format!("raft rejected the stored state: {e}"),
             })?;
-        let log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&log_path)
-            .map_err(io_error("open", &log_path))?;
         Ok(DiskStorage {
             dir: dir.to_path_buf(),
             mem,
             snapshot,
             hard_state,
             log,
-            offsets,
-            log_end,
+            last,
             failed: None,
         })
     }
@@ -358,40 +370,20 @@ impl DiskStorage {
             )));
         }
 
-        let log_path = self.dir.join(LOG_FILE);
-        let mut buf = Vec::new();
-        let mut record_offsets = Vec::with_capacity(entries.len());
+        let mut encoded = Vec::with_capacity(entries.len());
         for e in entries {
-            record_offsets.push(buf.len() as u64);
-            push_record(&mut buf, e, &log_path, "raft log entry")?;
-        }
-
-        self.guarded(|s| {
-            let keep = (first - first_index) as usize;
-            // (An earlier attempt that ran out of space after cutting the suffix has cut it
-            // already: the memory still has it, the file and `offsets` do not.)
-            if first <= last_index && keep < s.offsets.len() {
-                let cut = s.offsets[keep];
-                s.log
-                    .set_len(cut)
-                    .map_err(io_error("truncate", &log_path))?;
-                s.log
-                    .sync_data()
-                    .map_err(io_error("fdatasync", &log_path))?;
-                s.offsets.truncate(keep);
-                s.log_end = cut;
+            let bytes = encode(e, &self.dir.join(LOG_DIR), "raft log entry")?;
+            if bytes.len() > ENTRY_BYTES_MAX {
+                return Err(self.invalid(format!(
+                    "entry {} is {} bytes encoded, over ENTRY_BYTES_MAX ({ENTRY_BYTES_MAX})",
+                    e.index,
+                    bytes.len()
+                )));
             }
-            s.log
-                .write_all_at(&buf, s.log_end)
-                .map_err(io_error("write", &log_path))?;
-            s.log
-                .sync_data()
-                .map_err(io_error("fdatasync", &log_path))?;
-            let base = s.log_end;
-            s.offsets.extend(record_offsets.iter().map(|o| base + o));
-            s.log_end += buf.len() as u64;
-            Ok(())
-        })?;
+            encoded.push((e.term, bytes));
+        }
+        self.guarded(|s| s.log.append(first, encoded).map_err(|e| s.log_error(e)))?;
+        self.last = entries.last().map_or(self.last, |e| e.index);
         self.mem
             .wl()
             .append(entries)
@@ -438,7 +430,7 @@ impl DiskStorage {
 
         self.guarded(|s| {
             write_message_file(&s.dir, SNAPSHOT_FILE, &snap, "snapshot")?;
-            s.replace_log(&[])?;
+            s.log.reset(index + 1).map_err(|e| s.log_error(e))?;
             if hs != s.hard_state {
                 write_message_file(&s.dir, HARDSTATE_FILE, &hs, "hard state")?;
             }
@@ -447,6 +439,7 @@ impl DiskStorage {
         self.mem = mem;
         self.snapshot = snap;
         self.hard_state = hs;
+        self.last = index;
         Ok(())
     }
 
@@ -507,7 +500,9 @@ impl DiskStorage {
 
         self.guarded(|s| {
             write_message_file(&s.dir, SNAPSHOT_FILE, &snap, "snapshot")?;
-            s.replace_log(&kept)?;
+            s.log
+                .purge_before(applied + 1)
+                .map_err(|e| s.log_error(e))?;
             if hs != s.hard_state {
                 write_message_file(&s.dir, HARDSTATE_FILE, &hs, "hard state")?;
             }
@@ -542,21 +537,14 @@ impl DiskStorage {
     }
 
     fn last_index_(&self) -> u64 {
-        self.snapshot_index() + self.offsets.len() as u64
+        self.last
     }
 
-    /// Replaces `raft.log` by a file holding exactly `entries` (which follow the snapshot).
-    fn replace_log(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
-        let (offsets, end) = write_log_file(&self.dir, entries)?;
-        let path = self.dir.join(LOG_FILE);
-        self.log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_error("open", &path))?;
-        self.offsets = offsets;
-        self.log_end = end;
-        Ok(())
+    fn log_error(&self, source: log_core::Error) -> StorageError {
+        StorageError::Log {
+            dir: self.dir.join(LOG_DIR),
+            source,
+        }
     }
 
     fn check_failed(&self) -> Result<(), StorageError> {
@@ -670,33 +658,33 @@ fn build_mem(snapshot: &Snapshot, entries: &[Entry], hs: &HardState) -> raft::Re
 fn needs_init(dir: &Path) -> Result<bool, StorageError> {
     let exists = |name: &str| dir.join(name).exists();
     if exists(SNAPSHOT_FILE) {
-        for name in [HARDSTATE_FILE, LOG_FILE] {
-            if !exists(name) {
-                return Err(StorageError::Corrupt {
-                    path: dir.join(name),
-                    offset: 0,
-                    detail: "the file is missing".into(),
-                });
-            }
+        if !exists(HARDSTATE_FILE) {
+            return Err(StorageError::Corrupt {
+                path: dir.join(HARDSTATE_FILE),
+                offset: 0,
+                detail: "the file is missing".into(),
+            });
+        }
+        // A log replaced for a snapshot is renamed away before its successor is created: only
+        // then may it be missing.
+        let replaced = dir.join(LOG_DIR).with_extension("old").exists();
+        if !exists(LOG_DIR) && !replaced {
+            return Err(StorageError::Corrupt {
+                path: dir.join(LOG_DIR),
+                offset: 0,
+                detail: "the log is missing".into(),
+            });
         }
         return Ok(false);
     }
-    let partial = |name: &str, detail: &str| StorageError::Corrupt {
-        path: dir.join(SNAPSHOT_FILE),
-        offset: 0,
-        detail: format!("the file is missing, but {name} {detail}"),
-    };
     if exists(HARDSTATE_FILE) {
         let hs: HardState = read_message_file(&dir.join(HARDSTATE_FILE), "hard state")?;
         if hs != HardState::default() {
-            return Err(partial(HARDSTATE_FILE, "holds a hard state"));
-        }
-    }
-    if exists(LOG_FILE) {
-        let path = dir.join(LOG_FILE);
-        let len = fs::metadata(&path).map_err(io_error("stat", &path))?.len();
-        if len > HEADER_LEN as u64 {
-            return Err(partial(LOG_FILE, "holds entries"));
+            return Err(StorageError::Corrupt {
+                path: dir.join(SNAPSHOT_FILE),
+                offset: 0,
+                detail: format!("the file is missing, but {HARDSTATE_FILE} holds a hard state"),
+            });
         }
     }
     Ok(true)
@@ -705,90 +693,23 @@ fn needs_init(dir: &Path) -> Result<bool, StorageError> {
 /// Writes the files of a new storage for `voters`: the empty log, the empty hard state, and
 /// last the snapshot at index 0 that carries the membership.
 fn initialize(dir: &Path, voters: &[u64]) -> Result<(), StorageError> {
-    write_log_file(dir, &[])?;
+    let log_dir = dir.join(LOG_DIR);
+    let (log, loaded) = RaftLog::open(&log_dir, 1).map_err(|source| StorageError::Log {
+        dir: log_dir.clone(),
+        source,
+    })?;
+    drop(log);
+    if !loaded.records.is_empty() {
+        return Err(StorageError::Corrupt {
+            path: dir.join(SNAPSHOT_FILE),
+            offset: 0,
+            detail: format!("the file is missing, but {LOG_DIR} holds entries"),
+        });
+    }
     write_message_file(dir, HARDSTATE_FILE, &HardState::default(), "hard state")?;
     let mut snapshot = Snapshot::default();
     snapshot.mut_metadata().mut_conf_state().voters = voters.to_vec();
     write_message_file(dir, SNAPSHOT_FILE, &snapshot, "snapshot")
-}
-
-/// `raft.log` as read from disk.
-struct LoadedLog {
-    entries: Vec<Entry>,
-    /// The position of each entry's record.
-    offsets: Vec<u64>,
-    /// The end of the last intact record.
-    end: u64,
-    /// Why the bytes after `end` are a torn tail, if the file goes on after `end`.
-    torn: Option<&'static str>,
-    /// The length of the file.
-    file_len: u64,
-}
-
-/// Reads and validates `raft.log`. A torn tail is reported in [`LoadedLog::torn`], not yet cut
-/// off.
-fn read_log(path: &Path) -> Result<LoadedLog, StorageError> {
-    let buf = fs::read(path).map_err(io_error("read", path))?;
-    check_header(path, &buf)?;
-    let mut loaded = LoadedLog {
-        entries: Vec::new(),
-        offsets: Vec::new(),
-        end: buf.len() as u64,
-        torn: None,
-        file_len: buf.len() as u64,
-    };
-    let mut pos = HEADER_LEN;
-    while pos < buf.len() {
-        let body = match parse_log_record(&buf, pos) {
-            Ok(body) => body,
-            Err(problem) => {
-                if let Some(next) =
-                    (pos + 1..buf.len()).find(|&p| parse_log_record(&buf, p).is_ok())
-                {
-                    return Err(StorageError::Corrupt {
-                        path: path.to_path_buf(),
-                        offset: pos as u64,
-                        detail: format!(
-                            "{problem}, but an intact record follows at byte {next}: this is \
-                             not a torn append"
-                        ),
-                    });
-                }
-                loaded.torn = Some(problem);
-                loaded.end = pos as u64;
-                break;
-            }
-        };
-        let entry = decode::<Entry>(path, pos, body, "raft log entry")?;
-        if let Some(prev) = loaded.entries.last() {
-            if entry.index != prev.index + 1 {
-                return Err(StorageError::Corrupt {
-                    path: path.to_path_buf(),
-                    offset: pos as u64,
-                    detail: format!("entry {} follows entry {}", entry.index, prev.index),
-                });
-            }
-        }
-        loaded.offsets.push(pos as u64);
-        loaded.entries.push(entry);
-        pos += RECORD_HEADER_LEN + body.len();
-    }
-    Ok(loaded)
-}
-
-/// Writes `raft.log` holding exactly `entries` (atomically); returns the record positions and
-/// the file's length.
-fn write_log_file(dir: &Path, entries: &[Entry]) -> Result<(Vec<u64>, u64), StorageError> {
-    let path = dir.join(LOG_FILE);
-    let mut buf = Vec::from(*MAGIC);
-    buf.extend_from_slice(VERSION);
-    let mut offsets = Vec::with_capacity(entries.len());
-    for e in entries {
-        offsets.push(buf.len() as u64);
-        push_record(&mut buf, e, &path, "raft log entry")?;
-    }
-    write_atomic(dir, LOG_FILE, &buf)?;
-    Ok((offsets, buf.len() as u64))
 }
 
 /// Reads a file holding the header and exactly one record, and decodes the record.
@@ -864,13 +785,19 @@ fn parse_record(buf: &[u8], pos: usize) -> Result<&[u8], &'static str> {
     Ok(body)
 }
 
-/// [`parse_record`] for `raft.log`, where a record is never empty (an entry has an index): a
-/// zero length is what a zero-filled, torn tail reads as.
-fn parse_log_record(buf: &[u8], pos: usize) -> Result<&[u8], &'static str> {
-    match parse_record(buf, pos)? {
-        [] => Err("empty record"),
-        body => Ok(body),
-    }
+/// The protobuf encoding of `message`.
+fn encode(
+    message: &impl protobuf::Message,
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<u8>, StorageError> {
+    message
+        .write_to_bytes()
+        .map_err(|source| StorageError::Encode {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Appends a record holding `message` to `buf`.
@@ -880,13 +807,7 @@ fn push_record(
     path: &Path,
     what: &'static str,
 ) -> Result<(), StorageError> {
-    let body = message
-        .write_to_bytes()
-        .map_err(|source| StorageError::Encode {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let body = encode(message, path, what)?;
     let len = u32::try_from(body.len()).map_err(|_| StorageError::Invalid {
         dir: path.to_path_buf(),
         detail: format!("a {what} of {} bytes does not fit a record", body.len()),
@@ -1075,65 +996,93 @@ mod tests {
         assert_eq!(s.last_index().unwrap(), 3);
     }
 
-    #[test]
-    fn torn_tail_is_cut_off() {
-        let tmp = tempfile::tempdir().unwrap();
-        let log = tmp.path().join(LOG_FILE);
-        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
-        s.append(&entries(1..=3, 1)).unwrap();
-        let (last_record, end) = (s.offsets[2], s.log_end);
-        drop(s);
-
-        // The last record cut in half.
-        let file = OpenOptions::new().write(true).open(&log).unwrap();
-        file.set_len(last_record + (end - last_record) / 2).unwrap();
-        drop(file);
-        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
-        assert_eq!(all_entries(&s), entries(1..=2, 1));
-        assert_eq!(fs::metadata(&log).unwrap().len(), last_record);
-        s.append(&entries(3..=4, 1)).unwrap();
-        let end = s.log_end;
-        drop(s);
-
-        // Garbage, and zeros, after the last record.
-        for tail in [&b"garbage!garbage!garbage!"[..], &[0; 100][..], &[7][..]] {
-            let mut buf = fs::read(&log).unwrap();
-            buf.truncate(end as usize);
-            buf.extend_from_slice(tail);
-            fs::write(&log, buf).unwrap();
-            let s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
-            assert_eq!(all_entries(&s), entries(1..=4, 1));
-            assert_eq!(fs::metadata(&log).unwrap().len(), end);
-        }
+    /// The log's only segment file (offset 1 on).
+    fn segment(dir: &Path) -> PathBuf {
+        dir.join(LOG_DIR).join(format!("{:020}.log", 1))
     }
 
     #[test]
-    fn corrupt_record_before_intact_ones_is_refused() {
+    fn a_torn_last_append_is_cut_off() {
         let tmp = tempfile::tempdir().unwrap();
-        let log = tmp.path().join(LOG_FILE);
         let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
-        s.append(&entries(1..=5, 1)).unwrap();
-        let third = s.offsets[2];
+        s.append(&entries(1..=2, 1)).unwrap();
+        s.append(&entries(3..=3, 1)).unwrap();
         drop(s);
-        let len = fs::metadata(&log).unwrap().len();
+        // The last batch's bytes damaged (as a write cut short leaves them): it was never
+        // acknowledged, and recovery drops it.
+        let seg = segment(tmp.path());
+        let data = fs::read(&seg).unwrap();
+        let last = data.iter().rposition(|b| *b != 0).unwrap();
+        flip_byte(&seg, last as u64);
+        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        assert_eq!(all_entries(&s), entries(1..=2, 1));
+        s.append(&entries(3..=4, 2)).unwrap();
+        drop(s);
+        let s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        let mut expected = entries(1..=2, 1);
+        expected.extend(entries(3..=4, 2));
+        assert_eq!(all_entries(&s), expected);
+    }
 
-        flip_byte(&log, third + RECORD_HEADER_LEN as u64 + 2);
+    #[test]
+    fn damage_before_intact_appends_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        for i in 1..=5 {
+            s.append(&entries(i..=i, 1)).unwrap();
+        }
+        drop(s);
+        let seg = segment(tmp.path());
+        let data = fs::read(&seg).unwrap();
+        // A byte of the first entry's data.
+        let at = data
+            .windows(b"entry 1 term 1".len())
+            .position(|w| w == b"entry 1 term 1")
+            .unwrap();
+        flip_byte(&seg, at as u64);
         let err = DiskStorage::open(tmp.path(), &VOTERS).err().unwrap();
         assert!(
-            matches!(&err, StorageError::Corrupt { path, offset, .. }
-                if *path == log && *offset == third),
+            matches!(
+                &err,
+                StorageError::Log {
+                    source: log_core::Error::Corruption { .. },
+                    ..
+                }
+            ),
             "{err}"
         );
         // Nothing was cut off.
-        assert_eq!(fs::metadata(&log).unwrap().len(), len);
+        assert_eq!(fs::read(&seg).unwrap().len(), data.len());
+    }
 
-        // A damaged length field is caught the same way.
-        flip_byte(&log, third + RECORD_HEADER_LEN as u64 + 2);
-        flip_byte(&log, third);
-        assert!(matches!(
-            DiskStorage::open(tmp.path(), &VOTERS),
-            Err(StorageError::Corrupt { .. })
-        ));
+    #[test]
+    fn an_entry_over_entry_bytes_max_is_refused_and_nothing_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        s.append(&entries(1..=1, 1)).unwrap();
+        let fits = entry(2, 1, &vec![7; ENTRY_BYTES_MAX - 64]);
+        s.append(std::slice::from_ref(&fits)).unwrap();
+        let big = entry(3, 1, &vec![7; ENTRY_BYTES_MAX]);
+        let err = s.append(&[big]).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::Invalid { detail, .. } if detail.contains("ENTRY_BYTES_MAX")),
+            "{err}"
+        );
+        // Refused, not failed: the storage goes on.
+        s.append(&entries(3..=3, 1)).unwrap();
+        drop(s);
+        let s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        assert_eq!(s.last_index().unwrap(), 3);
+        assert_eq!(all_entries(&s)[1], fits);
+    }
+
+    #[test]
+    fn a_log_of_an_earlier_build_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(DiskStorage::open(tmp.path(), &VOTERS).unwrap());
+        fs::write(tmp.path().join(OLD_LOG_FILE), b"RLRAFT01").unwrap();
+        let err = DiskStorage::open(tmp.path(), &VOTERS).err().unwrap();
+        assert!(matches!(&err, StorageError::OldLog { .. }), "{err}");
     }
 
     #[test]
@@ -1177,11 +1126,27 @@ mod tests {
         let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
         s.append(&entries(1..=1, 1)).unwrap();
         drop(s);
-        fs::remove_file(tmp.path().join(SNAPSHOT_FILE)).unwrap();
+        fs::rename(
+            tmp.path().join(SNAPSHOT_FILE),
+            tmp.path().join("snapshot.saved"),
+        )
+        .unwrap();
         assert!(matches!(
             DiskStorage::open(tmp.path(), &VOTERS),
             Err(StorageError::Corrupt { .. })
         ));
+        // The log missing, without a replacement under way.
+        fs::rename(
+            tmp.path().join("snapshot.saved"),
+            tmp.path().join(SNAPSHOT_FILE),
+        )
+        .unwrap();
+        fs::remove_dir_all(tmp.path().join(LOG_DIR)).unwrap();
+        let err = DiskStorage::open(tmp.path(), &VOTERS).err().unwrap();
+        assert!(
+            matches!(&err, StorageError::Corrupt { detail, .. } if detail.contains("missing")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1286,6 +1251,13 @@ mod tests {
         assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (5, 4));
         assert_eq!(s.term(4).unwrap(), 2);
         assert_eq!(s.initial_state().unwrap().hard_state, hard_state(2, 0, 4));
+        drop(s);
+        // Stopped again, after the log was renamed away and before its successor was made.
+        let log = tmp.path().join(LOG_DIR);
+        fs::rename(&log, log.with_extension("old")).unwrap();
+        let s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (5, 4));
+        assert!(!log.with_extension("old").exists());
         drop(s);
         let s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
         assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (5, 4));
