@@ -170,7 +170,7 @@ async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
 async fn control_frames(
     shard: Rc<Shard>,
     conn: quinn::Connection,
-    control: Arc<dyn crate::control::ControlPlane>,
+    control: Arc<crate::controller::node::NodeController>,
 ) {
     let mut verified: Option<String> = None;
     while let Ok(mut recv) = conn.accept_uni().await {

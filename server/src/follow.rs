@@ -98,7 +98,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
             if crate::shard_of(&name, shard.common.shards.len()) == shard.id
                 && shard.get(&name).is_none()
             {
-                leaders.extend(replicated_from(&shard, &*control, &r));
+                leaders.extend(replicated_from(&shard, &control, &r));
                 // A log this node is recorded to lead, and lacks (its data was lost): created
                 // afresh, recovering, so that it gives the leadership up.
                 if r.leader.as_deref() == Some(me.as_str())
@@ -205,7 +205,7 @@ fn wants(shard: &Shard, leader: SocketAddr) -> bool {
     }
     control.logs().into_iter().any(|(name, r)| {
         crate::shard_of(&name, shard.common.shards.len()) == shard.id
-            && replicated_from(shard, &**control, &r) == Some(leader)
+            && replicated_from(shard, control, &r) == Some(leader)
     })
 }
 
@@ -213,7 +213,7 @@ fn wants(shard: &Shard, leader: SocketAddr) -> bool {
 /// when this node is another replica of it.
 fn replicated_from(
     shard: &Shard,
-    control: &dyn crate::control::ControlPlane,
+    control: &crate::controller::node::NodeController,
     r: &crate::control::LogRecord,
 ) -> Option<SocketAddr> {
     let me = &shard.common.node_id;
@@ -233,7 +233,7 @@ fn follows(shard: &Shard, name: &str, leader: SocketAddr) -> bool {
     };
     control
         .log_record(name)
-        .is_some_and(|r| replicated_from(shard, &**control, &r) == Some(leader))
+        .is_some_and(|r| replicated_from(shard, control, &r) == Some(leader))
 }
 
 pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {

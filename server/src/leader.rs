@@ -376,7 +376,7 @@ pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
                 .set_replication(&name, repl.status(&name, log));
             if let Some(control) = &shard.common.control {
                 if let Some(record) = control.log_record(&name) {
-                    on_record(&shard, &repl, &name, &record, log, &**control, now);
+                    on_record(&shard, &repl, &name, &record, log, control, now);
                 }
             }
         }
@@ -391,7 +391,7 @@ fn on_record(
     name: &str,
     record: &crate::control::LogRecord,
     log: &Log,
-    control: &dyn crate::control::ControlPlane,
+    control: &crate::controller::node::NodeController,
     now_ms: u64,
 ) {
     let (events, actions) = repl.rules.borrow_mut().on_record(

@@ -228,7 +228,7 @@ fn checksum(log: &Log, from: u64, until: u64) -> Result<Response, Fail> {
 /// On a follower: the redirect to the leader that every write gets.
 /// Why this node does not take writes to `log`, if it does not. With a controller, a node
 /// takes them for the logs it leads while its lease holds (see
-/// [`crate::control::ControlPlane::lease_ok`]) and no planned transfer is under way.
+/// [`crate::controller::node::NodeController::lease_ok`]) and no planned transfer is under way.
 fn not_leader(shard: &Shard, log: &str) -> Option<Fail> {
     use node_core::log::NotLeader;
     if let (Some(control), Some(e)) = (&shard.common.control, shard.get(log)) {

@@ -35,7 +35,7 @@ pub(crate) struct Common {
     /// Logs open or being created on the node, over all shards (checked against `logs_max`).
     pub log_count: std::sync::atomic::AtomicUsize,
     /// The embedded controller, when the node runs one.
-    pub control: Option<Arc<dyn crate::control::ControlPlane>>,
+    pub control: Option<Arc<crate::controller::node::NodeController>>,
     /// What the background scrub found, for `status` (kept until the node stops).
     pub damaged: std::sync::Mutex<Vec<protocol::Damaged>>,
 }

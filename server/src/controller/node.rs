@@ -3,15 +3,15 @@
 //! node's log states every two ticks, and answering for the controller part of `status`.
 //!
 //! The node steers each log by the records this controller serves
-//! ([`ControlPlane::log_record`]), leads only while [`ControlPlane::lease_ok`], and asks for a
-//! new epoch after a restart ([`ControlPlane::renew_epoch`]); the controller's leader fails
+//! ([`NodeController::log_record`]), leads only while [`NodeController::lease_ok`], and asks
+//! for a new epoch after a restart ([`NodeController::renew_epoch`]); the controller's leader fails
 //! logs over when their leaders go silent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::control::{ControlContext, ControlFactory, ControlPlane, LogRecord};
+use crate::control::{ControlContext, ControlFactory, LogRecord};
 use crate::NodeConfig;
 use bytes::Bytes;
 
@@ -27,18 +27,21 @@ pub struct NodeController {
     leader_timeout: Duration,
 }
 
-impl ControlPlane for NodeController {
-    fn deliver(&self, from: &str, frame: Bytes) {
+impl NodeController {
+    /// A frame from the controller of node `from` (its certificate has been checked).
+    pub fn deliver(&self, from: &str, frame: Bytes) {
         self.controller.deliver(from, frame);
     }
 
-    fn log_record(&self, log: &str) -> Option<LogRecord> {
+    /// What the controller has on record for `log` (`None`: not registered).
+    pub fn log_record(&self, log: &str) -> Option<LogRecord> {
         let s = self.controller.state();
         let s = s.borrow();
         s.meta.logs.get(log).map(LogRecord::of)
     }
 
-    fn logs(&self) -> Vec<(String, LogRecord)> {
+    /// Every log the controller knows.
+    pub fn logs(&self) -> Vec<(String, LogRecord)> {
         let s = self.controller.state();
         let s = s.borrow();
         s.meta
@@ -48,11 +51,15 @@ impl ControlPlane for NodeController {
             .collect()
     }
 
-    fn member_addr(&self, id: &str) -> Option<std::net::SocketAddr> {
+    /// Where member `id` is reached.
+    pub fn member_addr(&self, id: &str) -> Option<std::net::SocketAddr> {
         self.addrs.get(id).copied()
     }
 
-    fn lease_ok(&self) -> bool {
+    /// Whether this node has heard from the controller's leader (or led it with its members'
+    /// answers) recently enough to keep leading logs: within half of `leader_timeout`, well
+    /// before the controller would replace it.
+    pub fn lease_ok(&self) -> bool {
         node_core::controller::core::lease_holds(
             self.controller.contact_ms(),
             super::driver::now_ms(),
@@ -61,11 +68,15 @@ impl ControlPlane for NodeController {
         )
     }
 
-    fn no_space(&self) -> bool {
+    /// Whether the controller's storage is out of space now (it neither votes nor proposes
+    /// until a write succeeds again), for the `replog_controller_no_space` gauge.
+    pub fn no_space(&self) -> bool {
         self.controller.state().borrow().no_space.is_some()
     }
 
-    fn transfer(&self, log: &str, epoch: u64, to: &str) {
+    /// Ask the controller to move the leadership of `log` (in `epoch`) to `to` once `to` has
+    /// caught up; the leader takes no writes meanwhile.
+    pub fn transfer(&self, log: &str, epoch: u64, to: &str) {
         let since_ms = super::driver::now_ms();
         self.controller.submit(Command::BeginTransfer {
             log: log.to_string(),
@@ -75,7 +86,10 @@ impl ControlPlane for NodeController {
         });
     }
 
-    fn renew_epoch(&self, log: &str, epoch: u64, end: u64) {
+    /// Ask the controller to start a new epoch of `log` with this node, its recorded leader,
+    /// still leading from `end` (after a restart: records it lost unflushed must never share
+    /// an epoch with different records at the same offsets on a follower).
+    pub fn renew_epoch(&self, log: &str, epoch: u64, end: u64) {
         let sync_set = self.log_record(log).map_or(Vec::new(), |r| r.sync_set);
         self.controller.submit(Command::Elect {
             log: log.to_string(),
@@ -87,7 +101,17 @@ impl ControlPlane for NodeController {
         });
     }
 
-    fn complete_transfer(&self, log: &str, epoch: u64, to: &str, end: u64, sync_set: Vec<String>) {
+    /// As the leader of `log` in `epoch`, with the planned transfer to `to` under way: it takes
+    /// no writes and `to` holds its whole log (ending at `end`) durably, so `to` may lead the
+    /// next epoch with `sync_set`. Refused by the controller if the transfer was cancelled.
+    pub fn complete_transfer(
+        &self,
+        log: &str,
+        epoch: u64,
+        to: &str,
+        end: u64,
+        sync_set: Vec<String>,
+    ) {
         self.controller.submit(Command::CompleteTransfer {
             log: log.to_string(),
             epoch,
@@ -97,14 +121,19 @@ impl ControlPlane for NodeController {
         });
     }
 
-    fn withdraw(&self, log: &str) {
+    /// This node lost its copy of `log` and is catching up (`node_core::log::must_withdraw`):
+    /// ask the controller to take it out of the sync set (and its leadership). There is no
+    /// answer: [`NodeController::log_record`] shows the outcome.
+    pub fn withdraw(&self, log: &str) {
         self.controller.submit(Command::Withdraw {
             log: log.to_string(),
             node: self.controller.node_id().to_string(),
         });
     }
 
-    fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
+    /// Ask the controller to record `sync_set` as the sync set of `log` in `epoch`. There is no
+    /// answer: [`NodeController::log_record`] shows the outcome.
+    pub fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
         self.controller.submit(Command::SetSyncSet {
             log: log.to_string(),
             epoch,
@@ -112,7 +141,8 @@ impl ControlPlane for NodeController {
         });
     }
 
-    fn status(&self) -> protocol::ControllerStatus {
+    /// The controller's view, for `status`.
+    pub fn status(&self) -> protocol::ControllerStatus {
         let s = self.controller.state().borrow().clone();
         let reachable = self.controller.reachable(self.leader_timeout);
         protocol::ControllerStatus {
@@ -322,7 +352,7 @@ pub fn factory(cfg: &NodeConfig) -> (ControlFactory, Arc<Mutex<Option<Arc<NodeCo
             leader_timeout,
         });
         *keep.lock().unwrap() = Some(nc.clone());
-        Ok(nc as Arc<dyn ControlPlane>)
+        Ok(nc)
     });
     (make, slot)
 }
