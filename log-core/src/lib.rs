@@ -4,7 +4,7 @@
 //! The crate knows nothing of networking or replication policy. A [`Log`] lives on one
 //! tokio-uring thread (it is `!Send` by design: thread-per-core, share-nothing); a [`Store`] holds
 //! the logs of one shard. See `docs/log-format.md` for the byte layouts and the recovery decision
-//! table, and ARCHITECTURE.md for the invariants.
+//! table, and docs/code-map.md for the invariants.
 //!
 //! Calling contract, in short:
 //! - [`Log::try_append`] / [`Log::append`] assign offsets synchronously, in call order, and queue
