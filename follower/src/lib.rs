@@ -7,9 +7,14 @@
 //! epoch than its own. The decisions are `protocol::replication::Follower`'s; this crate binds
 //! them to a `log_core::Log`. [`session`] is the network side: one replication stream
 //! per log over a peer QUIC connection, with KIP-101 truncation, acknowledgements, the
-//! bootstrap signal and per-stage latency reports ([`session::FollowerStage`]); the node (the
-//! `server` crate) manages connections and local logs and turns those reports into metrics.
+//! bootstrap signal and per-stage latency reports ([`session::FollowerStage`]), and the other
+//! exchanges a follower has with its leader (listing its logs, copying a snapshot);
+//! [`copy`] holds the local copy's files (the recovering marker, the replacement by an empty
+//! log at bootstrap) and [`quarantine`] the divergent suffixes a session truncates. The node
+//! (the `server` crate) decides which logs to follow from whom, keeps the connections and the
+//! shards' logs, and turns the stage reports into metrics.
 
+pub mod copy;
 pub mod quarantine;
 pub mod session;
 

@@ -103,6 +103,8 @@ pub enum SessionError {
     /// epoch `asked`: truncating them to match could lose acknowledged records.
     #[error("the leader has an empty epoch history (asked about epoch {asked}) while this follower holds records up to {end}; refusing to truncate them")]
     EmptyLeaderHistory { asked: u64, end: u64 },
+    #[error("the leader's snapshot of {log} at offset {offset} does not match its crc32c")]
+    SnapshotChecksum { log: String, offset: u64 },
     #[error("cannot quarantine the divergent suffix, so it is not truncated: {0}")]
     Quarantine(#[from] crate::quarantine::SaveError),
 }
@@ -163,6 +165,41 @@ pub async fn exchange(
         .response(&mut recv, limits)
         .await?
         .ok_or(SessionError::NoAnswer)
+}
+
+/// The leader's logs (those whose names are not valid here are left out).
+pub async fn list_logs(
+    conn: &quinn::Connection,
+    limits: &Limits,
+) -> Result<Vec<protocol::LogInfo>, SessionError> {
+    match exchange(conn, &Request::ListLogs, limits).await? {
+        Response::Logs(logs) => Ok(logs
+            .into_iter()
+            .filter(|l| log_core::validate_log_name(&l.name).is_ok())
+            .collect()),
+        other => Err(refused(other)),
+    }
+}
+
+/// The leader's latest application snapshot of `log`, checked against its crc32c.
+pub async fn fetch_snapshot(
+    conn: &quinn::Connection,
+    log: &str,
+    limits: &Limits,
+) -> Result<protocol::Snapshot, SessionError> {
+    let req = Request::GetSnapshot {
+        log: log.to_string(),
+    };
+    match exchange(conn, &req, limits).await? {
+        Response::Snapshot(s) if s.log == log => match crc32c::crc32c(&s.data) == s.crc32c {
+            true => Ok(s),
+            false => Err(SessionError::SnapshotChecksum {
+                log: log.to_string(),
+                offset: s.offset,
+            }),
+        },
+        other => Err(refused(other)),
+    }
 }
 
 /// Ask the leader where `epoch` ends in its log.

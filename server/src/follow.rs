@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use follower::session::{FollowerStage, Outcome, SessionConfig, StageObserver};
 use log_core::{Log, Offset};
-use protocol::{Request, Response};
 
 use crate::metrics::Stage;
 use crate::shard::{EntryRole, RoleChoice, Shard};
@@ -306,7 +305,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
             }
         };
         loop {
-            match list_logs(&conn, &scfg.limits).await {
+            match follower::session::list_logs(&conn, &scfg.limits).await {
                 Ok(logs) => {
                     for info in logs {
                         let name = info.name.clone();
@@ -375,22 +374,6 @@ fn stage_metrics(shard: &Shard) -> StageObserver {
     })
 }
 
-async fn list_logs(
-    conn: &quinn::Connection,
-    limits: &protocol::Limits,
-) -> Result<Vec<protocol::LogInfo>, String> {
-    let answer = follower::session::exchange(conn, &Request::ListLogs, limits)
-        .await
-        .map_err(|e| e.to_string())?;
-    match answer {
-        Response::Logs(logs) => Ok(logs
-            .into_iter()
-            .filter(|l| log_core::validate_log_name(&l.name).is_ok())
-            .collect()),
-        other => Err(format!("unexpected answer {other:?}")),
-    }
-}
-
 /// Copy the leader's latest application snapshot of a log, checked against its crc32c before
 /// it is stored.
 async fn fetch_snapshot(
@@ -400,24 +383,14 @@ async fn fetch_snapshot(
     scfg: Rc<SessionConfig>,
     fetching: Rc<RefCell<BTreeSet<String>>>,
 ) {
-    let req = Request::GetSnapshot { log: name.clone() };
-    let result = match follower::session::exchange(&conn, &req, &scfg.limits)
-        .await
-        .map_err(|e| e.to_string())
-    {
-        Ok(Response::Snapshot(s)) if s.log == name => {
-            if crc32c::crc32c(&s.data) != s.crc32c {
-                Err("the snapshot's crc32c does not match its data".to_string())
-            } else if let Some(e) = shard.get(&name) {
-                crate::service::store_snapshot(&shard, &e, &name, s.offset, s.data)
-                    .await
-                    .map_err(|f| f.1)
-            } else {
-                Ok(())
-            }
-        }
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e),
+    let result = match follower::session::fetch_snapshot(&conn, &name, &scfg.limits).await {
+        Ok(s) => match shard.get(&name) {
+            Some(e) => crate::service::store_snapshot(&shard, &e, &name, s.offset, s.data)
+                .await
+                .map_err(|f| f.1),
+            None => Ok(()),
+        },
+        Err(e) => Err(e.to_string()),
     };
     if let Err(e) = result {
         tracing::warn!(log = %name, error = %e, "copying the leader's snapshot failed; will retry");
@@ -550,18 +523,12 @@ async fn clear_when_recovered(
     recovering: bool,
 ) {
     if recovering {
-        let marker = shard
-            .logs_dir()
-            .join(name)
-            .join(crate::shard::RECOVERING_FILE);
+        let dir = shard.logs_dir().join(name);
         loop {
             let changed = entry.changed.notified();
             let c = commit.get();
             if c > 0 && node_core::log::recovered(entry.log.flush_offset().0, Some(c)) {
-                match std::fs::remove_file(&marker)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| durable::sync_parent(&marker).map_err(|e| e.to_string()))
-                {
+                match follower::copy::clear_recovering(&dir) {
                     Ok(()) => {
                         entry.recovering.set(false);
                         tracing::info!(
@@ -602,7 +569,13 @@ async fn create_local(
     shard.creating.borrow_mut().insert(name.to_string());
     let opened = match recovering && shard.common.control.is_some() {
         // The marker is durable before the log opens (and before anything is replicated).
-        true => mark_recovering(shard, name).and(shard.open_log(name).await),
+        true => match follower::copy::mark_recovering(&shard.logs_dir().join(name)) {
+            Ok(()) => {
+                tracing::warn!(log = name, "created a fresh copy of a log this node should have held: recovering until it has caught up");
+                shard.open_log(name).await
+            }
+            Err(e) => Err(e.into()),
+        },
         false => shard.open_log(name).await,
     };
     shard.creating.borrow_mut().remove(name);
@@ -616,22 +589,6 @@ async fn create_local(
             Err(e)
         }
     }
-}
-
-/// Write the recovering marker of `name` durably (its directory created if need be).
-fn mark_recovering(shard: &Shard, name: &str) -> Result<(), Error> {
-    let dir = shard.logs_dir().join(name);
-    std::fs::create_dir_all(&dir).map_err(crate::io(format!("create {}", dir.display())))?;
-    let marker = dir.join(crate::shard::RECOVERING_FILE);
-    let tmp = durable::tmp_beside(&marker);
-    durable::write_atomic(
-        &marker,
-        b"created afresh; catching up\n",
-        durable::Atomic::durable(&tmp, 0o644),
-    )?;
-    durable::sync_parent(&dir)?;
-    tracing::warn!(log = name, "created a fresh copy of a log this node should have held: recovering until it has caught up");
-    Ok(())
 }
 
 /// Replace the local log by an empty one starting at `start` (the leader's first stored
@@ -670,7 +627,6 @@ async fn replace_local(
     start: Offset,
     old: Rc<crate::shard::LogEntry>,
 ) -> Result<(), Error> {
-    let dir = shard.logs_dir().join(name);
     let (from, to) = (old.log.start_offset(), old.log.next_offset());
     tracing::warn!(
         log = name,
@@ -681,16 +637,14 @@ async fn replace_local(
     );
     old.log.clone().close().await?;
     drop(old);
-    let aside = shard.logs_dir().join(format!(".{name}.replaced"));
-    if aside.exists() {
-        std::fs::remove_dir_all(&aside).map_err(crate::files::io_err("remove", &aside))?;
-    }
-    if dir.exists() {
-        std::fs::rename(&dir, &aside).map_err(crate::files::io_err("rename", &dir))?;
-    }
-    let log = Log::open_at(&dir, shard.common.config.log_config(), start).await?;
+    let log = follower::copy::replace(
+        &shard.logs_dir(),
+        name,
+        start,
+        shard.common.config.log_config(),
+    )
+    .await?;
     shard.install(name, log)?;
-    std::fs::remove_dir_all(&aside).ok();
     shard
         .common
         .metrics

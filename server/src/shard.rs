@@ -74,7 +74,7 @@ pub(crate) struct LogEntry {
     /// replication sessions end.
     pub retired: std::cell::Cell<bool>,
     pub retiring: Rc<Notify>,
-    /// This copy is recovering (its `RECOVERING` marker exists; see [`RECOVERING_FILE`]).
+    /// This copy is recovering (its `RECOVERING` marker exists; see [`follower::copy::RECOVERING_FILE`]).
     pub recovering: std::cell::Cell<bool>,
 }
 
@@ -137,19 +137,9 @@ pub(crate) struct Shard {
 /// stored again (its original receipt is no longer known).
 pub(crate) const PRODUCER_SCAN_SEGMENTS: usize = 2;
 
-/// The marker file, in a log's directory, of a copy created afresh where this node should have
-/// held the log (its data was wiped or lost) and that has not caught up yet: it is
-/// *recovering* (see `node_core::log::must_withdraw`). Written durably before anything is
-/// replicated into the copy, removed once it holds the leader's commit offset.
-pub(crate) const RECOVERING_FILE: &str = "RECOVERING";
-
-/// Whether this node's copy of `log` is recovering (its marker file exists).
+/// Whether this node's copy of `log` is recovering (see [`follower::copy::RECOVERING_FILE`]).
 pub(crate) fn recovering(data_dir: &std::path::Path, log: &str) -> bool {
-    data_dir
-        .join("logs")
-        .join(log)
-        .join(RECOVERING_FILE)
-        .exists()
+    follower::copy::is_recovering(&data_dir.join("logs").join(log))
 }
 
 /// The retention pin that keeps every record after a log's latest application snapshot.
