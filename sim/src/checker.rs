@@ -71,6 +71,9 @@ pub struct Stats {
     /// New epochs whose leader is another node than the last epoch's (failovers and planned
     /// switchovers).
     pub leader_changes: u64,
+    /// Batches damaged at rest (bit rot), and damaged batches the scrub repaired.
+    pub rotted: u64,
+    pub repaired: u64,
 }
 
 impl Checker {

@@ -8,7 +8,7 @@
 //! writes with an out-of-space error that leaves nothing changed.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use node_core::controller::core::{RaftStore, StoreError};
@@ -33,6 +33,9 @@ impl Batch {
     }
 }
 
+/// What bit rot does to a record id as read back.
+const ROT: u64 = 0x0bad_0bad_0bad_0bad;
+
 /// One log on one node's disk.
 #[derive(Clone, Debug, Default)]
 pub struct SimLog {
@@ -45,6 +48,24 @@ pub struct SimLog {
     /// The epoch history, (epoch, its first offset), durable as soon as recorded (log-core's
     /// epochs file): written when a batch of a new epoch is, or when a leader begins one.
     history: Vec<(u64, u64)>,
+    /// Durable batches damaged at rest (bit rot), by base offset: their checksum fails, so
+    /// they are never served (reads and replication streams stop at them) until repaired
+    /// from another replica's copy.
+    rotten: BTreeSet<u64>,
+}
+
+/// The record ids at `first..next` in `batches`, if they hold exactly those offsets.
+fn ids_of(batches: &[Batch], first: u64, next: u64) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    for b in batches {
+        for (i, id) in b.records.iter().enumerate() {
+            let o = b.base + i as u64;
+            if o >= first && o < next {
+                out.push(*id);
+            }
+        }
+    }
+    (out.len() as u64 == next - first).then_some(out)
 }
 
 impl SimLog {
@@ -116,6 +137,7 @@ impl SimLog {
         let removed = self.batches.split_off(keep);
         self.durable = self.durable.min(keep);
         self.history.retain(|(_, start)| *start < to);
+        self.rotten.retain(|base| *base < to);
         removed
     }
 
@@ -126,6 +148,73 @@ impl SimLog {
         self.durable = keep;
         let end = self.end();
         self.history.retain(|(_, start)| *start <= end);
+        self.rotten.retain(|base| *base < end);
+    }
+
+    /// Bit rot: the durable batch at `base` is damaged at rest. Returns whether it was a
+    /// durable, sound batch.
+    pub fn rot(&mut self, base: u64) -> bool {
+        let durable = &self.batches[..self.durable];
+        if !durable.iter().any(|b| b.base == base) {
+            return false;
+        }
+        self.rotten.insert(base)
+    }
+
+    /// The damaged batches: (base, next, epoch).
+    pub fn rotten(&self) -> Vec<(u64, u64, u64)> {
+        self.batches
+            .iter()
+            .filter(|b| self.rotten.contains(&b.base))
+            .map(|b| (b.base, b.next(), b.epoch))
+            .collect()
+    }
+
+    /// The first damaged batch holding any of the records `from..until`, if there is one: a
+    /// read of that range fails its checksum there.
+    pub fn rotten_in(&self, from: u64, until: u64) -> Option<u64> {
+        self.read(from, until)
+            .iter()
+            .map(|b| b.base)
+            .find(|base| self.rotten.contains(base))
+    }
+
+    /// Whether the batch at `b.base` is sound and durable here: what a repair may copy.
+    pub fn sound(&self, b: &Batch) -> bool {
+        self.batches[..self.durable]
+            .iter()
+            .any(|d| d.base == b.base && d.next() == b.next() && d.epoch == b.epoch)
+            && !self.rotten.contains(&b.base)
+    }
+
+    /// Repair a damaged batch with another replica's copy of it (the same offsets and epoch:
+    /// the same leader wrote both). Returns whether it was repaired.
+    pub fn repair(&mut self, good: &Batch) -> bool {
+        if !self.rotten.contains(&good.base) {
+            return false;
+        }
+        let Some(i) = self.batches.iter().position(|b| b.base == good.base) else {
+            return false;
+        };
+        let b = &self.batches[i];
+        if b.next() != good.next() || b.epoch != good.epoch {
+            return false;
+        }
+        self.batches[i] = good.clone();
+        self.rotten.remove(&good.base);
+        true
+    }
+
+    /// [`SimLog::read`] as the disk returns it: a damaged batch's records come back garbled
+    /// (what a node that skipped the checksum would serve).
+    pub fn read_as_stored(&self, from: u64, until: u64) -> Vec<Batch> {
+        let mut out = self.read(from, until);
+        for b in &mut out {
+            if self.rotten.contains(&b.base) {
+                b.records = b.records.iter().map(|id| id ^ ROT).collect();
+            }
+        }
+        out
     }
 
     /// The batches holding records `from..until` (whole batches, starting at the one holding
@@ -139,18 +228,15 @@ impl SimLog {
             .collect()
     }
 
-    /// The record ids at `first..next`, if the log holds exactly those offsets.
+    /// The record ids at `first..next`, if the log holds exactly those offsets (as written,
+    /// damaged or not: what the node stored).
     pub fn ids(&self, first: u64, next: u64) -> Option<Vec<u64>> {
-        let mut out = Vec::new();
-        for b in self.read(first, next) {
-            for (i, id) in b.records.iter().enumerate() {
-                let o = b.base + i as u64;
-                if o >= first && o < next {
-                    out.push(*id);
-                }
-            }
-        }
-        (out.len() as u64 == next - first).then_some(out)
+        ids_of(&self.read(first, next), first, next)
+    }
+
+    /// [`SimLog::ids`] as the disk returns them: a damaged batch's come back garbled.
+    pub fn ids_as_stored(&self, first: u64, next: u64) -> Option<Vec<u64>> {
+        ids_of(&self.read_as_stored(first, next), first, next)
     }
 
     /// Where `epoch` ends in this log (KIP-101): the largest epoch of the history that is at
@@ -413,5 +499,39 @@ mod tests {
         assert_eq!(removed.len(), 1);
         assert_eq!(l.end(), 4);
         assert_eq!(l.ids(3, 5), None);
+    }
+
+    #[test]
+    fn bit_rot_is_never_read_as_data_and_a_sound_copy_repairs_it() {
+        let mut l = SimLog::default();
+        l.append(batch(0, 1, 2));
+        l.append(batch(2, 1, 2));
+        l.synced(1);
+        // Only durable batches rot (what is not durable is rewritten, or lost in a crash).
+        assert!(!l.rot(2));
+        assert!(l.rot(0));
+        assert!(!l.rot(0), "already damaged");
+        assert_eq!(l.rotten(), vec![(0, 2, 1)]);
+        assert_eq!(l.rotten_in(1, 2), Some(0));
+        assert_eq!(l.rotten_in(2, 4), None);
+        // As stored, the damaged records read back as something else.
+        let stored = l.ids_as_stored(0, 2).unwrap();
+        assert_ne!(stored, vec![0, 1]);
+        assert_eq!(l.ids(0, 2), Some(vec![0, 1]));
+        // A copy of another epoch, or other offsets, is not the same batch.
+        assert!(!l.repair(&batch(0, 2, 2)));
+        assert!(!l.repair(&batch(0, 1, 1)));
+        let mut other = SimLog::default();
+        other.append(batch(0, 1, 2));
+        assert!(!other.sound(&batch(0, 1, 2)), "not durable there");
+        other.synced(1);
+        assert!(other.sound(&batch(0, 1, 2)));
+        assert!(l.repair(&other.read(0, 2)[0]));
+        assert_eq!(l.rotten_in(0, 2), None);
+        assert_eq!(l.ids_as_stored(0, 2), Some(vec![0, 1]));
+        // Truncation and crashes take damaged batches with them.
+        assert!(l.rot(0));
+        l.truncate(0);
+        assert!(l.rotten().is_empty());
     }
 }

@@ -5,7 +5,8 @@
 //! seed: simulated time with a clock per node that drifts within a bound, a network that
 //! delays, reorders, loses, duplicates and partitions (both ways, one way, or a leader cut off
 //! from the controller's majority while clients still reach it), disks whose fdatasync takes
-//! time and whose crash loses what was not synced, controller disks that fill up, crashes and
+//! time and whose crash loses what was not synced, bit rot (which a scrub repairs from another
+//! replica), controller disks that fill up, crashes and
 //! restarts (some with the logs wiped), planned switchovers and long idle periods. A checker
 //! ([`checker`]) watches the history and the final logs.
 //!
@@ -52,6 +53,13 @@ pub struct Config {
     pub faults: bool,
     /// The mean time between faults (ms).
     pub fault_every_ms: u64,
+    /// The mean time between two batches damaged at rest (bit rot; ms, with `faults`): each
+    /// strikes one durable batch of one replica, one that another replica holds soundly.
+    /// 0: no bit rot.
+    pub bit_rot_every_ms: u64,
+    /// Nodes scrub their logs and repair damaged batches from other replicas (off only to
+    /// show that the checker counts a damaged batch as lost).
+    pub scrub: bool,
     /// Each node's clock runs at a rate within `1 +- drift`.
     pub drift: f64,
     pub tick_ms: u64,
@@ -80,6 +88,8 @@ impl Default for Config {
             duration_ms: 600_000,
             faults: true,
             fault_every_ms: 8_000,
+            bit_rot_every_ms: 30_000,
+            scrub: true,
             drift: 0.1,
             tick_ms: 100,
             leader_timeout_ms: 3_000,

@@ -40,6 +40,9 @@ struct Args {
     /// Each node's clock runs at a rate within 1 +- this.
     #[arg(long, default_value_t = 0.1)]
     drift: f64,
+    /// The mean time between two batches damaged at rest (bit rot), in ms; 0: none.
+    #[arg(long, default_value_t = 30_000)]
+    bit_rot_every_ms: u64,
     /// Plant a bug (by its name in `protocol::planted::Bug`, e.g. LeaseWithoutMargin) to see
     /// the checker find it; needs the `planted-bugs` feature.
     #[arg(long)]
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
             faults: !a.no_faults,
             leader_timeout_ms: a.leader_timeout_ms,
             drift: a.drift,
+            bit_rot_every_ms: a.bit_rot_every_ms,
             ..sim::Config::default()
         };
         let t = Instant::now();

@@ -105,6 +105,19 @@ pub enum Msg {
         log: String,
         session: u64,
     },
+    /// The scrub: send me your copy of `log`'s batch `from..until` written in `epoch` (mine is
+    /// damaged).
+    RepairRead {
+        log: String,
+        from: u64,
+        until: u64,
+        epoch: u64,
+    },
+    /// A sound, durable copy of the batch asked for.
+    RepairBatch {
+        log: String,
+        batch: Batch,
+    },
 }
 
 impl Msg {

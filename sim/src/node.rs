@@ -29,6 +29,8 @@ use crate::world::{Event, World};
 const PRODUCERS_MAX: usize = 1000;
 /// The longest answer to a read, in records.
 const READ_RECORDS_MAX: u64 = 64;
+/// The scrub looks for damaged batches every this many ticks.
+const SCRUB_EVERY_TICKS: u64 = 20;
 
 /// A node's id for the controller.
 pub fn node_id(idx: usize) -> NodeId {
@@ -251,6 +253,9 @@ impl Node {
             self.leader_tick(w, &name);
             self.follower_tick(w, &name);
         }
+        if w.cfg.scrub && self.ticks % SCRUB_EVERY_TICKS == 0 {
+            self.scrub(w);
+        }
         self.flush_controller(w);
         let next = self.clock.us_for(w.cfg.tick_ms);
         w.after(
@@ -260,6 +265,44 @@ impl Node {
                 incarnation: self.incarnation,
             },
         );
+    }
+
+    /// The scrub: every damaged batch of this node's logs is asked for from another replica
+    /// (each in turn, one per pass), and replaced by its sound copy when that comes.
+    fn scrub(&mut self, w: &mut World) {
+        let pass = (self.ticks / SCRUB_EVERY_TICKS) as usize;
+        let names: Vec<String> = self.logs.keys().cloned().collect();
+        for name in names {
+            let Some(damaged) = w.disks[self.idx].logs.get(&name).map(|l| l.rotten()) else {
+                continue;
+            };
+            let peers: Vec<usize> = self
+                .record(&name)
+                .map(|r| {
+                    r.replicas
+                        .iter()
+                        .filter(|n| **n != self.id)
+                        .map(|n| node_idx(n))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if damaged.is_empty() || peers.is_empty() {
+                continue;
+            }
+            let peer = peers[pass % peers.len()];
+            for (from, until, epoch) in damaged {
+                w.send(
+                    self.idx,
+                    peer,
+                    Msg::RepairRead {
+                        log: name.clone(),
+                        from,
+                        until,
+                        epoch,
+                    },
+                );
+            }
+        }
     }
 
     fn report(&self, w: &World) -> NodeReport {
@@ -665,6 +708,38 @@ impl Node {
                     }
                 }
             }
+            Msg::RepairRead {
+                log,
+                from: at,
+                until,
+                epoch,
+            } => {
+                let Some(l) = w.disks[self.idx].logs.get(&log) else {
+                    return;
+                };
+                if let [b] = &l.read(at, until)[..] {
+                    if b.base == at && b.next() == until && b.epoch == epoch && l.sound(b) {
+                        let batch = b.clone();
+                        w.send(self.idx, from, Msg::RepairBatch { log, batch });
+                    }
+                }
+            }
+            Msg::RepairBatch { log, batch } => {
+                let repaired = w.disks[self.idx]
+                    .logs
+                    .get_mut(&log)
+                    .is_some_and(|l| l.repair(&batch));
+                if repaired {
+                    w.checker.stats.repaired += 1;
+                    w.note(format_args!(
+                        "{} repaired {log} {}..{} with n{from}'s copy",
+                        self.id,
+                        batch.base,
+                        batch.next()
+                    ));
+                    self.pump(w, &log);
+                }
+            }
             Msg::Refused { log, session } => {
                 let current = matches!(self.logs.get(&log), Some(LogState { role: RoleState::Following(f), .. }) if f.session == session);
                 if current {
@@ -950,6 +1025,7 @@ impl Node {
     /// Send each follower stream of `name` what it has not had: new batches, or the commit
     /// offset alone when that moved.
     fn pump(&mut self, w: &mut World, name: &str) {
+        let now = self.now_ms(w);
         let Some(LogState {
             role: RoleState::Leading(l),
             ..
@@ -960,9 +1036,28 @@ impl Node {
         let log = &w.disks[self.idx].logs[name];
         let (end, commit) = (log.end(), l.repl.commit_offset());
         let mut out = Vec::new();
+        // Streams that reach a damaged batch end (the read fails its checksum), until the
+        // scrub has repaired it.
+        let damaged: Vec<usize> = l
+            .streams
+            .iter()
+            .filter(|(_, s)| s.sent < end && log.rotten_in(s.sent, end).is_some())
+            .map(|(f, _)| *f)
+            .collect();
+        for f in damaged {
+            let s = l.streams.remove(&f).expect("listed");
+            l.repl.disconnected(&node_id(f), now);
+            out.push((
+                f,
+                Msg::Refused {
+                    log: name.to_string(),
+                    session: s.session,
+                },
+            ));
+        }
         for (f, s) in l.streams.iter_mut() {
             if s.sent < end {
-                let batches = log.read(s.sent, end);
+                let batches = log.read_as_stored(s.sent, end);
                 out.push((
                     *f,
                     Msg::Replicated {
@@ -1190,8 +1285,12 @@ impl Node {
             return self.reply(w, client, id, error(ErrorCode::OffsetOutOfRange));
         }
         let until = committed.min(from + READ_RECORDS_MAX);
+        if until > from && log.rotten_in(from, until).is_some() {
+            // The range fails its checksum here: nothing of it is served.
+            return self.reply(w, client, id, error(ErrorCode::StorageFailed));
+        }
         let ids = if until > from {
-            log.ids(from, until).unwrap_or_default()
+            log.ids_as_stored(from, until).unwrap_or_default()
         } else {
             Vec::new()
         };

@@ -35,7 +35,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations",
+            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations, {} batches rotted ({} repaired)",
             self.seed,
             self.simulated_ms as f64 / 3.6e6,
             self.events,
@@ -47,7 +47,9 @@ impl fmt::Display for Report {
             self.stats.receipts,
             self.stats.acked_sync,
             self.stats.reads,
-            self.stats.truncations
+            self.stats.truncations,
+            self.stats.rotted,
+            self.stats.repaired
         )
     }
 }
@@ -97,6 +99,8 @@ struct Sim {
     clients: Vec<Client>,
     faults: BTreeMap<u64, Fault>,
     next_fault: u64,
+    /// Bit rot draws from its own stream, so that a run without it is the run it always was.
+    rot_rng: ChaCha8Rng,
     events: u64,
     injected: u64,
     crashes: u64,
@@ -128,6 +132,7 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
         clients,
         faults: BTreeMap::new(),
         next_fault: 0,
+        rot_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xb17_2077_u64.rotate_left(32)),
         events: 0,
         injected: 0,
         crashes: 0,
@@ -152,6 +157,10 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
     if cfg.faults {
         let first = sim.fault_gap();
         sim.w.after(first, Event::Fault);
+        if cfg.bit_rot_every_ms > 0 {
+            let first = sim.rot_gap();
+            sim.w.after(first, Event::Rot);
+        }
     }
     sim.run_until(cfg.duration_ms * 1000)?;
     sim.end()
@@ -311,6 +320,61 @@ impl Sim {
                 self.w.after(gap, Event::Fault);
             }
             Event::Heal { id } => self.heal(id),
+            Event::Rot if self.ending => {}
+            Event::Rot => {
+                self.rot();
+                let gap = self.rot_gap();
+                self.w.after(gap, Event::Rot);
+            }
+        }
+    }
+
+    fn rot_gap(&mut self) -> u64 {
+        let u: f64 = self.rot_rng.gen_range(0.0001..1.0);
+        (-u.ln() * self.w.cfg.bit_rot_every_ms as f64 * 1000.0) as u64
+    }
+
+    /// Bit rot: one durable batch of one replica is damaged at rest, one that another replica
+    /// holds soundly and durably (copies fail independently; one that fails everywhere is
+    /// lost, and no system promises otherwise).
+    fn rot(&mut self) {
+        let node = self.rot_rng.gen_range(0..self.w.cfg.nodes);
+        let log = format!("l{}", self.rot_rng.gen_range(0..self.w.cfg.logs));
+        let Some(batches) = self.w.disks[node]
+            .logs
+            .get(&log)
+            .map(|l| l.batches().to_vec())
+        else {
+            return;
+        };
+        if batches.is_empty() {
+            return;
+        }
+        let b = &batches[self.rot_rng.gen_range(0..batches.len())];
+        let elsewhere = (0..self.w.cfg.nodes).filter(|n| *n != node).any(|n| {
+            self.w.disks[n]
+                .logs
+                .get(&log)
+                .is_some_and(|other| other.sound(b))
+        });
+        let damaged_elsewhere = (0..self.w.cfg.nodes).any(|n| {
+            self.w.disks[n]
+                .logs
+                .get(&log)
+                .is_some_and(|other| other.rotten_in(b.base, b.next()).is_some())
+        });
+        if !elsewhere || damaged_elsewhere {
+            return;
+        }
+        let (base, next) = (b.base, b.next());
+        if self.w.disks[node]
+            .logs
+            .get_mut(&log)
+            .is_some_and(|l| l.rot(base))
+        {
+            self.w.checker.stats.rotted += 1;
+            self.w
+                .note(format_args!("BIT ROT n{node} {log} {base}..{next}"));
         }
     }
 
@@ -665,11 +729,19 @@ impl Sim {
         let mut finals = BTreeMap::new();
         for (name, leader) in &leaders {
             let record = &records[name];
+            // A batch still damaged holds nothing readable: it counts as missing.
             let batches = |n: usize| -> Vec<Batch> {
                 self.w.disks[n]
                     .logs
                     .get(name)
-                    .map(|l| l.batches().to_vec())
+                    .map(|l| {
+                        let rotten: Vec<u64> = l.rotten().iter().map(|r| r.0).collect();
+                        l.batches()
+                            .iter()
+                            .filter(|b| !rotten.contains(&b.base))
+                            .cloned()
+                            .collect()
+                    })
                     .unwrap_or_default()
             };
             let others = record

@@ -45,6 +45,8 @@ pub enum Event {
     ClientDeadline { client: usize, id: u64 },
     /// Time for the next fault.
     Fault,
+    /// Time for the next batch damaged at rest.
+    Rot,
     /// Fault `id` ends.
     Heal { id: u64 },
 }

@@ -58,6 +58,12 @@ struct ReportAck {
     term: u64,
     /// The report's `sent_ms`.
     sent_ms: u64,
+    /// The leader's commit index when it acknowledged: the lease counts only once this node
+    /// has applied that far, so that a node whose lease is current also holds every record
+    /// decided before its round trip (a new epoch of a log it led, say). 0 from a node of an
+    /// earlier version.
+    #[serde(default)]
+    commit: u64,
 }
 
 /// A failed write to the controller's storage.
@@ -203,6 +209,9 @@ pub struct ControllerCore<S: RaftStore> {
     /// the last report the leader acknowledged, or, leading, when a majority of the members
     /// had last answered it. What its lease is measured from.
     contact_ms: Option<u64>,
+    /// An acknowledged round trip that counts once this node has applied the leader's commit
+    /// index of the acknowledgement: (its start, that index).
+    pending_contact: Option<(u64, u64)>,
     /// When each other member last sent a valid controller frame.
     peers_ms: BTreeMap<NodeId, u64>,
     /// Leading: when each other member last answered a Raft message of this node.
@@ -285,6 +294,7 @@ impl<S: RaftStore> ControllerCore<S> {
             proposed: BTreeMap::new(),
             began: BTreeMap::new(),
             contact_ms: None,
+            pending_contact: None,
             peers_ms: BTreeMap::new(),
             answered_ms: BTreeMap::new(),
             blocked: None,
@@ -406,8 +416,12 @@ impl<S: RaftStore> ControllerCore<S> {
                     let r = &self.node.raft;
                     if self.ids.get(&r.leader_id).map(String::as_str) == Some(from)
                         && a.term == r.term
+                        && self
+                            .pending_contact
+                            .is_none_or(|(sent, _)| sent < a.sent_ms)
                     {
-                        self.contact_ms = Some(self.contact_ms.unwrap_or(0).max(a.sent_ms));
+                        self.pending_contact = Some((a.sent_ms, a.commit));
+                        self.take_contact();
                     }
                 }
                 Err(e) => {
@@ -500,10 +514,22 @@ impl<S: RaftStore> ControllerCore<S> {
         let ack = ReportAck {
             term: self.node.raft.term,
             sent_ms: r.sent_ms,
+            commit: self.node.raft.raft_log.committed,
         };
         let mut frame = vec![WIRE_REPORT_ACK];
         frame.extend(serde_json::to_vec(&ack).expect("acknowledgements serialise"));
         self.outbox.push((r.node.clone(), frame));
+    }
+
+    /// The pending round trip counts once this node has applied the leader's commit index of
+    /// its acknowledgement.
+    fn take_contact(&mut self) {
+        if let Some((sent_ms, commit)) = self.pending_contact {
+            if self.applied >= commit {
+                self.contact_ms = Some(self.contact_ms.unwrap_or(0).max(sent_ms));
+                self.pending_contact = None;
+            }
+        }
     }
 
     /// As the leader: the lease starts at the latest moment by which a majority of the members
@@ -607,10 +633,13 @@ impl<S: RaftStore> ControllerCore<S> {
             return Err(f.clone());
         }
         let r = self.process_ready(now_ms);
-        if let Err(e) = &r {
-            tracing::error!(error = %e, "controller stopped");
-            self.failed = Some(e.clone());
-            self.changed = true;
+        match &r {
+            Ok(()) => self.take_contact(),
+            Err(e) => {
+                tracing::error!(error = %e, "controller stopped");
+                self.failed = Some(e.clone());
+                self.changed = true;
+            }
         }
         r
     }
