@@ -514,6 +514,13 @@ impl Leader {
             self.commit = commit;
             events.push(Event::Committed(commit));
         }
+        // Paired with the rule above: whatever the followers said, the commit offset is never
+        // beyond what the leader itself holds durably, nor beyond its log.
+        assert!(
+            self.commit <= self.flushed,
+            "commit beyond the leader's flush"
+        );
+        assert!(self.flushed <= self.end, "flushed beyond the leader's end");
         events
     }
 }
@@ -677,10 +684,18 @@ impl Follower {
     /// leader, when it moved.
     pub fn flushed(&mut self, durable: u64) -> Option<u64> {
         self.durable = self.durable.max(durable.min(self.end));
-        (self.durable > self.acked).then(|| {
+        let ack = (self.durable > self.acked).then(|| {
             self.acked = self.durable;
             self.durable
-        })
+        });
+        // Paired with `accept`: nothing is durable (or acknowledged as such) beyond what was
+        // accepted, and what is acknowledged is durable.
+        assert!(self.durable <= self.end, "durable beyond the accepted end");
+        assert!(
+            self.acked <= self.durable || planted::active(Bug::AckBeforeFollowerFsync),
+            "acknowledged beyond the durable end"
+        );
+        ack
     }
 
     /// Highest leader epoch seen.

@@ -30,7 +30,7 @@ fn a_day_of_faults_breaks_no_promise() {
     seeds.extend(REGRESSIONS_WITH_BIT_ROT);
     seeds.extend(100..103);
     let hours = 24.0 / seeds.len() as f64;
-    let (mut changes, mut rotted) = (0, 0);
+    let (mut changes, mut rotted, mut repaired) = (0, 0, 0);
     for seed in seeds {
         let cfg = Config {
             nodes: 3 + (seed % 5) as usize,
@@ -46,13 +46,18 @@ fn a_day_of_faults_breaks_no_promise() {
                 eprintln!("{r}");
                 changes += r.stats.leader_changes;
                 rotted += r.stats.rotted;
-                assert_eq!(r.stats.repaired, r.stats.rotted, "{r}");
+                repaired += r.stats.repaired;
             }
             Err(f) => panic!("{f}"),
         }
     }
     assert!(changes >= 1000, "only {changes} leader changes in 24 hours");
-    assert!(rotted >= 100, "only {rotted} batches damaged at rest");
+    // (A damaged batch may also go unrepaired because a truncation or a wipe removed it; one
+    // left damaged at the end would be a loss the checker reports.)
+    assert!(
+        rotted >= 100 && repaired >= 100,
+        "only {rotted} batches damaged at rest, {repaired} repaired"
+    );
 }
 
 #[test]

@@ -808,6 +808,8 @@ impl<S: RaftStore> ControllerCore<S> {
 
     fn apply(&mut self, entries: Vec<Entry>) {
         for e in entries {
+            // Committed entries apply once each, in order, with no gap.
+            assert_eq!(e.index, self.applied + 1, "entries apply in order");
             self.applied = e.index;
             if e.data.is_empty() || e.get_entry_type() != EntryType::EntryNormal {
                 continue;
