@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use log_core::{Log, Offset};
-use protocol::replication::{follower_step, Follower, LeaderLog, LocalLog, Step};
+use protocol::replication::{after_epoch_end, EmptyLeaderHistory, Follower, LocalLog, Step};
 use protocol::{ErrorCode, Limits, ProtocolError, ReplicateRequest, Request, Response};
 use tokio::sync::Notify;
 
@@ -101,8 +101,8 @@ pub enum SessionError {
     Storage(#[from] log_core::Error),
     /// The leader's epoch history is empty while this follower holds records after its
     /// epoch `asked`: truncating them to match could lose acknowledged records.
-    #[error("the leader has an empty epoch history (asked about epoch {asked}) while this follower holds records up to {end}; refusing to truncate them")]
-    EmptyLeaderHistory { asked: u64, end: u64 },
+    #[error(transparent)]
+    EmptyLeaderHistory(#[from] EmptyLeaderHistory),
     #[error("the leader's snapshot of {log} at offset {offset} does not match its crc32c")]
     SnapshotChecksum { log: String, offset: u64 },
     #[error("cannot quarantine the divergent suffix, so it is not truncated: {0}")]
@@ -291,20 +291,8 @@ pub async fn run(
             last_epoch: Some(e.0),
             commit: commit.get(),
         };
-        let leader = LeaderLog {
-            epoch: 0,
-            start: 0,
-            end: 0,
-            end_of_follower_epoch: Some(end),
-        };
-        match follower_step(local, leader) {
+        match after_epoch_end(local, leader_epoch, end)? {
             Step::Truncate { to } => {
-                if leader_epoch == 0 && to == 0 {
-                    return Err(SessionError::EmptyLeaderHistory {
-                        asked: e.0,
-                        end: local.end,
-                    });
-                }
                 tracing::warn!(
                     log = name,
                     from = to,

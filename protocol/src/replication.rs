@@ -595,6 +595,38 @@ pub fn follower_step(local: LocalLog, leader: LeaderLog) -> Step {
     }
 }
 
+/// The leader answered `EpochEnd` with an empty history ((0, 0)) while the follower holds
+/// records of an epoch: truncating them all to match could lose acknowledged records, so the
+/// follower refuses (and asks again later).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the leader has an empty epoch history (asked about epoch {asked}) while this follower holds records up to {end}; refusing to truncate them")]
+pub struct EmptyLeaderHistory {
+    /// The epoch the follower asked about.
+    pub asked: u64,
+    /// Where the follower's log ends.
+    pub end: u64,
+}
+
+/// A follower's step once the leader has answered its `EpochEnd` question with (`epoch`,
+/// `end`): [`follower_step`] with that answer, except that an empty history on the leader
+/// never truncates what the follower holds.
+pub fn after_epoch_end(local: LocalLog, epoch: u64, end: u64) -> Result<Step, EmptyLeaderHistory> {
+    let leader = LeaderLog {
+        epoch: 0,
+        start: 0,
+        end: 0,
+        end_of_follower_epoch: Some(end),
+    };
+    let step = follower_step(local, leader);
+    match (step, local.last_epoch) {
+        (Step::Truncate { to: 0 }, Some(asked)) if epoch == 0 => Err(EmptyLeaderHistory {
+            asked,
+            end: local.end,
+        }),
+        _ => Ok(step),
+    }
+}
+
 /// Why a follower refuses a replication frame (nothing of it is written).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -1059,6 +1091,27 @@ mod tests {
             f.accept(2, 60, 12, 13, [2]),
             Err(Refusal::StaleEpoch { seen: 3, got: 2 })
         );
+    }
+
+    #[test]
+    fn an_empty_leader_history_never_truncates_what_a_follower_holds() {
+        let local = LocalLog {
+            start: 0,
+            end: 12,
+            last_epoch: Some(3),
+            commit: 0,
+        };
+        // The leader's history is empty: (0, 0).
+        assert_eq!(
+            after_epoch_end(local, 0, 0),
+            Err(EmptyLeaderHistory { asked: 3, end: 12 })
+        );
+        // Its history begins after epoch 3 at 0 (its first epoch 4): a real divergence point.
+        assert_eq!(after_epoch_end(local, 4, 0), Ok(Step::Truncate { to: 0 }));
+        // Epoch 3 ends at 7 there: truncate the suffix after it.
+        assert_eq!(after_epoch_end(local, 3, 7), Ok(Step::Truncate { to: 7 }));
+        // Epoch 3 goes on past the follower's end there: fetch.
+        assert_eq!(after_epoch_end(local, 3, 20), Ok(Step::Fetch { from: 12 }));
     }
 
     #[test]

@@ -15,8 +15,7 @@ use node_core::log::{
 };
 use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
 use protocol::replication::{
-    follower_step, Follower, Insufficient, Leader, LeaderLog, LocalLog, Progress,
-    ReplicationConfig, Step,
+    after_epoch_end, Follower, Insufficient, Leader, LocalLog, Progress, ReplicationConfig, Step,
 };
 use protocol::{Acks, ErrorCode};
 use rand::Rng;
@@ -1157,28 +1156,22 @@ impl Node {
             last_epoch: log.last_epoch(),
             commit: leader_commit,
         };
-        let remote = LeaderLog {
-            epoch: 0,
-            start: 0,
-            end: 0,
-            end_of_follower_epoch: Some(end),
-        };
-        let step = follower_step(local, remote);
+        let step = after_epoch_end(local, epoch, end);
         w.note(format_args!(
             "{me} follows n{leader} for {name}: its epoch {:?} ends at {end} there (epoch {epoch}); here {}..{}: {step:?}",
             local.last_epoch, local.commit, local.end
         ));
         let log = w.disks[self.idx].logs.get_mut(name).expect("followed log");
         match step {
-            Step::Truncate { to } => {
-                if epoch == 0 && to == 0 {
-                    // The leader's history is empty: refusing to truncate
-                    // everything, as the server does.
-                    f.phase = Phase::Idle {
-                        retry_ms: self.clock.ms(w.now) + 1000,
-                    };
-                    return;
-                }
+            // The leader's history is empty: the follower refuses to truncate everything, and
+            // asks again later.
+            Err(_) => {
+                f.phase = Phase::Idle {
+                    retry_ms: self.clock.ms(w.now) + 1000,
+                };
+                return;
+            }
+            Ok(Step::Truncate { to }) => {
                 let removed = log.truncate(to);
                 let (now, idx) = (w.now, self.idx);
                 w.checker.truncated(now, idx, name, &removed);
@@ -1187,7 +1180,7 @@ impl Node {
                     removed.len()
                 ));
             }
-            Step::Bootstrap | Step::Fetch { .. } | Step::AskEpochEnd { .. } => {}
+            Ok(Step::Bootstrap | Step::Fetch { .. } | Step::AskEpochEnd { .. }) => {}
         }
         let log = &w.disks[self.idx].logs[name];
         f.state = Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
