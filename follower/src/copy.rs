@@ -22,12 +22,12 @@ pub fn mark_recovering(log_dir: &Path) -> Result<(), durable::Error> {
     durable::private_dir(log_dir)?;
     let marker = log_dir.join(RECOVERING_FILE);
     let tmp = durable::tmp_beside(&marker);
+    // A durable atomic write fsyncs the directory too.
     durable::write_atomic(
         &marker,
         b"created afresh; catching up\n",
         durable::Atomic::durable(&tmp, 0o644),
-    )?;
-    durable::sync_dir(log_dir)
+    )
 }
 
 /// The copy in `log_dir` has caught up: remove its marker, durably.

@@ -1,20 +1,14 @@
 //! A replica fed frames built from a real leader log: stored verbatim, or refused with nothing
 //! written.
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
+use common::config;
 use follower::{ApplyError, Replica};
-use log_core::{Epoch, Log, LogConfig, Offset};
+use log_core::{Epoch, Log, Offset};
 use protocol::replication::Refusal;
 use protocol::ReplicatedResponse;
-
-fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes_max: 16 * 1024,
-        segment_initial_bytes: 4096,
-        batch_bytes_max: 4096,
-        ..LogConfig::default()
-    }
-}
 
 /// The leader's batches from `from` to its end, as one frame.
 fn frame(leader: &Log, from: u64, epoch: u64, commit: u64) -> ReplicatedResponse {

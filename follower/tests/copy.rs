@@ -1,16 +1,10 @@
 //! The local copy's files: the recovering marker, and the replacement of a copy at bootstrap.
 
-use follower::copy;
-use log_core::{Epoch, Log, LogConfig, Offset};
+mod common;
 
-fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes_max: 16 * 1024,
-        segment_initial_bytes: 4096,
-        batch_bytes_max: 4096,
-        ..LogConfig::default()
-    }
-}
+use common::config;
+use follower::copy;
+use log_core::{Epoch, Log, Offset};
 
 #[test]
 fn the_recovering_marker_is_set_durably_and_cleared() {

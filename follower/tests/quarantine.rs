@@ -1,17 +1,11 @@
 //! A divergent suffix is copied to quarantine, byte for byte, with a report that says what it
 //! was, before it is truncated; the reports are listed back.
 
-use follower::quarantine;
-use log_core::{batch, Epoch, Log, LogConfig, Offset};
+mod common;
 
-fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes_max: 16 * 1024,
-        segment_initial_bytes: 4096,
-        batch_bytes_max: 4096,
-        ..LogConfig::default()
-    }
-}
+use common::config;
+use follower::quarantine;
+use log_core::{batch, Epoch, Log, Offset};
 
 #[test]
 fn a_suffix_is_kept_whole_and_reported_before_truncation() {

@@ -77,13 +77,7 @@ impl FrameReader {
         limits: &Limits,
     ) -> Result<Option<Request>, ReadFail> {
         debug_assert_eq!(self.direction, Direction::Requests);
-        let Some((header, body)) = self.frame(recv, limits).await? else {
-            return Ok(None);
-        };
-        Ok(Some(self.checked(
-            recv,
-            protocol::decode_request(&header, body, limits),
-        )?))
+        self.decoded(recv, limits, protocol::decode_request).await
     }
 
     /// Read one answer. `Ok(None)` when the stream ended cleanly where a frame would start.
@@ -93,13 +87,20 @@ impl FrameReader {
         limits: &Limits,
     ) -> Result<Option<Response>, ReadFail> {
         debug_assert_eq!(self.direction, Direction::Responses);
+        self.decoded(recv, limits, protocol::decode_response).await
+    }
+
+    /// One frame, decoded by `decode`; `Ok(None)` when the stream ended between frames.
+    async fn decoded<T>(
+        &mut self,
+        recv: &mut RecvStream,
+        limits: &Limits,
+        decode: fn(&FrameHeader, Bytes, &Limits) -> Result<T, ProtocolError>,
+    ) -> Result<Option<T>, ReadFail> {
         let Some((header, body)) = self.frame(recv, limits).await? else {
             return Ok(None);
         };
-        Ok(Some(self.checked(
-            recv,
-            protocol::decode_response(&header, body, limits),
-        )?))
+        Ok(Some(self.checked(recv, decode(&header, body, limits))?))
     }
 
     /// A decoding result; on a violation by a node, the stream is stopped.

@@ -7,10 +7,7 @@ use std::path::Path;
 use crate::Error;
 
 pub(crate) fn io_err<'a>(op: &'a str, path: &'a Path) -> impl Fn(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        what: format!("{op} {}", path.display()),
-        source,
-    }
+    move |source| crate::io(format!("{op} {}", path.display()))(source)
 }
 
 /// Write `data` to `path` atomically with the given mode (`durable::write_atomic`: temp file,

@@ -35,11 +35,11 @@ pub struct Checker {
     sync_replicas: usize,
     replicas: usize,
     /// Per log: offset -> record id, for records acknowledged at sync or quorum.
-    acked: BTreeMap<String, BTreeMap<u64, u64>>,
+    acked: Payloads,
     /// Per log: offset -> the epoch of the acknowledged record's batch.
     acked_epoch: BTreeMap<String, BTreeMap<u64, u64>>,
     /// Per log: offset -> record id, for records returned by reads.
-    read: BTreeMap<String, BTreeMap<u64, u64>>,
+    read: Payloads,
     /// Records a node definitely refused (never stored).
     refused: BTreeSet<u64>,
     /// Per log: epoch -> (the offset its leader began writing at, when it began) (us).
@@ -74,6 +74,36 @@ pub struct Stats {
     /// Batches damaged at rest (bit rot), and damaged batches the scrub repaired.
     pub rotted: u64,
     pub repaired: u64,
+}
+
+/// Record ids at offsets, per log.
+type Payloads = BTreeMap<String, BTreeMap<u64, u64>>;
+
+/// Note that `log` holds `ids` from offset `first` in `mine`, and return an offset that now
+/// holds two payloads, in `mine` or against `other`: (offset, one, the other).
+fn note_payloads(
+    mine: &mut Payloads,
+    other: &Payloads,
+    log: &str,
+    first: u64,
+    ids: &[u64],
+) -> Option<(u64, u64, u64)> {
+    let map = mine.entry(log.to_string()).or_default();
+    let mut clash = None;
+    for (i, id) in ids.iter().enumerate() {
+        let o = first + i as u64;
+        if let Some(prev) = map.insert(o, *id) {
+            if prev != *id {
+                clash = Some((o, prev, *id));
+            }
+        }
+        if let Some(theirs) = other.get(log).and_then(|m| m.get(&o)) {
+            if theirs != id {
+                clash = Some((o, *theirs, *id));
+            }
+        }
+    }
+    clash
 }
 
 impl Checker {
@@ -266,21 +296,14 @@ impl Checker {
         for o in first..next {
             epochs.insert(o, epoch);
         }
-        let map = self.acked.entry(log.to_string()).or_default();
-        let mut clash = None;
-        for (i, id) in records.iter().enumerate().take((next - first) as usize) {
-            let o = first + i as u64;
-            if let Some(prev) = map.insert(o, *id) {
-                if prev != *id {
-                    clash = Some((o, prev, *id));
-                }
-            }
-            if let Some(r) = self.read.get(log).and_then(|m| m.get(&o)) {
-                if r != id {
-                    clash = Some((o, *r, *id));
-                }
-            }
-        }
+        let n = (next - first) as usize;
+        let clash = note_payloads(
+            &mut self.acked,
+            &self.read,
+            log,
+            first,
+            &records[..n.min(records.len())],
+        );
         if let Some((o, a, b)) = clash {
             self.violation(format!(
                 "offset {o} of {log} holds two payloads: {a:#x} and {b:#x}"
@@ -306,21 +329,7 @@ impl Checker {
                 "n{node} returned {log} {from}..{end}, beyond the highest commit offset {commit}"
             ));
         }
-        let map = self.read.entry(log.to_string()).or_default();
-        let mut clash = None;
-        for (i, id) in ids.iter().enumerate() {
-            let o = from + i as u64;
-            if let Some(prev) = map.insert(o, *id) {
-                if prev != *id {
-                    clash = Some((o, prev, *id));
-                }
-            }
-            if let Some(a) = self.acked.get(log).and_then(|m| m.get(&o)) {
-                if a != id {
-                    clash = Some((o, *a, *id));
-                }
-            }
-        }
+        let clash = note_payloads(&mut self.read, &self.acked, log, *from, ids);
         if let Some((o, a, b)) = clash {
             self.violation(format!(
                 "offset {o} of {log} holds two payloads: {a:#x} and {b:#x} (a read from n{node})"

@@ -11,7 +11,9 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
-use node_core::controller::core::{RaftStore, StoreError};
+use node_core::controller::core::{
+    raft_memory, raise_to_snapshot, stored_snapshot, RaftStore, StoreError,
+};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage};
@@ -154,18 +156,23 @@ impl SimLog {
     /// Bit rot: the durable batch at `base` is damaged at rest. Returns whether it was a
     /// durable, sound batch.
     pub fn rot(&mut self, base: u64) -> bool {
-        let durable = &self.batches[..self.durable];
-        if !durable.iter().any(|b| b.base == base) {
-            return false;
+        match self.at(base) {
+            Some(i) if i < self.durable => self.rotten.insert(base),
+            _ => false,
         }
-        self.rotten.insert(base)
+    }
+
+    /// The index of the batch that starts at `base`, if one does.
+    fn at(&self, base: u64) -> Option<usize> {
+        let i = self.batches.partition_point(|b| b.base < base);
+        (self.batches.get(i)?.base == base).then_some(i)
     }
 
     /// The damaged batches: (base, next, epoch).
     pub fn rotten(&self) -> Vec<(u64, u64, u64)> {
-        self.batches
+        self.rotten
             .iter()
-            .filter(|b| self.rotten.contains(&b.base))
+            .filter_map(|base| self.at(*base).map(|i| &self.batches[i]))
             .map(|b| (b.base, b.next(), b.epoch))
             .collect()
     }
@@ -173,27 +180,32 @@ impl SimLog {
     /// The first damaged batch holding any of the records `from..until`, if there is one: a
     /// read of that range fails its checksum there.
     pub fn rotten_in(&self, from: u64, until: u64) -> Option<u64> {
-        self.read(from, until)
+        if self.rotten.is_empty() {
+            return None;
+        }
+        let i = self.batches.partition_point(|b| b.next() <= from);
+        self.batches[i..]
             .iter()
+            .take_while(|b| b.base < until)
             .map(|b| b.base)
             .find(|base| self.rotten.contains(base))
     }
 
-    /// Whether the batch at `b.base` is sound and durable here: what a repair may copy.
+    /// Whether this log holds `b`'s offsets and epoch soundly and durably: what a repair may
+    /// copy.
     pub fn sound(&self, b: &Batch) -> bool {
-        self.batches[..self.durable]
-            .iter()
-            .any(|d| d.base == b.base && d.next() == b.next() && d.epoch == b.epoch)
+        let same = |d: &Batch| d.next() == b.next() && d.epoch == b.epoch;
+        matches!(self.at(b.base), Some(i) if i < self.durable && same(&self.batches[i]))
             && !self.rotten.contains(&b.base)
     }
 
     /// Repair a damaged batch with another replica's copy of it (the same offsets and epoch:
     /// the same leader wrote both). Returns whether it was repaired.
     pub fn repair(&mut self, good: &Batch) -> bool {
-        if !self.rotten.contains(&good.base) {
-            return false;
-        }
-        let Some(i) = self.batches.iter().position(|b| b.base == good.base) else {
+        let Some(i) = self
+            .at(good.base)
+            .filter(|_| self.rotten.contains(&good.base))
+        else {
             return false;
         };
         let b = &self.batches[i];
@@ -280,25 +292,9 @@ pub struct SimRaftStore {
     disk: Rc<RefCell<RaftDisk>>,
 }
 
-/// Memory as a start from `d` builds it: the snapshot's metadata (or, before the first, a
-/// cluster of `voters`), the entries after it, the hard state.
-fn memory(d: &RaftDisk, voters: &[u64]) -> MemStorage {
-    let mem = MemStorage::new();
-    {
-        let mut core = mem.wl();
-        if d.snapshot.get_metadata().index > 0 {
-            let mut meta_only = Snapshot::default();
-            meta_only.set_metadata(d.snapshot.get_metadata().clone());
-            core.apply_snapshot(meta_only)
-                .expect("a stored snapshot applies");
-        } else {
-            core.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
-        }
-        core.append(&d.entries)
-            .expect("stored entries follow the snapshot");
-        core.set_hardstate(d.hard_state.clone());
-    }
-    mem
+/// Memory as a start from `d` builds it.
+fn memory(d: &RaftDisk) -> MemStorage {
+    raft_memory(&d.snapshot, &d.entries, &d.hard_state).expect("a stored state loads")
 }
 
 fn full() -> StoreError {
@@ -311,7 +307,15 @@ fn full() -> StoreError {
 impl SimRaftStore {
     /// Open the state on `disk` for a cluster of `voters` (created empty the first time).
     pub fn open(disk: Rc<RefCell<RaftDisk>>, voters: &[u64]) -> SimRaftStore {
-        let mem = memory(&disk.borrow(), voters);
+        {
+            // Created: the snapshot at index 0 carries the membership, as `DiskStorage`'s.
+            let mut d = disk.borrow_mut();
+            let meta = d.snapshot.mut_metadata();
+            if meta.index == 0 && meta.get_conf_state().voters.is_empty() {
+                meta.mut_conf_state().voters = voters.to_vec();
+            }
+        }
+        let mem = memory(&disk.borrow());
         SimRaftStore { mem, disk }
     }
 
@@ -373,11 +377,7 @@ impl RaftStore for SimRaftStore {
         let mut d = self.disk.borrow_mut();
         d.entries.clear();
         d.snapshot = snap;
-        if d.hard_state.term < term {
-            d.hard_state.term = term;
-            d.hard_state.vote = 0;
-        }
-        d.hard_state.commit = d.hard_state.commit.max(index);
+        raise_to_snapshot(&mut d.hard_state, index, term);
         let hs = d.hard_state.clone();
         self.mem.wl().set_hardstate(hs);
         Ok(())
@@ -400,7 +400,7 @@ impl RaftStore for SimRaftStore {
         d.snapshot = snap;
         d.hard_state.commit = d.hard_state.commit.max(index);
         // Memory as a reopen builds it (the snapshot carries the voters).
-        self.mem = memory(&d, &[]);
+        self.mem = memory(&d);
         Ok(())
     }
 
@@ -444,14 +444,7 @@ impl Storage for SimRaftStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let d = self.disk.borrow();
-        let index = d.snapshot.get_metadata().index;
-        if index == 0 || index < request_index {
-            return Err(raft::Error::Store(
-                raft::StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        Ok(d.snapshot.clone())
+        stored_snapshot(&self.disk.borrow().snapshot, request_index)
     }
 }
 

@@ -371,11 +371,7 @@ impl Node {
                     node: self.id.clone(),
                 });
             }
-            if let Some(LogState {
-                role: RoleState::Following(f),
-                ..
-            }) = self.logs.get_mut(&name)
-            {
+            if let Some(f) = following_state(&mut self.logs, &name) {
                 f.withdrawing = withdraw;
             }
             if let Some(epoch) = self
@@ -526,11 +522,7 @@ impl Node {
             (l.end(), l.durable_end())
         };
         let me = self.id.clone();
-        let Some(LogState {
-            role: RoleState::Leading(l),
-            ..
-        }) = self.logs.get_mut(name)
-        else {
+        let Some(l) = leading_state(&mut self.logs, name) else {
             return;
         };
         l.repl.tick(now);
@@ -571,11 +563,7 @@ impl Node {
     /// Start a replication session where this node follows a leader and has none.
     fn follower_tick(&mut self, w: &mut World, name: &str) {
         let now = self.now_ms(w);
-        let Some(LogState {
-            role: RoleState::Following(f),
-            ..
-        }) = self.logs.get_mut(name)
-        else {
+        let Some(f) = following_state(&mut self.logs, name) else {
             return;
         };
         let (Some(leader), Phase::Idle { retry_ms }) = (f.leader, &f.phase) else {
@@ -616,11 +604,7 @@ impl Node {
     /// End the follower session of `name` (it starts again after a pause).
     fn end_session(&mut self, w: &World, name: &str) {
         let retry_ms = self.now_ms(w) + 200;
-        if let Some(LogState {
-            role: RoleState::Following(f),
-            ..
-        }) = self.logs.get_mut(name)
-        {
+        if let Some(f) = following_state(&mut self.logs, name) {
             f.phase = Phase::Idle { retry_ms };
         }
     }
@@ -694,11 +678,7 @@ impl Node {
                 durable,
             } => {
                 let now = self.now_ms(w);
-                if let Some(LogState {
-                    role: RoleState::Leading(l),
-                    ..
-                }) = self.logs.get_mut(&log)
-                {
+                if let Some(l) = leading_state(&mut self.logs, &log) {
                     if let Some(s) = l.streams.get(&from).filter(|s| s.session == session) {
                         let durable = durable.min(s.sent);
                         l.repl.acked(&node_id(from), durable, now);
@@ -806,11 +786,7 @@ impl Node {
         }
         let window = w.cfg.create_wait_ms;
         let deadline_ms = now + w.cfg.append_timeout_ms;
-        let Some(LogState {
-            role: RoleState::Leading(l),
-            ..
-        }) = self.logs.get_mut(name)
-        else {
+        let Some(l) = leading_state(&mut self.logs, name) else {
             unreachable!("may_write said this node leads the log");
         };
         match l.rules.admit(&l.repl, acks, now, window) {
@@ -963,11 +939,7 @@ impl Node {
         let lease_ok = self.lease_ok(w);
         let record = self.record(name);
         let me = self.id.clone();
-        let Some(LogState {
-            role: RoleState::Leading(l),
-            ..
-        }) = self.logs.get_mut(name)
-        else {
+        let Some(l) = leading_state(&mut self.logs, name) else {
             return;
         };
         w.checker.saw_commit(
@@ -1025,11 +997,7 @@ impl Node {
     /// offset alone when that moved.
     fn pump(&mut self, w: &mut World, name: &str) {
         let now = self.now_ms(w);
-        let Some(LogState {
-            role: RoleState::Leading(l),
-            ..
-        }) = self.logs.get_mut(name)
-        else {
+        let Some(l) = leading_state(&mut self.logs, name) else {
             return;
         };
         let log = &w.disks[self.idx].logs[name];
@@ -1106,11 +1074,7 @@ impl Node {
             session,
         };
         let record = self.record(name);
-        let Some(LogState {
-            role: RoleState::Leading(l),
-            ..
-        }) = self.logs.get_mut(name)
-        else {
+        let Some(l) = leading_state(&mut self.logs, name) else {
             return w.send(self.idx, follower, refused);
         };
         let fid = node_id(follower);
@@ -1326,6 +1290,28 @@ impl Node {
     pub fn propose(&mut self, w: &mut World, cmd: Command) {
         let _ = self.ctl.propose(cmd);
         self.flush_controller(w);
+    }
+}
+
+/// The leading state of `name` in `logs`, if this node leads it.
+fn leading_state<'a>(
+    logs: &'a mut BTreeMap<String, LogState>,
+    name: &str,
+) -> Option<&'a mut Leading> {
+    match &mut logs.get_mut(name)?.role {
+        RoleState::Leading(l) => Some(l),
+        RoleState::Following(_) => None,
+    }
+}
+
+/// The following state of `name` in `logs`, if this node follows it.
+fn following_state<'a>(
+    logs: &'a mut BTreeMap<String, LogState>,
+    name: &str,
+) -> Option<&'a mut Following> {
+    match &mut logs.get_mut(name)?.role {
+        RoleState::Following(f) => Some(f),
+        RoleState::Leading(_) => None,
     }
 }
 

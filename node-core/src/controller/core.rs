@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
+use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,55 @@ pub struct StoreError {
     /// made again. Any other failure is final.
     pub no_space: bool,
     pub message: String,
+}
+
+/// raft-rs's memory of a stored Raft state, which a [`RaftStore`] serves raft's reads from:
+/// the snapshot's metadata (at index 0, before the first snapshot, only its membership), the
+/// entries after it, the hard state.
+pub fn raft_memory(
+    snapshot: &Snapshot,
+    entries: &[Entry],
+    hs: &HardState,
+) -> raft::Result<MemStorage> {
+    let mem = MemStorage::new();
+    {
+        let mut core = mem.wl();
+        if snapshot.get_metadata().index > 0 {
+            let mut meta_only = Snapshot::default();
+            meta_only.set_metadata(snapshot.get_metadata().clone());
+            core.apply_snapshot(meta_only)?;
+        } else {
+            // `MemStorage::apply_snapshot` refuses index 0: set the initial membership directly.
+            core.set_conf_state(snapshot.get_metadata().get_conf_state().clone());
+        }
+        core.append(entries)?;
+        core.set_hardstate(hs.clone());
+    }
+    Ok(mem)
+}
+
+/// A hard state that covers a snapshot at (`index`, `term`): a later term with no vote, and
+/// the snapshot committed.
+pub fn raise_to_snapshot(hs: &mut HardState, index: u64, term: u64) {
+    if hs.term < term {
+        hs.term = term;
+        hs.vote = 0;
+    }
+    hs.commit = hs.commit.max(index);
+}
+
+/// raft-rs's `Storage::snapshot` for a store that keeps `snapshot`, its latest, with its
+/// state-machine data (`MemStorage` would make one up at the commit index, without data):
+/// temporarily unavailable before the first snapshot, or when it is older than
+/// `request_index`, until a later compaction.
+pub fn stored_snapshot(snapshot: &Snapshot, request_index: u64) -> raft::Result<Snapshot> {
+    let index = snapshot.get_metadata().index;
+    if index == 0 || index < request_index {
+        return Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ));
+    }
+    Ok(snapshot.clone())
 }
 
 /// The controller's durable Raft state: raft-rs's `Storage` (reads) and the writes the core

@@ -34,6 +34,8 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage};
 
+use node_core::controller::core::{raft_memory, raise_to_snapshot, stored_snapshot};
+
 use super::raft_log::{RaftLog, ENTRY_BYTES_MAX};
 
 /// The first six bytes of every file.
@@ -326,7 +328,7 @@ impl DiskStorage {
             write_message_file(dir, HARDSTATE_FILE, &hard_state, "hard state")?;
         }
         let mem =
-            build_mem(&snapshot, &entries, &hard_state).map_err(|e| StorageError::Corrupt {
+            raft_memory(&snapshot, &entries, &hard_state).map_err(|e| StorageError::Corrupt {
                 path: log_dir.clone(),
                 offset: 0,
                 detail: format!("raft rejected the stored state: {e}"),
@@ -426,7 +428,7 @@ impl DiskStorage {
         }
         let mut hs = self.hard_state.clone();
         raise_to_snapshot(&mut hs, index, term);
-        let mem = build_mem(&snap, &[], &hs).map_err(|e| self.invalid(e.to_string()))?;
+        let mem = raft_memory(&snap, &[], &hs).map_err(|e| self.invalid(e.to_string()))?;
 
         self.guarded(|s| {
             write_message_file(&s.dir, SNAPSHOT_FILE, &snap, "snapshot")?;
@@ -496,7 +498,7 @@ impl DiskStorage {
         // state does not say so yet.
         let mut hs = self.hard_state.clone();
         raise_to_snapshot(&mut hs, applied, term);
-        let mem = build_mem(&snap, &kept, &hs).map_err(|e| self.invalid(e.to_string()))?;
+        let mem = raft_memory(&snap, &kept, &hs).map_err(|e| self.invalid(e.to_string()))?;
 
         self.guarded(|s| {
             write_message_file(&s.dir, SNAPSHOT_FILE, &snap, "snapshot")?;
@@ -609,48 +611,11 @@ impl Storage for DiskStorage {
         self.mem.last_index()
     }
 
-    /// The latest stored snapshot, with its state-machine data. (`MemStorage` would make up a
-    /// snapshot at the commit index without data.) Temporarily unavailable before the first
-    /// snapshot, or if it is older than `request_index`, until a later [`DiskStorage::compact`].
+    /// The latest stored snapshot, with its state-machine data (see
+    /// [`node_core::controller::core::stored_snapshot`]).
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let index = self.snapshot_index();
-        if index == 0 || index < request_index {
-            return Err(raft::Error::Store(
-                raft::StorageError::SnapshotTemporarilyUnavailable,
-            ));
-        }
-        Ok(self.snapshot.clone())
+        stored_snapshot(&self.snapshot, request_index)
     }
-}
-
-/// Raises `hs` to what a snapshot at `index` with `term` implies: that term at least (with no
-/// vote in it, as none was stored for it) and everything up to `index` committed.
-fn raise_to_snapshot(hs: &mut HardState, index: u64, term: u64) {
-    if hs.term < term {
-        hs.term = term;
-        hs.vote = 0;
-    }
-    hs.commit = hs.commit.max(index);
-}
-
-/// A fresh [`MemStorage`] holding the snapshot's metadata, the entries after it and the hard
-/// state.
-fn build_mem(snapshot: &Snapshot, entries: &[Entry], hs: &HardState) -> raft::Result<MemStorage> {
-    let mem = MemStorage::new();
-    {
-        let mut core = mem.wl();
-        if snapshot.get_metadata().index > 0 {
-            let mut meta_only = Snapshot::default();
-            meta_only.set_metadata(snapshot.get_metadata().clone());
-            core.apply_snapshot(meta_only)?;
-        } else {
-            // `MemStorage::apply_snapshot` refuses index 0: set the initial membership directly.
-            core.set_conf_state(snapshot.get_metadata().get_conf_state().clone());
-        }
-        core.append(entries)?;
-        core.set_hardstate(hs.clone());
-    }
-    Ok(mem)
 }
 
 /// Whether `dir` holds no initialized storage yet: no `snapshot` file (it is written last on
