@@ -4,8 +4,8 @@
 //! verbatim in the local log or refuses it with nothing written: every batch must decode with a
 //! valid crc32c, the batches must continue the local log without a gap, and the frame must not
 //! come from a leader epoch older than one already seen (R2), nor carry batches of a later
-//! epoch than its own. The decisions are `protocol::replication::Follower`'s; this crate binds
-//! them to a `log_core::Log`. [`session`] is the network side: one replication stream
+//! epoch than its own. The decisions are the follower session's (`node_core::follow::Session`,
+//! which the cluster simulator runs too); this crate binds them to a `log_core::Log`. [`session`] is the network side: one replication stream
 //! per log over a peer QUIC connection, with KIP-101 truncation, acknowledgements, the
 //! bootstrap signal and per-stage latency reports ([`session::FollowerStage`]), and the other
 //! exchanges a follower has with its leader (listing its logs, copying a snapshot);
@@ -23,7 +23,8 @@ use std::rc::Rc;
 
 use log_core::batch::{self, BatchError};
 use log_core::{Log, Offset};
-use protocol::replication::{Follower, Refusal};
+use node_core::follow::{Local, Phase, Session};
+use protocol::replication::Refusal;
 use protocol::ReplicatedResponse;
 
 /// Why a frame was not stored. In every case nothing of it was written.
@@ -43,22 +44,51 @@ pub enum ApplyError {
     Storage(#[from] log_core::Error),
 }
 
-/// A local log kept as a replica of a leader's.
+/// A local log kept as a replica of a leader's, streaming in a session
+/// (`node_core::follow::Session`).
 pub struct Replica {
     log: Log,
     /// Shared with the session's acknowledgement loop, which asks it what to acknowledge.
-    state: Rc<RefCell<Follower>>,
+    session: Rc<RefCell<Session>>,
+}
+
+/// A frame stored by [`Replica::apply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The offset the log will end at once the frame's batches are written.
+    pub end: u64,
+    /// A recovering copy has now caught up (see `node_core::follow::Progress::recovered`).
+    pub recovered: bool,
+}
+
+/// The local log as a follower session sees it.
+pub fn local(log: &Log) -> Local {
+    Local {
+        start: log.start_offset().0,
+        end: log.next_offset().0,
+        durable: log.flush_offset().0,
+        last_epoch: log.last_epoch().map(|e| e.0),
+    }
 }
 
 impl Replica {
-    /// Replicate into `log`, resuming from where it ends.
+    /// Replicate into `log`, resuming from where it ends (its records are known to agree
+    /// with the leader's: see `Session::resume`).
     pub fn new(log: Log) -> Replica {
-        let epoch = log.last_epoch().map_or(0, |e| e.0);
-        let state = Follower::new(log.next_offset().0, log.flush_offset().0, epoch);
+        let (session, _) = Session::resume(local(&log), 0, false);
         Replica {
             log,
-            state: Rc::new(RefCell::new(state)),
+            session: Rc::new(RefCell::new(session)),
         }
+    }
+
+    /// Replicate into `log` in `session`, which streams (its first steps are done).
+    pub fn streaming(log: Log, session: Rc<RefCell<Session>>) -> Replica {
+        assert!(
+            matches!(session.borrow().phase(), Phase::Streaming { .. }),
+            "a replica streams"
+        );
+        Replica { log, session }
     }
 
     pub fn log(&self) -> &Log {
@@ -70,20 +100,14 @@ impl Replica {
         self.log
     }
 
-    /// The replication state (highest leader epoch seen, readable horizon), as of now.
-    pub fn state(&self) -> Follower {
-        *self.state.borrow()
-    }
-
-    /// The replication state, shared: what to acknowledge is its decision
-    /// (`Follower::flushed`).
-    pub fn shared_state(&self) -> Rc<RefCell<Follower>> {
-        self.state.clone()
+    /// The session (highest leader epoch seen, readable horizon), as of now.
+    pub fn state(&self) -> Session {
+        self.session.borrow().clone()
     }
 
     /// Validate a whole frame, then append its batches verbatim (waiting for room if the write
     /// queue is full). Returns the offset the log will end at once they are written.
-    pub async fn apply(&mut self, frame: &ReplicatedResponse) -> Result<u64, ApplyError> {
+    pub async fn apply(&mut self, frame: &ReplicatedResponse) -> Result<Applied, ApplyError> {
         let first = self.log.next_offset().0;
         let mut spans = Vec::new();
         let mut epochs = Vec::new();
@@ -113,9 +137,10 @@ impl Replica {
                 actual: expected,
             });
         }
-        self.state
+        let progress = self
+            .session
             .borrow_mut()
-            .accept(frame.epoch, frame.commit, first, expected, epochs)
+            .frame(frame.epoch, frame.commit, first, expected, epochs)
             .map_err(ApplyError::Refused)?;
         for span in spans {
             let bytes = &frame.batches[span];
@@ -127,7 +152,10 @@ impl Replica {
                 }
             }
         }
-        Ok(expected)
+        Ok(Applied {
+            end: expected,
+            recovered: progress.recovered,
+        })
     }
 
     /// Wait until everything applied is durable; returns the offset to acknowledge to the
@@ -135,11 +163,15 @@ impl Replica {
     pub async fn sync(&mut self) -> Result<Option<u64>, ApplyError> {
         let end = self.log.next_offset();
         self.log.wait_flushed(end).await?;
-        Ok(self.state.borrow_mut().flushed(self.log.flush_offset().0))
+        Ok(self
+            .session
+            .borrow_mut()
+            .flushed(self.log.flush_offset().0)
+            .ack)
     }
 
     /// What this replica may serve to readers.
     pub fn readable(&self) -> Offset {
-        Offset(self.state.borrow().readable())
+        Offset(self.session.borrow().readable())
     }
 }

@@ -1,7 +1,9 @@
-//! One replication session for one log over a peer connection to the leader: find where the
-//! local log agrees with the leader's (KIP-101), truncate a divergent suffix, ask for
-//! everything after the local end, store each frame through [`Replica::apply`], and
-//! acknowledge the durable offset as the local fdatasync moves. A session can report how long
+//! One replication session for one log over a peer connection to the leader, as the node
+//! core's session (`node_core::follow::Session`) directs it: find where the local log agrees
+//! with the leader's (KIP-101), truncate a divergent suffix, ask for everything after the
+//! local end, store each frame through [`Replica::apply`], acknowledge the durable offset as
+//! the local fdatasync moves, and clear the recovering marker once a recovering copy has
+//! caught up. A session can report how long
 //! frames spend in each [`FollowerStage`] through [`SessionConfig::stages`].
 
 use std::cell::{Cell, RefCell};
@@ -10,7 +12,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use log_core::{Log, Offset};
-use protocol::replication::{after_epoch_end, EmptyLeaderHistory, Follower, LocalLog, Step};
+use node_core::follow::{Command, Session};
+use protocol::replication::EmptyLeaderHistory;
 use protocol::{ErrorCode, Limits, ProtocolError, ReplicateRequest, Request, Response};
 use tokio::sync::Notify;
 
@@ -238,14 +241,30 @@ fn time_flushed(stored: &StoredFrames, flushed: u64, observe: &StageObserver) {
     }
 }
 
+/// The local copy of `log` (named `name`) has caught up: it is no longer recovering. Its
+/// marker is removed durably; if that fails the copy stays recovering (the next session tries
+/// again).
+fn caught_up(log: &Log, name: &str, recovering: &Cell<bool>) {
+    match crate::copy::clear_recovering(log.dir()) {
+        Ok(()) => {
+            recovering.set(false);
+            tracing::info!(
+                log = name,
+                "the local copy has caught up; no longer recovering"
+            )
+        }
+        Err(e) => tracing::error!(log = name, error = %e, "cannot remove the recovering marker"),
+    }
+}
+
 /// Acknowledge the local durable offset to the leader each time the local fdatasync moves it
 /// (and time the stored frames it covers, if `timed`). Returns only with an error (the stream
 /// or the log failed).
 async fn acknowledge(
-    log: &Log,
-    state: &RefCell<Follower>,
+    (log, name): (&Log, &str),
+    session: &RefCell<Session>,
     send: &mut quinn::SendStream,
-    changed: &Notify,
+    (changed, recovering): (&Notify, &Cell<bool>),
     timed: Option<(&StoredFrames, &StageObserver)>,
 ) -> Result<Outcome, SessionError> {
     loop {
@@ -253,12 +272,16 @@ async fn acknowledge(
         if let Some((stored, observe)) = timed {
             time_flushed(stored, flushed.0, observe);
         }
-        // What to acknowledge is the replication state's decision: what is durable here.
-        let ack = {
-            let mut st = state.borrow_mut();
-            let written = st.written(log.end_offset().0);
-            st.flushed(flushed.0).or(written)
+        // What to acknowledge is the session's decision: what is durable here.
+        let (ack, recovered) = {
+            let mut s = session.borrow_mut();
+            let written = s.written(log.end_offset().0);
+            let p = s.flushed(flushed.0);
+            (p.ack.or(written), p.recovered)
         };
+        if recovered {
+            caught_up(log, name, recovering);
+        }
         if let Some(durable) = ack {
             write_frame(send, &Request::Ack { durable }).await?;
             changed.notify_waiters();
@@ -271,56 +294,69 @@ async fn acknowledge(
     }
 }
 
-/// Run one session for `log` (named `name` on the leader). `commit` receives the leader's
-/// commit offset as frames bring it, and `changed` is notified whenever it or the local
-/// durable offset moves. Returns when the stream or connection ends.
+/// Where a session of a follower's copy stands: the leader's commit offset as frames brought
+/// it (kept across sessions), whether the copy is recovering (cleared, with its marker, once it
+/// has caught up), and a notification whenever the commit offset or the local durable offset
+/// moves.
+pub struct CopyState<'a> {
+    pub commit: &'a Cell<u64>,
+    pub recovering: &'a Cell<bool>,
+    pub changed: &'a Notify,
+}
+
+/// Run one session for `log` (named `name` on the leader), as `node_core::follow::Session`
+/// directs: agree with the leader on where the logs diverge (KIP-101), truncate a divergent
+/// suffix, then store the leader's frames and acknowledge what is durable. Returns when the
+/// stream or connection ends, or the copy must be replaced (bootstrap).
 pub async fn run(
     conn: &quinn::Connection,
     name: &str,
     log: &Log,
     cfg: &SessionConfig,
-    commit: &Cell<u64>,
-    changed: &Notify,
+    copy: CopyState<'_>,
 ) -> Result<Outcome, SessionError> {
-    // 1. Agree with the leader on where the logs diverge, if they may (KIP-101).
-    if let Some(e) = log.last_epoch() {
-        let (leader_epoch, end) = ask_epoch_end(conn, name, e.0, &cfg.limits).await?;
-        let local = LocalLog {
-            start: log.start_offset().0,
-            end: log.next_offset().0,
-            last_epoch: Some(e.0),
-            commit: commit.get(),
-        };
-        match after_epoch_end(local, leader_epoch, end)? {
-            Step::Truncate { to } => {
+    let (session, mut next) =
+        Session::begin(crate::local(log), copy.commit.get(), copy.recovering.get());
+    let session = Rc::new(RefCell::new(session));
+    // 1. Agree with the leader on where the logs diverge, if they may.
+    let (from, last_epoch, durable) = loop {
+        next = match next {
+            Command::AskEpochEnd { epoch } => {
+                let (leader_epoch, end) = ask_epoch_end(conn, name, epoch, &cfg.limits).await?;
+                session
+                    .borrow_mut()
+                    .epoch_end(crate::local(log), leader_epoch, end)?
+            }
+            Command::Truncate { to } => {
+                let end = log.next_offset().0;
                 tracing::warn!(
                     log = name,
                     from = to,
-                    to = local.end,
+                    to = end,
                     "truncating a divergent suffix"
                 );
                 if let Some(dir) = &cfg.quarantine_dir {
-                    match crate::quarantine::save(log, name, to, dir) {
-                        Ok(Some(r)) => {
-                            tracing::warn!(log = name, from = r.from, to = r.to, records = r.records, epochs = ?r.epochs, file = %r.file.display(), "the divergent suffix is in quarantine");
-                            if let Some(f) = &cfg.on_quarantine {
-                                f(&r);
-                            }
+                    if let Some(r) = crate::quarantine::save(log, name, to, dir)? {
+                        tracing::warn!(log = name, from = r.from, to = r.to, records = r.records, epochs = ?r.epochs, file = %r.file.display(), "the divergent suffix is in quarantine");
+                        if let Some(f) = &cfg.on_quarantine {
+                            f(&r);
                         }
-                        Ok(None) => {}
-                        Err(e) => return Err(e.into()),
                     }
                 }
                 log.truncate_after(Offset(to)).await?;
+                session.borrow_mut().truncated(crate::local(log))
             }
-            Step::Bootstrap => return Ok(Outcome::Bootstrap { start: None }),
-            Step::Fetch { .. } | Step::AskEpochEnd { .. } => {}
-        }
-    }
+            Command::Bootstrap { start } => return Ok(Outcome::Bootstrap { start }),
+            Command::Replicate {
+                from,
+                last_epoch,
+                durable,
+            } => break (from, last_epoch, durable),
+        };
+    };
 
     // 2. Ask for everything after the local end.
-    let mut replica = Replica::new(log.clone());
-    let from = log.next_offset().0;
+    let mut replica = Replica::streaming(log.clone(), session.clone());
     let (mut send, mut recv) = open_stream(conn).await?;
     write_frame(
         &mut send,
@@ -329,22 +365,24 @@ pub async fn run(
             follower: cfg.node_id.clone(),
             addr: cfg.addr.clone(),
             from,
-            last_epoch: log.last_epoch().map_or(0, |e| e.0),
-            durable: log.flush_offset().0,
+            last_epoch,
+            durable,
         }),
     )
     .await?;
 
     // 3. Store frames as they come; acknowledge as the local fdatasync moves.
     let stored = StoredFrames::default();
-    let state = replica.shared_state();
     let receive = async {
         let mut reader = frames::FrameReader::responses();
         loop {
             match reader.response(&mut recv, &cfg.limits).await? {
                 Some(Response::Replicated(frame)) => {
                     let read = Instant::now();
-                    let end = replica.apply(&frame).await?;
+                    let applied = replica.apply(&frame).await?;
+                    if applied.recovered {
+                        caught_up(log, name, copy.recovering);
+                    }
                     // Frames that only move the commit offset store nothing to time.
                     match &cfg.stages {
                         Some(observe) if !frame.batches.is_empty() => {
@@ -354,21 +392,23 @@ pub async fn run(
                             if q.len() >= FLUSH_TIMED_MAX {
                                 q.pop_front();
                             }
-                            q.push_back((end, now));
+                            q.push_back((applied.end, now));
                         }
                         _ => {}
                     }
-                    if frame.commit > commit.get() {
-                        commit.set(frame.commit);
-                        changed.notify_waiters();
+                    let commit = session.borrow().commit();
+                    if commit > copy.commit.get() {
+                        copy.commit.set(commit);
+                        copy.changed.notify_waiters();
                     }
                 }
-                Some(Response::Error(e))
-                    if e.code == ErrorCode::OffsetOutOfRange && from < e.detail =>
-                {
-                    return Ok(Outcome::Bootstrap {
-                        start: Some(e.detail),
-                    });
+                Some(Response::Error(e)) if e.code == ErrorCode::OffsetOutOfRange => {
+                    match session.borrow_mut().out_of_range(e.detail) {
+                        Some(Command::Bootstrap { start }) => {
+                            return Ok(Outcome::Bootstrap { start })
+                        }
+                        _ => return Err(refused(Response::Error(e))),
+                    }
                 }
                 Some(other) => return Err(refused(other)),
                 None => return Ok(Outcome::Ended),
@@ -376,10 +416,10 @@ pub async fn run(
         }
     };
     let acks = acknowledge(
-        log,
-        &state,
+        (log, name),
+        &session,
         &mut send,
-        changed,
+        (copy.changed, copy.recovering),
         cfg.stages.as_ref().map(|o| (&stored, o)),
     );
     tokio::select! {

@@ -100,7 +100,7 @@ fn frames_are_stored_verbatim_or_refused_with_nothing_written() {
         );
 
         // The good frame: stored byte for byte, then acknowledged once durable.
-        assert_eq!(replica.apply(&good).await.unwrap(), 80);
+        assert_eq!(replica.apply(&good).await.unwrap().end, 80);
         assert_eq!(replica.sync().await.unwrap(), Some(80));
         assert_eq!(replica.sync().await.unwrap(), None);
         assert_eq!(all_bytes(replica.log()), all_bytes(&leader));
@@ -157,7 +157,10 @@ fn a_replica_resumes_where_its_log_ends_after_reopening() {
                 got: 0
             }))
         ));
-        assert_eq!(replica.apply(&frame(&leader, 2, 3, 3)).await.unwrap(), 3);
+        assert_eq!(
+            replica.apply(&frame(&leader, 2, 3, 3)).await.unwrap().end,
+            3
+        );
         assert_eq!(replica.sync().await.unwrap(), Some(3));
         assert_eq!(all_bytes(replica.log()), all_bytes(&leader));
         leader.close().await.unwrap();

@@ -735,6 +735,12 @@ impl Follower {
         self.epoch
     }
 
+    /// Where the local log is durable, as far as it continues the stream (never beyond what
+    /// was accepted).
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
     /// What this follower may serve to readers: committed by the leader and durable here.
     pub fn readable(&self) -> u64 {
         readable(self.leader_commit, self.durable)

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use follower::session::{FollowerStage, Outcome, SessionConfig, StageObserver};
+use follower::session::{CopyState, FollowerStage, Outcome, SessionConfig, StageObserver};
 use log_core::{Log, Offset};
 
 use crate::metrics::Stage;
@@ -454,8 +454,7 @@ async fn follow_log(
         }
         tracing::debug!(log = %name, %leader, "replication session starting");
         let result = tokio::select! {
-            r = follower::session::run(&conn, &name, &entry.log, &scfg, commit, &entry.changed) => r,
-            () = clear_when_recovered(&shard, &name, &entry, commit, recovering) => unreachable!("it never returns"),
+            r = follower::session::run(&conn, &name, &entry.log, &scfg, CopyState { commit, recovering: &entry.recovering, changed: &entry.changed }) => r,
             _ = retiring => break,
         };
         tracing::debug!(log = %name, %leader, ?result, "replication session ended");
@@ -511,42 +510,6 @@ async fn follow_log(
     }
     running.borrow_mut().remove(&name);
     tracing::debug!(log = %name, %leader, "following the log from this leader ended");
-}
-
-/// While the local copy of `name` is recovering: once it holds, durably, a commit offset the
-/// leader sent it, remove its marker (it holds every acknowledged append again). Never returns.
-async fn clear_when_recovered(
-    shard: &Shard,
-    name: &str,
-    entry: &crate::shard::LogEntry,
-    commit: &std::cell::Cell<u64>,
-    recovering: bool,
-) {
-    if recovering {
-        let dir = shard.logs_dir().join(name);
-        loop {
-            let changed = entry.changed.notified();
-            let c = commit.get();
-            if c > 0 && node_core::log::recovered(entry.log.flush_offset().0, Some(c)) {
-                match follower::copy::clear_recovering(&dir) {
-                    Ok(()) => {
-                        entry.recovering.set(false);
-                        tracing::info!(
-                            log = name,
-                            commit = c,
-                            "the local copy has caught up; no longer recovering"
-                        )
-                    }
-                    Err(e) => {
-                        tracing::error!(log = name, error = %e, "cannot remove the recovering marker")
-                    }
-                }
-                break;
-            }
-            changed.await;
-        }
-    }
-    std::future::pending::<()>().await
 }
 
 /// Create the local replica of a log the leader has; `recovering`: the log has records this

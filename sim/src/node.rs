@@ -9,14 +9,13 @@ use std::time::Duration;
 use node_core::controller::core::{ControllerCore, CoreConfig};
 use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
 use node_core::controller::meta::{Command, Member, NodeId};
+use node_core::follow::{Command as SessionCommand, Local, Phase, Session};
 use node_core::log::{
-    choose_role, confirm, may_write, must_withdraw, recovered, stream_from, LeaderAction,
-    LeaderRules, LevelRefusal, LogRecord, Renewals, Role, Withdrawals,
+    choose_role, confirm, may_write, must_withdraw, stream_from, LeaderAction, LeaderRules,
+    LevelRefusal, LogRecord, Renewals, Role, Withdrawals,
 };
 use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
-use protocol::replication::{
-    after_epoch_end, Follower, Insufficient, Leader, LocalLog, Progress, ReplicationConfig, Step,
-};
+use protocol::replication::{Insufficient, Leader, Progress, ReplicationConfig};
 use protocol::{Acks, ErrorCode};
 use rand::Rng;
 
@@ -91,27 +90,46 @@ struct Leading {
     streams: BTreeMap<usize, Stream>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Phase {
-    /// No session; start one at `retry_ms`.
-    Idle {
-        retry_ms: u64,
-    },
-    AskingEpochEnd,
-    Streaming,
-}
-
 struct Following {
     leader: Option<usize>,
-    session: u64,
-    phase: Phase,
-    state: Follower,
-    /// A frame of the current session has been accepted (`state` knows the leader's commit).
-    framed: bool,
+    /// The current (or last) session's id: the leader's answers and frames carry it.
+    id: u64,
+    /// The current session (the node core's), or none: the next begins at `retry_ms`.
+    session: Option<Session>,
+    retry_ms: u64,
+    /// The highest leader epoch the last session saw (for the controller's reports).
+    epoch: u64,
     /// The copy is recovering and must withdraw first: no session until it is on record.
     withdrawing: bool,
     /// When the current session began (us).
     since: u64,
+}
+
+impl Following {
+    /// The session `id`, if it is the current one and in `phase`.
+    fn current(&mut self, id: u64, phase: fn(Phase) -> bool) -> Option<&mut Session> {
+        self.session
+            .as_mut()
+            .filter(|s| self.id == id && phase(s.phase()))
+    }
+
+    /// End the current session; the next begins at `retry_ms`.
+    fn end(&mut self, retry_ms: u64) {
+        if let Some(s) = self.session.take() {
+            self.epoch = s.epoch();
+        }
+        self.retry_ms = retry_ms;
+    }
+}
+
+/// The local copy, as a follower session sees it.
+fn local(log: &crate::disk::SimLog) -> Local {
+    Local {
+        start: 0,
+        end: log.end(),
+        durable: log.durable_end(),
+        last_epoch: log.last_epoch(),
+    }
 }
 
 enum RoleState {
@@ -315,7 +333,10 @@ impl Node {
                     let log = &disk.logs[name];
                     let (epoch, commit) = match &st.role {
                         RoleState::Leading(l) => (l.epoch, l.repl.commit_offset()),
-                        RoleState::Following(f) => (f.state.epoch(), st.leader_commit),
+                        RoleState::Following(f) => (
+                            f.session.as_ref().map_or(f.epoch, Session::epoch),
+                            st.leader_commit,
+                        ),
                     };
                     LogReport {
                         log: name.clone(),
@@ -485,19 +506,15 @@ impl Node {
                     streams: BTreeMap::new(),
                 }))
             }
-            Role::Follow(leader) => {
-                let state =
-                    Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
-                RoleState::Following(Following {
-                    leader: leader.as_deref().map(node_idx),
-                    session: 0,
-                    phase: Phase::Idle { retry_ms: 0 },
-                    state,
-                    framed: false,
-                    withdrawing: must_withdraw(&self.id, record, log.recovering),
-                    since: 0,
-                })
-            }
+            Role::Follow(leader) => RoleState::Following(Following {
+                leader: leader.as_deref().map(node_idx),
+                id: 0,
+                session: None,
+                retry_ms: 0,
+                epoch: log.last_epoch().unwrap_or(0),
+                withdrawing: must_withdraw(&self.id, record, log.recovering),
+                since: 0,
+            }),
         };
         self.logs.insert(
             name.to_string(),
@@ -563,40 +580,37 @@ impl Node {
     /// Start a replication session where this node follows a leader and has none.
     fn follower_tick(&mut self, w: &mut World, name: &str) {
         let now = self.now_ms(w);
-        let Some(f) = following_state(&mut self.logs, name) else {
+        let Some(st) = self.logs.get_mut(name) else {
             return;
         };
-        let (Some(leader), Phase::Idle { retry_ms }) = (f.leader, &f.phase) else {
+        let RoleState::Following(f) = &mut st.role else {
             return;
         };
-        if now < *retry_ms || f.withdrawing {
+        let (Some(leader), None) = (f.leader, &f.session) else {
+            return;
+        };
+        if now < f.retry_ms || f.withdrawing {
             return;
         }
-        f.framed = false;
         f.since = w.now;
         self.next_session += 1;
-        f.session = (self.idx as u64) << 48 | self.next_session;
+        f.id = (self.idx as u64) << 48 | self.next_session;
         let log = &w.disks[self.idx].logs[name];
-        // A fresh view of the local log for each session, as the server's `Replica::new`.
-        f.state = Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
-        let msg = match log.last_epoch() {
-            Some(epoch) => {
-                f.phase = Phase::AskingEpochEnd;
-                Msg::EpochEnd {
-                    log: name.to_string(),
-                    session: f.session,
-                    epoch,
-                }
-            }
-            None => {
-                f.phase = Phase::Streaming;
-                Msg::Replicate {
-                    log: name.to_string(),
-                    session: f.session,
-                    from: log.end(),
-                    durable: log.durable_end(),
-                }
-            }
+        let (session, first) = Session::begin(local(log), st.leader_commit, log.recovering);
+        f.session = Some(session);
+        let msg = match first {
+            SessionCommand::AskEpochEnd { epoch } => Msg::EpochEnd {
+                log: name.to_string(),
+                session: f.id,
+                epoch,
+            },
+            SessionCommand::Replicate { from, durable, .. } => Msg::Replicate {
+                log: name.to_string(),
+                session: f.id,
+                from,
+                durable,
+            },
+            other => unreachable!("a session begins by asking: {other:?}"),
         };
         w.send(self.idx, leader, msg);
     }
@@ -605,7 +619,7 @@ impl Node {
     fn end_session(&mut self, w: &World, name: &str) {
         let retry_ms = self.now_ms(w) + 200;
         if let Some(f) = following_state(&mut self.logs, name) {
-            f.phase = Phase::Idle { retry_ms };
+            f.end(retry_ms);
         }
     }
 
@@ -720,7 +734,7 @@ impl Node {
                 }
             }
             Msg::Refused { log, session } => {
-                let current = matches!(self.logs.get(&log), Some(LogState { role: RoleState::Following(f), .. }) if f.session == session);
+                let current = matches!(self.logs.get(&log), Some(LogState { role: RoleState::Following(f), .. }) if f.id == session && f.session.is_some());
                 if current {
                     self.end_session(w, &log);
                 }
@@ -743,13 +757,8 @@ impl Node {
                     }
                 }
                 RoleState::Following(f) => {
-                    if f.leader == Some(peer)
-                        && f.since <= since
-                        && !matches!(f.phase, Phase::Idle { .. })
-                    {
-                        f.phase = Phase::Idle {
-                            retry_ms: now + 200,
-                        };
+                    if f.leader == Some(peer) && f.since <= since && f.session.is_some() {
+                        f.end(now + 200);
                     }
                 }
             }
@@ -910,17 +919,18 @@ impl Node {
                 l.repl.flushed(durable, now);
             }
             RoleState::Following(f) => {
-                if log.recovering && f.framed && recovered(durable, Some(f.state.leader_commit())) {
-                    log.recovering = false;
-                }
-                if let Some(ack) = f.state.flushed(durable) {
-                    if let (Some(leader), Phase::Streaming) = (f.leader, &f.phase) {
+                if let Some(s) = f.session.as_mut() {
+                    let p = s.flushed(durable);
+                    if p.recovered {
+                        log.recovering = false;
+                    }
+                    if let (Some(ack), Some(leader)) = (p.ack, f.leader) {
                         w.send(
                             self.idx,
                             leader,
                             Msg::Ack {
                                 log: name.to_string(),
-                                session: f.session,
+                                session: f.id,
                                 durable: ack,
                             },
                         );
@@ -1101,59 +1111,51 @@ impl Node {
 
     /// The leader's answer about where the follower's last epoch ends.
     fn epoch_end_is(&mut self, w: &mut World, name: &str, session: u64, epoch: u64, end: u64) {
-        let me = self.id.clone();
+        let (me, now) = (self.id.clone(), self.now_ms(w));
         let Some(st) = self.logs.get_mut(name) else {
             return;
         };
-        let leader_commit = st.leader_commit;
+        let commit = st.leader_commit;
         let RoleState::Following(f) = &mut st.role else {
             return;
         };
-        if f.session != session || f.phase != Phase::AskingEpochEnd {
-            return;
-        }
         let leader = f.leader.expect("a session has a leader");
-        let log = w.disks[self.idx].logs.get_mut(name).expect("followed log");
-        let local = LocalLog {
-            start: 0,
-            end: log.end(),
-            last_epoch: log.last_epoch(),
-            commit: leader_commit,
+        let asking = |p| matches!(p, Phase::AskingEpochEnd { .. });
+        let Some(s) = f.current(session, asking) else {
+            return;
         };
-        let step = after_epoch_end(local, epoch, end);
+        let here = local(&w.disks[self.idx].logs[name]);
+        let next = s.epoch_end(here, epoch, end);
         w.note(format_args!(
-            "{me} follows n{leader} for {name}: its epoch {:?} ends at {end} there (epoch {epoch}); here {}..{}: {step:?}",
-            local.last_epoch, local.commit, local.end
+            "{me} follows n{leader} for {name}: its epoch {:?} ends at {end} there (epoch {epoch}); here {commit}..{}: {next:?}",
+            here.last_epoch, here.end
         ));
-        let log = w.disks[self.idx].logs.get_mut(name).expect("followed log");
-        match step {
-            // The leader's history is empty: the follower refuses to truncate everything, and
-            // asks again later.
-            Err(_) => {
-                f.phase = Phase::Idle {
-                    retry_ms: self.clock.ms(w.now) + 1000,
-                };
-                return;
-            }
-            Ok(Step::Truncate { to }) => {
+        let next = match next {
+            Ok(SessionCommand::Truncate { to }) => {
+                let log = w.disks[self.idx].logs.get_mut(name).expect("followed log");
                 let removed = log.truncate(to);
-                let (now, idx) = (w.now, self.idx);
-                w.checker.truncated(now, idx, name, &removed);
+                let truncated = s.truncated(local(log));
+                let (now_us, idx) = (w.now, self.idx);
+                w.checker.truncated(now_us, idx, name, &removed);
                 w.note(format_args!(
                     "{me} truncates {name} to {to} ({} batches)",
                     removed.len()
                 ));
+                truncated
             }
-            Ok(Step::Bootstrap | Step::Fetch { .. } | Step::AskEpochEnd { .. }) => {}
-        }
-        let log = &w.disks[self.idx].logs[name];
-        f.state = Follower::new(log.end(), log.durable_end(), log.last_epoch().unwrap_or(0));
-        f.phase = Phase::Streaming;
+            Ok(next) => next,
+            // The leader's history is empty: the follower refuses to truncate everything, and
+            // asks again later.
+            Err(_) => return f.end(now + 1000),
+        };
+        let SessionCommand::Replicate { from, durable, .. } = next else {
+            unreachable!("simulated logs start at 0, so nothing bootstraps: {next:?}");
+        };
         let msg = Msg::Replicate {
             log: name.to_string(),
             session,
-            from: log.end(),
-            durable: log.durable_end(),
+            from,
+            durable,
         };
         w.send(self.idx, leader, msg);
     }
@@ -1170,35 +1172,32 @@ impl Node {
         first: u64,
         batches: Vec<Batch>,
     ) {
-        let idx = self.idx;
+        let (idx, now) = (self.idx, self.now_ms(w));
         let Some(st) = self.logs.get_mut(name) else {
             return;
         };
         let RoleState::Following(f) = &mut st.role else {
             return;
         };
-        if f.session != session || f.phase != Phase::Streaming {
+        let streaming = |p| matches!(p, Phase::Streaming { .. });
+        let Some(s) = f.current(session, streaming) else {
             return;
-        }
+        };
         let next = batches.last().map_or(first, Batch::next);
         let epochs = batches.iter().map(|b| b.epoch);
-        if f.state.accept(epoch, commit, first, next, epochs).is_err() {
-            f.phase = Phase::Idle {
-                retry_ms: self.clock.ms(w.now) + 200,
-            };
-            return;
-        }
-        f.framed = true;
+        let Ok(progress) = s.frame(epoch, commit, first, next, epochs) else {
+            return f.end(now + 200);
+        };
         let log = w.disks[idx].logs.get_mut(name).expect("followed log");
         for b in batches {
             log.append(b);
         }
-        if log.recovering && recovered(log.durable_end(), Some(f.state.leader_commit())) {
+        if progress.recovered {
             log.recovering = false;
         }
-        let written = f.state.written(log.end());
+        let written = s.written(log.end());
         let durable = log.durable_end();
-        st.leader_commit = st.leader_commit.max(f.state.leader_commit());
+        st.leader_commit = st.leader_commit.max(s.commit());
         if let (Some(ack), Some(leader)) = (written, f.leader) {
             w.send(
                 idx,
