@@ -421,6 +421,78 @@ pub fn stream_from(from: u64, start: u64, end: u64) -> Result<(), StreamRefusal>
     Ok(())
 }
 
+/// One follower's replication stream as its leader serves it, without I/O: what goes out next
+/// (the records it has not had, or the commit offset alone when only that moved) and what the
+/// follower's acknowledgements may count. The server's send loop and the simulator's both
+/// follow it; when to send (waiting for records, lingering before a commit-only frame, the
+/// catch-up rate) is theirs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    /// Everything below was sent.
+    sent: u64,
+    /// The commit offset the last frame carried.
+    commit_sent: Option<u64>,
+}
+
+/// What an [`Outbound`] stream sends next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    /// The records from `from` on (as many as a frame holds), with the commit offset.
+    Records { from: u64 },
+    /// No records: a frame with the commit offset alone, which moved since the last frame
+    /// (followers serve reads up to it).
+    Commit,
+    /// Nothing until the log or the commit offset moves.
+    Nothing,
+}
+
+impl Outbound {
+    /// A stream from `from` of a log that holds `start..end` ([`stream_from`]).
+    pub fn open(from: u64, start: u64, end: u64) -> Result<Outbound, StreamRefusal> {
+        stream_from(from, start, end)?;
+        Ok(Outbound {
+            sent: from,
+            commit_sent: None,
+        })
+    }
+
+    /// What to send now that the log is written up to `written` and committed up to
+    /// `commit`.
+    pub fn next(&self, written: u64, commit: u64) -> Outgoing {
+        if self.sent < written {
+            Outgoing::Records { from: self.sent }
+        } else if self.commit_sent != Some(commit) {
+            Outgoing::Commit
+        } else {
+            Outgoing::Nothing
+        }
+    }
+
+    /// A frame went out: the records up to `next` (`next` = [`Outbound::sent`] for a
+    /// commit-only frame) with commit offset `commit`.
+    pub fn sent(&mut self, next: u64, commit: u64) {
+        assert!(
+            next >= self.sent,
+            "a stream goes forward: {next} after {}",
+            self.sent
+        );
+        self.sent = next;
+        self.commit_sent = Some(commit);
+    }
+
+    /// Everything below this offset was sent.
+    pub fn sent_until(&self) -> u64 {
+        self.sent
+    }
+
+    /// What a follower's report of holding `durable` durably may count: never what was not
+    /// sent on this stream (it may have held more from an earlier leader that this one has
+    /// not confirmed).
+    pub fn counted(&self, durable: u64) -> u64 {
+        durable.min(self.sent)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -641,5 +713,32 @@ mod tests {
             Err(StreamRefusal::Bootstrap { start: 5 })
         );
         assert_eq!(stream_from(10, 5, 9), Err(StreamRefusal::Ahead { end: 9 }));
+    }
+
+    #[test]
+    fn a_stream_sends_what_the_follower_has_not_had_and_counts_only_what_it_sent() {
+        assert_eq!(
+            Outbound::open(4, 5, 9),
+            Err(StreamRefusal::Bootstrap { start: 5 })
+        );
+        let mut out = Outbound::open(6, 5, 9).unwrap();
+        // Records first, with the commit offset.
+        assert_eq!(out.next(9, 3), Outgoing::Records { from: 6 });
+        assert_eq!(out.counted(8), 6, "nothing of this stream was sent yet");
+        out.sent(9, 3);
+        assert_eq!(out.next(9, 3), Outgoing::Nothing);
+        assert_eq!(out.counted(12), 9);
+        // The commit offset alone when only it moved.
+        assert_eq!(out.next(9, 7), Outgoing::Commit);
+        out.sent(9, 7);
+        assert_eq!(out.next(9, 7), Outgoing::Nothing);
+        assert_eq!(out.next(11, 7), Outgoing::Records { from: 9 });
+    }
+
+    #[test]
+    #[should_panic(expected = "a stream goes forward")]
+    fn a_stream_never_goes_back() {
+        let mut out = Outbound::open(6, 5, 9).unwrap();
+        out.sent(5, 0);
     }
 }

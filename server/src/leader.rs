@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use log_core::{Epoch, Log, Offset};
-use node_core::log::{LeaderAction, LeaderRules, LevelRefusal, StreamRefusal};
+use node_core::log::{LeaderAction, LeaderRules, LevelRefusal, Outbound, Outgoing, StreamRefusal};
 use protocol::replication::{Event, Leader, Progress};
 use protocol::{Acks, ErrorCode, FollowerStatus, LogReplication, ReplicateRequest, Request};
 use tokio::sync::Notify;
@@ -449,8 +449,8 @@ pub(crate) async fn serve(
     }
     let log = &entry.log;
     let (start, end) = (log.start_offset().0, log.next_offset().0);
-    match node_core::log::stream_from(req.from, start, end) {
-        Ok(()) => {}
+    let out = match Outbound::open(req.from, start, end) {
+        Ok(out) => Rc::new(RefCell::new(out)),
         Err(StreamRefusal::Bootstrap { start }) => {
             return Err((
                 ErrorCode::OffsetOutOfRange,
@@ -471,7 +471,7 @@ pub(crate) async fn serve(
                 start,
             ))
         }
-    }
+    };
     let name = req.log.clone();
     let follower = req.follower.clone();
     let generation = {
@@ -493,23 +493,22 @@ pub(crate) async fn serve(
                 .is_some_and(|p| p.generation == generation)
     };
     log.pin(&pin_name(&follower), Offset(req.from));
-    let events =
-        repl.state
-            .borrow_mut()
-            .connected(&follower, req.durable.min(req.from), repl.now_ms());
+    let durable = out.borrow().counted(req.durable);
+    let events = repl
+        .state
+        .borrow_mut()
+        .connected(&follower, durable, repl.now_ms());
     repl.events(&name, &shard, events);
     tracing::info!(log = %name, follower = %follower, from = req.from, "follower connected");
 
-    // Everything below `sent` has been sent: a follower cannot acknowledge more.
-    let sent = Rc::new(std::cell::Cell::new(req.from));
     // When each frame went out (its end offset), to time the follower's acknowledgements.
     let in_flight: Rc<InFlight> = Default::default();
     let acks = {
-        let (shard, repl, follower, sent, name) = (
+        let (shard, repl, follower, out, name) = (
             shard.clone(),
             repl.clone(),
             follower.clone(),
-            sent.clone(),
+            out.clone(),
             name.clone(),
         );
         let in_flight = in_flight.clone();
@@ -524,7 +523,8 @@ pub(crate) async fn serve(
                         if !current(&repl) {
                             return;
                         }
-                        let durable = durable.min(sent.get());
+                        // A follower cannot acknowledge what this stream did not send.
+                        let durable = out.borrow().counted(durable);
                         let mut newest = None;
                         {
                             let mut q = in_flight.borrow_mut();
@@ -563,8 +563,7 @@ pub(crate) async fn serve(
         &repl,
         &follower,
         send,
-        req.from,
-        (&sent, &in_flight),
+        (&out, &in_flight),
         &current,
     );
     tokio::select! {
@@ -590,15 +589,12 @@ async fn send_loop(
     repl: &Replication,
     follower: &str,
     send: &mut quinn::SendStream,
-    from: u64,
-    (sent, in_flight): (&std::cell::Cell<u64>, &InFlight),
+    (out, in_flight): (&RefCell<Outbound>, &InFlight),
     current: &dyn Fn(&Replication) -> bool,
 ) {
     let log = &entry.log;
     let cfg = &shard.common.config.replication;
     let epoch: Epoch = entry.epoch;
-    let mut pos = Offset(from);
-    let mut commit_sent = None;
     let mut bulk = false;
     // Bulk bytes sent since bulk mode began, and when it began (for the rate limit).
     let mut bulk_sent = 0u64;
@@ -610,7 +606,9 @@ async fn send_loop(
         let changed = repl.changed.notified();
         let written = log.end_offset();
         let commit = repl.commit().0;
-        if pos < written {
+        let next = out.borrow().next(written.0, commit);
+        if let Outgoing::Records { from } = next {
+            let pos = Offset(from);
             // A follower far behind is served at bulk priority (the live tail of every other
             // log on the same connection goes first) and at a bounded rate.
             let behind = log.bytes_from(pos).unwrap_or(0);
@@ -648,16 +646,14 @@ async fn send_loop(
                     p.catchup_done += len as u64;
                 }
             }
-            pos = read.next_offset;
-            sent.set(pos.0);
+            out.borrow_mut().sent(read.next_offset.0, commit);
             {
                 let mut q = in_flight.borrow_mut();
                 if q.len() == IN_FLIGHT_TIMED_MAX {
                     q.pop_front();
                 }
-                q.push_back((pos.0, Instant::now()));
+                q.push_back((read.next_offset.0, Instant::now()));
             }
-            commit_sent = Some(commit);
             let m = &shard.common.metrics.c;
             m.replicated_bytes.fetch_add(len as u64, Ordering::Relaxed);
             if bulk {
@@ -682,7 +678,8 @@ async fn send_loop(
                 (p.catchup_done, p.catchup_total) = (0, 0);
             }
         }
-        if commit_sent != Some(commit) {
+        let pos = Offset(out.borrow().sent_until());
+        if next == Outgoing::Commit {
             // Nothing new to send, but the commit offset moved: followers serve reads up to it.
             // New records usually follow at once and carry the commit offset with them, so a
             // frame for the commit offset alone waits a moment for them.
@@ -705,7 +702,7 @@ async fn send_loop(
             {
                 return;
             }
-            commit_sent = Some(commit);
+            out.borrow_mut().sent(pos.0, commit);
             continue;
         }
         let next = log.next_offset();

@@ -11,8 +11,8 @@ use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
 use node_core::controller::meta::{Command, Member, NodeId};
 use node_core::follow::{Command as SessionCommand, Local, Phase, Session};
 use node_core::log::{
-    choose_role, confirm, may_write, must_withdraw, stream_from, LeaderAction, LeaderRules,
-    LevelRefusal, LogRecord, Renewals, Role, Withdrawals,
+    choose_role, confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal,
+    LogRecord, Outbound, Outgoing, Renewals, Role, Withdrawals,
 };
 use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
 use protocol::replication::{Insufficient, Leader, Progress, ReplicationConfig};
@@ -76,9 +76,8 @@ struct Stream {
     session: u64,
     /// When it began (us).
     since: u64,
-    /// Everything below was sent.
-    sent: u64,
-    commit_sent: Option<u64>,
+    /// What goes out next (the node core's).
+    out: Outbound,
 }
 
 struct Leading {
@@ -694,7 +693,7 @@ impl Node {
                 let now = self.now_ms(w);
                 if let Some(l) = leading_state(&mut self.logs, &log) {
                     if let Some(s) = l.streams.get(&from).filter(|s| s.session == session) {
-                        let durable = durable.min(s.sent);
+                        let durable = s.out.counted(durable);
                         l.repl.acked(&node_id(from), durable, now);
                         self.settle(w, &log);
                         self.pump(w, &log);
@@ -1018,7 +1017,10 @@ impl Node {
         let damaged: Vec<usize> = l
             .streams
             .iter()
-            .filter(|(_, s)| s.sent < end && log.rotten_in(s.sent, end).is_some())
+            .filter(|(_, s)| {
+                let sent = s.out.sent_until();
+                sent < end && log.rotten_in(sent, end).is_some()
+            })
             .map(|(f, _)| *f)
             .collect();
         for f in damaged {
@@ -1033,35 +1035,22 @@ impl Node {
             ));
         }
         for (f, s) in l.streams.iter_mut() {
-            if s.sent < end {
-                let batches = log.read_as_stored(s.sent, end);
-                out.push((
-                    *f,
-                    Msg::Replicated {
-                        log: name.to_string(),
-                        session: s.session,
-                        epoch: l.epoch,
-                        commit,
-                        first: s.sent,
-                        batches,
-                    },
-                ));
-                s.sent = end;
-                s.commit_sent = Some(commit);
-            } else if s.commit_sent != Some(commit) {
-                out.push((
-                    *f,
-                    Msg::Replicated {
-                        log: name.to_string(),
-                        session: s.session,
-                        epoch: l.epoch,
-                        commit,
-                        first: s.sent,
-                        batches: Vec::new(),
-                    },
-                ));
-                s.commit_sent = Some(commit);
-            }
+            let (first, batches) = match s.out.next(end, commit) {
+                Outgoing::Records { from } => (from, log.read_as_stored(from, end)),
+                Outgoing::Commit => (s.out.sent_until(), Vec::new()),
+                Outgoing::Nothing => continue,
+            };
+            s.out
+                .sent(batches.last().map_or(first, Batch::next), commit);
+            let msg = Msg::Replicated {
+                log: name.to_string(),
+                session: s.session,
+                epoch: l.epoch,
+                commit,
+                first,
+                batches,
+            };
+            out.push((*f, msg));
         }
         for (to, msg) in out {
             w.send(self.idx, to, msg);
@@ -1092,19 +1081,18 @@ impl Node {
             return w.send(self.idx, follower, refused);
         }
         let log = &w.disks[self.idx].logs[name];
-        if stream_from(from, 0, log.end()).is_err() {
+        let Ok(out) = Outbound::open(from, 0, log.end()) else {
             return w.send(self.idx, follower, refused);
-        }
+        };
+        l.repl.connected(&fid, out.counted(durable), now);
         l.streams.insert(
             follower,
             Stream {
                 session,
                 since: w.now,
-                sent: from,
-                commit_sent: None,
+                out,
             },
         );
-        l.repl.connected(&fid, durable.min(from), now);
         self.settle(w, name);
         self.pump(w, name);
     }
