@@ -33,9 +33,52 @@ pub struct ControlContext {
 pub type ControlFactory = Box<
     dyn FnOnce(
             ControlContext,
-        ) -> Result<std::sync::Arc<crate::controller::node::NodeController>, String>
+        )
+            -> Result<std::sync::Arc<crate::controller::node::NodeController>, ControlError>
         + Send,
 >;
+
+/// Why the embedded controller did not start, or refuses the data dir.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// `controller.members` is not a valid member list.
+    #[error("controller members: {0}")]
+    Members(#[source] Box<crate::Error>),
+    /// The controller's peer transport did not start.
+    #[error("controller transport: {what}: {source}")]
+    Transport {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] crate::controller::driver::StartFail),
+    /// The data dir names a cluster, but the controller state that would remember its votes
+    /// is gone.
+    #[error("this data dir belongs to cluster {recorded} ({}) but its controller state ({}) is missing: it was wiped or restored from an old copy; give the node a new, empty data dir", file.display(), state.display())]
+    StateMissing {
+        recorded: String,
+        file: std::path::PathBuf,
+        state: std::path::PathBuf,
+    },
+    /// The data dir belongs to another cluster than its controller state.
+    #[error("this data dir belongs to cluster {recorded} ({}), but its controller state is of cluster {found}", file.display())]
+    OtherCluster {
+        recorded: String,
+        found: String,
+        file: std::path::PathBuf,
+    },
+    /// The data dir's cluster id file cannot be read.
+    #[error("read {}: {source}", path.display())]
+    ReadClusterId {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cluster id cannot be recorded in the data dir.
+    #[error("record the cluster id: {0}")]
+    RecordClusterId(#[source] crate::controller::storage::StorageError),
+}
 
 /// Split a controller frame stream's bytes into (sender id, frame).
 pub(crate) fn parse_frame(bytes: &[u8]) -> Option<(&str, &[u8])> {

@@ -42,6 +42,8 @@ pub enum Error {
     Config(String),
     #[error("tls: {0}")]
     Tls(String),
+    #[error("controller: {0}")]
+    Controller(#[source] control::ControlError),
     /// An operating-system call failed; `what` names the call and what it was on.
     #[error("{what}: {source}")]
     Io {
@@ -236,7 +238,7 @@ impl Node {
                     peer_client: node_tls.peer_client.clone(),
                     local_addr,
                 })
-                .map_err(|e| Error::Config(format!("controller: {e}")))?,
+                .map_err(Error::Controller)?,
             ),
             None => None,
         };

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::control::{ControlContext, ControlFactory, LogRecord};
+use crate::control::{ControlContext, ControlError, ControlFactory, LogRecord};
 use crate::NodeConfig;
 use bytes::Bytes;
 
@@ -253,32 +253,31 @@ fn problem(
 pub const CLUSTER_ID_FILE: &str = "cluster-id";
 
 /// The cluster id recorded in `data_dir`, if any.
-fn recorded_cluster_id(data_dir: &std::path::Path) -> Result<Option<String>, String> {
+fn recorded_cluster_id(data_dir: &std::path::Path) -> Result<Option<String>, ControlError> {
     let path = data_dir.join(CLUSTER_ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(s) => Ok(Some(s.trim().to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("read {}: {e}", path.display())),
+        Err(source) => Err(ControlError::ReadClusterId { path, source }),
     }
 }
 
 /// Refuse a data dir that belongs to another cluster, or whose controller state is gone while
 /// it says it belonged to one (wiped or restored: it would vote without remembering what it
 /// voted for). `meta_id` is the cluster id in the controller state found at start (empty: none).
-pub fn check_cluster_id(data_dir: &std::path::Path, meta_id: &str) -> Result<(), String> {
-    let path = data_dir.join(CLUSTER_ID_FILE);
+pub fn check_cluster_id(data_dir: &std::path::Path, meta_id: &str) -> Result<(), ControlError> {
+    let file = data_dir.join(CLUSTER_ID_FILE);
     match recorded_cluster_id(data_dir)? {
-        Some(id) if meta_id.is_empty() => Err(format!(
-            "this data dir belongs to cluster {id} ({}) but its controller state ({}) is missing: \
-             it was wiped or restored from an old copy; give the node a new, empty data dir",
-            path.display(),
-            data_dir.join("controller").display()
-        )),
-        Some(id) if id != meta_id => Err(format!(
-            "this data dir belongs to cluster {id} ({}), but its controller state is of cluster \
-             {meta_id}",
-            path.display()
-        )),
+        Some(recorded) if meta_id.is_empty() => Err(ControlError::StateMissing {
+            recorded,
+            file,
+            state: data_dir.join("controller"),
+        }),
+        Some(recorded) if recorded != meta_id => Err(ControlError::OtherCluster {
+            recorded,
+            found: meta_id.to_string(),
+            file,
+        }),
         Some(_) => Ok(()),
         None if meta_id.is_empty() => Ok(()),
         None => record_cluster_id(data_dir, meta_id),
@@ -286,17 +285,17 @@ pub fn check_cluster_id(data_dir: &std::path::Path, meta_id: &str) -> Result<(),
 }
 
 /// Write the cluster id into the data dir (atomically, durably).
-fn record_cluster_id(data_dir: &std::path::Path, id: &str) -> Result<(), String> {
+fn record_cluster_id(data_dir: &std::path::Path, id: &str) -> Result<(), ControlError> {
     super::storage::write_atomic(data_dir, CLUSTER_ID_FILE, format!("{id}\n").as_bytes())
-        .map_err(|e| e.to_string())
+        .map_err(ControlError::RecordClusterId)
 }
 
 /// The members of `cfg` as the controller numbers them (Raft id = position + 1).
-pub fn members(cfg: &NodeConfig) -> Result<BTreeMap<String, Member>, String> {
+pub fn members(cfg: &NodeConfig) -> Result<BTreeMap<String, Member>, ControlError> {
     Ok(cfg
         .controller
         .member_list()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ControlError::Members(Box::new(e)))?
         .into_iter()
         .enumerate()
         .map(|(i, (id, addr))| {
@@ -339,8 +338,7 @@ pub fn factory(cfg: &NodeConfig) -> (ControlFactory, Arc<Mutex<Option<Arc<NodeCo
                 }),
             },
             Arc::new(transport),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let found = controller.state().borrow().meta.cluster_id.clone();
         if let Err(e) = check_cluster_id(&cfg.node.data_dir, &found) {
             controller.stop();
@@ -486,11 +484,15 @@ mod tests {
         // Another cluster's controller state: refused.
         let e = check_cluster_id(dir.path(), "beef").unwrap_err();
         assert!(
-            e.contains("belongs to cluster c0ffee") && e.contains("of cluster beef"),
+            matches!(&e, ControlError::OtherCluster { recorded, found, .. } if recorded == "c0ffee" && found == "beef"),
             "{e}"
         );
         // The controller state is gone: refused.
         let e = check_cluster_id(dir.path(), "").unwrap_err();
-        assert!(e.contains("missing"), "{e}");
+        assert!(
+            matches!(&e, ControlError::StateMissing { recorded, .. } if recorded == "c0ffee"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 }

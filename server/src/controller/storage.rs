@@ -133,7 +133,11 @@ pub enum StorageError {
     /// (and re-validated from disk). A failed fsync is never retried: the kernel may have
     /// dropped the dirty pages, and a retry could report lost data as durable.
     #[error("raft storage in {} failed and accepts no writes until reopened: {cause}", dir.display())]
-    Failed { dir: PathBuf, cause: String },
+    Failed {
+        dir: PathBuf,
+        #[source]
+        cause: std::sync::Arc<StorageError>,
+    },
 }
 
 impl StorageError {
@@ -191,7 +195,7 @@ pub struct DiskStorage {
     /// The last entry's index (the snapshot's when there is none after it).
     last: u64,
     /// Why an earlier write failed. While set, every write is refused.
-    failed: Option<String>,
+    failed: Option<std::sync::Arc<StorageError>>,
 }
 
 impl DiskStorage {
@@ -567,13 +571,18 @@ impl DiskStorage {
         write: impl FnOnce(&mut Self) -> Result<(), StorageError>,
     ) -> Result<(), StorageError> {
         self.check_failed()?;
-        let result = write(self);
-        if let Err(e) = &result {
-            if !e.is_no_space() {
-                self.failed = Some(e.to_string());
+        match write(self) {
+            Err(e) if !e.is_no_space() => {
+                // The first failure is what every later write is refused with.
+                let cause = std::sync::Arc::new(e);
+                self.failed = Some(cause.clone());
+                Err(StorageError::Failed {
+                    dir: self.dir.clone(),
+                    cause,
+                })
             }
+            result => result,
         }
-        result
     }
 
     fn invalid(&self, detail: String) -> StorageError {
@@ -959,6 +968,33 @@ mod tests {
         // Refusals write nothing and do not fail the storage.
         s.append(&entries(3..=3, 1)).unwrap();
         assert_eq!(s.last_index().unwrap(), 3);
+    }
+
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn after_a_failed_write_every_write_is_refused_with_its_cause_until_reopened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        s.append(&entries(1..=2, 1)).unwrap();
+        log_core::fault::inject(&tmp.path().join(LOG_DIR), "fdatasync", 0);
+        let first = s.append(&entries(3..=3, 1)).unwrap_err();
+        let StorageError::Failed { cause, .. } = &first else {
+            panic!("{first}");
+        };
+        assert!(matches!(**cause, StorageError::Log { .. }), "{cause}");
+        assert!(!first.is_no_space(), "a failed sync is never retried");
+        // Every later write is refused with the first failure as its cause.
+        let later = s.set_hardstate(hard_state(1, 1, 2)).unwrap_err();
+        match &later {
+            StorageError::Failed { cause: c, .. } => assert!(std::sync::Arc::ptr_eq(c, cause)),
+            other => panic!("{other}"),
+        }
+        drop(s);
+        // Reopened, it holds what was durable before the failure and takes writes again.
+        let mut s = DiskStorage::open(tmp.path(), &VOTERS).unwrap();
+        assert_eq!(all_entries(&s)[..2], entries(1..=2, 1)[..]);
+        let last = s.last_index().unwrap();
+        s.append(&entries(last + 1..=last + 1, 1)).unwrap();
     }
 
     /// The log's only segment file (offset 1 on).

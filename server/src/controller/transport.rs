@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::driver::Transport;
 use super::meta::NodeId;
+use crate::control::ControlError;
 
 /// How long connecting to a member may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -32,7 +33,8 @@ impl QuicTransport {
         addrs: HashMap<NodeId, SocketAddr>,
         client: quinn::ClientConfig,
         bind: SocketAddr,
-    ) -> Result<QuicTransport, String> {
+    ) -> Result<QuicTransport, ControlError> {
+        let fail = |what| move |source| ControlError::Transport { what, source };
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -44,7 +46,7 @@ impl QuicTransport {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(fail("runtime")(e)));
                         return;
                     }
                 };
@@ -52,7 +54,7 @@ impl QuicTransport {
                     let mut endpoint = match quinn::Endpoint::client(bind) {
                         Ok(ep) => ep,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(format!("controller endpoint: {e}")));
+                            let _ = ready_tx.send(Err(fail("endpoint")(e)));
                             return;
                         }
                     };
@@ -61,10 +63,10 @@ impl QuicTransport {
                     route(me, addrs, endpoint, rx).await;
                 });
             })
-            .map_err(|e| format!("spawn: {e}"))?;
-        ready
-            .recv()
-            .map_err(|_| "the controller transport did not start".to_string())??;
+            .map_err(fail("thread"))?;
+        ready.recv().map_err(|_| {
+            fail("thread")(std::io::Error::other("ended before the transport started"))
+        })??;
         Ok(QuicTransport { tx })
     }
 }
