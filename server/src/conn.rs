@@ -7,16 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use protocol::{
-    ErrorCode, LogInfo, LogReplication, ProtocolError, Request, Response, StatusResponse,
-};
+use protocol::{ErrorCode, LogInfo, LogReplication, Request, Response, StatusResponse};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
+use crate::common::ShardMsg;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
-use crate::service::{reply, reply_error};
-use crate::shard::{Shard, ShardMsg};
+use crate::shard::Shard;
+use crate::wire::{read_request, reply, reply_error, ReadFail};
 use crate::Error;
 use protocol::close_code;
 
@@ -124,9 +123,6 @@ async fn refuse_uni_streams(conn: quinn::Connection) {
     }
 }
 
-/// Where a node keeps the divergent suffixes it truncated, under its data dir.
-pub(crate) const QUARANTINE_DIR: &str = "quarantine";
-
 /// The ALPN protocol the connection agreed on.
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?
@@ -175,7 +171,7 @@ async fn control_frames(
     let mut verified: Option<String> = None;
     while let Ok(mut recv) = conn.accept_uni().await {
         let bytes = match recv
-            .read_to_end(crate::control::CONTROL_FRAME_BYTES_MAX)
+            .read_to_end(crate::controller::CONTROL_FRAME_BYTES_MAX)
             .await
         {
             Ok(b) => b,
@@ -184,7 +180,7 @@ async fn control_frames(
                 continue;
             }
         };
-        let Some((from, frame)) = crate::control::parse_frame(&bytes) else {
+        let Some((from, frame)) = crate::controller::parse_frame(&bytes) else {
             tracing::warn!(peer = %conn.remote_address(), "malformed controller frame");
             continue;
         };
@@ -215,14 +211,14 @@ async fn serve_peer_stream(
     let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
         Ok(r) => r,
         Err(ReadFail::Answer(code, msg)) => {
-            return reply_error(&shard, &mut send, code, &msg).await
+            return reply_error(&shard.common, &mut send, code, &msg).await
         }
         Err(ReadFail::Gone) => return,
     };
     let log = match &req {
         Request::ListLogs => {
             let (logs, _) = all_logs(&shard).await;
-            return reply(&shard, &mut send, &Response::Logs(logs)).await;
+            return reply(&shard.common, &mut send, &Response::Logs(logs)).await;
         }
         Request::Replicate(r) => {
             if let Err(e) = crate::tls::verify_peer(&*shard.common.cluster, &conn, &r.follower) {
@@ -233,7 +229,7 @@ async fn serve_peer_stream(
                     .auth_failures
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %conn.remote_address(), follower = %r.follower, error = %e, "replication refused");
-                return reply_error(&shard, &mut send, ErrorCode::Unauthenticated, &e).await;
+                return reply_error(&shard.common, &mut send, ErrorCode::Unauthenticated, &e).await;
             }
             r.log.clone()
         }
@@ -245,7 +241,7 @@ async fn serve_peer_stream(
         _ => {
             let msg =
                 "a peer connection carries only list_logs, replicate, epoch_end, get_snapshot, read and checksum";
-            return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
+            return reply_error(&shard.common, &mut send, ErrorCode::UnknownMessage, msg).await;
         }
     };
     let recv = matches!(req, Request::Replicate(_)).then_some(recv);
@@ -272,10 +268,10 @@ async fn authenticate(shard: &Rc<Shard>, conn: &quinn::Connection) -> bool {
         _ => false,
     };
     if ok {
-        reply(shard, &mut send, &Response::Ok).await;
+        reply(&shard.common, &mut send, &Response::Ok).await;
     } else {
         reply_error(
-            shard,
+            &shard.common,
             &mut send,
             ErrorCode::Unauthenticated,
             "a valid token is required",
@@ -286,60 +282,13 @@ async fn authenticate(shard: &Rc<Shard>, conn: &quinn::Connection) -> bool {
     ok
 }
 
-/// Why no request came out of a stream.
-pub(crate) enum ReadFail {
-    /// Answer with this error.
-    Answer(ErrorCode, String),
-    /// The stream is gone; nobody to answer.
-    Gone,
-}
-
-impl From<ProtocolError> for ReadFail {
-    fn from(e: ProtocolError) -> Self {
-        ReadFail::Answer(e.code(), e.to_string())
-    }
-}
-
-/// Read exactly one request frame. The body is allocated only after the header passed its
-/// limits.
-pub(crate) async fn read_request(
-    recv: &mut quinn::RecvStream,
-    cfg: &NodeConfig,
-    limits: &protocol::Limits,
-) -> Result<Request, ReadFail> {
-    let timeout = Duration::from_millis(cfg.limits.request_timeout_ms as u64);
-    let mut reader = frames::FrameReader::requests();
-    match tokio::time::timeout(timeout, read_frame(&mut reader, recv, limits)).await {
-        Ok(r) => r,
-        Err(_) => Err(ReadFail::Answer(
-            ErrorCode::Timeout,
-            format!("no complete request within {} ms", timeout.as_millis()),
-        )),
-    }
-}
-
-/// Read one request frame, however long it takes to come. A stream that ends before a frame
-/// is a truncated request.
-pub(crate) async fn read_frame(
-    reader: &mut frames::FrameReader,
-    recv: &mut quinn::RecvStream,
-    limits: &protocol::Limits,
-) -> Result<Request, ReadFail> {
-    match reader.request(recv, limits).await {
-        Ok(Some(req)) => Ok(req),
-        Ok(None) => Err(ProtocolError::Truncated("frame header").into()),
-        Err(frames::ReadFail::Protocol(e)) => Err(e.into()),
-        Err(frames::ReadFail::Stream(_)) => Err(ReadFail::Gone),
-    }
-}
-
 async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let cfg = &shard.common.config;
     let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
         Ok(r) => r,
         Err(ReadFail::Answer(code, msg)) => {
             tracing::debug!(code = code.name(), %msg, "bad request");
-            reply_error(&shard, &mut send, code, &msg).await;
+            reply_error(&shard.common, &mut send, code, &msg).await;
             return;
         }
         Err(ReadFail::Gone) => return,
@@ -353,12 +302,12 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
     let log = match &req {
         r if r.is_peer() => {
             let msg = "peer requests are accepted only from nodes, on the replog-peer/1 ALPN";
-            return reply_error(&shard, &mut send, ErrorCode::UnknownMessage, msg).await;
+            return reply_error(&shard.common, &mut send, ErrorCode::UnknownMessage, msg).await;
         }
-        Request::Auth { .. } => return reply(&shard, &mut send, &Response::Ok).await,
+        Request::Auth { .. } => return reply(&shard.common, &mut send, &Response::Ok).await,
         Request::ListLogs => {
             let (logs, _) = all_logs(&shard).await;
-            return reply(&shard, &mut send, &Response::Logs(logs)).await;
+            return reply(&shard.common, &mut send, &Response::Logs(logs)).await;
         }
         Request::Status => {
             let c = &shard.common;
@@ -378,7 +327,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                 replication,
                 controller: c.control.as_ref().map(|c| c.status()),
                 quarantined: follower::quarantine::list(
-                    &c.config.node.data_dir.join(QUARANTINE_DIR),
+                    &c.config.node.data_dir.join(crate::layout::QUARANTINE_DIR),
                 )
                 .into_iter()
                 .map(|q| protocol::Quarantined {
@@ -394,7 +343,12 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
                 .collect(),
                 damaged: c.damaged.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             };
-            return reply(&shard, &mut send, &Response::Status(Box::new(status))).await;
+            return reply(
+                &shard.common,
+                &mut send,
+                &Response::Status(Box::new(status)),
+            )
+            .await;
         }
         Request::CreateLog { name, .. } => name,
         Request::Transfer { log, .. } => log,
@@ -438,7 +392,7 @@ async fn forward(
     {
         if let ShardMsg::Stream { mut send, .. } = e.0 {
             reply_error(
-                &shard,
+                &shard.common,
                 &mut send,
                 ErrorCode::ShuttingDown,
                 "the node is shutting down",

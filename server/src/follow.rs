@@ -213,7 +213,7 @@ fn wants(shard: &Shard, leader: SocketAddr) -> bool {
 fn replicated_from(
     shard: &Shard,
     control: &crate::controller::node::NodeController,
-    r: &crate::control::LogRecord,
+    r: &crate::controller::LogRecord,
 ) -> Option<SocketAddr> {
     let me = &shard.common.node_id;
     if !r.replicas.contains(me) {
@@ -262,7 +262,7 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
         addr: shard.common.advertise.to_string(),
         limits: cfg.protocol_limits(),
         stages: Some(stage_metrics(&shard)),
-        quarantine_dir: Some(cfg.node.data_dir.join(crate::conn::QUARANTINE_DIR)),
+        quarantine_dir: Some(cfg.node.data_dir.join(crate::layout::QUARANTINE_DIR)),
         on_quarantine: Some({
             let metrics = shard.common.metrics.clone();
             Rc::new(move |r: &follower::quarantine::Report| {

@@ -1,425 +1,29 @@
-//! The leader role: replication streams to followers, the sync set, the commit offset, and
-//! appends that wait for replicas.
-//!
-//! Decisions are `protocol::replication::Leader`'s; this module feeds it events (appends, the
-//! log's fdatasync progress, acknowledgements, connections, time) and acts on what it says.
-//! One [`Replication`] per log lives on the shard that owns the log.
+//! The leader's replication streams to followers: each follower's stream is served from where
+//! it asks (`node_core::log::Outbound` decides what goes out next), its acknowledgements fed
+//! to the log's [`Replication`], and a follower's question about where an epoch ends is
+//! answered from the log's epoch history.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use log_core::{Epoch, Log, Offset};
-use node_core::log::{LeaderAction, LeaderRules, LevelRefusal, Outbound, Outgoing, StreamRefusal};
-use protocol::replication::{Event, Leader, Progress};
-use protocol::{Acks, ErrorCode, FollowerStatus, LogReplication, ReplicateRequest, Request};
-use tokio::sync::Notify;
+use node_core::log::{Outbound, Outgoing, StreamRefusal};
+use protocol::{ErrorCode, ReplicateRequest, Request};
 
+use crate::replication::{pin_name, Replication};
 use crate::shard::{LogEntry, Shard};
 
-/// How often the leader re-checks lag bounds by time (and refreshes exported lag figures).
-pub(crate) const TICK: Duration = Duration::from_millis(100);
 /// Frames sent to a follower and not yet acknowledged: (end offset, when sent), oldest first.
 type InFlight = RefCell<VecDeque<(u64, Instant)>>;
-
 /// Most frames per follower stream whose send time is kept for the acknowledgement latency
 /// histogram (older ones are forgotten, not measured).
 const IN_FLIGHT_TIMED_MAX: usize = 4096;
 /// How long a new commit offset waits for records to travel with before it is sent alone.
 const COMMIT_LINGER: Duration = Duration::from_millis(1);
-
-/// The pin a follower holds on the leader's log, so retention keeps what it still needs.
-fn pin_name(follower: &str) -> String {
-    format!("follower:{follower}")
-}
-
-/// A follower's stream, as the leader tracks it beyond the replication state.
-#[derive(Default)]
-struct Peer {
-    addr: String,
-    /// Bumped by every new stream from this follower: an older stream that ends does not mark
-    /// the follower disconnected, and stops sending.
-    generation: u64,
-    /// Bulk catch-up progress (bytes sent, bytes there were to send); zero when live.
-    catchup_done: u64,
-    catchup_total: u64,
-}
-
-/// The leader's replication state of one log.
-pub(crate) struct Replication {
-    pub state: RefCell<Leader>,
-    /// Woken whenever acknowledgements, fdatasync or membership moved anything.
-    pub changed: Rc<Notify>,
-    peers: RefCell<BTreeMap<String, Peer>>,
-    origin: Instant,
-    /// Set while acks=sync appends are acknowledged degraded (to warn once per episode).
-    degraded: std::cell::Cell<bool>,
-    /// The rules around the replication state (`node_core::log`), on the clock of `origin`.
-    rules: RefCell<LeaderRules>,
-    /// Set when this node stops leading the log: appends still waiting give up.
-    deposed: std::cell::Cell<bool>,
-}
-
-impl Replication {
-    pub fn new(
-        node_id: &str,
-        shard: &Shard,
-        name: &str,
-        log: &Log,
-        changed: Rc<Notify>,
-    ) -> Replication {
-        let cfg = &shard.common.config;
-        let followers = shard.followers_of(name);
-        let mut policy = cfg.replication_config().expect("validated at start");
-        policy.sync_replicas = cfg.replication.sync_replicas.min(followers.len());
-        let flushed = log.flush_offset().0;
-        let mut state = Leader::new(node_id, policy, log.next_offset().0, flushed, 0);
-        for f in &followers {
-            state.register(f, 0);
-        }
-        if shard.common.control.is_some() {
-            state.expect_controller();
-        }
-        state.flushed(flushed, 0);
-        Replication {
-            state: RefCell::new(state),
-            changed,
-            peers: RefCell::new(BTreeMap::new()),
-            origin: Instant::now(),
-            degraded: Default::default(),
-            rules: RefCell::new(LeaderRules::new(0)),
-            deposed: Default::default(),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    /// The followers that have connected, with the address each announced.
-    pub fn follower_addrs(&self) -> Vec<(String, std::net::SocketAddr)> {
-        self.peers
-            .borrow()
-            .iter()
-            .filter_map(|(id, p)| Some((id.clone(), p.addr.parse().ok()?)))
-            .collect()
-    }
-
-    /// How long this node has led the log in this epoch.
-    pub fn leading_for(&self) -> Duration {
-        self.origin.elapsed()
-    }
-
-    pub fn commit(&self) -> Offset {
-        Offset(self.state.borrow().commit_offset())
-    }
-
-    /// Act on what the state machine said: log membership changes, and wake waiters.
-    fn events(&self, log: &str, shard: &Shard, events: Vec<Event>) {
-        let mut woke = false;
-        for e in events {
-            match e {
-                Event::Joined(id) => {
-                    tracing::info!(log, follower = %id, "follower joined the sync set");
-                    shard
-                        .common
-                        .metrics
-                        .c
-                        .sync_set_changes
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Left(id, reason) => {
-                    tracing::warn!(log, follower = %id, ?reason, "follower left the sync set");
-                    shard
-                        .common
-                        .metrics
-                        .c
-                        .sync_set_changes
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Committed(_) => {}
-            }
-            woke = true;
-        }
-        if woke {
-            self.changed.notify_waiters();
-        }
-    }
-
-    /// The leader appended: its log now ends at `end`.
-    pub fn appended(&self, end: Offset) {
-        let now = self.now_ms();
-        self.state.borrow_mut().appended(end.0, now);
-    }
-
-    /// Bring the state machine up to the log's own end and fdatasync. The driver does it on
-    /// every flush and tick; an append does it too before deciding, since it may be woken by
-    /// the same flush before the driver, and its receipt must name the leader as a holder.
-    pub fn observe(&self, log_name: &str, shard: &Shard, log: &Log) {
-        let now = self.now_ms();
-        let events = {
-            let mut st = self.state.borrow_mut();
-            st.appended(log.next_offset().0, now);
-            st.flushed(log.flush_offset().0, now)
-        };
-        self.events(log_name, shard, events);
-    }
-
-    /// Whether `acks` can be reached at all now (see `LeaderRules::admit`): an append that
-    /// cannot is refused before it is stored, so `not_enough_replicas` always means "not
-    /// stored". `window` is `replication.create_wait_ms`.
-    pub fn admit(&self, acks: Acks, window: Duration) -> Result<(), LevelRefusal> {
-        let now = self.now_ms();
-        self.rules
-            .borrow_mut()
-            .admit(&self.state.borrow(), acks, now, window.as_millis() as u64)
-    }
-
-    /// Wait until the append ending at `next` reaches `acks`, or `deadline`.
-    pub async fn wait(
-        &self,
-        log_name: &str,
-        shard: &Shard,
-        acks: Acks,
-        next: Offset,
-        deadline: Instant,
-    ) -> Result<(Vec<String>, bool), WaitFail> {
-        loop {
-            let changed = self.changed.notified();
-            if self.deposed.get() {
-                return Err(WaitFail::Deposed);
-            }
-            let progress = self.state.borrow().progress(acks, next.0);
-            match progress {
-                Progress::Done { replicas, degraded } => {
-                    if degraded {
-                        shard
-                            .common
-                            .metrics
-                            .c
-                            .appends_degraded
-                            .fetch_add(1, Ordering::Relaxed);
-                        if !self.degraded.replace(true) {
-                            tracing::warn!(
-                                log = log_name,
-                                shortfall = self.state.borrow().sync_shortfall(),
-                                "acks=sync appends are acknowledged degraded: the sync set is short"
-                            );
-                        }
-                    } else if acks == Acks::Sync {
-                        self.degraded.set(false);
-                    }
-                    return Ok((replicas, degraded));
-                }
-                Progress::NotEnoughReplicas { have, need } => {
-                    return Err(WaitFail::Replicas { have, need })
-                }
-                Progress::Pending => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(WaitFail::Deadline);
-            }
-            // Losing the lease wakes nobody: it is looked at when a tick passes with no
-            // progress (an append that makes progress completes or meets its deadline).
-            let idle = tokio::time::timeout_at(deadline.min(Instant::now() + TICK).into(), changed)
-                .await
-                .is_err();
-            if idle && !matches!(acks, Acks::None | Acks::Leader) {
-                if let Some(c) = &shard.common.control {
-                    if !c.lease_ok() {
-                        return Err(WaitFail::Lease);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Drop the retention pin of every follower that would hold more than `cap` bytes.
-    pub fn release_far_pins(&self, log_name: &str, log: &Log, cap: u64) {
-        for (id, f) in self.state.borrow().followers() {
-            let held = log.bytes_from(Offset(f.durable)).unwrap_or(0);
-            if held > cap && self.peers.borrow().contains_key(id) {
-                log.unpin(&pin_name(id));
-                tracing::warn!(log = log_name, follower = %id, held, cap, "retention no longer waits for this follower; it will bootstrap");
-            }
-        }
-    }
-
-    /// Wait until an `acks=sync` append finds a full sync set (on record with the controller,
-    /// if there is one), or `deadline`. Returns whether it does. The controller's record
-    /// arrives with the driver's tick, which need not wake anyone: look again every tick.
-    pub async fn wait_writable(&self, deadline: Instant) -> bool {
-        loop {
-            let changed = self.changed.notified();
-            if self.state.borrow().sync_ready() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            let _ =
-                tokio::time::timeout_at(deadline.min(Instant::now() + TICK).into(), changed).await;
-        }
-    }
-
-    /// This node no longer leads the log: appends waiting for replicas give up.
-    pub fn depose(&self) {
-        self.deposed.set(true);
-        self.changed.notify_waiters();
-    }
-
-    /// The replicas (leader included) holding everything below `next` durably.
-    pub fn holders(&self, next: Offset) -> Vec<String> {
-        match self.state.borrow().progress(Acks::None, next.0) {
-            Progress::Done { replicas, .. } => replicas,
-            _ => Vec::new(),
-        }
-    }
-
-    pub fn status(&self, log_name: &str, log: &Log) -> LogReplication {
-        let now = self.now_ms();
-        let st = self.state.borrow();
-        let peers = self.peers.borrow();
-        let end = log.end_offset().0.max(log.next_offset().0);
-        LogReplication {
-            log: log_name.to_string(),
-            commit: st.commit_offset(),
-            sync_replicas: st.config().sync_replicas as u16,
-            sync_shortfall: st.sync_shortfall() as u16,
-            followers: st
-                .followers()
-                .iter()
-                .map(|(id, f)| {
-                    let peer = peers.get(id);
-                    let lag_records = end.saturating_sub(f.durable);
-                    FollowerStatus {
-                        id: id.clone(),
-                        addr: peer.map(|p| p.addr.clone()).unwrap_or_default(),
-                        durable: f.durable,
-                        connected: f.connected,
-                        in_sync_set: f.in_sync_set,
-                        lag_records,
-                        lag_bytes: if lag_records == 0 {
-                            0
-                        } else {
-                            log.bytes_from(Offset(f.durable)).unwrap_or(0)
-                        },
-                        lag_ms: if lag_records == 0 {
-                            0
-                        } else {
-                            now.saturating_sub(f.caught_up_ms.unwrap_or(0))
-                        },
-                        catchup_done_bytes: peer.map_or(0, |p| p.catchup_done),
-                        catchup_total_bytes: peer.map_or(0, |p| p.catchup_total),
-                    }
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Why an append did not reach its level.
-pub(crate) enum WaitFail {
-    Deadline,
-    Replicas {
-        have: usize,
-        need: usize,
-    },
-    /// This node stopped leading the log while the append waited.
-    Deposed,
-    /// This node lost contact with the controller while the append waited: another node may
-    /// be leading the log by now.
-    Lease,
-}
-
-/// Keep the state machine fed with the log's fdatasync progress and the passing of time, until
-/// the log closes.
-pub(crate) async fn drive(shard: Rc<Shard>, name: String, entry: Rc<LogEntry>) {
-    let Some(repl) = entry.leading() else { return };
-    let log = &entry.log;
-    let mut ticker = tokio::time::interval(TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let flushed = log.flush_offset();
-        let next = log.next_offset();
-        let progressed = async {
-            if next > flushed {
-                log.wait_flushed(flushed.plus(1)).await
-            } else {
-                log.wait_appended(flushed).await
-            }
-        };
-        let ticked = tokio::select! {
-            r = progressed => {
-                if r.is_err() {
-                    return;
-                }
-                false
-            }
-            _ = ticker.tick() => true,
-        };
-        if shard.closing.get() {
-            return;
-        }
-        repl.observe(&name, &shard, log);
-        let now = repl.now_ms();
-        // Committed horizon may have moved with the flush: wake readers and tails.
-        entry.changed.notify_waiters();
-        if ticked {
-            // The exported figures (lag, sync set) are refreshed with the tick, not per flush.
-            shard
-                .common
-                .metrics
-                .set_replication(&name, repl.status(&name, log));
-            if let Some(control) = &shard.common.control {
-                if let Some(record) = control.log_record(&name) {
-                    on_record(&shard, &repl, &name, &record, log, control, now);
-                }
-            }
-        }
-    }
-}
-
-/// Act on the controller's record of the log (see `LeaderRules::on_record`): confirm the sync
-/// set, propose a changed one, complete a planned transfer once its target holds everything.
-fn on_record(
-    shard: &Rc<Shard>,
-    repl: &Replication,
-    name: &str,
-    record: &crate::control::LogRecord,
-    log: &Log,
-    control: &crate::controller::node::NodeController,
-    now_ms: u64,
-) {
-    let (events, actions) = repl.rules.borrow_mut().on_record(
-        &shard.common.node_id,
-        &mut repl.state.borrow_mut(),
-        record,
-        log.next_offset().0,
-        log.flush_offset().0,
-        now_ms,
-    );
-    repl.events(name, shard, events);
-    for action in actions {
-        match action {
-            LeaderAction::ProposeSyncSet { epoch, sync_set } => {
-                control.propose_sync_set(name, epoch, sync_set)
-            }
-            LeaderAction::CompleteTransfer {
-                epoch,
-                to,
-                end,
-                sync_set,
-            } => {
-                tracing::info!(log = name, to, end, "handing the leadership over");
-                control.complete_transfer(name, epoch, &to, end, sync_set);
-            }
-        }
-    }
-}
 
 /// Serve a follower's replication stream: send it everything from `req.from` as it is written,
 /// with the commit offset, and take its acknowledgements.
@@ -437,7 +41,7 @@ pub(crate) async fn serve(
             0,
         ));
     };
-    if !shard.followers_of(&req.log).contains(&req.follower) {
+    if !shard.common.followers_of(&req.log).contains(&req.follower) {
         return Err((
             ErrorCode::Unauthenticated,
             format!(
@@ -498,7 +102,7 @@ pub(crate) async fn serve(
         .state
         .borrow_mut()
         .connected(&follower, durable, repl.now_ms());
-    repl.events(&name, &shard, events);
+    repl.events(&name, &shard.common, events);
     tracing::info!(log = %name, follower = %follower, from = req.from, "follower connected");
 
     // When each frame went out (its end offset), to time the follower's acknowledgements.
@@ -518,7 +122,7 @@ pub(crate) async fn serve(
             let limits = shard.common.config.protocol_limits();
             let mut reader = frames::FrameReader::requests();
             loop {
-                match crate::conn::read_frame(&mut reader, &mut recv, &limits).await {
+                match crate::wire::read_frame(&mut reader, &mut recv, &limits).await {
                     Ok(Request::Ack { durable }) => {
                         if !current(&repl) {
                             return;
@@ -543,7 +147,7 @@ pub(crate) async fn serve(
                             repl.state
                                 .borrow_mut()
                                 .acked(&follower, durable, repl.now_ms());
-                        repl.events(&name, &shard, events);
+                        repl.events(&name, &shard.common, events);
                         // An acknowledgement that moved no commit may still complete an
                         // acks=quorum append.
                         repl.changed.notify_waiters();
@@ -575,7 +179,7 @@ pub(crate) async fn serve(
             .state
             .borrow_mut()
             .disconnected(&follower, repl.now_ms());
-        repl.events(&name, &shard, events);
+        repl.events(&name, &shard.common, events);
         tracing::info!(log = %name, follower = %follower, "follower disconnected");
     }
     let _ = send.reset(protocol::close_code::NORMAL.into());
@@ -638,7 +242,7 @@ async fn send_loop(
                 len,
             )));
             chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
-            if !crate::service::write_all(shard, send, &mut chunks).await {
+            if !crate::wire::write_all(&shard.common, send, &mut chunks).await {
                 return;
             }
             if bulk {
@@ -698,7 +302,8 @@ async fn send_loop(
             }
             let commit = repl.commit().0;
             let prefix = protocol::encode_replicated_prefix(epoch.0, commit, pos.0, 0);
-            if !crate::service::write_all(shard, send, &mut [Bytes::copy_from_slice(&prefix)]).await
+            if !crate::wire::write_all(&shard.common, send, &mut [Bytes::copy_from_slice(&prefix)])
+                .await
             {
                 return;
             }

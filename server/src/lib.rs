@@ -12,19 +12,23 @@
 //! The wire protocol is the `protocol` crate and `docs/protocol.md`.
 
 pub mod cli;
+mod common;
 pub mod config;
 mod conn;
-pub mod control;
 pub mod controller;
 mod files;
 mod follow;
+mod layout;
 mod leader;
 pub mod metrics;
+mod replication;
+mod runtime;
 mod scrub;
 mod service;
 mod shard;
 mod snapshots;
 pub mod tls;
+mod wire;
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -43,7 +47,7 @@ pub enum Error {
     #[error("tls: {0}")]
     Tls(String),
     #[error("controller: {0}")]
-    Controller(#[source] control::ControlError),
+    Controller(#[source] controller::ControlError),
     /// An operating-system call failed; `what` names the call and what it was on.
     #[error("{what}: {source}")]
     Io {
@@ -92,7 +96,7 @@ pub fn shard_of(name: &str, shards: usize) -> usize {
 /// Asks a running node about its logs (from outside its shard threads).
 #[derive(Clone)]
 pub struct NodeHandle {
-    shards: Vec<mpsc::Sender<shard::ShardMsg>>,
+    shards: Vec<mpsc::Sender<common::ShardMsg>>,
 }
 
 impl NodeHandle {
@@ -101,7 +105,7 @@ impl NodeHandle {
         let mut all = Vec::new();
         for s in &self.shards {
             let (tx, rx) = oneshot::channel();
-            s.send(shard::ShardMsg::ListLogs(tx)).await.ok()?;
+            s.send(common::ShardMsg::ListLogs(tx)).await.ok()?;
             all.extend(rx.await.ok()?.0);
         }
         Some(all)
@@ -114,7 +118,7 @@ pub struct Node {
     role: config::Role,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    shards: Vec<mpsc::Sender<shard::ShardMsg>>,
+    shards: Vec<mpsc::Sender<common::ShardMsg>>,
     threads: Vec<JoinHandle<()>>,
     _lock: File,
 }
@@ -207,11 +211,11 @@ impl Node {
     /// the controller part of `status`.
     pub fn start_with(
         cfg: NodeConfig,
-        control: Option<control::ControlFactory>,
+        control: Option<controller::ControlFactory>,
     ) -> Result<Node, Error> {
         cfg.validate()?;
         let dir = &cfg.node.data_dir;
-        files::private_dir(&dir.join("logs"))?;
+        files::private_dir(&layout::logs_dir(dir))?;
         let lock = lock_data_dir(dir)?;
         let id = node_id(&cfg)?;
         let node_tls = tls::node_tls(&cfg, &id)?;
@@ -233,7 +237,7 @@ impl Node {
 
         let control = match control {
             Some(make) => Some(
-                make(control::ControlContext {
+                make(controller::ControlContext {
                     node_id: id.clone(),
                     peer_client: node_tls.peer_client.clone(),
                     local_addr,
@@ -245,7 +249,7 @@ impl Node {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| mpsc::channel(cfg.limits.shard_queue_depth))
             .unzip();
-        let common = Arc::new(shard::Common {
+        let common = Arc::new(common::Common {
             config: cfg.clone(),
             node_id: id.clone(),
             shards: senders.clone(),
@@ -268,7 +272,7 @@ impl Node {
             let configs = (endpoint_config.clone(), server_config.clone());
             let t = std::thread::Builder::new()
                 .name(format!("replog-shard-{i}"))
-                .spawn(move || shard::run(i, common, socket, configs, rx, tx_ready))
+                .spawn(move || runtime::run(i, common, socket, configs, rx, tx_ready))
                 .map_err(io("spawn shard thread"))?;
             threads.push(t);
             ready.push(rx_ready);
@@ -331,7 +335,7 @@ impl Node {
         let mut waits = Vec::new();
         for s in &self.shards {
             let (tx, rx) = oneshot::channel();
-            if s.blocking_send(shard::ShardMsg::Shutdown(tx)).is_ok() {
+            if s.blocking_send(common::ShardMsg::Shutdown(tx)).is_ok() {
                 waits.push(rx);
             }
         }

@@ -9,76 +9,13 @@ use log_core::batch::ProducerMeta;
 use log_core::{Log, Offset};
 use protocol::idempotence::{Decision, StoredAppend};
 use protocol::{
-    Acks, AppendRequest, ErrorCode, ErrorResponse, ReadRequest, Receipt, Request, Response,
-    TailRequest, RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
+    Acks, AppendRequest, ErrorCode, ReadRequest, Receipt, Request, Response, TailRequest,
+    RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
 };
 
 use crate::config::Role;
 use crate::shard::{LogEntry, Shard};
-
-/// Write `chunks` in full, as long as the peer keeps taking data: a stream whose peer accepts
-/// nothing for `write_stall_timeout_ms` is reset with the slow-reader code. Returns whether
-/// everything was written (a peer that went away, or was cut off, is not an error of the
-/// node's).
-pub(crate) async fn write_all(
-    shard: &Shard,
-    send: &mut quinn::SendStream,
-    chunks: &mut [Bytes],
-) -> bool {
-    let stall = Duration::from_millis(shard.common.config.limits.write_stall_timeout_ms as u64);
-    match frames::write_within(send, chunks, stall).await {
-        Ok(()) => true,
-        Err(frames::WriteFail::Stream(_)) => false,
-        Err(e @ frames::WriteFail::Stalled(_)) => {
-            shard
-                .common
-                .metrics
-                .c
-                .slow_readers_cut
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::info!("{e}");
-            false
-        }
-    }
-}
-
-/// Write one response frame and finish the stream.
-pub(crate) async fn reply(shard: &Shard, send: &mut quinn::SendStream, resp: &Response) {
-    if write_all(shard, send, &mut [frames::encode_response(resp)]).await {
-        let _ = send.finish();
-    }
-}
-
-pub(crate) async fn reply_error(
-    shard: &Shard,
-    send: &mut quinn::SendStream,
-    code: ErrorCode,
-    msg: &str,
-) {
-    send_error(shard, send, code, msg, 0, None).await
-}
-
-async fn send_error(
-    shard: &Shard,
-    send: &mut quinn::SendStream,
-    code: ErrorCode,
-    msg: &str,
-    detail: u64,
-    log: Option<&str>,
-) {
-    shard.common.metrics.record_error(code);
-    let leader = match code {
-        ErrorCode::NotLeader => shard.leader_hint(log),
-        _ => String::new(),
-    };
-    let resp = Response::Error(ErrorResponse {
-        code,
-        message: msg.to_string(),
-        leader,
-        detail,
-    });
-    reply(shard, send, &resp).await
-}
+use crate::wire::{reply, send_error, write_all};
 
 /// The wire code for a storage error.
 fn code_of(e: &log_core::Error) -> ErrorCode {
@@ -178,9 +115,17 @@ pub(crate) async fn serve(
         )),
     };
     match result {
-        Ok(resp) => reply(&shard, &mut send, &resp).await,
+        Ok(resp) => reply(&shard.common, &mut send, &resp).await,
         Err(Fail(code, msg, detail)) => {
-            send_error(&shard, &mut send, code, &msg, detail, log_name.as_deref()).await
+            send_error(
+                &shard.common,
+                &mut send,
+                code,
+                &msg,
+                detail,
+                log_name.as_deref(),
+            )
+            .await
         }
     }
 }
@@ -631,14 +576,14 @@ async fn append(
             // The leader's own flush counts too: wait for it first (it is usually the shorter).
             wait_level(&e.log, Acks::Leader, next, deadline).await?;
             flushed_after = Some(queued.elapsed());
-            r.observe(&a.log, shard, &e.log);
-            match r.wait(&a.log, shard, a.acks, next, deadline).await {
+            r.observe(&a.log, &shard.common, &e.log);
+            match r.wait(&a.log, &shard.common, a.acks, next, deadline).await {
                 Ok((holders, true)) => (Acks::Leader, holders, true),
                 Ok((holders, false)) => {
                     committed_after = Some(queued.elapsed());
                     (a.acks, holders, false)
                 }
-                Err(crate::leader::WaitFail::Deadline) => {
+                Err(crate::replication::WaitFail::Deadline) => {
                     return Err(fail(
                         ErrorCode::Timeout,
                         format!(
@@ -647,7 +592,7 @@ async fn append(
                         ),
                     ))
                 }
-                Err(crate::leader::WaitFail::Deposed) => {
+                Err(crate::replication::WaitFail::Deposed) => {
                     return Err(fail(
                         ErrorCode::Timeout,
                         format!(
@@ -656,7 +601,7 @@ async fn append(
                         ),
                     ))
                 }
-                Err(crate::leader::WaitFail::Lease) => {
+                Err(crate::replication::WaitFail::Lease) => {
                     return Err(fail(
                         ErrorCode::Timeout,
                         format!(
@@ -665,7 +610,7 @@ async fn append(
                         ),
                     ))
                 }
-                Err(crate::leader::WaitFail::Replicas { have, need }) => {
+                Err(crate::replication::WaitFail::Replicas { have, need }) => {
                     return Err(fail(
                         ErrorCode::Timeout,
                         format!(
@@ -682,7 +627,7 @@ async fn append(
             let holders = match (&repl, a.acks) {
                 (_, Acks::None) => Vec::new(),
                 (Some(r), _) => {
-                    r.observe(&a.log, shard, &e.log);
+                    r.observe(&a.log, &shard.common, &e.log);
                     r.holders(next)
                 }
                 (None, _) => vec![shard.common.node_id.clone()],
@@ -809,7 +754,7 @@ async fn send_batches(
     )));
     let any = !read.batches.is_empty();
     chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
-    if !write_all(shard, send, &mut chunks).await {
+    if !write_all(&shard.common, send, &mut chunks).await {
         return Ok(None);
     }
     let m = &shard.common.metrics.c;

@@ -379,6 +379,9 @@ fn peer_transport_config(cfg: &NodeConfig) -> quinn::TransportConfig {
     t
 }
 
+/// Controller frames a peer may have in flight at once (unidirectional streams per peer
+/// connection; a client connection's are refused).
+pub const CONTROL_STREAMS_MAX: u32 = 64;
 /// Idle timeout of connections to a leader.
 pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive interval of connections to a leader.
@@ -389,7 +392,7 @@ fn transport_config(cfg: &NodeConfig) -> quinn::TransportConfig {
     let window = l.connection_window_bytes;
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(l.streams_per_connection_max.into())
-        .max_concurrent_uni_streams(crate::control::CONTROL_STREAMS_MAX.into())
+        .max_concurrent_uni_streams(CONTROL_STREAMS_MAX.into())
         .receive_window(window.into())
         .stream_receive_window(window.min(l.frame_bytes_max.saturating_add(64)).into())
         .send_window(window as u64)

@@ -1,5 +1,5 @@
 //! The controller inside a `replog node`: started by the node through
-//! [`crate::control::ControlFactory`] once it knows its id and TLS configuration, fed the
+//! [`crate::controller::ControlFactory`] once it knows its id and TLS configuration, fed the
 //! node's log states every two ticks, and answering for the controller part of `status`.
 //!
 //! The node steers each log by the records this controller serves
@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::control::{ControlContext, ControlError, ControlFactory, LogRecord};
+use super::{ControlContext, ControlError, ControlFactory, LogRecord};
 use crate::NodeConfig;
 use bytes::Bytes;
 
@@ -398,7 +398,7 @@ pub fn run_reports(node: crate::NodeHandle, nc: Arc<NodeController>, cfg: NodeCo
                         logs: logs
                             .iter()
                             .map(|l| LogReport {
-                                recovering: crate::shard::recovering(&data_dir, &l.name),
+                                recovering: crate::layout::recovering(&data_dir, &l.name),
                                 log: l.name.clone(),
                                 epoch: l.epoch,
                                 last_epoch: l.epoch,

@@ -1,6 +1,6 @@
 //! Controller frames between nodes over QUIC: the node's peer TLS configuration (mutual TLS,
 //! ALPN `replog-peer/1`), one connection per member made on demand, one unidirectional stream
-//! per frame (`crate::control::encode_frame`). Best effort: a frame for a member that cannot
+//! per frame (`crate::controller::encode_frame`). Best effort: a frame for a member that cannot
 //! be reached is dropped, and Raft sends again.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::driver::Transport;
 use super::meta::NodeId;
-use crate::control::ControlError;
+use super::ControlError;
 
 /// How long connecting to a member may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -143,7 +143,7 @@ async fn send_to(
             }
         }
         let c = conn.clone().expect("connected above");
-        let bytes = crate::control::encode_frame(&me, &frame);
+        let bytes = crate::controller::encode_frame(&me, &frame);
         tokio::spawn(async move {
             if let Ok(mut s) = c.open_uni().await {
                 if s.write_all(&bytes).await.is_ok() {
