@@ -13,7 +13,7 @@ use protocol::planted::{self, Bug};
 use protocol::replication::{Event, Leader, Progress};
 use protocol::Acks;
 
-use crate::controller::meta::NodeId;
+use crate::controller::meta::{Command, NodeId};
 
 /// What the controller has on record for one log, as a node steers by it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,6 +176,88 @@ impl Renewals {
     }
 }
 
+/// A node's copy of a log, as steering sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalCopy {
+    /// The epoch of its last record (0: empty).
+    pub last_epoch: u64,
+    /// Where it ends.
+    pub end: u64,
+    /// The epoch the node leads the log in now, if it does.
+    pub leading_in: Option<u64>,
+    /// The copy is recovering (see [`must_withdraw`]).
+    pub recovering: bool,
+}
+
+/// A node's steering of its logs by the controller's record, one log at a time, every round:
+/// the role each takes ([`choose_role`]) and what the node proposes for it (a withdrawal
+/// while its copy is recovering and the record counts on it, [`Withdrawals`]; a new epoch where
+/// it is the recorded leader but may not lead in the recorded epoch, [`Renewals`]). The
+/// server's steering task and the simulator's nodes both run it.
+#[derive(Clone, Debug, Default)]
+pub struct Steering {
+    renewals: Renewals,
+    withdrawals: Withdrawals,
+}
+
+/// What steering decided for one log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steer {
+    pub role: Role,
+    /// The copy must withdraw before it replicates anything ([`must_withdraw`]).
+    pub withdrawing: bool,
+    /// Commands to propose to the controller now.
+    pub propose: Vec<Command>,
+}
+
+impl Steering {
+    /// Steer `log` on node `me`, whose copy is `copy`, by the controller's `record`.
+    pub fn steer(
+        &mut self,
+        log: &str,
+        me: &str,
+        record: &LogRecord,
+        copy: LocalCopy,
+        now_ms: u64,
+    ) -> Steer {
+        let role = choose_role(
+            me,
+            record,
+            copy.last_epoch,
+            copy.leading_in,
+            copy.recovering,
+        );
+        let mut propose = Vec::new();
+        if self
+            .withdrawals
+            .due(log, me, record, copy.recovering, now_ms)
+        {
+            propose.push(Command::Withdraw {
+                log: log.to_string(),
+                node: me.to_string(),
+            });
+        }
+        if let Some(epoch) = self
+            .renewals
+            .due(log, me, record, &role, copy.recovering, now_ms)
+        {
+            propose.push(Command::Elect {
+                log: log.to_string(),
+                epoch,
+                leader: me.to_string(),
+                start: copy.end,
+                sync_set: record.sync_set.clone(),
+                unclean: None,
+            });
+        }
+        Steer {
+            role,
+            withdrawing: must_withdraw(me, record, copy.recovering),
+            propose,
+        }
+    }
+}
+
 /// Why a node does not take a write to a log it holds (with a controller).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NotLeader {
@@ -280,6 +362,31 @@ pub enum LeaderAction {
         end: u64,
         sync_set: Vec<NodeId>,
     },
+}
+
+impl LeaderAction {
+    /// The controller command that carries the action out for `log`.
+    pub fn command(self, log: &str) -> Command {
+        match self {
+            LeaderAction::ProposeSyncSet { epoch, sync_set } => Command::SetSyncSet {
+                log: log.to_string(),
+                epoch,
+                sync_set,
+            },
+            LeaderAction::CompleteTransfer {
+                epoch,
+                to,
+                end,
+                sync_set,
+            } => Command::CompleteTransfer {
+                log: log.to_string(),
+                epoch,
+                to,
+                start: end,
+                sync_set,
+            },
+        }
+    }
 }
 
 /// How often a leader proposes its sync set to the controller while the record differs, and
@@ -713,6 +820,63 @@ mod tests {
             Err(StreamRefusal::Bootstrap { start: 5 })
         );
         assert_eq!(stream_from(10, 5, 9), Err(StreamRefusal::Ahead { end: 9 }));
+    }
+
+    #[test]
+    fn steering_renews_a_restarted_leaders_epoch_and_withdraws_a_lost_copy_at_their_pace() {
+        let mut st = Steering::default();
+        let r = record("a", 4);
+        let restarted = LocalCopy {
+            last_epoch: 4,
+            end: 17,
+            leading_in: None,
+            recovering: false,
+        };
+        let s = st.steer("l", "a", &r, restarted, 0);
+        assert_eq!(s.role, Role::Follow(None));
+        assert!(!s.withdrawing);
+        assert_eq!(
+            s.propose,
+            vec![Command::Elect {
+                log: "l".into(),
+                epoch: 4,
+                leader: "a".into(),
+                start: 17,
+                sync_set: vec!["b".into()],
+                unclean: None,
+            }]
+        );
+        assert!(st
+            .steer("l", "a", &r, restarted, RENEW_EVERY_MS)
+            .propose
+            .is_empty());
+        assert_eq!(
+            st.steer("l", "a", &r, restarted, RENEW_EVERY_MS + 1)
+                .propose
+                .len(),
+            1
+        );
+        // A sync-set member whose copy is recovering withdraws, and follows meanwhile.
+        let lost = LocalCopy {
+            last_epoch: 0,
+            end: 0,
+            leading_in: None,
+            recovering: true,
+        };
+        let s = st.steer("l", "b", &r, lost, 0);
+        assert_eq!(s.role, Role::Follow(Some("a".into())));
+        assert!(s.withdrawing);
+        assert_eq!(
+            s.propose,
+            vec![Command::Withdraw {
+                log: "l".into(),
+                node: "b".into()
+            }]
+        );
+        assert!(st
+            .steer("l", "b", &r, lost, WITHDRAW_EVERY_MS)
+            .propose
+            .is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use follower::session::{CopyState, FollowerStage, Outcome, SessionConfig, StageObserver};
 use log_core::{Log, Offset};
+use node_core::controller::meta::Command;
 
 use crate::metrics::Stage;
 use crate::shard::{EntryRole, RoleChoice, Shard};
@@ -38,8 +39,7 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
     };
     let me = shard.common.node_id.clone();
     let loops: Rc<RefCell<BTreeSet<SocketAddr>>> = Default::default();
-    let mut renewals = node_core::log::Renewals::default();
-    let mut withdrawals = node_core::log::Withdrawals::default();
+    let mut steering = node_core::log::Steering::default();
     let started = std::time::Instant::now();
     while !shard.closing.get() {
         tokio::time::sleep(STEER_INTERVAL).await;
@@ -55,27 +55,23 @@ pub(crate) async fn steer(shard: Rc<Shard>) {
         // change (the old log's directory lock goes with its last handle).
         let mut changes: Vec<(String, usize)> = Vec::new();
         for (name, entry) in local {
-            let choice = shard.choose_role(&name, &entry.log, Some(&entry));
+            let choice = match control.log_record(&name) {
+                Some(r) => {
+                    let copy = shard.copy_of(&name, &entry.log, Some(&entry));
+                    let now = started.elapsed().as_millis() as u64;
+                    let steer = steering.steer(&name, &me, &r, copy, now);
+                    for cmd in steer.propose {
+                        if let Command::Withdraw { .. } = cmd {
+                            tracing::warn!(log = %name, "this node's copy of the log is recovering (it was created afresh): withdrawing from its sync set and leadership until it has caught up");
+                        }
+                        control.propose(cmd);
+                    }
+                    shard.choice_of(steer.role)
+                }
+                None => shard.choose_role(&name, &entry.log, Some(&entry)),
+            };
             if let RoleChoice::Follow(Some(a)) = choice {
                 leaders.insert(a);
-            }
-            if let Some(r) = control.log_record(&name) {
-                let recovering = entry.recovering.get();
-                let now = started.elapsed().as_millis() as u64;
-                if withdrawals.due(&name, &me, &r, recovering, now) {
-                    tracing::warn!(log = %name, "this node's copy of the log is recovering (it was created afresh): withdrawing from its sync set and leadership until it has caught up");
-                    control.withdraw(&name);
-                }
-            }
-            if choice == RoleChoice::Follow(None) {
-                if let Some(r) = control.log_record(&name) {
-                    let role = node_core::log::Role::Follow(None);
-                    let now = started.elapsed().as_millis() as u64;
-                    let recovering = entry.recovering.get();
-                    if let Some(epoch) = renewals.due(&name, &me, &r, &role, recovering, now) {
-                        control.renew_epoch(&name, epoch, entry.log.next_offset().0);
-                    }
-                }
             }
             if !Shard::is_in_role(&entry, choice) {
                 changes.push((name, Rc::as_ptr(&entry) as usize));

@@ -397,19 +397,9 @@ fn on_record(
     );
     repl.events(name, common, events);
     for action in actions {
-        match action {
-            LeaderAction::ProposeSyncSet { epoch, sync_set } => {
-                control.propose_sync_set(name, epoch, sync_set)
-            }
-            LeaderAction::CompleteTransfer {
-                epoch,
-                to,
-                end,
-                sync_set,
-            } => {
-                tracing::info!(log = name, to, end, "handing the leadership over");
-                control.complete_transfer(name, epoch, &to, end, sync_set);
-            }
+        if let LeaderAction::CompleteTransfer { to, end, .. } = &action {
+            tracing::info!(log = name, to, end, "handing the leadership over");
         }
+        control.propose(action.command(name));
     }
 }

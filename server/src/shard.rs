@@ -125,31 +125,51 @@ impl Shard {
     pub fn choose_role(&self, name: &str, log: &Log, current: Option<&LogEntry>) -> RoleChoice {
         if let Some(control) = &self.common.control {
             if let Some(r) = control.log_record(name) {
-                let last = log.last_epoch().map_or(0, |e| e.0);
-                let leading_in = current.filter(|e| e.leading().is_some()).map(|e| e.epoch.0);
-                let recovering = match current {
-                    Some(e) => e.recovering.get(),
-                    None => crate::layout::recovering(&self.common.config.node.data_dir, name),
-                };
-                return match node_core::log::choose_role(
+                let copy = self.copy_of(name, log, current);
+                return self.choice_of(node_core::log::choose_role(
                     &self.common.node_id,
                     &r,
-                    last,
-                    leading_in,
-                    recovering,
-                ) {
-                    node_core::log::Role::Lead(e) => RoleChoice::Lead(Epoch(e)),
-                    node_core::log::Role::Follow(None) => RoleChoice::Follow(None),
-                    node_core::log::Role::Follow(Some(l)) => {
-                        RoleChoice::Follow(control.member_addr(&l))
-                    }
-                };
+                    copy.last_epoch,
+                    copy.leading_in,
+                    copy.recovering,
+                ));
             }
         }
         match self.common.role {
             Role::Standalone => RoleChoice::Standalone,
             Role::Leader => RoleChoice::LeadNewEpoch,
             Role::Follower(a) => RoleChoice::Follow(Some(a)),
+        }
+    }
+
+    /// The local copy of `log` as the node's rules see it; `current` is the entry the log is in
+    /// service as, if it is.
+    pub fn copy_of(
+        &self,
+        name: &str,
+        log: &Log,
+        current: Option<&LogEntry>,
+    ) -> node_core::log::LocalCopy {
+        node_core::log::LocalCopy {
+            last_epoch: log.last_epoch().map_or(0, |e| e.0),
+            end: log.next_offset().0,
+            leading_in: current.filter(|e| e.leading().is_some()).map(|e| e.epoch.0),
+            recovering: match current {
+                Some(e) => e.recovering.get(),
+                None => crate::layout::recovering(&self.common.config.node.data_dir, name),
+            },
+        }
+    }
+
+    /// The role choice for a role the controller's record gives (the leader to follow by its
+    /// address).
+    pub fn choice_of(&self, role: node_core::log::Role) -> RoleChoice {
+        match role {
+            node_core::log::Role::Lead(e) => RoleChoice::Lead(Epoch(e)),
+            node_core::log::Role::Follow(None) => RoleChoice::Follow(None),
+            node_core::log::Role::Follow(Some(l)) => {
+                RoleChoice::Follow(self.common.control.as_ref().and_then(|c| c.member_addr(&l)))
+            }
         }
     }
 

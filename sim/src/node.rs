@@ -11,8 +11,8 @@ use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
 use node_core::controller::meta::{Command, Member, NodeId};
 use node_core::follow::{Command as SessionCommand, Local, Phase, Session};
 use node_core::log::{
-    choose_role, confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal,
-    LogRecord, Outbound, Outgoing, Renewals, Role, Withdrawals,
+    confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal, LocalCopy,
+    LogRecord, Outbound, Outgoing, Role, Steer, Steering,
 };
 use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
 use protocol::replication::{Insufficient, Leader, Progress, ReplicationConfig};
@@ -151,9 +151,8 @@ pub struct Node {
     id: NodeId,
     pub ctl: ControllerCore<SimRaftStore>,
     logs: BTreeMap<String, LogState>,
-    renewals: Renewals,
-    /// Its requests to withdraw from logs whose copy is recovering.
-    withdrawals: Withdrawals,
+    /// Roles and requests to the controller by its record (renewals, withdrawals).
+    steering: Steering,
     next_session: u64,
     ticks: u64,
 }
@@ -209,8 +208,7 @@ impl Node {
             id: node_id(idx),
             ctl: core,
             logs: BTreeMap::new(),
-            renewals: Renewals::default(),
-            withdrawals: Withdrawals::default(),
+            steering: Steering::default(),
             next_session: 0,
             ticks: 0,
         }
@@ -372,40 +370,28 @@ impl Node {
                 .logs
                 .entry(name.clone())
                 .or_insert_with(crate::disk::SimLog::afresh);
-            let last_epoch = log.last_epoch().unwrap_or(0);
-            let end = log.end();
-            let recovering = log.recovering;
-            let leading_in = self.leading(&name);
-            let role = choose_role(&self.id, &record, last_epoch, leading_in, recovering);
-            let withdraw = must_withdraw(&self.id, &record, recovering);
-            if self
-                .withdrawals
-                .due(&name, &self.id, &record, recovering, now)
-            {
-                w.note(format_args!(
-                    "{} withdraws from {name}: its copy is recovering",
-                    self.id
-                ));
-                let _ = self.ctl.propose(Command::Withdraw {
-                    log: name.clone(),
-                    node: self.id.clone(),
-                });
+            let copy = LocalCopy {
+                last_epoch: log.last_epoch().unwrap_or(0),
+                end: log.end(),
+                leading_in: self.leading(&name),
+                recovering: log.recovering,
+            };
+            let Steer {
+                role,
+                withdrawing,
+                propose,
+            } = self.steering.steer(&name, &self.id, &record, copy, now);
+            for cmd in propose {
+                if let Command::Withdraw { .. } = cmd {
+                    w.note(format_args!(
+                        "{} withdraws from {name}: its copy is recovering",
+                        self.id
+                    ));
+                }
+                let _ = self.ctl.propose(cmd);
             }
             if let Some(f) = following_state(&mut self.logs, &name) {
-                f.withdrawing = withdraw;
-            }
-            if let Some(epoch) = self
-                .renewals
-                .due(&name, &self.id, &record, &role, recovering, now)
-            {
-                let _ = self.ctl.propose(Command::Elect {
-                    log: name.clone(),
-                    epoch,
-                    leader: self.id.clone(),
-                    start: end,
-                    sync_set: record.sync_set.clone(),
-                    unclean: None,
-                });
+                f.withdrawing = withdrawing;
             }
             let in_role = match (&role, self.logs.get(&name).map(|s| &s.role)) {
                 (Role::Lead(e), Some(RoleState::Leading(l))) => l.epoch == *e,
@@ -548,29 +534,10 @@ impl Node {
             actions = a;
         }
         for a in actions {
-            let cmd = match a {
-                LeaderAction::ProposeSyncSet { epoch, sync_set } => Command::SetSyncSet {
-                    log: name.to_string(),
-                    epoch,
-                    sync_set,
-                },
-                LeaderAction::CompleteTransfer {
-                    epoch,
-                    to,
-                    end,
-                    sync_set,
-                } => {
-                    w.note(format_args!("{me} hands {name} over to {to} at {end}"));
-                    Command::CompleteTransfer {
-                        log: name.to_string(),
-                        epoch,
-                        to,
-                        start: end,
-                        sync_set,
-                    }
-                }
-            };
-            let _ = self.ctl.propose(cmd);
+            if let LeaderAction::CompleteTransfer { to, end, .. } = &a {
+                w.note(format_args!("{me} hands {name} over to {to} at {end}"));
+            }
+            let _ = self.ctl.propose(a.command(name));
         }
         self.settle(w, name);
         self.pump(w, name);

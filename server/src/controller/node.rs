@@ -4,8 +4,9 @@
 //!
 //! The node steers each log by the records this controller serves
 //! ([`NodeController::log_record`]), leads only while [`NodeController::lease_ok`], and asks
-//! for a new epoch after a restart ([`NodeController::renew_epoch`]); the controller's leader fails
-//! logs over when their leaders go silent.
+//! for what the node's rules decide ([`NodeController::propose`]: a new epoch after a restart,
+//! a withdrawal, a sync set, a transfer's completion); the controller's leader fails logs over
+//! when their leaders go silent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -86,59 +87,12 @@ impl NodeController {
         });
     }
 
-    /// Ask the controller to start a new epoch of `log` with this node, its recorded leader,
-    /// still leading from `end` (after a restart: records it lost unflushed must never share
-    /// an epoch with different records at the same offsets on a follower).
-    pub fn renew_epoch(&self, log: &str, epoch: u64, end: u64) {
-        let sync_set = self.log_record(log).map_or(Vec::new(), |r| r.sync_set);
-        self.controller.submit(Command::Elect {
-            log: log.to_string(),
-            epoch,
-            leader: self.controller.node_id().to_string(),
-            start: end,
-            sync_set,
-            unclean: None,
-        });
-    }
-
-    /// As the leader of `log` in `epoch`, with the planned transfer to `to` under way: it takes
-    /// no writes and `to` holds its whole log (ending at `end`) durably, so `to` may lead the
-    /// next epoch with `sync_set`. Refused by the controller if the transfer was cancelled.
-    pub fn complete_transfer(
-        &self,
-        log: &str,
-        epoch: u64,
-        to: &str,
-        end: u64,
-        sync_set: Vec<String>,
-    ) {
-        self.controller.submit(Command::CompleteTransfer {
-            log: log.to_string(),
-            epoch,
-            to: to.to_string(),
-            start: end,
-            sync_set,
-        });
-    }
-
-    /// This node lost its copy of `log` and is catching up (`node_core::log::must_withdraw`):
-    /// ask the controller to take it out of the sync set (and its leadership). There is no
-    /// answer: [`NodeController::log_record`] shows the outcome.
-    pub fn withdraw(&self, log: &str) {
-        self.controller.submit(Command::Withdraw {
-            log: log.to_string(),
-            node: self.controller.node_id().to_string(),
-        });
-    }
-
-    /// Ask the controller to record `sync_set` as the sync set of `log` in `epoch`. There is no
-    /// answer: [`NodeController::log_record`] shows the outcome.
-    pub fn propose_sync_set(&self, log: &str, epoch: u64, sync_set: Vec<String>) {
-        self.controller.submit(Command::SetSyncSet {
-            log: log.to_string(),
-            epoch,
-            sync_set,
-        });
+    /// Propose `cmd` to the controller, as the node's rules decide it (`node_core::log`: a
+    /// renewed epoch, a withdrawal, a sync set, a transfer's completion). There is no answer:
+    /// [`NodeController::log_record`] shows the outcome (a command naming an epoch that is no
+    /// longer current changes nothing).
+    pub fn propose(&self, cmd: Command) {
+        self.controller.submit(cmd);
     }
 
     /// The controller's view, for `status`.
