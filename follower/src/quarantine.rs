@@ -20,8 +20,6 @@ use log_core::{Log, Offset};
 
 /// The first line of a report file.
 pub const REPORT_HEADER: &str = "replog-quarantine 1";
-/// Bytes of batches read from the log at a time while copying.
-const READ_BYTES: usize = 4 << 20;
 
 /// What a quarantine holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,31 +67,23 @@ pub fn save(log: &Log, name: &str, from: u64, dir: &Path) -> Result<Option<Repor
     }
     let mut data = Vec::new();
     let (mut records, mut epochs) = (0u64, Vec::new());
-    let mut pos = Offset(from);
-    while pos.0 < end {
-        let read = log
-            .read(pos, Offset(end), READ_BYTES)
-            .map_err(|source| SaveError::Read {
-                log: name.to_string(),
-                at: pos.0,
-                source,
-            })?;
-        if read.batches.is_empty() {
-            break;
+    let mut batches = log.batches(Offset(from), Offset(end));
+    while let Some(b) = batches.next() {
+        let b = b.map_err(|source| SaveError::Read {
+            log: name.to_string(),
+            at: batches.position().0,
+            source,
+        })?;
+        let h = b.view().header();
+        // The batch holding `from` may start before it: keep only what is truncated.
+        if h.next_offset().0 <= from {
+            continue;
         }
-        for b in &read.batches {
-            let h = b.view().header();
-            // The batch holding `from` may start before it: keep only what is truncated.
-            if h.next_offset().0 <= from {
-                continue;
-            }
-            records += h.next_offset().0 - h.base_offset().0.max(from);
-            if epochs.last() != Some(&h.epoch().0) {
-                epochs.push(h.epoch().0);
-            }
-            data.extend_from_slice(b);
+        records += h.next_offset().0 - h.base_offset().0.max(from);
+        if epochs.last() != Some(&h.epoch().0) {
+            epochs.push(h.epoch().0);
         }
-        pos = read.next_offset;
+        data.extend_from_slice(&b);
     }
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -54,6 +54,6 @@ mod types {
 pub use config::{LogConfig, RetentionPolicy, SEGMENT_LOOKAHEAD};
 pub use epochs::EpochEntry;
 pub use error::{CorruptionKind, Error, Result};
-pub use log::{Appended, BatchRef, Damage, Log, ReadBatches, Scrubbed};
+pub use log::{Appended, BatchRef, Batches, Damage, Log, ReadBatches, Scrubbed, SCAN_BYTES};
 pub use recovery::RecoveryReport;
 pub use store::{validate_log_name, Store, LOG_NAME_BYTES_MAX};

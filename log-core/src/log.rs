@@ -244,6 +244,51 @@ pub struct ReadBatches {
     pub next_offset: Offset,
 }
 
+/// The most bytes [`Log::batches`] reads at once.
+pub const SCAN_BYTES: usize = 4 << 20;
+
+/// The batches of a stretch of a log, in order ([`Log::batches`]).
+pub struct Batches<'a> {
+    log: &'a Log,
+    pos: Offset,
+    until: Offset,
+    read: std::vec::IntoIter<BatchRef>,
+    done: bool,
+}
+
+impl Batches<'_> {
+    /// Where the next read starts (after a failed read: where it began).
+    pub fn position(&self) -> Offset {
+        self.pos
+    }
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<BatchRef>;
+
+    fn next(&mut self) -> Option<Result<BatchRef>> {
+        loop {
+            if let Some(b) = self.read.next() {
+                return Some(Ok(b));
+            }
+            if self.done || self.pos >= self.until {
+                return None;
+            }
+            match self.log.read(self.pos, self.until, SCAN_BYTES) {
+                Ok(r) if r.batches.is_empty() => self.done = true,
+                Ok(r) => {
+                    self.pos = r.next_offset;
+                    self.read = r.batches.into_iter();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
 impl ReadBatches {
     pub fn bytes(&self) -> usize {
         self.batches.iter().map(|b| b.len()).sum()
@@ -880,6 +925,20 @@ impl Log {
             st.flushed_waiters.add(offset)
         };
         self.inner.wake_result(rx.await, offset)
+    }
+
+    /// Every whole batch holding records from `from` to `until` (capped at `end_offset()`), in
+    /// order, read [`SCAN_BYTES`] at a time: for going through a stretch of the log (rebuilding
+    /// state from it, copying it aside). The first batch may start before `from`. A read that
+    /// fails ends the scan with its error.
+    pub fn batches(&self, from: Offset, until: Offset) -> Batches<'_> {
+        Batches {
+            log: self,
+            pos: from,
+            until,
+            read: Vec::new().into_iter(),
+            done: false,
+        }
     }
 
     /// Whole batches holding records from `from` on, none reaching past `until` (capped at

@@ -338,33 +338,26 @@ async fn watch_flush(shard: Rc<Shard>, entry: Rc<LogEntry>) {
 /// Replay the producer metadata of the last segments into `table`.
 fn rebuild_producers(log: &Log, table: &mut ProducerTable) -> Result<(), Error> {
     let bases = log.segment_bases();
-    let mut pos = bases
+    let from = bases
         .len()
         .checked_sub(PRODUCER_SCAN_SEGMENTS)
         .map_or(log.start_offset(), |i| bases[i]);
-    let end = log.end_offset();
-    while pos < end {
-        let read = log.read(pos, end, 4 << 20)?;
-        if read.batches.is_empty() {
-            break;
+    for b in log.batches(from, log.end_offset()) {
+        let b = b?;
+        let view = b.view();
+        if let Some(p) = view.producer() {
+            let h = view.header();
+            table.record(
+                p.producer_id.get(),
+                p.first_sequence,
+                h.record_count(),
+                StoredAppend {
+                    first: h.base_offset().0,
+                    next: h.next_offset().0,
+                    epoch: h.epoch().0,
+                },
+            );
         }
-        for b in &read.batches {
-            let view = b.view();
-            if let Some(p) = view.producer() {
-                let h = view.header();
-                table.record(
-                    p.producer_id.get(),
-                    p.first_sequence,
-                    h.record_count(),
-                    StoredAppend {
-                        first: h.base_offset().0,
-                        next: h.next_offset().0,
-                        epoch: h.epoch().0,
-                    },
-                );
-            }
-        }
-        pos = read.next_offset;
     }
     Ok(())
 }

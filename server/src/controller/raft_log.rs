@@ -170,20 +170,13 @@ async fn open_and_read(dir: &Path, start: u64) -> Result<(Log, Loaded), log_core
         start: log.start_offset().0,
         records: Vec::new(),
     };
-    let (mut pos, end) = (log.start_offset(), log.next_offset());
-    while pos < end {
-        let read = log.read(pos, end, 4 << 20)?;
-        if read.batches.is_empty() {
-            break;
+    for b in log.batches(log.start_offset(), log.next_offset()) {
+        let b = b?;
+        let view = b.view();
+        let epoch = view.header().epoch().0;
+        for r in view.records() {
+            loaded.records.push((r.offset.0, epoch, r.value.to_vec()));
         }
-        for b in &read.batches {
-            let view = b.view();
-            let epoch = view.header().epoch().0;
-            for r in view.records() {
-                loaded.records.push((r.offset.0, epoch, r.value.to_vec()));
-            }
-        }
-        pos = read.next_offset;
     }
     Ok((log, loaded))
 }
