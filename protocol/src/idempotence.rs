@@ -36,6 +36,23 @@ pub enum Decision {
     Stale { expected: u64 },
 }
 
+/// What to do with an append (idempotent, conditional, both or neither) before anything of it
+/// is written ([`ProducerTable::admit`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Store it.
+    Append,
+    /// A retry of an append already stored: answer with its receipt.
+    Duplicate(StoredAppend),
+    /// The producer skipped sequences: `expected` is the next it may use.
+    SequenceGap { expected: u64 },
+    /// The producer's sequence is older than anything remembered, or overlaps a stored append
+    /// differently.
+    Stale { expected: u64 },
+    /// The log does not end where the append expected: it ends at `actual`.
+    OffsetConflict { actual: u64 },
+}
+
 #[derive(Debug)]
 struct Remembered {
     first_sequence: u64,
@@ -73,6 +90,31 @@ impl ProducerTable {
 
     pub fn is_empty(&self) -> bool {
         self.producers.is_empty()
+    }
+
+    /// Decide about an append of `count` records to a log that ends at `end`: idempotent when
+    /// `producer` (id, first sequence) is given, conditional when `expected` (the offset the
+    /// log must end at) is. The producer's decision comes first: a retry of a stored
+    /// conditional append is a duplicate, not a conflict.
+    pub fn admit(
+        &mut self,
+        producer: Option<(u64, u64)>,
+        count: u32,
+        expected: Option<u64>,
+        end: u64,
+    ) -> Admission {
+        if let Some((id, first_sequence)) = producer {
+            match self.check(id, first_sequence, count) {
+                Decision::Append => {}
+                Decision::Duplicate(s) => return Admission::Duplicate(s),
+                Decision::SequenceGap { expected } => return Admission::SequenceGap { expected },
+                Decision::Stale { expected } => return Admission::Stale { expected },
+            }
+        }
+        match expected {
+            Some(e) if e != end => Admission::OffsetConflict { actual: end },
+            _ => Admission::Append,
+        }
     }
 
     /// Decide about an append of `count` records whose first sequence is `first_sequence`. A
@@ -166,6 +208,32 @@ mod tests {
             next,
             epoch: 1,
         }
+    }
+
+    #[test]
+    fn a_retried_conditional_append_is_a_duplicate_and_a_moved_log_a_conflict() {
+        let mut t = ProducerTable::new(4);
+        assert_eq!(t.admit(Some((9, 0)), 2, Some(5), 5), Admission::Append);
+        t.record(9, 0, 2, stored(5, 7));
+        // The retry finds the log moved on: still the same append, answered as stored.
+        assert_eq!(
+            t.admit(Some((9, 0)), 2, Some(5), 7),
+            Admission::Duplicate(stored(5, 7))
+        );
+        // A new conditional append where the log has moved is a conflict.
+        assert_eq!(
+            t.admit(Some((9, 2)), 1, Some(5), 7),
+            Admission::OffsetConflict { actual: 7 }
+        );
+        assert_eq!(
+            t.admit(None, 1, Some(6), 7),
+            Admission::OffsetConflict { actual: 7 }
+        );
+        assert_eq!(t.admit(None, 1, None, 7), Admission::Append);
+        assert_eq!(
+            t.admit(Some((9, 5)), 1, None, 7),
+            Admission::SequenceGap { expected: 2 }
+        );
     }
 
     #[test]

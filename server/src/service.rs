@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use log_core::batch::ProducerMeta;
 use log_core::{Log, Offset};
-use protocol::idempotence::{Decision, StoredAppend};
+use protocol::idempotence::{Admission, StoredAppend};
 use protocol::{
     Acks, AppendRequest, ErrorCode, ReadRequest, Receipt, Request, Response, TailRequest,
     RECEIPT_DEGRADED, RECEIPT_DUPLICATE,
@@ -498,31 +498,36 @@ async fn append(
     // The checks and the append happen without an await in between, so no other append on
     // this shard can slip in: conditional and idempotent appends are atomic.
     let (appended, duplicate) = loop {
-        if let Some((pid, seq)) = a.producer {
-            match e.producers.borrow_mut().check(pid, seq, count) {
-                Decision::Append => {}
-                Decision::Duplicate(s) => break (s, true),
-                Decision::SequenceGap { expected } => {
-                    return Err(Fail(
-                        ErrorCode::SequenceGap,
-                        format!("producer {pid:#x}: sequence {seq} skips ahead of {expected}"),
-                        expected,
-                    ))
-                }
-                Decision::Stale { expected } => {
-                    return Err(Fail(
-                        ErrorCode::StaleSequence,
-                        format!("producer {pid:#x}: sequence {seq} is older than remembered (next is {expected})"),
-                        expected,
-                    ))
-                }
+        // The producer's decision first: a retry of a stored conditional append is a
+        // duplicate, not a conflict.
+        let end = e.log.next_offset().0;
+        match e
+            .producers
+            .borrow_mut()
+            .admit(a.producer, count, a.expected_offset, end)
+        {
+            Admission::Append => {}
+            Admission::Duplicate(s) => break (s, true),
+            Admission::SequenceGap { expected } => {
+                let (pid, seq) = a.producer.expect("only producers have sequences");
+                return Err(Fail(
+                    ErrorCode::SequenceGap,
+                    format!("producer {pid:#x}: sequence {seq} skips ahead of {expected}"),
+                    expected,
+                ));
             }
-        }
-        // After the producer check: a retry of a stored conditional append is a duplicate,
-        // not a conflict.
-        if let Some(expected) = a.expected_offset {
-            let actual = e.log.next_offset().0;
-            if actual != expected {
+            Admission::Stale { expected } => {
+                let (pid, seq) = a.producer.expect("only producers have sequences");
+                return Err(Fail(
+                    ErrorCode::StaleSequence,
+                    format!("producer {pid:#x}: sequence {seq} is older than remembered (next is {expected})"),
+                    expected,
+                ));
+            }
+            Admission::OffsetConflict { actual } => {
+                let expected = a
+                    .expected_offset
+                    .expect("only conditional appends conflict");
                 return Err(Fail(
                     ErrorCode::OffsetConflict,
                     format!("expected next offset {expected}, the log is at {actual}"),

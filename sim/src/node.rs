@@ -14,7 +14,7 @@ use node_core::log::{
     confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal, LocalCopy,
     LogRecord, Outbound, Outgoing, Role, Steer, Steering,
 };
-use protocol::idempotence::{Decision, ProducerTable, StoredAppend};
+use protocol::idempotence::{Admission, ProducerTable, StoredAppend};
 use protocol::replication::{Insufficient, Leader, Progress, ReplicationConfig};
 use protocol::{Acks, ErrorCode};
 use rand::Rng;
@@ -774,37 +774,33 @@ impl Node {
             }
         }
         let count = records.len() as u32;
-        if let Some((pid, seq)) = producer {
-            match l.producers.check(pid, seq, count) {
-                Decision::Append => {}
-                Decision::Duplicate(stored) => {
-                    l.waiting.push(Waiting {
-                        client,
-                        id,
-                        acks,
-                        records,
-                        stored,
-                        duplicate: true,
-                        deadline_ms,
-                    });
-                    self.settle(w, name);
-                    return;
-                }
-                Decision::SequenceGap { .. } => {
-                    return self.reply(w, client, id, error(ErrorCode::SequenceGap))
-                }
-                Decision::Stale { .. } => {
-                    return self.reply(w, client, id, error(ErrorCode::StaleSequence))
-                }
-            }
-        }
         let log = w.disks[self.idx]
             .logs
             .get_mut(name)
             .expect("a led log exists");
-        if let Some(expected) = expected {
-            if log.end() != expected {
-                return self.reply(w, client, id, error(ErrorCode::OffsetConflict));
+        match l.producers.admit(producer, count, expected, log.end()) {
+            Admission::Append => {}
+            Admission::Duplicate(stored) => {
+                l.waiting.push(Waiting {
+                    client,
+                    id,
+                    acks,
+                    records,
+                    stored,
+                    duplicate: true,
+                    deadline_ms,
+                });
+                self.settle(w, name);
+                return;
+            }
+            Admission::SequenceGap { .. } => {
+                return self.reply(w, client, id, error(ErrorCode::SequenceGap))
+            }
+            Admission::Stale { .. } => {
+                return self.reply(w, client, id, error(ErrorCode::StaleSequence))
+            }
+            Admission::OffsetConflict { .. } => {
+                return self.reply(w, client, id, error(ErrorCode::OffsetConflict))
             }
         }
         let first = log.end();
