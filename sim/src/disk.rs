@@ -298,10 +298,7 @@ fn memory(d: &RaftDisk) -> MemStorage {
 }
 
 fn full() -> StoreError {
-    StoreError {
-        no_space: true,
-        message: "No space left on device (simulated)".into(),
-    }
+    StoreError::new(true, std::io::Error::from_raw_os_error(28))
 }
 
 impl SimRaftStore {
@@ -335,10 +332,7 @@ impl RaftStore for SimRaftStore {
         if entries.is_empty() {
             return Ok(());
         }
-        self.mem.wl().append(entries).map_err(|e| StoreError {
-            no_space: false,
-            message: e.to_string(),
-        })?;
+        self.mem.wl().append(entries).map_err(|e| StoreError::new(false, e))?;
         let mut d = self.disk.borrow_mut();
         let first = entries[0].index;
         d.entries.retain(|e| e.index < first);
@@ -370,10 +364,7 @@ impl RaftStore for SimRaftStore {
         self.mem
             .wl()
             .apply_snapshot(meta_only)
-            .map_err(|e| StoreError {
-                no_space: false,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| StoreError::new(false, e))?;
         let mut d = self.disk.borrow_mut();
         d.entries.clear();
         d.snapshot = snap;
@@ -385,10 +376,7 @@ impl RaftStore for SimRaftStore {
 
     fn compact(&mut self, index: u64, data: Vec<u8>, conf: ConfState) -> Result<(), StoreError> {
         self.writable()?;
-        let term = self.mem.term(index).map_err(|e| StoreError {
-            no_space: false,
-            message: e.to_string(),
-        })?;
+        let term = self.mem.term(index).map_err(|e| StoreError::new(false, e))?;
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         let m = snap.mut_metadata();

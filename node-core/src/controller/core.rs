@@ -68,13 +68,24 @@ struct ReportAck {
 }
 
 /// A failed write to the controller's storage.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{cause}")]
 pub struct StoreError {
     /// Out of space (ENOSPC, EDQUOT): nothing was reported durable, and the write may be
     /// made again. Any other failure is final.
     pub no_space: bool,
-    pub message: String,
+    /// The store's own error.
+    pub cause: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl StoreError {
+    /// A failure of the store's, out of space or not.
+    pub fn new(no_space: bool, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError {
+            no_space,
+            cause: std::sync::Arc::new(cause),
+        }
+    }
 }
 
 /// raft-rs's memory of a stored Raft state, which a [`RaftStore`] serves raft's reads from:
@@ -159,7 +170,7 @@ pub struct CoreConfig {
 }
 
 /// Why a proposal did not apply.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProposeError {
     /// The command was applied and refused by the state machine (stale epoch, ...).
     #[error("refused: {0}")]
@@ -180,7 +191,7 @@ pub enum ProposeError {
 
 /// Why a controller stopped: it takes no more input, and its node restarts it (see
 /// [`ControllerCore::process`]).
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Halt {
     /// A storage write failed for a reason other than space.
     #[error("controller storage: {0}")]
@@ -528,7 +539,7 @@ impl<S: RaftStore> ControllerCore<S> {
             })
             .collect();
         r.sent_ms = now_ms;
-        r.storage = self.blocked.as_ref().map(|b| b.error.message.clone());
+        r.storage = self.blocked.as_ref().map(|b| b.error.to_string());
         // Leading alone, this node is its own decider and its lease is its own.
         if self.is_leader() && self.members.len() == 1 {
             self.contact_ms = Some(now_ms);

@@ -41,10 +41,7 @@ pub fn now_ms() -> u64 {
 }
 
 fn store_error(e: StorageError) -> StoreError {
-    StoreError {
-        no_space: e.is_no_space(),
-        message: e.to_string(),
-    }
+    StoreError::new(e.is_no_space(), e)
 }
 
 impl RaftStore for DiskStorage {
