@@ -24,7 +24,7 @@ use std::rc::Rc;
 use log_core::batch::{self, BatchError};
 use log_core::{Log, Offset};
 use node_core::follow::{Local, Phase, Session};
-use protocol::replication::Refusal;
+use protocol::replication::{FrameHead, Refusal};
 use protocol::ReplicatedResponse;
 
 /// Why a frame was not stored. In every case nothing of it was written.
@@ -140,7 +140,15 @@ impl Replica {
         let progress = self
             .session
             .borrow_mut()
-            .frame(frame.epoch, frame.commit, first, expected, epochs)
+            .frame(
+                FrameHead {
+                    epoch: frame.epoch,
+                    commit: frame.commit,
+                    first,
+                    next: expected,
+                },
+                epochs,
+            )
             .map_err(ApplyError::Refused)?;
         for span in spans {
             let bytes = &frame.batches[span];

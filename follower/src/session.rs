@@ -286,11 +286,7 @@ async fn acknowledge(
             write_frame(send, &Request::Ack { durable }).await?;
             changed.notify_waiters();
         }
-        if log.next_offset() > flushed {
-            log.wait_flushed(flushed.plus(1)).await?;
-        } else {
-            log.wait_appended(flushed).await?;
-        }
+        log.wait_flushed_past(flushed).await?;
     }
 }
 

@@ -746,6 +746,28 @@ impl Log {
         room.await
     }
 
+    /// Wait until the flush offset may have moved past `flushed`: for the fdatasync covering
+    /// the record at `flushed` if it is queued, else for the next append (then look again).
+    /// For tasks that follow the durable horizon.
+    pub async fn wait_flushed_past(&self, flushed: Offset) -> Result<()> {
+        if self.next_offset() > flushed {
+            self.wait_flushed(flushed.plus(1)).await
+        } else {
+            self.wait_appended(flushed).await
+        }
+    }
+
+    /// Wait until the written horizon may have moved past `written`: for the write of the
+    /// record at `written` if it is queued, else for the next append (then look again). For
+    /// tasks that follow what is written.
+    pub async fn wait_written_past(&self, written: Offset) -> Result<()> {
+        if self.next_offset() > written {
+            self.wait_written(written.plus(1)).await
+        } else {
+            self.wait_appended(written).await
+        }
+    }
+
     /// Wait until `next_offset() > offset`: a record at `offset` has been appended (not
     /// necessarily written). For readers waiting at the end of the log. Fails with
     /// [`Error::Closed`] once the log is closed and nothing more will be appended.

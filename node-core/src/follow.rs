@@ -22,7 +22,7 @@
 //!    bootstrap.
 
 use protocol::replication::{
-    after_epoch_end, EmptyLeaderHistory, Follower, LocalLog, Refusal, Step,
+    after_epoch_end, EmptyLeaderHistory, Follower, FrameHead, LocalLog, Refusal, Step,
 };
 
 use crate::log::recovered;
@@ -194,15 +194,11 @@ impl Session {
         }
     }
 
-    /// A `Replicated` frame of leader epoch `epoch` and commit `commit`, whose batches start
-    /// at `first`, end at `next` and carry `batch_epochs`: taken (the driver then writes its
-    /// batches) or refused, with nothing of it written (see `Follower::accept`).
+    /// A `Replicated` frame whose batches carry `batch_epochs`: taken (the driver then writes
+    /// its batches) or refused, with nothing of it written (see `Follower::accept`).
     pub fn frame(
         &mut self,
-        epoch: u64,
-        commit: u64,
-        first: u64,
-        next: u64,
+        head: FrameHead,
         batch_epochs: impl IntoIterator<Item = u64>,
     ) -> Result<Progress, Refusal> {
         assert!(
@@ -210,8 +206,7 @@ impl Session {
             "a frame outside its phase: {:?}",
             self.phase
         );
-        self.state
-            .accept(epoch, commit, first, next, batch_epochs)?;
+        self.state.accept(head, batch_epochs)?;
         self.framed = true;
         self.commit = self.commit.max(self.state.leader_commit());
         Ok(Progress {
@@ -334,13 +329,13 @@ mod tests {
         );
         // Frames must continue the truncated log.
         assert_eq!(
-            s.frame(3, 9, 10, 12, [3]),
+            s.frame(FrameHead::new(3, 9, 10, 12), [3]),
             Err(Refusal::Gap {
                 expected: 7,
                 got: 10
             })
         );
-        assert!(s.frame(3, 9, 7, 12, [3]).is_ok());
+        assert!(s.frame(FrameHead::new(3, 9, 7, 12), [3]).is_ok());
         assert_eq!(s.flushed(12).ack, Some(12));
         assert_eq!(s.flushed(12).ack, None, "acknowledged once");
         assert_eq!(s.readable(), 9);
@@ -379,7 +374,7 @@ mod tests {
     #[test]
     fn nothing_is_acknowledged_before_it_is_durable() {
         let (mut s, _) = Session::begin(local(0, 0, None), 0, false);
-        s.frame(1, 0, 0, 5, [1]).unwrap();
+        s.frame(FrameHead::new(1, 0, 0, 5), [1]).unwrap();
         assert_eq!(s.written(5), None);
         assert_eq!(s.flushed(3).ack, Some(3));
         assert_eq!(s.flushed(5).ack, Some(5));
@@ -391,7 +386,7 @@ mod tests {
         // committed more since.
         let (mut s, _) = Session::begin(local(0, 0, None), 50, true);
         assert!(!s.flushed(0).recovered, "no frame of this session yet");
-        let p = s.frame(1, 8, 0, 10, [1]).unwrap();
+        let p = s.frame(FrameHead::new(1, 8, 0, 10), [1]).unwrap();
         assert!(!p.recovered, "the commit offset 8 is not durable here yet");
         assert!(!s.flushed(7).recovered);
         assert!(s.flushed(8).recovered);
@@ -399,13 +394,17 @@ mod tests {
         assert!(!s.flushed(10).recovered, "said once");
         // A frame that only moves the commit offset within what is durable recovers at once.
         let (mut s, _) = Session::begin(local(10, 10, None), 0, true);
-        assert!(s.frame(1, 10, 10, 10, []).unwrap().recovered);
+        assert!(
+            s.frame(FrameHead::new(1, 10, 10, 10), [])
+                .unwrap()
+                .recovered
+        );
     }
 
     #[test]
     #[should_panic(expected = "a frame outside its phase")]
     fn a_frame_before_the_stream_is_asked_for_is_a_bug_in_the_driver() {
         let (mut s, _) = Session::begin(local(10, 10, Some(2)), 0, false);
-        let _ = s.frame(2, 0, 10, 11, [2]);
+        let _ = s.frame(FrameHead::new(2, 0, 10, 11), [2]);
     }
 }

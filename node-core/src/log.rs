@@ -826,12 +826,13 @@ mod tests {
     fn steering_renews_a_restarted_leaders_epoch_and_withdraws_a_lost_copy_at_their_pace() {
         let mut st = Steering::default();
         let r = record("a", 4);
-        let restarted = LocalCopy {
-            last_epoch: 4,
-            end: 17,
+        let copy = |last_epoch, end, recovering| LocalCopy {
+            last_epoch,
+            end,
             leading_in: None,
-            recovering: false,
+            recovering,
         };
+        let restarted = copy(4, 17, false);
         let s = st.steer("l", "a", &r, restarted, 0);
         assert_eq!(s.role, Role::Follow(None));
         assert!(!s.withdrawing);
@@ -857,12 +858,7 @@ mod tests {
             1
         );
         // A sync-set member whose copy is recovering withdraws, and follows meanwhile.
-        let lost = LocalCopy {
-            last_epoch: 0,
-            end: 0,
-            leading_in: None,
-            recovering: true,
-        };
+        let lost = copy(0, 0, true);
         let s = st.steer("l", "b", &r, lost, 0);
         assert_eq!(s.role, Role::Follow(Some("a".into())));
         assert!(s.withdrawing);

@@ -639,6 +639,30 @@ pub enum Refusal {
     Gap { expected: u64, got: u64 },
 }
 
+/// What a follower checks of a `Replicated` frame besides its batches.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FrameHead {
+    /// The leader's epoch.
+    pub epoch: u64,
+    /// The leader's commit offset.
+    pub commit: u64,
+    /// Where its batches start (where the last frame ended).
+    pub first: u64,
+    /// Where its batches end.
+    pub next: u64,
+}
+
+impl FrameHead {
+    pub fn new(epoch: u64, commit: u64, first: u64, next: u64) -> FrameHead {
+        FrameHead {
+            epoch,
+            commit,
+            first,
+            next,
+        }
+    }
+}
+
 /// A follower's replication state for one log: the highest leader epoch it has seen, how far
 /// its log goes (written and durable), and the commit offset the leader last sent.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -663,17 +687,19 @@ impl Follower {
         }
     }
 
-    /// Check a `Replicated` frame of leader epoch `epoch` and commit `commit` whose batches
-    /// start at `first` and carry the epochs `batch_epochs`, before any of it is written. On
-    /// success the follower expects the next frame at `next`.
+    /// Check a `Replicated` frame whose batches carry the epochs `batch_epochs`, before any of
+    /// it is written. On success the follower expects the next frame at `head.next`.
     pub fn accept(
         &mut self,
-        epoch: u64,
-        commit: u64,
-        first: u64,
-        next: u64,
+        head: FrameHead,
         batch_epochs: impl IntoIterator<Item = u64>,
     ) -> Result<(), Refusal> {
+        let FrameHead {
+            epoch,
+            commit,
+            first,
+            next,
+        } = head;
         if epoch < self.epoch && !planted::active(Bug::StaleEpochAccepted) {
             return Err(Refusal::StaleEpoch {
                 seen: self.epoch,
@@ -1071,21 +1097,21 @@ mod tests {
     fn followers_refuse_stale_epochs_gaps_and_future_batches_and_serve_only_committed() {
         let mut f = Follower::new(10, 10, 2);
         assert_eq!(
-            f.accept(1, 50, 10, 12, [1]),
+            f.accept(FrameHead::new(1, 50, 10, 12), [1]),
             Err(Refusal::StaleEpoch { seen: 2, got: 1 })
         );
         assert_eq!(
-            f.accept(3, 50, 11, 12, [3]),
+            f.accept(FrameHead::new(3, 50, 11, 12), [3]),
             Err(Refusal::Gap {
                 expected: 10,
                 got: 11
             })
         );
         assert_eq!(
-            f.accept(3, 50, 10, 12, [2, 4]),
+            f.accept(FrameHead::new(3, 50, 10, 12), [2, 4]),
             Err(Refusal::FutureBatchEpoch { frame: 3, batch: 4 })
         );
-        assert_eq!(f.accept(3, 11, 10, 12, [2, 3]), Ok(()));
+        assert_eq!(f.accept(FrameHead::new(3, 11, 10, 12), [2, 3]), Ok(()));
         assert_eq!(f.epoch(), 3);
         // Readers see min(leader commit, local durable).
         assert_eq!(f.readable(), 10);
@@ -1094,7 +1120,7 @@ mod tests {
         assert_eq!(f.readable(), 11);
         // Once a newer leader was seen, the old one is refused.
         assert_eq!(
-            f.accept(2, 60, 12, 13, [2]),
+            f.accept(FrameHead::new(2, 60, 12, 13), [2]),
             Err(Refusal::StaleEpoch { seen: 3, got: 2 })
         );
     }

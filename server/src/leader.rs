@@ -287,14 +287,7 @@ async fn send_loop(
             // Nothing new to send, but the commit offset moved: followers serve reads up to it.
             // New records usually follow at once and carry the commit offset with them, so a
             // frame for the commit offset alone waits a moment for them.
-            let more = async {
-                if log.next_offset() > pos {
-                    log.wait_written(pos.plus(1)).await
-                } else {
-                    log.wait_appended(pos).await
-                }
-            };
-            match tokio::time::timeout(COMMIT_LINGER, more).await {
+            match tokio::time::timeout(COMMIT_LINGER, log.wait_written_past(pos)).await {
                 Ok(Ok(())) => continue,
                 // Closed (the log changed role) or failed: this stream is over.
                 Ok(Err(_)) => return,
@@ -310,14 +303,7 @@ async fn send_loop(
             out.borrow_mut().sent(pos.0, commit);
             continue;
         }
-        let next = log.next_offset();
-        let more = async {
-            if next > pos {
-                log.wait_written(pos.plus(1)).await
-            } else {
-                log.wait_appended(pos).await
-            }
-        };
+        let more = log.wait_written_past(pos);
         tokio::select! {
             r = more => {
                 if r.is_err() {

@@ -337,15 +337,7 @@ pub(crate) async fn drive(
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let flushed = log.flush_offset();
-        let next = log.next_offset();
-        let progressed = async {
-            if next > flushed {
-                log.wait_flushed(flushed.plus(1)).await
-            } else {
-                log.wait_appended(flushed).await
-            }
-        };
+        let progressed = log.wait_flushed_past(log.flush_offset());
         let ticked = tokio::select! {
             r = progressed => {
                 if r.is_err() {

@@ -508,32 +508,7 @@ async fn append(
         {
             Admission::Append => {}
             Admission::Duplicate(s) => break (s, true),
-            Admission::SequenceGap { expected } => {
-                let (pid, seq) = a.producer.expect("only producers have sequences");
-                return Err(Fail(
-                    ErrorCode::SequenceGap,
-                    format!("producer {pid:#x}: sequence {seq} skips ahead of {expected}"),
-                    expected,
-                ));
-            }
-            Admission::Stale { expected } => {
-                let (pid, seq) = a.producer.expect("only producers have sequences");
-                return Err(Fail(
-                    ErrorCode::StaleSequence,
-                    format!("producer {pid:#x}: sequence {seq} is older than remembered (next is {expected})"),
-                    expected,
-                ));
-            }
-            Admission::OffsetConflict { actual } => {
-                let expected = a
-                    .expected_offset
-                    .expect("only conditional appends conflict");
-                return Err(Fail(
-                    ErrorCode::OffsetConflict,
-                    format!("expected next offset {expected}, the log is at {actual}"),
-                    actual,
-                ));
-            }
+            refused => return Err(refusal(&a, refused)),
         }
         // The decoder refuses producer id 0, so `NonZeroU64::new` always succeeds here.
         let producer = a.producer.and_then(|(pid, first_sequence)| {
@@ -694,6 +669,34 @@ async fn append(
         replicas: holders.len() as u16,
         holders,
     })
+}
+
+/// The answer to an append that [`Admission`] refused.
+fn refusal(a: &AppendRequest, refused: Admission) -> Fail {
+    let (pid, seq) = a.producer.unwrap_or_default();
+    match refused {
+        Admission::SequenceGap { expected } => Fail(
+            ErrorCode::SequenceGap,
+            format!("producer {pid:#x}: sequence {seq} skips ahead of {expected}"),
+            expected,
+        ),
+        Admission::Stale { expected } => Fail(
+            ErrorCode::StaleSequence,
+            format!(
+                "producer {pid:#x}: sequence {seq} is older than remembered (next is {expected})"
+            ),
+            expected,
+        ),
+        Admission::OffsetConflict { actual } => Fail(
+            ErrorCode::OffsetConflict,
+            format!(
+                "expected next offset {}, the log is at {actual}",
+                a.expected_offset.unwrap_or_default()
+            ),
+            actual,
+        ),
+        Admission::Append | Admission::Duplicate(_) => unreachable!("not a refusal"),
+    }
 }
 
 /// Wait for a log to be created here (a follower creates the leader's new logs within

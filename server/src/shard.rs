@@ -318,16 +318,11 @@ impl Shard {
 }
 
 /// Wake a log's readers whenever its flushed horizon moves (standalone and follower logs; a
-/// leader's [`crate::leader::drive`] does this and more).
+/// leader's [`crate::replication::drive`] does this and more).
 async fn watch_flush(shard: Rc<Shard>, entry: Rc<LogEntry>) {
     let log = &entry.log;
     loop {
-        let flushed = log.flush_offset();
-        let r = if log.next_offset() > flushed {
-            log.wait_flushed(flushed.plus(1)).await
-        } else {
-            log.wait_appended(flushed).await
-        };
+        let r = log.wait_flushed_past(log.flush_offset()).await;
         if r.is_err() || shard.closing.get() {
             return;
         }

@@ -332,7 +332,10 @@ impl RaftStore for SimRaftStore {
         if entries.is_empty() {
             return Ok(());
         }
-        self.mem.wl().append(entries).map_err(|e| StoreError::new(false, e))?;
+        self.mem
+            .wl()
+            .append(entries)
+            .map_err(|e| StoreError::new(false, e))?;
         let mut d = self.disk.borrow_mut();
         let first = entries[0].index;
         d.entries.retain(|e| e.index < first);
@@ -376,7 +379,10 @@ impl RaftStore for SimRaftStore {
 
     fn compact(&mut self, index: u64, data: Vec<u8>, conf: ConfState) -> Result<(), StoreError> {
         self.writable()?;
-        let term = self.mem.term(index).map_err(|e| StoreError::new(false, e))?;
+        let term = self
+            .mem
+            .term(index)
+            .map_err(|e| StoreError::new(false, e))?;
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         let m = snap.mut_metadata();

@@ -15,7 +15,7 @@ use node_core::log::{
     LogRecord, Outbound, Outgoing, Role, Steer, Steering,
 };
 use protocol::idempotence::{Admission, ProducerTable, StoredAppend};
-use protocol::replication::{Insufficient, Leader, Progress, ReplicationConfig};
+use protocol::replication::{FrameHead, Insufficient, Leader, Progress, ReplicationConfig};
 use protocol::{Acks, ErrorCode};
 use rand::Rng;
 
@@ -778,21 +778,29 @@ impl Node {
             .logs
             .get_mut(name)
             .expect("a led log exists");
-        match l.producers.admit(producer, count, expected, log.end()) {
-            Admission::Append => {}
-            Admission::Duplicate(stored) => {
-                l.waiting.push(Waiting {
-                    client,
-                    id,
-                    acks,
-                    records,
-                    stored,
-                    duplicate: true,
-                    deadline_ms,
-                });
-                self.settle(w, name);
-                return;
+        let (stored, duplicate) = match l.producers.admit(producer, count, expected, log.end()) {
+            Admission::Append => {
+                let first = log.end();
+                let batch = Batch {
+                    base: first,
+                    epoch: l.epoch,
+                    producer,
+                    records: records.clone(),
+                };
+                let next = batch.next();
+                log.append(batch);
+                l.repl.appended(next, now);
+                let stored = StoredAppend {
+                    first,
+                    next,
+                    epoch: l.epoch,
+                };
+                if let Some((pid, seq)) = producer {
+                    l.producers.record(pid, seq, count, stored);
+                }
+                (stored, false)
             }
+            Admission::Duplicate(stored) => (stored, true),
             Admission::SequenceGap { .. } => {
                 return self.reply(w, client, id, error(ErrorCode::SequenceGap))
             }
@@ -802,34 +810,20 @@ impl Node {
             Admission::OffsetConflict { .. } => {
                 return self.reply(w, client, id, error(ErrorCode::OffsetConflict))
             }
-        }
-        let first = log.end();
-        let batch = Batch {
-            base: first,
-            epoch: l.epoch,
-            producer,
-            records: records.clone(),
         };
-        let next = batch.next();
-        log.append(batch);
-        l.repl.appended(next, now);
-        let stored = StoredAppend {
-            first,
-            next,
-            epoch: l.epoch,
-        };
-        if let Some((pid, seq)) = producer {
-            l.producers.record(pid, seq, count, stored);
-        }
         l.waiting.push(Waiting {
             client,
             id,
             acks,
             records,
             stored,
-            duplicate: false,
+            duplicate,
             deadline_ms,
         });
+        if duplicate {
+            // Nothing new to write or send: the original's receipt once it reaches the level.
+            return self.settle(w, name);
+        }
         self.sync(w, name);
         self.settle(w, name);
         self.pump(w, name);
@@ -1136,7 +1130,13 @@ impl Node {
         };
         let next = batches.last().map_or(first, Batch::next);
         let epochs = batches.iter().map(|b| b.epoch);
-        let Ok(progress) = s.frame(epoch, commit, first, next, epochs) else {
+        let head = FrameHead {
+            epoch,
+            commit,
+            first,
+            next,
+        };
+        let Ok(progress) = s.frame(head, epochs) else {
             return f.end(now + 200);
         };
         let log = w.disks[idx].logs.get_mut(name).expect("followed log");
