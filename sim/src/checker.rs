@@ -18,6 +18,7 @@
 //!   replica holds the same committed records.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 
 use node_core::controller::meta::ClusterMeta;
 use protocol::{Acks, ErrorCode};
@@ -50,6 +51,10 @@ pub struct Checker {
     last_leader: BTreeMap<String, String>,
     /// Per log: the highest commit offset any leader has had.
     commit: BTreeMap<String, u64>,
+    /// Per log, the offset below which retention removed every replica's records, and the
+    /// records it removed (by offset): what the replicas held, for the checks that come later.
+    purged: BTreeMap<String, u64>,
+    archive: Payloads,
     /// Per (node, incarnation, epoch, log): the leader's commit offset.
     leader_commit: BTreeMap<(usize, u64, u64, String), u64>,
     /// Per (node, incarnation, log): the follower's readable horizon.
@@ -74,6 +79,9 @@ pub struct Stats {
     /// Batches damaged at rest (bit rot), and damaged batches the scrub repaired.
     pub rotted: u64,
     pub repaired: u64,
+    /// Retention passes that moved a log's start, and copies replaced by bootstrap.
+    pub purges: u64,
+    pub bootstraps: u64,
 }
 
 /// Record ids at offsets, per log.
@@ -119,11 +127,50 @@ impl Checker {
             recorded: BTreeMap::new(),
             last_leader: BTreeMap::new(),
             commit: BTreeMap::new(),
+            purged: BTreeMap::new(),
+            archive: BTreeMap::new(),
             leader_commit: BTreeMap::new(),
             readable: BTreeMap::new(),
             violations: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// The highest commit offset of `log` any leader had.
+    pub fn commit(&self, log: &str) -> u64 {
+        self.commit.get(log).copied().unwrap_or(0)
+    }
+
+    /// Retention removed every record of `log` below `floor` from every replica (records all
+    /// of them held durably, below the commit offset): `removed`, per node. The replicas must
+    /// have held the same records; they are kept here, so that a receipt given later and the
+    /// final check still see them.
+    pub fn purged(&mut self, log: &str, floor: u64, removed: &[(usize, Vec<Batch>)]) {
+        self.stats.purges += 1;
+        let p = self.purged.entry(log.to_string()).or_default();
+        *p = (*p).max(floor);
+        let mut clash = None;
+        for (node, batches) in removed {
+            for b in batches {
+                if let Some(c) =
+                    note_payloads(&mut self.archive, &self.acked, log, b.base, &b.records)
+                {
+                    clash = Some((*node, c));
+                }
+            }
+        }
+        if let Some((node, (o, a, b))) = clash {
+            self.violation(format!(
+                "offset {o} of {log} holds two payloads: {a:#x} and {b:#x} (n{node}'s copy, as retention removed it)"
+            ));
+        }
+    }
+
+    /// The records of `log` at `first..next` that retention removed, if it removed them all.
+    fn archived(&self, log: &str, first: u64, next: u64) -> Option<Vec<u64>> {
+        let m = self.archive.get(log)?;
+        let ids: Vec<u64> = m.range(first..next).map(|(_, id)| *id).collect();
+        (ids.len() as u64 == next - first).then_some(ids)
     }
 
     fn violation(&mut self, what: String) {
@@ -237,10 +284,17 @@ impl Checker {
         };
         let (first, next, epoch) = (*first, *next, *epoch);
         self.stats.receipts += 1;
+        let floor = self.purged.get(log).copied().unwrap_or(0);
         for h in holders {
             let held = disks[*h].logs.get(log);
-            let durable = held.map_or(0, |l| l.durable_end());
-            let ids = held.and_then(|l| l.ids(first, next));
+            // What retention removed, every replica held durably.
+            let (durable, ids) = match next <= floor {
+                true => (next, self.archived(log, first, next)),
+                false => (
+                    held.map_or(0, |l| l.durable_end()),
+                    held.and_then(|l| l.ids(first, next)),
+                ),
+            };
             if durable < next || ids.as_deref() != Some(records) {
                 self.violation(format!(
                     "n{node}'s receipt for {log} {first}..{next} (acks={}) names n{h}, which holds {ids:?} durably up to {durable}",
@@ -364,8 +418,9 @@ impl Checker {
     /// each replica's batches.
     pub fn finish(&mut self, finals: &BTreeMap<String, Final>) {
         for (log, (leader, replicas)) in finals {
-            let mut at: BTreeMap<u64, u64> = BTreeMap::new();
-            let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+            // What retention removed, then the leader's log.
+            let mut at: BTreeMap<u64, u64> = self.archive.get(log).cloned().unwrap_or_default();
+            let mut seen: BTreeMap<u64, u64> = at.iter().map(|(o, id)| (*id, *o)).collect();
             for b in leader {
                 for (i, id) in b.records.iter().enumerate() {
                     let o = b.base + i as u64;
@@ -382,6 +437,7 @@ impl Checker {
                     }
                 }
             }
+            let floor = self.purged.get(log).copied().unwrap_or(0);
             let promised = self.acked.get(log).into_iter().flatten();
             let returned = self.read.get(log).into_iter().flatten();
             let mut lost = None;
@@ -399,10 +455,13 @@ impl Checker {
             let end = leader.last().map_or(0, Batch::next);
             for (node, batches) in replicas {
                 let other = batches.last().map_or(0, Batch::next);
-                let same = batches
-                    .iter()
-                    .zip(leader)
-                    .all(|(a, b)| a.base == b.base && a.records == b.records);
+                let kept = |bs: &[Batch]| -> Vec<(u64, Rc<[u64]>)> {
+                    bs.iter()
+                        .filter(|b| b.next() > floor)
+                        .map(|b| (b.base, b.records.clone()))
+                        .collect()
+                };
+                let same = kept(batches) == kept(leader);
                 if !same || other != end {
                     self.violation(format!(
                         "n{node}'s {log} differs from its leader's at the end ({other} against {end} records)"

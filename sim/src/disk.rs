@@ -41,6 +41,11 @@ const ROT: u64 = 0x0bad_0bad_0bad_0bad;
 /// One log on one node's disk.
 #[derive(Clone, Debug, Default)]
 pub struct SimLog {
+    /// The first offset it holds (retention moves it; a bootstrap sets it).
+    start: u64,
+    /// Which copy this is: a bootstrap replaces the copy by a new one, and an fdatasync of
+    /// the old one makes nothing of the new one durable.
+    copy: u64,
     batches: Vec<Batch>,
     /// How many of `batches` are durable.
     durable: usize,
@@ -79,15 +84,57 @@ impl SimLog {
         }
     }
 
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
     pub fn end(&self) -> u64 {
-        self.batches.last().map_or(0, Batch::next)
+        self.batches.last().map_or(self.start, Batch::next)
     }
 
     pub fn durable_end(&self) -> u64 {
         match self.durable {
-            0 => 0,
+            0 => self.start,
             n => self.batches[n - 1].next(),
         }
+    }
+
+    /// Bootstrap: the copy is replaced, durably, by an empty one that starts at `start` (its
+    /// recovering state stays as it was).
+    pub fn replace(&mut self, start: u64) -> Vec<Batch> {
+        let removed = std::mem::take(&mut self.batches);
+        *self = SimLog {
+            start,
+            copy: self.copy + 1,
+            recovering: self.recovering,
+            ..SimLog::default()
+        };
+        removed
+    }
+
+    /// The batches this copy holds durably.
+    pub fn durable_batches(&self) -> &[Batch] {
+        &self.batches[..self.durable]
+    }
+
+    /// Whether this copy holds `b` durably: the same offsets, epoch and records.
+    pub fn holds(&self, b: &Batch) -> bool {
+        matches!(self.at(b.base), Some(i) if i < self.durable && self.batches[i] == *b)
+    }
+
+    /// Retention: remove, durably, the batches wholly below `floor`; the log then starts at
+    /// the first batch left (or at `floor`, when none is).
+    pub fn purge(&mut self, floor: u64) -> Vec<Batch> {
+        let n = self.batches.partition_point(|b| b.next() <= floor);
+        let removed: Vec<Batch> = self.batches.drain(..n).collect();
+        self.durable -= n.min(self.durable);
+        self.start = self
+            .batches
+            .first()
+            .map_or(floor.max(self.start), |b| b.base);
+        let start = self.start;
+        self.rotten.retain(|base| *base >= start);
+        removed
     }
 
     pub fn last_epoch(&self) -> Option<u64> {
@@ -118,19 +165,23 @@ impl SimLog {
         self.batches.push(b);
     }
 
-    /// How many batches are written: an fdatasync issued now covers them.
-    pub fn written_batches(&self) -> usize {
-        self.batches.len()
+    /// What an fdatasync issued now covers: this copy, up to its end.
+    pub fn written(&self) -> (u64, u64) {
+        (self.copy, self.end())
     }
 
-    /// An fdatasync issued when `batches` were written completed.
-    pub fn synced(&mut self, batches: usize) {
-        self.durable = self.durable.max(batches.min(self.batches.len()));
+    /// An fdatasync issued when copy `copy` was written up to `end` completed.
+    pub fn synced(&mut self, (copy, end): (u64, u64)) {
+        if copy == self.copy {
+            let covered = self.batches.partition_point(|b| b.next() <= end);
+            self.durable = self.durable.max(covered);
+        }
     }
 
     /// Remove every batch at or after `to` (a batch boundary), durably. Returns what was
     /// removed.
     pub fn truncate(&mut self, to: u64) -> Vec<Batch> {
+        assert!(to >= self.start, "truncation within the log");
         let keep = self.batches.partition_point(|b| b.next() <= to);
         assert!(
             keep == self.batches.len() || self.batches[keep].base == to,
@@ -460,7 +511,7 @@ mod tests {
         let mut l = SimLog::default();
         l.append(batch(0, 1, 2));
         l.append(batch(2, 1, 3));
-        l.synced(1);
+        l.synced((0, 2));
         l.append(batch(5, 2, 1));
         assert_eq!((l.end(), l.durable_end()), (6, 2));
         let mut c = l.clone();
@@ -468,6 +519,29 @@ mod tests {
         assert_eq!((c.end(), c.durable_end()), (2, 2));
         l.crash(1);
         assert_eq!((l.end(), l.durable_end()), (5, 5));
+    }
+
+    #[test]
+    fn retention_moves_the_start_and_a_bootstrap_replaces_the_copy() {
+        let mut l = SimLog::default();
+        l.append(batch(0, 1, 2));
+        l.append(batch(2, 1, 3));
+        l.append(batch(5, 1, 1));
+        l.synced((0, 5));
+        assert!(l.holds(&batch(2, 1, 3)) && !l.holds(&batch(5, 1, 1)));
+        // Whole batches only: 3 is inside the second one.
+        assert_eq!(l.purge(3).len(), 1);
+        assert_eq!((l.start(), l.durable_end(), l.end()), (2, 5, 6));
+        assert_eq!(l.read(0, 6)[0].base, 2);
+        // An fdatasync of the copy before a bootstrap makes nothing of the new one durable.
+        let written = l.written();
+        l.replace(10);
+        assert_eq!((l.start(), l.end(), l.last_epoch()), (10, 10, None));
+        l.append(batch(10, 2, 1));
+        l.synced(written);
+        assert_eq!(l.durable_end(), 10);
+        l.synced(l.written());
+        assert_eq!(l.durable_end(), 11);
     }
 
     #[test]
@@ -493,7 +567,7 @@ mod tests {
         let mut l = SimLog::default();
         l.append(batch(0, 1, 2));
         l.append(batch(2, 1, 2));
-        l.synced(1);
+        l.synced((0, 2));
         // Only durable batches rot (what is not durable is rewritten, or lost in a crash).
         assert!(!l.rot(2));
         assert!(l.rot(0));
@@ -511,7 +585,7 @@ mod tests {
         let mut other = SimLog::default();
         other.append(batch(0, 1, 2));
         assert!(!other.sound(&batch(0, 1, 2)), "not durable there");
-        other.synced(1);
+        other.synced((0, 2));
         assert!(other.sound(&batch(0, 1, 2)));
         assert!(l.repair(&other.read(0, 2)[0]));
         assert_eq!(l.rotten_in(0, 2), None);

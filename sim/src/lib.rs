@@ -57,6 +57,10 @@ pub struct Config {
     /// strikes one durable batch of one replica, one that another replica holds soundly.
     /// 0: no bit rot.
     pub bit_rot_every_ms: u64,
+    /// The mean time between two retention passes (ms, with `faults`): each removes, from
+    /// every replica of one log, the batches all of them hold durably below the commit
+    /// offset, so a replica wiped since must bootstrap from the leader's new start. 0: none.
+    pub retention_every_ms: u64,
     /// Nodes scrub their logs and repair damaged batches from other replicas (off only to
     /// show that the checker counts a damaged batch as lost).
     pub scrub: bool,
@@ -89,6 +93,7 @@ impl Default for Config {
             faults: true,
             fault_every_ms: 8_000,
             bit_rot_every_ms: 30_000,
+            retention_every_ms: 60_000,
             scrub: true,
             drift: 0.1,
             tick_ms: 100,

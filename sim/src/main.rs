@@ -43,6 +43,9 @@ struct Args {
     /// The mean time between two batches damaged at rest (bit rot), in ms; 0: none.
     #[arg(long, default_value_t = 30_000)]
     bit_rot_every_ms: u64,
+    /// The mean time between two retention passes, in ms; 0: none.
+    #[arg(long, default_value_t = 60_000)]
+    retention_every_ms: u64,
     /// Plant a bug (by its name in `protocol::planted::Bug`, e.g. LeaseWithoutMargin) to see
     /// the checker find it; needs the `planted-bugs` feature.
     #[arg(long)]
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
             leader_timeout_ms: a.leader_timeout_ms,
             drift: a.drift,
             bit_rot_every_ms: a.bit_rot_every_ms,
+            retention_every_ms: a.retention_every_ms,
             ..sim::Config::default()
         };
         let t = Instant::now();

@@ -105,6 +105,12 @@ pub enum Msg {
         log: String,
         session: u64,
     },
+    /// The leader no longer stores what the stream was asked from: its log starts at `start`.
+    OutOfRange {
+        log: String,
+        session: u64,
+        start: u64,
+    },
     /// The scrub: send me your copy of `log`'s batch `from..until` written in `epoch` (mine is
     /// damaged).
     RepairRead {

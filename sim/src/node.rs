@@ -12,7 +12,7 @@ use node_core::controller::meta::{Command, Member, NodeId};
 use node_core::follow::{Command as SessionCommand, Local, Phase, Session};
 use node_core::log::{
     confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal, LocalCopy,
-    LogRecord, Outbound, Outgoing, Role, Steer, Steering,
+    LogRecord, Outbound, Outgoing, Role, Steer, Steering, StreamRefusal,
 };
 use protocol::idempotence::{Admission, ProducerTable, StoredAppend};
 use protocol::replication::{FrameHead, Insufficient, Leader, Progress, ReplicationConfig};
@@ -124,7 +124,7 @@ impl Following {
 /// The local copy, as a follower session sees it.
 fn local(log: &crate::disk::SimLog) -> Local {
     Local {
-        start: 0,
+        start: log.start(),
         end: log.end(),
         durable: log.durable_end(),
         last_epoch: log.last_epoch(),
@@ -699,6 +699,11 @@ impl Node {
                     self.pump(w, &log);
                 }
             }
+            Msg::OutOfRange {
+                log,
+                session,
+                start,
+            } => self.out_of_range(w, &log, session, start),
             Msg::Refused { log, session } => {
                 let current = matches!(self.logs.get(&log), Some(LogState { role: RoleState::Following(f), .. }) if f.id == session && f.session.is_some());
                 if current {
@@ -840,7 +845,7 @@ impl Node {
             return;
         }
         st.fsync_in_flight = true;
-        let batches = log.written_batches();
+        let written = log.written();
         let (lo, hi) = w.cfg.fsync_us;
         let mut latency = w.rng.gen_range(lo..=hi);
         if w.rng.gen_bool(0.01) {
@@ -852,13 +857,13 @@ impl Node {
                 node: self.idx,
                 incarnation: self.incarnation,
                 log: name.to_string(),
-                batches,
+                written,
             },
         );
     }
 
     /// An fdatasync completed.
-    pub fn fsync_done(&mut self, w: &mut World, name: &str, batches: usize) {
+    pub fn fsync_done(&mut self, w: &mut World, name: &str, written: (u64, u64)) {
         let now = self.now_ms(w);
         let Some(st) = self.logs.get_mut(name) else {
             return;
@@ -868,7 +873,7 @@ impl Node {
             .logs
             .get_mut(name)
             .expect("an open log exists");
-        log.synced(batches);
+        log.synced(written);
         let durable = log.durable_end();
         match &mut st.role {
             RoleState::Leading(l) => {
@@ -1038,8 +1043,17 @@ impl Node {
             return w.send(self.idx, follower, refused);
         }
         let log = &w.disks[self.idx].logs[name];
-        let Ok(out) = Outbound::open(from, 0, log.end()) else {
-            return w.send(self.idx, follower, refused);
+        let out = match Outbound::open(from, log.start(), log.end()) {
+            Ok(out) => out,
+            Err(StreamRefusal::Bootstrap { start }) => {
+                let msg = Msg::OutOfRange {
+                    log: name.to_string(),
+                    session,
+                    start,
+                };
+                return w.send(self.idx, follower, msg);
+            }
+            Err(StreamRefusal::Ahead { .. }) => return w.send(self.idx, follower, refused),
         };
         l.repl.connected(&fid, out.counted(durable), now);
         l.streams.insert(
@@ -1093,8 +1107,10 @@ impl Node {
             // asks again later.
             Err(_) => return f.end(now + 1000),
         };
-        let SessionCommand::Replicate { from, durable, .. } = next else {
-            unreachable!("simulated logs start at 0, so nothing bootstraps: {next:?}");
+        let (from, durable) = match next {
+            SessionCommand::Replicate { from, durable, .. } => (from, durable),
+            SessionCommand::Bootstrap { start } => return self.bootstrap(w, name, start),
+            other => unreachable!("after the epoch question: {other:?}"),
         };
         let msg = Msg::Replicate {
             log: name.to_string(),
@@ -1103,6 +1119,43 @@ impl Node {
             durable,
         };
         w.send(self.idx, leader, msg);
+    }
+
+    /// The leader no longer stores what the session asked for: its log starts at `start`.
+    fn out_of_range(&mut self, w: &mut World, name: &str, session: u64, start: u64) {
+        let now = self.now_ms(w);
+        let Some(f) = following_state(&mut self.logs, name) else {
+            return;
+        };
+        let streaming = |p| matches!(p, Phase::Streaming { .. });
+        let Some(s) = f.current(session, streaming) else {
+            return;
+        };
+        match s.out_of_range(start) {
+            Some(SessionCommand::Bootstrap { start }) => self.bootstrap(w, name, start),
+            _ => f.end(now + 200),
+        }
+    }
+
+    /// Bootstrap: replace the local copy of `name` by an empty one that starts at `start` (at
+    /// 0 when unknown: the next session learns the leader's start), and begin again.
+    fn bootstrap(&mut self, w: &mut World, name: &str, start: Option<u64>) {
+        let now = self.now_ms(w);
+        let start = start.unwrap_or(0);
+        let log = w.disks[self.idx]
+            .logs
+            .get_mut(name)
+            .expect("a followed log exists");
+        let (from, to) = (log.start(), log.end());
+        log.replace(start);
+        w.checker.stats.bootstraps += 1;
+        w.note(format_args!(
+            "{} bootstraps {name}: its copy {from}..{to} is replaced by an empty one at {start}",
+            self.id
+        ));
+        if let Some(f) = following_state(&mut self.logs, name) {
+            f.end(now);
+        }
     }
 
     /// A frame of the leader's stream.
@@ -1188,7 +1241,7 @@ impl Node {
         if committed < min_offset {
             return self.reply(w, client, id, error(ErrorCode::Behind));
         }
-        if from > log.end() {
+        if from > log.end() || from < log.start() {
             return self.reply(w, client, id, error(ErrorCode::OffsetOutOfRange));
         }
         let until = committed.min(from + READ_RECORDS_MAX);

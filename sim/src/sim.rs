@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checker::Stats;
 use crate::client::Client;
-use crate::disk::Batch;
+use crate::disk::{Batch, SimLog};
 use crate::msg::{Msg, Rep, Req};
 use crate::node::{node_id, node_idx, Clock, Node};
 use crate::world::{Event, World};
@@ -35,7 +35,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations, {} batches rotted ({} repaired)",
+            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations, {} batches rotted ({} repaired), {} retention passes, {} bootstraps",
             self.seed,
             self.simulated_ms as f64 / 3.6e6,
             self.events,
@@ -49,7 +49,9 @@ impl fmt::Display for Report {
             self.stats.reads,
             self.stats.truncations,
             self.stats.rotted,
-            self.stats.repaired
+            self.stats.repaired,
+            self.stats.purges,
+            self.stats.bootstraps
         )
     }
 }
@@ -101,6 +103,8 @@ struct Sim {
     next_fault: u64,
     /// Bit rot draws from its own stream, so that a run without it is the run it always was.
     rot_rng: ChaCha8Rng,
+    /// Retention too.
+    retention_rng: ChaCha8Rng,
     events: u64,
     injected: u64,
     crashes: u64,
@@ -108,6 +112,11 @@ struct Sim {
     /// Set at the end of the run: no more faults.
     ending: bool,
 }
+
+/// The records below the commit offset that retention keeps: a few minutes of the workload,
+/// longer than a client resends an idempotent append (a node recognises a resend by the
+/// original in its log, so retention must keep it for that long; docs/protocol.md, 5.2).
+const RETAINED_RECORDS: u64 = 2_000;
 
 /// Run one simulation.
 pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
@@ -133,6 +142,7 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
         faults: BTreeMap::new(),
         next_fault: 0,
         rot_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xb17_2077_u64.rotate_left(32)),
+        retention_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x7e7e_7110_u64.rotate_left(16)),
         events: 0,
         injected: 0,
         crashes: 0,
@@ -160,6 +170,10 @@ pub fn run(seed: u64, cfg: &Config) -> Result<Report, Failure> {
         if cfg.bit_rot_every_ms > 0 {
             let first = sim.rot_gap();
             sim.w.after(first, Event::Rot);
+        }
+        if cfg.retention_every_ms > 0 {
+            let first = sim.retention_gap();
+            sim.w.after(first, Event::Retention);
         }
     }
     sim.run_until(cfg.duration_ms * 1000)?;
@@ -286,13 +300,13 @@ impl Sim {
                 node,
                 incarnation,
                 log,
-                batches,
+                written,
             } => {
                 if let Some(n) = self.nodes[node]
                     .as_mut()
                     .filter(|n| n.incarnation == incarnation)
                 {
-                    n.fsync_done(&mut self.w, &log, batches);
+                    n.fsync_done(&mut self.w, &log, written);
                 }
             }
             Event::SendFailed { at, peer } => {
@@ -320,6 +334,12 @@ impl Sim {
                 self.w.after(gap, Event::Fault);
             }
             Event::Heal { id } => self.heal(id),
+            Event::Retention if self.ending => {}
+            Event::Retention => {
+                self.retention();
+                let gap = self.retention_gap();
+                self.w.after(gap, Event::Retention);
+            }
             Event::Rot if self.ending => {}
             Event::Rot => {
                 self.rot();
@@ -327,6 +347,55 @@ impl Sim {
                 self.w.after(gap, Event::Rot);
             }
         }
+    }
+
+    fn retention_gap(&mut self) -> u64 {
+        let u: f64 = self.retention_rng.gen_range(0.0001..1.0);
+        (-u.ln() * self.w.cfg.retention_every_ms as f64 * 1000.0) as u64
+    }
+
+    /// Retention: every replica of one log removes the batches below the highest batch
+    /// boundary that all of them hold durably and alike, [`RETAINED_RECORDS`] below the commit
+    /// offset (as a node's retention removes whole old segments its followers no longer need).
+    /// A replica wiped since then finds the leader's log starting there, and bootstraps.
+    fn retention(&mut self) {
+        let log = format!("l{}", self.retention_rng.gen_range(0..self.w.cfg.logs));
+        let cap = self.w.checker.commit(&log).saturating_sub(RETAINED_RECORDS);
+        let holders: Vec<usize> = (0..self.w.cfg.nodes)
+            .filter(|n| self.w.disks[*n].logs.contains_key(&log))
+            .collect();
+        let Some(first) = holders.first() else {
+            return;
+        };
+        // The end of the batches every replica holds durably and alike (a replica may still
+        // hold a divergent suffix that a deposed leader wrote), at or below the commit offset.
+        let logs: Vec<&SimLog> = holders
+            .iter()
+            .map(|n| &self.w.disks[*n].logs[&log])
+            .collect();
+        let floor = logs[0]
+            .durable_batches()
+            .iter()
+            .take_while(|b| b.next() <= cap && logs.iter().all(|l| l.holds(b)))
+            .last()
+            .map_or(self.w.disks[*first].logs[&log].start(), Batch::next);
+        if holders
+            .iter()
+            .all(|n| self.w.disks[*n].logs[&log].start() >= floor)
+        {
+            return;
+        }
+        let removed: Vec<(usize, Vec<Batch>)> = holders
+            .iter()
+            .map(|n| {
+                let l = self.w.disks[*n].logs.get_mut(&log).expect("a holder");
+                (*n, l.purge(floor))
+            })
+            .collect();
+        self.w.checker.purged(&log, floor, &removed);
+        self.w.note(format_args!(
+            "RETENTION {log}: every replica starts at {floor} now"
+        ));
     }
 
     fn rot_gap(&mut self) -> u64 {

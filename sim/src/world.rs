@@ -24,12 +24,13 @@ pub enum Event {
     },
     /// A node's periodic tick (controller tick, steering, reports, lag checks).
     Tick { node: usize, incarnation: u64 },
-    /// An fdatasync of `log` issued when `batches` batches were written has completed.
+    /// An fdatasync of `log` issued when `written` (its copy, its end) was written has
+    /// completed.
     Fsync {
         node: usize,
         incarnation: u64,
         log: String,
-        batches: usize,
+        written: (u64, u64),
     },
     /// Endpoint `at` notices that its connection to `peer` died at `since` (us): what it
     /// began over that connection before then ends (a connection made since is another).
@@ -37,6 +38,8 @@ pub enum Event {
     /// What endpoint `at` sent into a dead connection to `peer` got no answer (see
     /// `Net::take_failed`).
     SendFailed { at: usize, peer: usize },
+    /// A retention pass over one log.
+    Retention,
     /// A crashed node starts again.
     Restart { node: usize },
     /// A client's next step.

@@ -13,11 +13,11 @@ use sim::{run, Config};
 /// - 18: a wiped leader renewing its epoch from an empty log;
 /// - 27: a follower whose records all predate the leader's history, never truncated.
 ///
-/// They run without bit rot, which came after them: its draws would change their runs from the
-/// first damaged batch on. The other seeds run with it.
+/// They run without bit rot and retention, which came after them: their draws would change the
+/// runs from the first damaged batch or purge on. The other seeds run with both.
 const REGRESSIONS: [u64; 5] = [1, 5, 16, 18, 27];
 
-/// Seeds that found real bugs with bit rot on:
+/// Seeds that found real bugs with bit rot on (they run without retention, which came after):
 /// - 201: a leader isolated past its lease renewed it, once the partition healed, before it
 ///   had applied the new epoch the controller had meanwhile given another node, and
 ///   acknowledged an append in its old epoch (a lease now counts only once the node has
@@ -30,7 +30,7 @@ fn a_day_of_faults_breaks_no_promise() {
     seeds.extend(REGRESSIONS_WITH_BIT_ROT);
     seeds.extend(100..103);
     let hours = 24.0 / seeds.len() as f64;
-    let (mut changes, mut rotted, mut repaired) = (0, 0, 0);
+    let (mut changes, mut rotted, mut repaired, mut bootstraps) = (0, 0, 0, 0);
     for seed in seeds {
         let cfg = Config {
             nodes: 3 + (seed % 5) as usize,
@@ -38,6 +38,13 @@ fn a_day_of_faults_breaks_no_promise() {
             bit_rot_every_ms: match REGRESSIONS.contains(&seed) {
                 true => 0,
                 false => Config::default().bit_rot_every_ms,
+            },
+            // The seeds that found bugs before retention was simulated run without it.
+            retention_every_ms: match REGRESSIONS.contains(&seed)
+                || REGRESSIONS_WITH_BIT_ROT.contains(&seed)
+            {
+                true => 0,
+                false => Config::default().retention_every_ms,
             },
             ..Config::default()
         };
@@ -47,11 +54,14 @@ fn a_day_of_faults_breaks_no_promise() {
                 changes += r.stats.leader_changes;
                 rotted += r.stats.rotted;
                 repaired += r.stats.repaired;
+                bootstraps += r.stats.bootstraps;
             }
             Err(f) => panic!("{f}"),
         }
     }
     assert!(changes >= 1000, "only {changes} leader changes in 24 hours");
+    // Wiped replicas that found the leader's log purged past what they had.
+    assert!(bootstraps >= 3, "only {bootstraps} bootstraps");
     // (A damaged batch may also go unrepaired because a truncation or a wipe removed it; one
     // left damaged at the end would be a loss the checker reports.)
     assert!(
