@@ -55,6 +55,8 @@ pub struct Checker {
     /// records it removed (by offset): what the replicas held, for the checks that come later.
     purged: BTreeMap<String, u64>,
     archive: Payloads,
+    /// When each node's logs were last wiped (us).
+    wiped: BTreeMap<usize, u64>,
     /// Per (node, incarnation, epoch, log): the leader's commit offset.
     leader_commit: BTreeMap<(usize, u64, u64, String), u64>,
     /// Per (node, incarnation, log): the follower's readable horizon.
@@ -70,6 +72,8 @@ pub struct Stats {
     pub receipts: u64,
     pub acked_sync: u64,
     pub reads: u64,
+    /// Reads of a client's tail answered with records.
+    pub tail_reads: u64,
     pub truncations: u64,
     /// Epochs begun after the first of each log (elections, renewals, transfers).
     pub new_epochs: u64,
@@ -83,6 +87,10 @@ pub struct Stats {
     pub purges: u64,
     pub bootstraps: u64,
 }
+
+/// How long after a node is wiped its leader may still count its acknowledgements: the
+/// connection's idle timeout (1 s), with room for the messages on the way.
+const WIPE_NOTICED_US: u64 = 3_000_000;
 
 /// Record ids at offsets, per log.
 type Payloads = BTreeMap<String, BTreeMap<u64, u64>>;
@@ -129,11 +137,17 @@ impl Checker {
             commit: BTreeMap::new(),
             purged: BTreeMap::new(),
             archive: BTreeMap::new(),
+            wiped: BTreeMap::new(),
             leader_commit: BTreeMap::new(),
             readable: BTreeMap::new(),
             violations: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Node `node` lost every log's copy (its data dir was wiped) at `now`.
+    pub fn wiped(&mut self, node: usize, now: u64) {
+        self.wiped.insert(node, now);
     }
 
     /// The highest commit offset of `log` any leader had.
@@ -263,7 +277,7 @@ impl Checker {
     #[allow(clippy::too_many_arguments)]
     pub fn receipt(
         &mut self,
-        now: u64,
+        (now, since): (u64, u64),
         node: usize,
         log: &str,
         rep: &Rep,
@@ -286,6 +300,17 @@ impl Checker {
         self.stats.receipts += 1;
         let floor = self.purged.get(log).copied().unwrap_or(0);
         for h in holders {
+            // Wiped after the append was taken, or so recently that its leader may not have
+            // noticed yet (its connection dies with the node, and the leader learns so within
+            // the idle timeout): it may have held the records durably, and acknowledged them,
+            // before it lost them (the node then withdraws until it has caught up).
+            if self
+                .wiped
+                .get(h)
+                .is_some_and(|at| *at >= since || now - *at <= WIPE_NOTICED_US)
+            {
+                continue;
+            }
             let held = disks[*h].logs.get(log);
             // What retention removed, every replica held durably.
             let (durable, ids) = match next <= floor {

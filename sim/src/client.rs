@@ -20,6 +20,15 @@ struct Pending {
     maybe_stored: bool,
     /// When the client stops trying (us).
     give_up: u64,
+    /// A read of this client's tail of the log on one replica.
+    tail: bool,
+}
+
+/// A client's tail of a log: it reads on from where its last read ended, on one replica.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    replica: usize,
+    next: u64,
 }
 
 /// One client.
@@ -35,6 +44,8 @@ pub struct Client {
     sequences: BTreeMap<String, u64>,
     /// The highest offset this client has seen per log (read-your-writes).
     seen: BTreeMap<String, u64>,
+    /// Its tail of each log.
+    tails: BTreeMap<String, Tail>,
     pub stopped: bool,
     /// Appends and reads answered, for the report.
     pub done: u64,
@@ -52,6 +63,7 @@ impl Client {
             producer: 0x5eed_0000 + idx as u64 + 1,
             sequences: BTreeMap::new(),
             seen: BTreeMap::new(),
+            tails: BTreeMap::new(),
             stopped: false,
             done: 0,
         }
@@ -109,7 +121,7 @@ impl Client {
         }
         let log = format!("l{}", w.rng.gen_range(0..w.cfg.logs));
         let seen = self.seen.get(&log).copied().unwrap_or(0);
-        let req = if w.rng.gen_bool(0.75) {
+        let (req, tail) = if w.rng.gen_bool(0.75) {
             let n = w.rng.gen_range(1..=3u64);
             let records: Rc<[u64]> = (0..n)
                 .map(|_| {
@@ -129,19 +141,34 @@ impl Client {
                 (self.producer, seq)
             });
             let expected = (!idempotent && w.rng.gen_bool(0.1)).then_some(seen);
-            Req::Append {
+            let append = Req::Append {
                 log: log.clone(),
                 records,
                 acks,
                 producer,
                 expected,
-            }
+            };
+            (append, false)
+        } else if w.rng.gen_bool(0.5) {
+            // The tail: on from where it ended, at the end of the log.
+            let nodes = w.cfg.nodes;
+            let t = *self.tails.entry(log.clone()).or_insert_with(|| Tail {
+                replica: w.rng.gen_range(0..nodes),
+                next: seen,
+            });
+            let read = Req::Read {
+                log: log.clone(),
+                from: t.next,
+                min_offset: 0,
+            };
+            (read, true)
         } else {
-            Req::Read {
+            let read = Req::Read {
                 log: log.clone(),
                 from: w.rng.gen_range(0..=seen),
                 min_offset: if w.rng.gen_bool(0.5) { seen } else { 0 },
-            }
+            };
+            (read, false)
         };
         if let Req::Append { records, .. } = &req {
             w.checker.sent(records);
@@ -152,9 +179,11 @@ impl Client {
             req,
             maybe_stored: false,
             give_up,
+            tail,
         });
         let to = match self.pending.as_ref().map(|p| &p.req) {
-            // Reads go to any replica.
+            // A tail stays on its replica; other reads go to any.
+            Some(Req::Read { .. }) if tail => self.tails[&log].replica,
             Some(Req::Read { .. }) => w.rng.gen_range(0..w.cfg.nodes),
             _ => self.node(w, &log),
         };
@@ -235,8 +264,33 @@ impl Client {
                 self.finish(w);
             }
             Rep::Records { from: at, ids, .. } => {
+                let end = at + ids.len() as u64;
+                if p.tail {
+                    if let Some(t) = self.tails.get_mut(&log).filter(|t| t.next == at) {
+                        t.next = end;
+                        w.checker.stats.tail_reads += !ids.is_empty() as u64;
+                    }
+                }
                 let seen = self.seen.entry(log).or_default();
-                *seen = (*seen).max(at + ids.len() as u64);
+                *seen = (*seen).max(end);
+                self.finish(w);
+            }
+            Rep::Error {
+                code: ErrorCode::OffsetOutOfRange,
+                ..
+            } if p.tail => {
+                // The replica no longer holds the tail's offset (retention, a bootstrap), or
+                // not yet (a wiped copy): the tail starts again from what the client has seen,
+                // on another replica.
+                let seen = self.seen.get(&log).copied().unwrap_or(0);
+                let replica = w.rng.gen_range(0..w.cfg.nodes);
+                self.tails.insert(
+                    log,
+                    Tail {
+                        replica,
+                        next: seen,
+                    },
+                );
                 self.finish(w);
             }
             Rep::Error {

@@ -68,6 +68,8 @@ struct Waiting {
     stored: StoredAppend,
     duplicate: bool,
     deadline_ms: u64,
+    /// When it was taken (us).
+    since: u64,
 }
 
 /// A follower's replication stream, as its leader serves it.
@@ -824,6 +826,7 @@ impl Node {
             stored,
             duplicate,
             deadline_ms,
+            since: w.now,
         });
         if duplicate {
             // Nothing new to write or send: the original's receipt once it reaches the level.
@@ -957,8 +960,15 @@ impl Node {
         }
         for (wt, rep) in answers {
             if let Rep::Receipt { .. } = rep {
-                w.checker
-                    .receipt(w.now, self.idx, name, &rep, wt.acks, &wt.records, &w.disks);
+                w.checker.receipt(
+                    (w.now, wt.since),
+                    self.idx,
+                    name,
+                    &rep,
+                    wt.acks,
+                    &wt.records,
+                    &w.disks,
+                );
             }
             self.reply(w, wt.client, wt.id, rep);
         }

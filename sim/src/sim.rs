@@ -35,7 +35,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads, {} truncations, {} batches rotted ({} repaired), {} retention passes, {} bootstraps",
+            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads ({} of tails), {} truncations, {} batches rotted ({} repaired), {} retention passes, {} bootstraps",
             self.seed,
             self.simulated_ms as f64 / 3.6e6,
             self.events,
@@ -47,6 +47,7 @@ impl fmt::Display for Report {
             self.stats.receipts,
             self.stats.acked_sync,
             self.stats.reads,
+            self.stats.tail_reads,
             self.stats.truncations,
             self.stats.rotted,
             self.stats.repaired,
@@ -492,6 +493,7 @@ impl Sim {
         }
         if wipe {
             self.w.disks[node].logs.clear();
+            self.w.checker.wiped(node, self.w.now);
         }
         self.w.note(format_args!(
             "CRASH n{node}{} ({lost} unsynced batches lost)",
