@@ -103,13 +103,7 @@ impl Session {
     /// sessions (0: none); `recovering`: the copy is recovering. Returns the first command,
     /// [`Command::AskEpochEnd`] or [`Command::Replicate`].
     pub fn begin(local: Local, commit: u64, recovering: bool) -> (Session, Command) {
-        let mut s = Session {
-            phase: Phase::Over,
-            state: Follower::new(local.end, local.durable, local.last_epoch.unwrap_or(0)),
-            commit,
-            framed: false,
-            recovering,
-        };
+        let mut s = Session::new(local, commit, recovering);
         let first = match local.last_epoch {
             Some(epoch) => {
                 s.phase = Phase::AskingEpochEnd { epoch };
@@ -123,16 +117,19 @@ impl Session {
     /// A session over `local` whose log is known to continue the leader's up to its end (the
     /// epoch question was settled by the caller): it streams from the local end at once.
     pub fn resume(local: Local, commit: u64, recovering: bool) -> (Session, Command) {
-        let (mut s, _) = Session::begin(
-            Local {
-                last_epoch: None,
-                ..local
-            },
-            commit,
-            recovering,
-        );
+        let mut s = Session::new(local, commit, recovering);
         let first = s.stream(local);
         (s, first)
+    }
+
+    fn new(local: Local, commit: u64, recovering: bool) -> Session {
+        Session {
+            phase: Phase::Over,
+            state: Follower::new(local.end, local.durable, local.last_epoch.unwrap_or(0)),
+            commit,
+            framed: false,
+            recovering,
+        }
     }
 
     /// The leader answered that the asked epoch ends at `end` in its history (whose closest
