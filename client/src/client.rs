@@ -355,8 +355,11 @@ impl Client {
     /// `offset` (a copy of a database, say). A reader can start from it with
     /// [`Client::latest_snapshot`] and read the log from `offset` on; the node keeps every
     /// record after the latest snapshot's offset from retention (up to its cap). Snapshots
-    /// only move forward: one at an offset below the latest fails with `offset_conflict`.
-    /// Written on the leader (followed by redirect) and copied to every follower.
+    /// only move forward: one at an offset below the latest fails with `offset_conflict`. The
+    /// offset must lie within the log's records (`offset_out_of_range` otherwise, its detail
+    /// the log's start) and at or below its commit offset (`behind` otherwise, its detail the
+    /// commit offset: a record above it may still be lost in a failover; retry once it has
+    /// committed). Written on the leader (followed by redirect) and copied to every follower.
     pub async fn put_snapshot(&self, log: &str, offset: u64, data: Bytes) -> Result<()> {
         check_name(&self.inner.config, "log name", log)?;
         let limit = self.inner.config.limits.snapshot_bytes_max;

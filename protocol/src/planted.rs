@@ -27,11 +27,14 @@ pub enum Bug {
     LeaseWithoutMargin,
     /// The leader forgets idempotent producers: a retried append is stored twice.
     IdempotentTwice,
+    /// Retention passes a node's latest application snapshot: the records a reader needs
+    /// after it are gone.
+    SnapshotUnpinned,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::AckBeforeFollowerFsync,
         Bug::LagByLastHeard,
         Bug::ElectOutsideSyncSet,
@@ -40,6 +43,7 @@ impl Bug {
         Bug::TruncateBelowCommit,
         Bug::LeaseWithoutMargin,
         Bug::IdempotentTwice,
+        Bug::SnapshotUnpinned,
     ];
 }
 

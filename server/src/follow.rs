@@ -311,11 +311,9 @@ pub(crate) async fn run(shard: Rc<Shard>, leader: SocketAddr) {
                             continue;
                         }
                         let local = shard.get(&name);
-                        let newer = info.snapshot.is_some_and(|o| {
-                            local
-                                .as_ref()
-                                .is_some_and(|e| e.snapshot.get().is_none_or(|l| l < o))
-                        });
+                        let newer = local
+                            .as_ref()
+                            .is_some_and(|e| e.snapshot.get().wants(info.snapshot));
                         if newer && fetching.borrow_mut().insert(name.clone()) {
                             tokio_uring::spawn(fetch_snapshot(
                                 shard.clone(),

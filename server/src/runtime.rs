@@ -140,7 +140,7 @@ async fn retention(shard: Rc<Shard>, policy: log_core::RetentionPolicy) {
             if let Some(repl) = e.leading() {
                 repl.release_far_pins(&name, &e.log, cap);
             }
-            if let Some(o) = e.snapshot.get() {
+            if let Some(o) = e.snapshot.get().pin() {
                 if e.log.bytes_from(Offset(o)).unwrap_or(0) > cap {
                     e.log.unpin(SNAPSHOT_PIN);
                 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use log_core::batch::ProducerMeta;
 use log_core::{Log, Offset};
+use node_core::snapshot::SnapshotRefusal;
 use protocol::idempotence::{Admission, StoredAppend};
 use protocol::{
     Acks, AppendRequest, ErrorCode, ReadRequest, Receipt, Request, Response, TailRequest,
@@ -345,25 +346,18 @@ async fn put_snapshot(shard: &Shard, p: protocol::Snapshot) -> Result<(), Fail> 
         ));
     }
     let (start, end) = (e.log.start_offset().0, e.log.next_offset().0);
-    if p.offset > end || p.offset < start {
-        // Below the start, the records a reader needs after the snapshot are gone.
-        return Err(Fail(
-            ErrorCode::OffsetOutOfRange,
-            format!(
-                "snapshot offset {} is outside the log's range {start}..{end}",
-                p.offset
-            ),
-            start,
-        ));
-    }
-    if let Some(latest) = e.snapshot.get() {
-        if p.offset < latest {
-            return Err(Fail(
-                ErrorCode::OffsetConflict,
-                format!("a snapshot at offset {latest} exists; snapshots only move forward"),
-                latest,
-            ));
-        }
+    let admitted = e
+        .snapshot
+        .get()
+        .admit(p.offset, start, end, e.committed().0);
+    if let Err(refusal) = admitted {
+        let (code, detail) = match refusal {
+            // Below the start, the records a reader needs after the snapshot are gone.
+            SnapshotRefusal::OutOfRange { start, .. } => (ErrorCode::OffsetOutOfRange, start),
+            SnapshotRefusal::NotCommitted { committed, .. } => (ErrorCode::Behind, committed),
+            SnapshotRefusal::Backward { latest } => (ErrorCode::OffsetConflict, latest),
+        };
+        return Err(Fail(code, refusal.to_string(), detail));
     }
     store_snapshot(shard, &e, &p.log, p.offset, p.data).await
 }
@@ -383,8 +377,9 @@ pub(crate) async fn store_snapshot(
         .await
         .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
         .map_err(|e| fail(ErrorCode::StorageFailed, e.to_string()))?;
-    if e.snapshot.get().is_none_or(|o| o <= offset) {
-        e.snapshot.set(Some(offset));
+    let mut snapshots = e.snapshot.get();
+    if snapshots.stored(offset) {
+        e.snapshot.set(snapshots);
         e.log.pin(crate::shard::SNAPSHOT_PIN, Offset(offset));
     }
     tracing::info!(log, offset, bytes, "snapshot stored");
@@ -393,7 +388,7 @@ pub(crate) async fn store_snapshot(
 
 async fn get_snapshot(shard: &Shard, log: &str) -> Result<protocol::Snapshot, Fail> {
     let e = entry(shard, log)?;
-    let Some(offset) = e.snapshot.get() else {
+    let Some(offset) = e.snapshot.get().latest() else {
         return Err(fail(
             ErrorCode::SnapshotNotFound,
             format!("log {log:?} has no snapshot here"),

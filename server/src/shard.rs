@@ -24,8 +24,8 @@ pub(crate) struct LogEntry {
     pub epoch: Epoch,
     pub producers: RefCell<ProducerTable>,
     pub role: EntryRole,
-    /// Offset of the latest application snapshot stored here.
-    pub snapshot: std::cell::Cell<Option<u64>>,
+    /// The latest application snapshot stored here (the node core's rules).
+    pub snapshot: std::cell::Cell<node_core::snapshot::Snapshots>,
     /// Notified whenever the committed horizon may have moved (readers and tails wait on it).
     pub changed: Rc<Notify>,
     /// As a follower: the leader it follows (`None`: none for now; reads only).
@@ -263,7 +263,7 @@ impl Shard {
             epoch,
             producers: RefCell::new(producers),
             role,
-            snapshot: std::cell::Cell::new(snapshot),
+            snapshot: std::cell::Cell::new(node_core::snapshot::Snapshots::new(snapshot)),
             changed,
             following,
             retired: Default::default(),
@@ -306,7 +306,7 @@ impl Shard {
                     _ => e.epoch.0,
                 },
                 disk_bytes: e.log.disk_bytes(),
-                snapshot: e.snapshot.get(),
+                snapshot: e.snapshot.get().latest(),
             })
             .collect();
         let repl = logs

@@ -16,6 +16,11 @@
 //!   every record a read returned is in the final log at its offset; no record is stored twice
 //!   (so no retried idempotent append either); nothing definitely refused is stored; every
 //!   replica holds the same committed records.
+//! - Application snapshots: every snapshot stored, copied or served anywhere is the state
+//!   after exactly the log's records below its offset (a fold of the final log's records, and
+//!   of those retention removed); no offset has two snapshots; a replica's log never starts
+//!   past its latest snapshot (retention keeps what a reader needs after it); at the end every
+//!   replica holds its leader's latest snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -61,6 +66,8 @@ pub struct Checker {
     leader_commit: BTreeMap<(usize, u64, u64, String), u64>,
     /// Per (node, incarnation, log): the follower's readable horizon.
     readable: BTreeMap<(usize, u64, String), u64>,
+    /// Per log: offset -> state, for every application snapshot stored, copied or served.
+    snapshots: Payloads,
     pub violations: Vec<String>,
     pub stats: Stats,
 }
@@ -86,6 +93,12 @@ pub struct Stats {
     /// Retention passes that moved a log's start, and copies replaced by bootstrap.
     pub purges: u64,
     pub bootstraps: u64,
+    /// Application snapshots stored by leaders, copied by followers and served to readers;
+    /// readers that started from a snapshot and read the log on from its offset.
+    pub snapshots_put: u64,
+    pub snapshots_copied: u64,
+    pub snapshots_served: u64,
+    pub readers_from_snapshot: u64,
 }
 
 /// How long after a node is wiped its leader may still count its acknowledgements: the
@@ -94,6 +107,23 @@ const WIPE_NOTICED_US: u64 = 3_000_000;
 
 /// Record ids at offsets, per log.
 type Payloads = BTreeMap<String, BTreeMap<u64, u64>>;
+
+/// The simulated application's state before any record.
+pub const STATE_ZERO: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The application's state after `ids`, from `state` (FNV-1a over the record ids): a
+/// snapshot's content. Any record missing, extra, reordered or changed gives another state.
+pub fn fold(state: u64, ids: &[u64]) -> u64 {
+    ids.iter().fold(state, |s, id| {
+        id.to_le_bytes()
+            .iter()
+            .fold(s, |s, b| (s ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    })
+}
+
+/// One replica's application snapshot at the end of a run: (node index, its log's start, its
+/// latest snapshot (offset, state)).
+pub type FinalSnapshot = (usize, u64, Option<(u64, u64)>);
 
 /// Note that `log` holds `ids` from offset `first` in `mine`, and return an offset that now
 /// holds two payloads, in `mine` or against `other`: (offset, one, the other).
@@ -140,6 +170,7 @@ impl Checker {
             wiped: BTreeMap::new(),
             leader_commit: BTreeMap::new(),
             readable: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
             violations: Vec::new(),
             stats: Stats::default(),
         }
@@ -395,6 +426,34 @@ impl Checker {
         self.refused.extend(records.iter().copied());
     }
 
+    /// Node `node` stored (`how`: "put" by a client, "copied" from its leader) or served
+    /// ("served") an application snapshot of `log` at `offset`.
+    pub fn snapshot(&mut self, node: usize, log: &str, offset: u64, state: u64, how: &str) {
+        match how {
+            "put" => self.stats.snapshots_put += 1,
+            "copied" => self.stats.snapshots_copied += 1,
+            _ => self.stats.snapshots_served += 1,
+        }
+        let known = self.snapshots.entry(log.to_string()).or_default();
+        if let Some(other) = known.insert(offset, state) {
+            if other != state {
+                self.violation(format!(
+                    "two snapshots of {log} at {offset}: {other:#x} and {state:#x} (n{node}'s, {how})"
+                ));
+            }
+        }
+    }
+
+    /// Node `node`'s copy of `log` starts at `start` and its latest snapshot is at `latest`
+    /// (`when`: what just happened): the log must still hold every record after the snapshot.
+    pub fn reaches(&mut self, node: usize, log: &str, start: u64, latest: Option<u64>, when: &str) {
+        if let Some(offset) = latest.filter(|o| *o < start) {
+            self.violation(format!(
+                "n{node}'s {log} starts at {start}, past its latest snapshot at {offset} ({when}): the records a reader needs after it are gone"
+            ));
+        }
+    }
+
     /// A node answered a read.
     pub fn read(&mut self, _now: u64, node: usize, log: &str, rep: &Rep) {
         let Rep::Records { from, ids, .. } = rep else {
@@ -441,7 +500,11 @@ impl Checker {
 
     /// The end of the run: `finals` holds, per log, the final log's batches (its leader's) and
     /// each replica's batches.
-    pub fn finish(&mut self, finals: &BTreeMap<String, Final>) {
+    pub fn finish(
+        &mut self,
+        finals: &BTreeMap<String, Final>,
+        snapshots: &BTreeMap<String, Vec<FinalSnapshot>>,
+    ) {
         for (log, (leader, replicas)) in finals {
             // What retention removed, then the leader's log.
             let mut at: BTreeMap<u64, u64> = self.archive.get(log).cloned().unwrap_or_default();
@@ -477,6 +540,7 @@ impl Checker {
                     "{log} lost record {id:#x} at {o} (acknowledged or read; the final log has {found:?} there)"
                 ));
             }
+            self.check_snapshots(log, &at, snapshots.get(log).map_or(&[], |s| &s[..]));
             let end = leader.last().map_or(0, Batch::next);
             for (node, batches) in replicas {
                 let other = batches.last().map_or(0, Batch::next);
@@ -492,6 +556,57 @@ impl Checker {
                         "n{node}'s {log} differs from its leader's at the end ({other} against {end} records)"
                     ));
                 }
+            }
+        }
+    }
+
+    /// The end of the run, for `log`'s application snapshots: `at` holds every record the log
+    /// ever committed (retention's included), by offset; `finals` each replica's log start and
+    /// latest snapshot, its leader's first.
+    fn check_snapshots(&mut self, log: &str, at: &BTreeMap<u64, u64>, finals: &[FinalSnapshot]) {
+        let mut all: BTreeMap<u64, u64> = self.snapshots.get(log).cloned().unwrap_or_default();
+        for (node, start, snap) in finals {
+            let Some((offset, state)) = *snap else {
+                continue;
+            };
+            self.reaches(*node, log, *start, Some(offset), "at the end");
+            if let Some(other) = all.insert(offset, state).filter(|o| *o != state) {
+                self.violation(format!(
+                    "two snapshots of {log} at {offset}: {other:#x} and {state:#x} (n{node}'s at the end)"
+                ));
+            }
+        }
+        // The state after the records below each offset, in one pass over the log.
+        let (mut state, mut next) = (STATE_ZERO, 0);
+        let mut records = at.iter().peekable();
+        for (offset, got) in all {
+            while next < offset {
+                match records.next_if(|(o, _)| **o == next) {
+                    Some((_, id)) => state = fold(state, &[*id]),
+                    None => {
+                        self.violation(format!(
+                            "a snapshot of {log} at {offset} reflects offset {next}, which the log never held"
+                        ));
+                        return;
+                    }
+                }
+                next += 1;
+            }
+            if got != state {
+                self.violation(format!(
+                    "the snapshot of {log} at {offset} is {got:#x}, not the state after its records ({state:#x})"
+                ));
+            }
+        }
+        // Every replica copied its leader's latest snapshot (one may hold a newer one: a
+        // deposed leader's that no other replica had copied).
+        let leader = finals.first().and_then(|f| f.2).map(|s| s.0);
+        for (node, _, snap) in finals.iter().skip(1) {
+            let offset = snap.map(|s| s.0);
+            if offset < leader {
+                self.violation(format!(
+                    "n{node}'s latest snapshot of {log} is at {offset:?} at the end, its leader's at {leader:?}"
+                ));
             }
         }
     }

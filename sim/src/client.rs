@@ -2,6 +2,13 @@
 //! client library's rules: it follows `not_leader` redirects, asks other nodes when none is
 //! named, waits through `unavailable`, and resends an idempotent producer's append, unchanged,
 //! until it has a definite answer.
+//!
+//! Each client is also an application over each log: it starts from the latest application
+//! snapshot of some replica (or from offset 0 when there is none), reads the log on from the
+//! snapshot's offset on that replica, folds the records into its state, and every
+//! `Config::snapshot_every_records` records read stores its state as a snapshot at the offset it has
+//! reached. When its replica no longer (or not yet) holds its offset, or now and then as if
+//! its process restarted, it starts again.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -9,6 +16,7 @@ use std::rc::Rc;
 use protocol::{Acks, ErrorCode};
 use rand::Rng;
 
+use crate::checker::{fold, STATE_ZERO};
 use crate::msg::{Msg, Rep, Req};
 use crate::world::{Event, World};
 
@@ -20,8 +28,31 @@ struct Pending {
     maybe_stored: bool,
     /// When the client stops trying (us).
     give_up: u64,
+    /// What the request is for.
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// An append or a read of any replica.
+    Plain,
     /// A read of this client's tail of the log on one replica.
-    tail: bool,
+    Tail,
+    /// A step of this client's application over the log.
+    App,
+}
+
+/// The chance that an application restarts (and starts again from a snapshot) at a step.
+const APP_RESTART_CHANCE: f64 = 0.01;
+
+/// A client's application over a log: its state after the records below `next`, read from
+/// `replica`, with `unsaved` records applied since its last snapshot.
+#[derive(Clone, Copy, Debug)]
+struct App {
+    replica: usize,
+    next: u64,
+    state: u64,
+    unsaved: u64,
 }
 
 /// A client's tail of a log: it reads on from where its last read ended, on one replica.
@@ -46,6 +77,8 @@ pub struct Client {
     seen: BTreeMap<String, u64>,
     /// Its tail of each log.
     tails: BTreeMap<String, Tail>,
+    /// Its application over each log (none until it has found where to start).
+    apps: BTreeMap<String, App>,
     pub stopped: bool,
     /// Appends and reads answered, for the report.
     pub done: u64,
@@ -64,6 +97,7 @@ impl Client {
             sequences: BTreeMap::new(),
             seen: BTreeMap::new(),
             tails: BTreeMap::new(),
+            apps: BTreeMap::new(),
             stopped: false,
             done: 0,
         }
@@ -110,9 +144,7 @@ impl Client {
     pub fn wake(&mut self, w: &mut World) {
         if self.pending.is_some() {
             // A retry's pause is over.
-            let log = match &self.pending.as_ref().expect("pending").req {
-                Req::Append { log, .. } | Req::Read { log, .. } => log.clone(),
-            };
+            let log = self.pending.as_ref().expect("pending").req.log().to_string();
             let to = self.node(w, &log);
             return self.send(w, to);
         }
@@ -121,7 +153,7 @@ impl Client {
         }
         let log = format!("l{}", w.rng.gen_range(0..w.cfg.logs));
         let seen = self.seen.get(&log).copied().unwrap_or(0);
-        let (req, tail) = if w.rng.gen_bool(0.75) {
+        let (req, kind) = if w.rng.gen_bool(0.75) {
             let n = w.rng.gen_range(1..=3u64);
             let records: Rc<[u64]> = (0..n)
                 .map(|_| {
@@ -148,7 +180,13 @@ impl Client {
                 producer,
                 expected,
             };
-            (append, false)
+            (append, Kind::Plain)
+        } else if w.rng.gen_bool(1.0 / 3.0) {
+            if w.rng.gen_bool(APP_RESTART_CHANCE) {
+                // The application restarts: it starts again from a snapshot.
+                self.apps.remove(&log);
+            }
+            (self.app_step(&log, w.cfg.snapshot_every_records), Kind::App)
         } else if w.rng.gen_bool(0.5) {
             // The tail: on from where it ended, at the end of the log.
             let nodes = w.cfg.nodes;
@@ -161,14 +199,14 @@ impl Client {
                 from: t.next,
                 min_offset: 0,
             };
-            (read, true)
+            (read, Kind::Tail)
         } else {
             let read = Req::Read {
                 log: log.clone(),
                 from: w.rng.gen_range(0..=seen),
                 min_offset: if w.rng.gen_bool(0.5) { seen } else { 0 },
             };
-            (read, false)
+            (read, Kind::Plain)
         };
         if let Req::Append { records, .. } = &req {
             w.checker.sent(records);
@@ -179,15 +217,36 @@ impl Client {
             req,
             maybe_stored: false,
             give_up,
-            tail,
+            kind,
         });
         let to = match self.pending.as_ref().map(|p| &p.req) {
-            // A tail stays on its replica; other reads go to any.
-            Some(Req::Read { .. }) if tail => self.tails[&log].replica,
-            Some(Req::Read { .. }) => w.rng.gen_range(0..w.cfg.nodes),
+            // A tail and an application stay on their replica; other reads go to any, and so
+            // does an application looking for a snapshot to start from.
+            Some(Req::Read { .. }) if kind == Kind::Tail => self.tails[&log].replica,
+            Some(Req::Read { .. }) if kind == Kind::App => self.apps[&log].replica,
+            Some(Req::Read { .. } | Req::GetSnapshot { .. }) => w.rng.gen_range(0..w.cfg.nodes),
             _ => self.node(w, &log),
         };
         self.send(w, to);
+    }
+
+    /// The application's next request over `log`: find where to start, store a snapshot, or
+    /// read on.
+    fn app_step(&self, log: &str, snapshot_every: u64) -> Req {
+        let log = log.to_string();
+        match self.apps.get(&log) {
+            None => Req::GetSnapshot { log },
+            Some(a) if a.unsaved >= snapshot_every => Req::PutSnapshot {
+                log,
+                offset: a.next,
+                state: a.state,
+            },
+            Some(a) => Req::Read {
+                log,
+                from: a.next,
+                min_offset: 0,
+            },
+        }
     }
 
     /// Done with the request in flight: think, then go on (now and then after a long idle).
@@ -210,7 +269,7 @@ impl Client {
         p.id = 0;
         let (append, idempotent) = match &p.req {
             Req::Append { producer, .. } => (true, producer.is_some()),
-            Req::Read { .. } => (false, false),
+            _ => (false, false),
         };
         // A plain append whose outcome is unknown is not resent (it could be stored twice):
         // the client library reports the unknown outcome.
@@ -231,10 +290,71 @@ impl Client {
         let Some(p) = self.pending.as_mut().filter(|p| p.id == id) else {
             return;
         };
-        let log = match &p.req {
-            Req::Append { log, .. } | Req::Read { log, .. } => log.clone(),
-        };
+        let log = p.req.log().to_string();
         match rep {
+            Rep::Stored => {
+                if let Some(a) = self.apps.get_mut(&log) {
+                    a.unsaved = 0;
+                }
+                self.finish(w);
+            }
+            Rep::Snapshot { offset, state } => {
+                let app = App {
+                    replica: from,
+                    next: offset,
+                    state,
+                    unsaved: 0,
+                };
+                self.apps.insert(log, app);
+                w.checker.stats.readers_from_snapshot += 1;
+                self.finish(w);
+            }
+            Rep::Error {
+                code: ErrorCode::SnapshotNotFound,
+                ..
+            } => {
+                // No snapshot there: start from the beginning of the log (if it no longer
+                // starts there, the read says so, and the application starts again).
+                let app = App {
+                    replica: from,
+                    next: 0,
+                    state: STATE_ZERO,
+                    unsaved: 0,
+                };
+                self.apps.insert(log, app);
+                self.finish(w);
+            }
+            Rep::Error {
+                code: ErrorCode::OffsetOutOfRange,
+                ..
+            } if p.kind == Kind::App => {
+                match p.req {
+                    // The replica no longer or not yet holds the application's offset: it
+                    // starts again from a snapshot.
+                    Req::Read { .. } => {
+                        self.apps.remove(&log);
+                    }
+                    // The leader's log starts past the offset (a newer snapshot has let
+                    // retention go on): the state is not worth a snapshot.
+                    _ => {
+                        if let Some(a) = self.apps.get_mut(&log) {
+                            a.unsaved = 0;
+                        }
+                    }
+                }
+                self.finish(w);
+            }
+            Rep::Error {
+                code: code @ (ErrorCode::OffsetConflict | ErrorCode::Behind),
+                ..
+            } if matches!(p.req, Req::PutSnapshot { .. }) => {
+                // A newer snapshot is stored (another application's): this one is not needed;
+                // or the leader has not committed the offset yet: the next step tries again.
+                if let (Some(a), ErrorCode::OffsetConflict) = (self.apps.get_mut(&log), code) {
+                    a.unsaved = 0;
+                }
+                self.finish(w);
+            }
             Rep::Receipt {
                 first,
                 next,
@@ -265,7 +385,14 @@ impl Client {
             }
             Rep::Records { from: at, ids, .. } => {
                 let end = at + ids.len() as u64;
-                if p.tail {
+                if p.kind == Kind::App {
+                    if let Some(a) = self.apps.get_mut(&log).filter(|a| a.next == at) {
+                        a.state = fold(a.state, &ids);
+                        a.next = end;
+                        a.unsaved += ids.len() as u64;
+                    }
+                }
+                if p.kind == Kind::Tail {
                     if let Some(t) = self.tails.get_mut(&log).filter(|t| t.next == at) {
                         t.next = end;
                         w.checker.stats.tail_reads += !ids.is_empty() as u64;
@@ -278,7 +405,7 @@ impl Client {
             Rep::Error {
                 code: ErrorCode::OffsetOutOfRange,
                 ..
-            } if p.tail => {
+            } if p.kind == Kind::Tail => {
                 // The replica no longer holds the tail's offset (retention, a bootstrap), or
                 // not yet (a wiped copy): the tail starts again from what the client has seen,
                 // on another replica.

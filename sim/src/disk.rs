@@ -334,6 +334,10 @@ pub struct RaftDisk {
 #[derive(Debug, Default)]
 pub struct Disk {
     pub logs: BTreeMap<String, SimLog>,
+    /// Per log, the latest application snapshot stored durably: (offset, state). A snapshot
+    /// is written whole and made durable before it replaces the last (as the server's
+    /// atomic write does), so a crash keeps one or the other.
+    pub snapshots: BTreeMap<String, (u64, u64)>,
     pub raft: Rc<RefCell<RaftDisk>>,
 }
 

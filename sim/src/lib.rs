@@ -78,6 +78,9 @@ pub struct Config {
     pub idle_chance: f64,
     /// The longest pause of a client between requests (us).
     pub think_us_max: u64,
+    /// Each client's application over a log stores a snapshot every this many records it has
+    /// read.
+    pub snapshot_every_records: u64,
     /// Lines of trace kept for a failure.
     pub trace_lines: usize,
 }
@@ -105,6 +108,7 @@ impl Default for Config {
             fsync_us: (300, 4_000),
             idle_chance: 0.002,
             think_us_max: 300_000,
+            snapshot_every_records: 200,
             trace_lines: 4000,
         }
     }

@@ -46,6 +46,9 @@ struct Args {
     /// The mean time between two retention passes, in ms; 0: none.
     #[arg(long, default_value_t = 60_000)]
     retention_every_ms: u64,
+    /// Each client's application over a log stores a snapshot every this many records read.
+    #[arg(long, default_value_t = 200)]
+    snapshot_every: u64,
     /// Plant a bug (by its name in `protocol::planted::Bug`, e.g. LeaseWithoutMargin) to see
     /// the checker find it; needs the `planted-bugs` feature.
     #[arg(long)]
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
             drift: a.drift,
             bit_rot_every_ms: a.bit_rot_every_ms,
             retention_every_ms: a.retention_every_ms,
+            snapshot_every_records: a.snapshot_every,
             ..sim::Config::default()
         };
         let t = Instant::now();

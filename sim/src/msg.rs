@@ -25,6 +25,28 @@ pub enum Req {
         from: u64,
         min_offset: u64,
     },
+    /// Store an application snapshot: `state` after every record below `offset` (the
+    /// application's state is a fold of the record ids, [`crate::checker::fold`]).
+    PutSnapshot {
+        log: String,
+        offset: u64,
+        state: u64,
+    },
+    /// The latest application snapshot the node holds.
+    GetSnapshot {
+        log: String,
+    },
+}
+
+impl Req {
+    pub fn log(&self) -> &str {
+        match self {
+            Req::Append { log, .. }
+            | Req::Read { log, .. }
+            | Req::PutSnapshot { log, .. }
+            | Req::GetSnapshot { log } => log,
+        }
+    }
 }
 
 /// A node's answer to a client.
@@ -46,6 +68,12 @@ pub enum Rep {
         from: u64,
         ids: Vec<u64>,
         commit: u64,
+    },
+    /// The snapshot is stored durably.
+    Stored,
+    Snapshot {
+        offset: u64,
+        state: u64,
     },
     Error {
         code: ErrorCode,
@@ -123,6 +151,15 @@ pub enum Msg {
     RepairBatch {
         log: String,
         batch: Batch,
+    },
+    /// Follower to leader, now and then: your latest application snapshot of `log`?
+    SnapshotAsk {
+        log: String,
+    },
+    /// The leader's latest application snapshot (offset, state), if it has one.
+    SnapshotIs {
+        log: String,
+        snapshot: Option<(u64, u64)>,
     },
 }
 

@@ -10,6 +10,7 @@ use node_core::controller::core::{ControllerCore, CoreConfig};
 use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
 use node_core::controller::meta::{Command, Member, NodeId};
 use node_core::follow::{Command as SessionCommand, Local, Phase, Session};
+use node_core::snapshot::{SnapshotRefusal, Snapshots};
 use node_core::log::{
     confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal, LocalCopy,
     LogRecord, Outbound, Outgoing, Role, Steer, Steering, StreamRefusal,
@@ -29,6 +30,9 @@ const PRODUCERS_MAX: usize = 1000;
 const READ_RECORDS_MAX: u64 = 64;
 /// The scrub looks for damaged batches every this many ticks.
 const SCRUB_EVERY_TICKS: u64 = 20;
+/// A follower asks its leader for its latest application snapshot every this many ticks (the
+/// server's follower lists its leader's logs every 250 ms).
+const SNAPSHOT_ASK_EVERY_TICKS: u64 = 3;
 
 /// A node's id for the controller.
 pub fn node_id(idx: usize) -> NodeId {
@@ -143,6 +147,8 @@ struct LogState {
     /// The leader's commit offset as frames brought it (kept across sessions).
     leader_commit: u64,
     fsync_in_flight: bool,
+    /// The latest application snapshot stored here (the node core's rules).
+    snapshots: Snapshots,
 }
 
 /// One node.
@@ -413,9 +419,12 @@ impl Node {
     fn install(&mut self, w: &mut World, name: &str, record: &LogRecord, role: Role) {
         let now = self.now_ms(w);
         let old = self.logs.remove(name);
-        let (leader_commit, fsync_in_flight) = match &old {
-            Some(s) => (s.leader_commit, s.fsync_in_flight),
-            None => (0, false),
+        let (leader_commit, fsync_in_flight, snapshots) = match &old {
+            Some(s) => (s.leader_commit, s.fsync_in_flight, s.snapshots),
+            None => {
+                let latest = w.disks[self.idx].snapshots.get(name).map(|s| s.0);
+                (0, false, Snapshots::new(latest))
+            }
         };
         if let Some(LogState {
             role: RoleState::Leading(l),
@@ -509,6 +518,7 @@ impl Node {
                 role: role_state,
                 leader_commit,
                 fsync_in_flight,
+                snapshots,
             },
         );
     }
@@ -554,6 +564,10 @@ impl Node {
         let RoleState::Following(f) = &mut st.role else {
             return;
         };
+        if let (Some(leader), 0) = (f.leader, self.ticks % SNAPSHOT_ASK_EVERY_TICKS) {
+            let log = name.to_string();
+            w.send(self.idx, leader, Msg::SnapshotAsk { log });
+        }
         let (Some(leader), None) = (f.leader, &f.session) else {
             return;
         };
@@ -612,6 +626,22 @@ impl Node {
                     from: at,
                     min_offset,
                 } => self.read(w, from, id, &log, at, min_offset),
+                Req::PutSnapshot { log, offset, state } => {
+                    self.put_snapshot(w, from, id, &log, offset, state)
+                }
+                Req::GetSnapshot { log } => {
+                    let rep = match (self.logs.get(&log), w.disks[self.idx].snapshots.get(&log)) {
+                        (None, _) => error(ErrorCode::LogNotFound),
+                        (Some(_), None) => error(ErrorCode::SnapshotNotFound),
+                        (Some(_), Some(&(offset, state))) => {
+                            w.checker.snapshot(self.idx, &log, offset, state, "served");
+                            let start = w.disks[self.idx].logs.get(&log).map_or(0, |l| l.start());
+                            w.checker.reaches(self.idx, &log, start, Some(offset), "served");
+                            Rep::Snapshot { offset, state }
+                        }
+                    };
+                    self.reply(w, from, id, rep);
+                }
             },
             Msg::Reply { .. } => {}
             Msg::EpochEnd {
@@ -706,6 +736,25 @@ impl Node {
                 session,
                 start,
             } => self.out_of_range(w, &log, session, start),
+            Msg::SnapshotAsk { log } => {
+                if self.logs.contains_key(&log) {
+                    let snapshot = w.disks[self.idx].snapshots.get(&log).copied();
+                    w.send(self.idx, from, Msg::SnapshotIs { log, snapshot });
+                }
+            }
+            Msg::SnapshotIs { log, snapshot } => {
+                let Some(st) = self.logs.get(&log) else {
+                    return;
+                };
+                let RoleState::Following(f) = &st.role else {
+                    return;
+                };
+                if let (Some((offset, state)), true) = (snapshot, f.leader == Some(from)) {
+                    if st.snapshots.wants(Some(offset)) {
+                        self.write_snapshot(w, &log, offset, state, None);
+                    }
+                }
+            }
             Msg::Refused { log, session } => {
                 let current = matches!(self.logs.get(&log), Some(LogState { role: RoleState::Following(f), .. }) if f.id == session && f.session.is_some());
                 if current {
@@ -1271,6 +1320,99 @@ impl Node {
         };
         w.checker.read(w.now, self.idx, name, &rep);
         self.reply(w, client, id, rep);
+    }
+
+    /// A client stores an application snapshot (the leader takes it by the node core's rules,
+    /// against what its log stores and has committed).
+    fn put_snapshot(
+        &mut self,
+        w: &mut World,
+        client: usize,
+        id: u64,
+        name: &str,
+        offset: u64,
+        state: u64,
+    ) {
+        let (Some(st), Some(log)) = (self.logs.get(name), w.disks[self.idx].logs.get(name)) else {
+            return self.reply(w, client, id, error(ErrorCode::LogNotFound));
+        };
+        let RoleState::Leading(l) = &st.role else {
+            let leader = self
+                .record(name)
+                .and_then(|r| r.leader)
+                .filter(|l| *l != self.id)
+                .map(|l| node_idx(&l));
+            let code = ErrorCode::NotLeader;
+            return self.reply(w, client, id, Rep::Error { code, leader });
+        };
+        let committed = l.repl.commit_offset().min(log.durable_end());
+        let admitted = st
+            .snapshots
+            .admit(offset, log.start(), log.end(), committed);
+        if let Err(refusal) = admitted {
+            let code = match refusal {
+                SnapshotRefusal::OutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+                SnapshotRefusal::NotCommitted { .. } => ErrorCode::Behind,
+                SnapshotRefusal::Backward { .. } => ErrorCode::OffsetConflict,
+            };
+            return self.reply(w, client, id, error(code));
+        }
+        self.write_snapshot(w, name, offset, state, Some((client, id)));
+    }
+
+    /// Write a snapshot whole and make it durable (it is in place once that is done).
+    fn write_snapshot(
+        &mut self,
+        w: &mut World,
+        name: &str,
+        offset: u64,
+        state: u64,
+        reply: Option<(usize, u64)>,
+    ) {
+        let (lo, hi) = w.cfg.fsync_us;
+        let latency = w.rng.gen_range(lo..=hi) * 2;
+        let (node, incarnation, log) = (self.idx, self.incarnation, name.to_string());
+        w.after(
+            latency,
+            Event::SnapshotWritten {
+                node,
+                incarnation,
+                log,
+                offset,
+                state,
+                reply,
+            },
+        );
+    }
+
+    /// A snapshot is written and durable: the latest of its log here, unless a newer one was
+    /// stored meanwhile.
+    pub fn snapshot_written(
+        &mut self,
+        w: &mut World,
+        name: &str,
+        offset: u64,
+        state: u64,
+        reply: Option<(usize, u64)>,
+    ) {
+        let latest = match self.logs.get_mut(name) {
+            Some(st) => st.snapshots.stored(offset),
+            None => false,
+        };
+        if latest {
+            w.disks[self.idx]
+                .snapshots
+                .insert(name.to_string(), (offset, state));
+            let how = if reply.is_some() { "put" } else { "copied" };
+            w.checker.snapshot(self.idx, name, offset, state, how);
+            w.note(format_args!(
+                "{} stored a snapshot of {name} at {offset} ({how})",
+                self.id
+            ));
+        }
+        if let Some((client, id)) = reply {
+            self.reply(w, client, id, Rep::Stored);
+        }
     }
 
     /// Ask the controller for a planned transfer of `name` (this node must lead it).

@@ -5,6 +5,7 @@ use std::fmt;
 
 use node_core::controller::meta::{Command, Policy};
 use node_core::log::LogRecord;
+use node_core::snapshot::Snapshots;
 use protocol::Acks;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -35,7 +36,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads ({} of tails), {} truncations, {} batches rotted ({} repaired), {} retention passes, {} bootstraps",
+            "seed {}: {:.1} simulated hours, {} events, {} faults ({} crashes), {} new epochs ({} leader changes), {} appends ({} receipts, {} at sync/quorum), {} reads ({} of tails), {} truncations, {} batches rotted ({} repaired), {} retention passes, {} bootstraps, snapshots: {} put, {} copied, {} served ({} readers started from one)",
             self.seed,
             self.simulated_ms as f64 / 3.6e6,
             self.events,
@@ -52,7 +53,11 @@ impl fmt::Display for Report {
             self.stats.rotted,
             self.stats.repaired,
             self.stats.purges,
-            self.stats.bootstraps
+            self.stats.bootstraps,
+            self.stats.snapshots_put,
+            self.stats.snapshots_copied,
+            self.stats.snapshots_served,
+            self.stats.readers_from_snapshot
         )
     }
 }
@@ -310,6 +315,21 @@ impl Sim {
                     n.fsync_done(&mut self.w, &log, written);
                 }
             }
+            Event::SnapshotWritten {
+                node,
+                incarnation,
+                log,
+                offset,
+                state,
+                reply,
+            } => {
+                if let Some(n) = self.nodes[node]
+                    .as_mut()
+                    .filter(|n| n.incarnation == incarnation)
+                {
+                    n.snapshot_written(&mut self.w, &log, offset, state, reply);
+                }
+            }
             Event::SendFailed { at, peer } => {
                 let since = self.w.net.take_failed(at, peer).unwrap_or(0);
                 if at < nodes {
@@ -357,14 +377,25 @@ impl Sim {
 
     /// Retention: every replica of one log removes the batches below the highest batch
     /// boundary that all of them hold durably and alike, [`RETAINED_RECORDS`] below the commit
-    /// offset (as a node's retention removes whole old segments its followers no longer need).
-    /// A replica wiped since then finds the leader's log starting there, and bootstraps.
+    /// offset (as a node's retention removes whole old segments its followers no longer need),
+    /// and not past any replica's latest application snapshot (each keeps the records after
+    /// it). A replica wiped since then finds the leader's log starting there, and bootstraps.
     fn retention(&mut self) {
         let log = format!("l{}", self.retention_rng.gen_range(0..self.w.cfg.logs));
-        let cap = self.w.checker.commit(&log).saturating_sub(RETAINED_RECORDS);
         let holders: Vec<usize> = (0..self.w.cfg.nodes)
             .filter(|n| self.w.disks[*n].logs.contains_key(&log))
             .collect();
+        // Each replica keeps every record from its latest application snapshot on.
+        let cap = holders
+            .iter()
+            .filter_map(|n| {
+                let latest = self.w.disks[*n].snapshots.get(&log).map(|s| s.0);
+                Snapshots::new(latest).pin()
+            })
+            .fold(
+                self.w.checker.commit(&log).saturating_sub(RETAINED_RECORDS),
+                u64::min,
+            );
         let Some(first) = holders.first() else {
             return;
         };
@@ -394,6 +425,11 @@ impl Sim {
             })
             .collect();
         self.w.checker.purged(&log, floor, &removed);
+        for n in holders {
+            let latest = self.w.disks[n].snapshots.get(&log).map(|s| s.0);
+            let start = self.w.disks[n].logs[&log].start();
+            self.w.checker.reaches(n, &log, start, latest, "after retention");
+        }
         self.w.note(format_args!(
             "RETENTION {log}: every replica starts at {floor} now"
         ));
@@ -493,6 +529,7 @@ impl Sim {
         }
         if wipe {
             self.w.disks[node].logs.clear();
+            self.w.disks[node].snapshots.clear();
             self.w.checker.wiped(node, self.w.now);
         }
         self.w.note(format_args!(
@@ -824,7 +861,26 @@ impl Sim {
                 .collect();
             finals.insert(name.clone(), (batches(*leader), others));
         }
-        self.w.checker.finish(&finals);
+        // Each replica's log start and latest application snapshot, the leader's first.
+        let mut snapshots = BTreeMap::new();
+        for (name, leader) in &leaders {
+            let replicas = std::iter::once(*leader).chain(
+                records[name]
+                    .replicas
+                    .iter()
+                    .map(|r| node_idx(r))
+                    .filter(|r| r != leader),
+            );
+            let held = replicas
+                .map(|n| {
+                    let disk = &self.w.disks[n];
+                    let start = disk.logs.get(name).map_or(0, |l| l.start());
+                    (n, start, disk.snapshots.get(name).copied())
+                })
+                .collect();
+            snapshots.insert(name.clone(), held);
+        }
+        self.w.checker.finish(&finals, &snapshots);
         self.check()?;
         Ok(Report {
             seed: self.seed,

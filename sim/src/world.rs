@@ -32,6 +32,16 @@ pub enum Event {
         log: String,
         written: (u64, u64),
     },
+    /// An application snapshot of `log` at `offset` is written and durable (for the client
+    /// request `reply`, or copied from the leader).
+    SnapshotWritten {
+        node: usize,
+        incarnation: u64,
+        log: String,
+        offset: u64,
+        state: u64,
+        reply: Option<(usize, u64)>,
+    },
     /// Endpoint `at` notices that its connection to `peer` died at `since` (us): what it
     /// began over that connection before then ends (a connection made since is another).
     ConnDown { at: usize, peer: usize, since: u64 },

@@ -91,3 +91,15 @@ fn a_forgotten_producer_stores_a_retried_append_twice() {
     let f = finds(Bug::IdempotentTwice, &minutes(20), 8);
     assert!(says(&f, &["stored twice"]), "{f}");
 }
+
+#[test]
+fn retention_past_the_latest_snapshot_leaves_a_reader_without_the_records_after_it() {
+    // Snapshots far apart: the latest often lies more than retention keeps below the commit
+    // offset, so only its pin holds retention back.
+    let cfg = Config {
+        snapshot_every_records: 5_000,
+        ..minutes(30)
+    };
+    let f = finds(Bug::SnapshotUnpinned, &cfg, 8);
+    assert!(says(&f, &["past its latest snapshot"]), "{f}");
+}
