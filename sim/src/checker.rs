@@ -611,3 +611,62 @@ impl Checker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checker() -> Checker {
+        Checker::new(&Config::default())
+    }
+
+    #[test]
+    fn a_snapshot_must_be_the_state_after_exactly_the_records_below_its_offset() {
+        let at: BTreeMap<u64, u64> = (0..10).map(|o| (o, 100 + o)).collect();
+        let ids: Vec<u64> = at.values().copied().collect();
+        let after = |n: usize| fold(STATE_ZERO, &ids[..n]);
+        // Right: the state after 4 records, on the leader and a follower; nothing at all.
+        let mut c = checker();
+        c.snapshot(0, "l0", 4, after(4), "put");
+        let finals = [(0, 0, Some((4, after(4)))), (1, 2, Some((4, after(4))))];
+        c.check_snapshots("l0", &at, &finals);
+        assert!(c.violations.is_empty(), "{:?}", c.violations);
+        // The state after 3 records, stored at 4.
+        let mut c = checker();
+        c.snapshot(0, "l0", 4, after(3), "put");
+        c.check_snapshots("l0", &at, &[]);
+        assert!(
+            c.violations[0].contains("not the state after"),
+            "{:?}",
+            c.violations
+        );
+        // Two states at one offset.
+        let mut c = checker();
+        c.snapshot(0, "l0", 4, after(4), "put");
+        c.snapshot(1, "l0", 4, after(5), "copied");
+        assert!(
+            c.violations[0].contains("two snapshots"),
+            "{:?}",
+            c.violations
+        );
+        // Beyond the records the log ever held.
+        let mut c = checker();
+        c.snapshot(0, "l0", 11, after(10), "put");
+        c.check_snapshots("l0", &at, &[]);
+        assert!(c.violations[0].contains("never held"), "{:?}", c.violations);
+        // A replica whose log starts past its snapshot; a follower behind its leader's.
+        let mut c = checker();
+        let finals = [(0, 6, Some((4, after(4)))), (1, 0, None)];
+        c.check_snapshots("l0", &at, &finals);
+        assert!(
+            c.violations[0].contains("past its latest snapshot"),
+            "{:?}",
+            c.violations
+        );
+        assert!(
+            c.violations[1].contains("its leader's at Some(4)"),
+            "{:?}",
+            c.violations
+        );
+    }
+}

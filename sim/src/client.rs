@@ -43,7 +43,7 @@ enum Kind {
 }
 
 /// The chance that an application restarts (and starts again from a snapshot) at a step.
-const APP_RESTART_CHANCE: f64 = 0.01;
+const APP_RESTART_CHANCE: f64 = 0.02;
 
 /// A client's application over a log: its state after the records below `next`, read from
 /// `replica`, with `unsaved` records applied since its last snapshot.
@@ -144,7 +144,13 @@ impl Client {
     pub fn wake(&mut self, w: &mut World) {
         if self.pending.is_some() {
             // A retry's pause is over.
-            let log = self.pending.as_ref().expect("pending").req.log().to_string();
+            let log = self
+                .pending
+                .as_ref()
+                .expect("pending")
+                .req
+                .log()
+                .to_string();
             let to = self.node(w, &log);
             return self.send(w, to);
         }

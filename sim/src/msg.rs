@@ -33,9 +33,7 @@ pub enum Req {
         state: u64,
     },
     /// The latest application snapshot the node holds.
-    GetSnapshot {
-        log: String,
-    },
+    GetSnapshot { log: String },
 }
 
 impl Req {

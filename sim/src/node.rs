@@ -10,11 +10,11 @@ use node_core::controller::core::{ControllerCore, CoreConfig};
 use node_core::controller::failover::{FailoverConfig, LogReport, NodeReport};
 use node_core::controller::meta::{Command, Member, NodeId};
 use node_core::follow::{Command as SessionCommand, Local, Phase, Session};
-use node_core::snapshot::{SnapshotRefusal, Snapshots};
 use node_core::log::{
     confirm, may_write, must_withdraw, LeaderAction, LeaderRules, LevelRefusal, LocalCopy,
     LogRecord, Outbound, Outgoing, Role, Steer, Steering, StreamRefusal,
 };
+use node_core::snapshot::{SnapshotRefusal, Snapshots};
 use protocol::idempotence::{Admission, ProducerTable, StoredAppend};
 use protocol::replication::{FrameHead, Insufficient, Leader, Progress, ReplicationConfig};
 use protocol::{Acks, ErrorCode};
@@ -636,7 +636,8 @@ impl Node {
                         (Some(_), Some(&(offset, state))) => {
                             w.checker.snapshot(self.idx, &log, offset, state, "served");
                             let start = w.disks[self.idx].logs.get(&log).map_or(0, |l| l.start());
-                            w.checker.reaches(self.idx, &log, start, Some(offset), "served");
+                            w.checker
+                                .reaches(self.idx, &log, start, Some(offset), "served");
                             Rep::Snapshot { offset, state }
                         }
                     };

@@ -428,7 +428,9 @@ impl Sim {
         for n in holders {
             let latest = self.w.disks[n].snapshots.get(&log).map(|s| s.0);
             let start = self.w.disks[n].logs[&log].start();
-            self.w.checker.reaches(n, &log, start, latest, "after retention");
+            self.w
+                .checker
+                .reaches(n, &log, start, latest, "after retention");
         }
         self.w.note(format_args!(
             "RETENTION {log}: every replica starts at {floor} now"

@@ -31,6 +31,7 @@ fn a_day_of_faults_breaks_no_promise() {
     seeds.extend(100..103);
     let hours = 24.0 / seeds.len() as f64;
     let (mut changes, mut rotted, mut repaired, mut bootstraps) = (0, 0, 0, 0);
+    let (mut put, mut copied, mut started) = (0, 0, 0);
     for seed in seeds {
         let cfg = Config {
             nodes: 3 + (seed % 5) as usize,
@@ -55,6 +56,9 @@ fn a_day_of_faults_breaks_no_promise() {
                 rotted += r.stats.rotted;
                 repaired += r.stats.repaired;
                 bootstraps += r.stats.bootstraps;
+                put += r.stats.snapshots_put;
+                copied += r.stats.snapshots_copied;
+                started += r.stats.readers_from_snapshot;
             }
             Err(f) => panic!("{f}"),
         }
@@ -62,6 +66,12 @@ fn a_day_of_faults_breaks_no_promise() {
     assert!(changes >= 1000, "only {changes} leader changes in 24 hours");
     // Wiped replicas that found the leader's log purged past what they had.
     assert!(bootstraps >= 3, "only {bootstraps} bootstraps");
+    // Applications stored snapshots, followers copied them, readers started from them (each
+    // checked against the log's records).
+    assert!(
+        put >= 500 && copied >= 500 && started >= 100,
+        "snapshots: only {put} put, {copied} copied, {started} readers started from one"
+    );
     // (A damaged batch may also go unrepaired because a truncation or a wipe removed it; one
     // left damaged at the end would be a loss the checker reports.)
     assert!(
