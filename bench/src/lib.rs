@@ -8,12 +8,15 @@
 //! - [`workload`]: appends, append-to-visible-on-follower, a lagging follower's catch-up.
 //! - [`cluster`]: local `replog node` clusters the tool starts and stops, and the nodes'
 //!   per-stage latency histograms from their metrics endpoints.
+//! - [`peers`]: PostgreSQL with a synchronous standby and NATS JetStream R3, started and
+//!   measured beside replog (`replog-bench peers`).
 //! - [`hist`] and [`report`]: HdrHistograms, tables, JSON, `.hgrm` and SVG plots.
 
 pub mod cluster;
 pub mod floor;
 pub mod hist;
 pub mod pace;
+pub mod peers;
 pub mod progress;
 pub mod report;
 pub mod workload;

@@ -44,6 +44,9 @@ enum Cmd {
     /// to the first append its successor acknowledges, and the write pause of planned
     /// switchovers.
     Failover(FailoverArgs),
+    /// replog beside PostgreSQL (synchronous standby) and NATS JetStream (R3), in one run with
+    /// the same record size, concurrency and duration, against the floor (bench/peers/).
+    Peers(PeersArgs),
     /// Plot `.hgrm` files (from earlier runs or other tools) into one SVG to compare them.
     Plot(PlotArgs),
 }
@@ -210,6 +213,44 @@ struct CatchupArgs {
 }
 
 #[derive(Args)]
+struct PeersArgs {
+    /// Operations in flight (clients, workers), comma-separated: one run per system each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    concurrency: Vec<usize>,
+    /// Bytes of each record (a replog record, a PostgreSQL row, a NATS message).
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// Unmeasured time before each run.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Measured time of each run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// The systems to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "replog,postgres,nats")]
+    systems: Vec<String>,
+    /// Where every system keeps its data and where the floor is measured (temporary
+    /// directories are made inside).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// The replog binary (default: beside this program, else built, else on PATH).
+    #[arg(long)]
+    replog: Option<PathBuf>,
+    /// PostgreSQL's server programs (default: the newest /usr/lib/postgresql/*/bin).
+    #[arg(long)]
+    pg_bin: Option<PathBuf>,
+    /// The nats-server program (default: on PATH).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+    /// One JSON object per row (JSON Lines) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
 struct PlotArgs {
     /// .hgrm files; each becomes a curve named after its file.
     #[arg(required = true)]
@@ -262,6 +303,7 @@ fn main() -> ExitCode {
         Cmd::E2e(a) => e2e_cmd(a, command),
         Cmd::Catchup(a) => catchup_cmd(a, command),
         Cmd::Failover(a) => failover_cmd(a, command),
+        Cmd::Peers(a) => peers_cmd(a),
         Cmd::Plot(a) => plot_cmd(a),
     };
     match result {
@@ -462,6 +504,120 @@ fn append_cmd(a: AppendArgs, command: String) -> Result<(), String> {
     }
     let notes = floor_notes(&floor);
     finish(command, target, floor, runs, notes, &a.output)
+}
+
+fn peers_cmd(a: PeersArgs) -> Result<(), String> {
+    use bench::peers::{self, PeerPlan, Row, SyncFloor};
+    let known = ["replog", "postgres", "nats"];
+    if let Some(s) = a.systems.iter().find(|s| !known.contains(&s.as_str())) {
+        return Err(format!("usage: unknown system {s:?}; one of {known:?}"));
+    }
+    if a.concurrency.is_empty() || a.concurrency.contains(&0) {
+        return Err("usage: --concurrency needs numbers of at least 1".into());
+    }
+    let wants = |s: &str| a.systems.iter().any(|x| x == s);
+    let say = |what: &str| {
+        if !a.quiet {
+            eprintln!("replog-bench: {what}");
+        }
+    };
+    let floor = measure_floor(&a.dir, FloorPlan::quick(), a.quiet)?;
+    let d = floor.append("sync", a.record_bytes);
+    let sync_floor = SyncFloor {
+        p50_us: d.p50_us,
+        p99_us: d.p99_us,
+    };
+    let plan = PeerPlan {
+        dir: a.dir.clone(),
+        record_bytes: a.record_bytes,
+        warmup: a.warmup,
+        duration: a.duration,
+    };
+    let rt = runtime()?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut skipped = std::collections::BTreeMap::new();
+    let mut failed = Vec::new();
+    if wants("replog") {
+        let spec = ClusterSpec {
+            nodes: 3,
+            sync_replicas: 1,
+            config_toml: String::new(),
+            replog: find_replog(a.replog.as_deref())?,
+            controller: None,
+        };
+        say(&format!(
+            "starting 3 replog nodes with {}",
+            spec.replog.display()
+        ));
+        let target = Target::spawn(&spec, &a.dir)?;
+        for &c in &a.concurrency {
+            let p = AppendPlan {
+                log: "peers".to_string(),
+                record_bytes: a.record_bytes,
+                acks: Acks::Sync,
+                rate: 0.0,
+                concurrency: c,
+                connections: c.min(4),
+                warmup: a.warmup,
+                duration: a.duration,
+                in_flight_max: pace::IN_FLIGHT_MAX,
+            };
+            let run = rt.block_on(workload::append(&target, &p, a.quiet))?;
+            let errors = run.errors.values().sum();
+            let ops = run.throughput_ops_s;
+            let d = peers::REPLOG_DURABILITY;
+            rows.push(Row::new("replog", d, c, &run.latency, ops, errors));
+        }
+        target.finish()?;
+    }
+    if wants("postgres") {
+        match peers::find_postgres(a.pg_bin.as_deref()) {
+            None => {
+                let why = "not installed (apt-get install postgresql)".to_string();
+                skipped.insert("postgres".to_string(), why);
+            }
+            Some(bin) => {
+                say(&format!("starting PostgreSQL from {}", bin.display()));
+                match peers::postgres(&bin, &plan, &a.concurrency) {
+                    Ok(r) => rows.extend(r),
+                    Err(e) => {
+                        skipped.insert("postgres".to_string(), format!("failed: {e}"));
+                        failed.push("postgres");
+                    }
+                }
+            }
+        }
+    }
+    if wants("nats") {
+        match peers::find_nats(a.nats_server.as_deref()) {
+            None => {
+                let why = "not installed (apt-get install nats-server)".to_string();
+                skipped.insert("nats".to_string(), why);
+            }
+            Some(bin) => {
+                say(&format!(
+                    "starting 3 NATS JetStream nodes with {}",
+                    bin.display()
+                ));
+                match peers::nats(&bin, &plan, &a.concurrency, &rt) {
+                    Ok(r) => rows.extend(r),
+                    Err(e) => {
+                        skipped.insert("nats".to_string(), format!("failed: {e}"));
+                        failed.push("nats");
+                    }
+                }
+            }
+        }
+    }
+    if a.json {
+        print!("{}", peers::json_lines(&rows, Some(sync_floor), &skipped));
+    } else {
+        print!("{}", peers::table(&rows, Some(sync_floor), &skipped));
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(format!("{} failed (see above)", failed.join(", "))),
+    }
 }
 
 fn floor_notes(floor: &Option<Floor>) -> Vec<String> {

@@ -246,3 +246,79 @@ fn usage_errors_exit_2_and_plot_compares_files() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn peers_measures_every_system_installed_and_stops_what_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "peers",
+        "--concurrency",
+        "1,2",
+        "--warmup",
+        "300ms",
+        "--duration",
+        "1s",
+        "--dir",
+        ".",
+        "--json",
+        "--quiet",
+    ];
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(dir.path())
+        .output()
+        .expect("run replog-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "replog-bench peers failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let of = |system: &str| -> Vec<&serde_json::Value> {
+        rows.iter().filter(|r| r["system"] == system).collect()
+    };
+    let installed = [
+        ("replog", true),
+        ("postgres", bench::peers::find_postgres(None).is_some()),
+        ("nats", bench::peers::find_nats(None).is_some()),
+    ];
+    for (system, installed) in installed {
+        let found = of(system);
+        if !installed {
+            assert_eq!(found.len(), 1, "{stdout}");
+            let why = found[0]["skipped"].as_str().unwrap();
+            assert!(why.contains("not installed"), "{stdout}");
+            continue;
+        }
+        let conc: Vec<u64> = found
+            .iter()
+            .map(|r| r["concurrency"].as_u64().unwrap())
+            .collect();
+        assert_eq!(conc, [1, 2], "{system}: {stdout}");
+        for r in found {
+            for k in ["p50_us", "p99_us", "p999_us", "ops_per_sec", "floor_p50_us"] {
+                assert!(r[k].as_f64().unwrap() > 0.0, "{system} {k}: {r}");
+            }
+            assert!(!r["durability"].as_str().unwrap().is_empty());
+            // Each peer row carries replog's ratios to it; replog's own rows none.
+            assert_eq!(r["replog_p50_ratio"].is_f64(), system != "replog", "{r}");
+        }
+    }
+    // Everything it started is gone: no process runs from its directory, which is empty.
+    let path = std::fs::canonicalize(dir.path()).unwrap();
+    let left = Command::new("pgrep")
+        .args(["-f", &path.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
