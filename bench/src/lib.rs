@@ -3,6 +3,8 @@
 //!
 //! - [`floor`]: io_uring write+fdatasync latency and sequential bandwidth, QUIC round trip and
 //!   bulk throughput on loopback.
+//! - [`durable`]: the ways to make a small write durable with io_uring, side by side, with
+//!   the requests io_uring hands to its worker threads.
 //! - [`pace`]: open-loop load at a target rate with latencies measured from each operation's
 //!   intended send time (no coordinated omission), or a closed loop.
 //! - [`workload`]: appends, append-to-visible-on-follower, a lagging follower's catch-up.
@@ -13,6 +15,7 @@
 //! - [`hist`] and [`report`]: HdrHistograms, tables, JSON, `.hgrm` and SVG plots.
 
 pub mod cluster;
+pub mod durable;
 pub mod floor;
 pub mod hist;
 pub mod pace;

@@ -33,6 +33,9 @@ enum Cmd {
     /// Measure the machine's floor: io_uring write+fdatasync (4 KiB, 64 KiB), sequential
     /// fdatasync'd write bandwidth, QUIC round trip (1 KiB) and bulk throughput on loopback.
     Floor(FloorArgs),
+    /// The ways to make one small write durable with io_uring (write + fdatasync, linked,
+    /// RWF_DSYNC, O_DSYNC, O_DIRECT|O_DSYNC), with and without io-wq, side by side.
+    Durable(DurableArgs),
     /// Append latency and throughput, open loop at a rate or closed loop.
     Append(AppendArgs),
     /// Append-to-visible-on-follower latency: records appended at a rate, read through a tail
@@ -213,6 +216,25 @@ struct CatchupArgs {
 }
 
 #[derive(Args)]
+struct DurableArgs {
+    /// Directory on the disk to measure (the nodes' data disk).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Bytes per write (a multiple of 4096, as O_DIRECT needs).
+    #[arg(long, default_value_t = 4096)]
+    block: usize,
+    /// Measured writes per mode.
+    #[arg(long, default_value_t = 2000)]
+    samples: usize,
+    /// Unmeasured writes before them.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// One JSON object per mode (JSON Lines) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct PeersArgs {
     /// Operations in flight (clients, workers), comma-separated: one run per system each.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
@@ -304,6 +326,7 @@ fn main() -> ExitCode {
         Cmd::Catchup(a) => catchup_cmd(a, command),
         Cmd::Failover(a) => failover_cmd(a, command),
         Cmd::Peers(a) => peers_cmd(a),
+        Cmd::Durable(a) => durable_cmd(a),
         Cmd::Plot(a) => plot_cmd(a),
     };
     match result {
@@ -504,6 +527,22 @@ fn append_cmd(a: AppendArgs, command: String) -> Result<(), String> {
     }
     let notes = floor_notes(&floor);
     finish(command, target, floor, runs, notes, &a.output)
+}
+
+fn durable_cmd(a: DurableArgs) -> Result<(), String> {
+    let tmp = tempfile::Builder::new()
+        .prefix("replog-bench-durable-")
+        .tempdir_in(&a.dir)
+        .map_err(|e| format!("a temporary directory under {}: {e}", a.dir.display()))?;
+    let rows = bench::durable::measure_all(tmp.path(), a.block, a.warmup, a.samples.max(1))?;
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+    } else {
+        print!("{}", bench::durable::table(&rows, a.block));
+    }
+    Ok(())
 }
 
 fn peers_cmd(a: PeersArgs) -> Result<(), String> {

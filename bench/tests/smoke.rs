@@ -322,3 +322,50 @@ fn peers_measures_every_system_installed_and_stops_what_it_started() {
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn durable_measures_every_mode_and_counts_io_wq_hand_offs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["durable", "--samples", "20", "--warmup", "2", "--json"])
+        .args(["--dir", "."])
+        .current_dir(dir.path())
+        .output()
+        .expect("run replog-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let modes = [
+        "write+fdatasync",
+        "write+fdatasync linked",
+        "write RWF_DSYNC",
+        "O_DSYNC write",
+        "O_DIRECT|O_DSYNC write",
+    ];
+    assert_eq!(rows.len(), 2 * modes.len(), "{stdout}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["mode"], modes[i % modes.len()], "{r}");
+        assert_eq!(r["forced_async"], i >= modes.len(), "{r}");
+        assert_eq!(r["latency"]["count"], 20, "{r}");
+        assert!(r["writes_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // Forced to io-wq, the write and the fdatasync are each handed to a worker thread (when
+    // the kernel's tracepoint can be read here).
+    if let Some(n) = rows[modes.len()]["io_wq_per_write"].as_f64() {
+        assert_eq!(n, 2.0, "{stdout}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn durable_refuses_a_block_o_direct_cannot_write() {
+    let out = Command::new(BIN)
+        .args(["durable", "--block", "1000", "--samples", "1"])
+        .output()
+        .expect("run replog-bench");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4096"));
+}
