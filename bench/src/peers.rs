@@ -280,6 +280,7 @@ impl Postgres {
     /// Initialise a primary, copy it into a standby with pg_basebackup, start both, and wait
     /// until the standby is synchronous.
     fn start(bin: &Path, dir: &Path) -> Result<Postgres, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         let user = if root { Some(postgres_user()?) } else { None };
         let (primary, standby, sockets) = (

@@ -1396,10 +1396,13 @@ impl Node {
         state: u64,
         reply: Option<(usize, u64)>,
     ) {
-        let latest = match self.logs.get_mut(name) {
-            Some(st) => st.snapshots.stored(offset),
-            None => false,
+        let Some(st) = self.logs.get_mut(name) else {
+            if let Some((client, id)) = reply {
+                self.reply(w, client, id, error(ErrorCode::LogNotFound));
+            }
+            return;
         };
+        let latest = st.snapshots.stored(offset);
         if latest {
             w.disks[self.idx]
                 .snapshots
