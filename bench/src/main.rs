@@ -597,15 +597,34 @@ fn peers_cmd(a: PeersArgs) -> Result<(), String> {
                 rate: 0.0,
                 concurrency: c,
                 connections: c.min(4),
-                warmup: a.warmup,
-                duration: a.duration,
+                warmup: Duration::ZERO,
+                duration: a.warmup,
                 in_flight_max: pace::IN_FLIGHT_MAX,
             };
+            // The warm-up as a run of its own, so that the nodes' CPU is taken over the
+            // measured run alone.
+            rt.block_on(workload::append(&target, &p, true))?;
+            let p = AppendPlan {
+                duration: a.duration,
+                ..p
+            };
+            let cpu_before = peers::tree_cpu_secs(&target.pids());
             let run = rt.block_on(workload::append(&target, &p, a.quiet))?;
-            let errors = run.errors.values().sum();
+            let cpu = peers::tree_cpu_secs(&target.pids()) - cpu_before;
+            let errors: u64 = run.errors.values().sum();
             let ops = run.throughput_ops_s;
+            let done = (run.latency.count + errors).max(1);
+            let cpu_per_op = cpu * 1e6 / done as f64;
             let d = peers::REPLOG_DURABILITY;
-            rows.push(Row::new("replog", d, c, &run.latency, ops, errors));
+            rows.push(Row::new(
+                "replog",
+                d,
+                c,
+                &run.latency,
+                ops,
+                errors,
+                cpu_per_op,
+            ));
         }
         target.finish()?;
     }

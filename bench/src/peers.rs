@@ -46,6 +46,9 @@ pub struct Row {
     pub ops_per_sec: f64,
     /// Operations that failed during the measured time.
     pub errors: u64,
+    /// CPU time the system's server processes used per operation (all their threads and
+    /// child processes; not the load generator's), in microseconds.
+    pub server_cpu_us_per_op: f64,
 }
 
 impl Row {
@@ -56,6 +59,7 @@ impl Row {
         latency: &Summary,
         ops: f64,
         errors: u64,
+        cpu_us_per_op: f64,
     ) -> Row {
         Row {
             system: system.to_string(),
@@ -66,6 +70,7 @@ impl Row {
             p999_us: latency.p999_us,
             ops_per_sec: ops,
             errors,
+            server_cpu_us_per_op: cpu_us_per_op,
         }
     }
 }
@@ -130,6 +135,46 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// CPU seconds used so far by the processes `roots` and everything below them: each one's
+/// user and system time and that of its children it has reaped (a PostgreSQL backend that
+/// ended counts in its postmaster's), from `/proc`.
+pub fn tree_cpu_secs(roots: &[u32]) -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // (pid, ppid, utime + stime + cutime + cstime in ticks) of every process.
+    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let num = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+            let ppid = num(1)? as u32;
+            Some((pid, ppid, num(11)? + num(12)? + num(13)? + num(14)?))
+        })
+        .collect();
+    let mut inside: std::collections::BTreeSet<u32> = roots.iter().copied().collect();
+    loop {
+        let before = inside.len();
+        for (pid, ppid, _) in &procs {
+            if inside.contains(ppid) {
+                inside.insert(*pid);
+            }
+        }
+        if inside.len() == before {
+            break;
+        }
+    }
+    procs
+        .iter()
+        .filter(|(pid, _, _)| inside.contains(pid))
+        .map(|(_, _, t)| t)
+        .sum::<f64>()
+        / hz
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released: the peer binds it next).
@@ -362,7 +407,7 @@ impl Postgres {
         bytes: usize,
         duration: Duration,
         logged: bool,
-    ) -> Result<(Hist, u64, Duration), String> {
+    ) -> Result<(Hist, u64, Duration, f64), String> {
         let run = self.dir.join(format!("run-c{clients}-{}", logged as u8));
         std::fs::create_dir_all(&run).map_err(|e| e.to_string())?;
         let script = run.join("insert.sql");
@@ -396,6 +441,8 @@ impl Postgres {
             cmd.args(["-l", "--log-prefix", &run.join("tx").to_string_lossy()]);
         }
         cmd.arg("postgres");
+        let roots: Vec<u32> = self.procs.iter().map(|p| p.child.id()).collect();
+        let cpu_before = tree_cpu_secs(&roots);
         let started = Instant::now();
         run_to_end(
             "pgbench",
@@ -404,6 +451,7 @@ impl Postgres {
             Duration::from_secs(secs) + RUN_GRACE,
         )?;
         let elapsed = started.elapsed();
+        let cpu = tree_cpu_secs(&roots) - cpu_before;
         let mut h = hist::new();
         let mut count = 0;
         if logged {
@@ -429,7 +477,7 @@ impl Postgres {
                 }
             }
         }
-        Ok((h, count, elapsed))
+        Ok((h, count, elapsed, cpu))
     }
 
     fn stop(mut self) {
@@ -451,16 +499,12 @@ pub fn postgres(bin: &Path, plan: &PeerPlan, concurrency: &[usize]) -> Result<Ve
     let mut rows = Vec::new();
     for &c in concurrency {
         pg.bench(c, plan.record_bytes, plan.warmup, false)?;
-        let (h, count, elapsed) = pg.bench(c, plan.record_bytes, plan.duration, true)?;
+        let (h, count, elapsed, cpu) = pg.bench(c, plan.record_bytes, plan.duration, true)?;
         let ops = count as f64 / elapsed.as_secs_f64().max(plan.duration.as_secs_f64());
-        rows.push(Row::new(
-            "postgres",
-            POSTGRES_DURABILITY,
-            c,
-            &Summary::of(&h),
-            ops,
-            0,
-        ));
+        let cpu_per_op = cpu * 1e6 / count.max(1) as f64;
+        let latency = Summary::of(&h);
+        let d = POSTGRES_DURABILITY;
+        rows.push(Row::new("postgres", d, c, &latency, ops, 0, cpu_per_op));
     }
     pg.stop();
     Ok(rows)
@@ -615,28 +659,27 @@ pub fn nats(
         .tempdir_in(&plan.dir)
         .map_err(|e| format!("a temporary directory under {}: {e}", plan.dir.display()))?;
     let (mut procs, urls) = start_nats(bin, tmp.path())?;
+    let pids: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
     let payload = bytes::Bytes::from(vec![0x42u8; plan.record_bytes]);
     let result = rt.block_on(async {
         let js = nats_stream(&urls[0]).await?;
         let mut rows = Vec::new();
         for &c in concurrency {
             nats_run(&js, c, payload.clone(), plan.warmup).await?;
+            let cpu_before = tree_cpu_secs(&pids);
             let (h, count, errors, elapsed) =
                 nats_run(&js, c, payload.clone(), plan.duration).await?;
+            let cpu = tree_cpu_secs(&pids) - cpu_before;
             if count == 0 {
                 return Err(format!(
                     "NATS: no publish was acknowledged ({errors} failed)"
                 ));
             }
             let ops = count as f64 / elapsed.as_secs_f64();
-            rows.push(Row::new(
-                "nats",
-                NATS_DURABILITY,
-                c,
-                &Summary::of(&h),
-                ops,
-                errors,
-            ));
+            let cpu_per_op = cpu * 1e6 / count as f64;
+            let latency = Summary::of(&h);
+            let d = NATS_DURABILITY;
+            rows.push(Row::new("nats", d, c, &latency, ops, errors, cpu_per_op));
         }
         Ok(rows)
     });
@@ -701,13 +744,14 @@ pub fn table(rows: &[Row], floor: Option<SyncFloor>, skipped: &BTreeMap<String, 
         );
     }
     s += &format!(
-        "{:<9} {:>4} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9}  {}\n",
+        "{:<9} {:>4} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10}  {}\n",
         "system",
         "conc",
         "p50 us",
         "p99 us",
         "p99.9 us",
         "ops/s",
+        "cpu us/op",
         "p50/flr",
         "replog/p50",
         "replog/ops",
@@ -717,13 +761,14 @@ pub fn table(rows: &[Row], floor: Option<SyncFloor>, skipped: &BTreeMap<String, 
     for r in rows {
         let (lat, ops) = replog_ratios(rows, r).unzip();
         s += &format!(
-            "{:<9} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>8} {:>9} {:>9}  {}\n",
+            "{:<9} {:>4} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9.1} {:>8} {:>10} {:>10}  {}\n",
             r.system,
             r.concurrency,
             r.p50_us,
             r.p99_us,
             r.p999_us,
             r.ops_per_sec,
+            r.server_cpu_us_per_op,
             fmt(floor.map(|f| r.p50_us / f.p50_us)),
             fmt(lat),
             fmt(ops),

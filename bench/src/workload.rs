@@ -102,6 +102,14 @@ impl Target {
         }
     }
 
+    /// The process ids of the nodes this tool started (none for an existing cluster).
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Target::Spawned { cluster, .. } => cluster.nodes.iter().map(|n| n.pid()).collect(),
+            Target::Existing { .. } => Vec::new(),
+        }
+    }
+
     /// A short label for run names: `n3` for three spawned nodes, `ext` otherwise.
     pub fn label(&self) -> String {
         match self {

@@ -301,7 +301,14 @@ fn peers_measures_every_system_installed_and_stops_what_it_started() {
             .collect();
         assert_eq!(conc, [1, 2], "{system}: {stdout}");
         for r in found {
-            for k in ["p50_us", "p99_us", "p999_us", "ops_per_sec", "floor_p50_us"] {
+            for k in [
+                "p50_us",
+                "p99_us",
+                "p999_us",
+                "ops_per_sec",
+                "floor_p50_us",
+                "server_cpu_us_per_op",
+            ] {
                 assert!(r[k].as_f64().unwrap() > 0.0, "{system} {k}: {r}");
             }
             assert!(!r["durability"].as_str().unwrap().is_empty());
