@@ -765,3 +765,49 @@ fn a_scan_yields_every_batch_in_order_over_many_reads() {
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn durable_writes_need_no_fdatasync_and_cover_what_was_written_before() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        // Written first, then fdatasync'd: one fdatasync per append awaited alone.
+        let a = log.append(Epoch(1), &[payload(1, 0, 100)]).await.unwrap();
+        log.wait_flushed(a.next).await.unwrap();
+        let syncs = log.fdatasyncs();
+        assert!(syncs >= 1, "{syncs}");
+        // Durable writes: each append is durable once written, across segment rolls, with no
+        // fdatasync at all.
+        log.set_durable_writes(true);
+        assert!(log.durable_writes());
+        let mut end = a.next;
+        for i in 1..100 {
+            let b = log.append(Epoch(1), &[payload(1, i, 100)]).await.unwrap();
+            log.wait_written(b.next).await.unwrap();
+            assert_eq!(log.flush_offset(), b.next, "append {i}");
+            end = b.next;
+        }
+        assert!(log.segment_count() >= 2, "{}", log.segment_count());
+        assert_eq!(log.fdatasyncs(), syncs);
+        // Back to write-then-fdatasync: a write not yet durable ...
+        log.set_durable_writes(false);
+        let c = log.append(Epoch(1), &[payload(1, 100, 100)]).await.unwrap();
+        log.wait_written(c.next).await.unwrap();
+        // ... is not made durable by a later durable write (RWF_DSYNC covers its own range):
+        // the flush horizon reaches the end through an fdatasync.
+        log.set_durable_writes(true);
+        let d = log.append(Epoch(1), &[payload(1, 101, 100)]).await.unwrap();
+        log.wait_flushed(d.next).await.unwrap();
+        assert!(log.fdatasyncs() > syncs);
+        assert!(end < d.next);
+        log.close().await.unwrap();
+
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let got = read_all(&log, Offset(0));
+        assert_eq!(got.len(), 102);
+        for (o, v) in &got {
+            assert_eq!(v, &payload(1, *o, 100));
+        }
+        log.close().await.unwrap();
+    });
+}

@@ -248,6 +248,10 @@ impl Shard {
                 EntryRole::Follower(Rc::new(std::cell::Cell::new(0))),
             ),
         };
+        // A follower's copy is read only once durable: each write is made durable as it
+        // completes, in one operation. A leader writes first and fdatasyncs after, so that its
+        // followers get the records while its own fdatasync runs.
+        log.set_durable_writes(matches!(role, EntryRole::Follower(_)));
         let following = match choice {
             RoleChoice::Follow(a) => a,
             _ => None,
