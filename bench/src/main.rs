@@ -131,6 +131,9 @@ struct ClusterArgs {
     /// Spawned clusters run the embedded controller with this leader_timeout (ms).
     #[arg(long)]
     controller: Option<u64>,
+    /// Shard threads of each spawned node (`node.shards`; default: the node's own default).
+    #[arg(long)]
+    shards: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -138,6 +141,10 @@ struct LoadArgs {
     /// Log to append to (created if missing; default: a new name per run).
     #[arg(long)]
     log: Option<String>,
+    /// Spread the appends over this many logs (`LOG-0`, `LOG-1`, ...), round robin: a node
+    /// spreads logs over its shards by name.
+    #[arg(long, default_value_t = 1)]
+    logs: usize,
     /// Record sizes in bytes, comma-separated: one run per size.
     #[arg(long, value_delimiter = ',', default_value = "1024")]
     record_bytes: Vec<usize>,
@@ -403,6 +410,11 @@ fn setup(
     } else {
         Some(measure_floor(&c.dir, FloorPlan::quick(), quiet)?)
     };
+    let config_toml = match c.shards {
+        Some(0) => return Err("usage: --shards needs at least 1".into()),
+        Some(s) => format!("[node]\nshards = {s}\n{config_toml}"),
+        None => config_toml,
+    };
     let target = match spawn {
         Some(n) => {
             let spec = ClusterSpec {
@@ -453,6 +465,7 @@ fn plans(l: &LoadArgs, kind: &str) -> Result<Vec<AppendPlan>, String> {
                         .log
                         .clone()
                         .unwrap_or_else(|| format!("bench-{kind}-{stamp}-{i}")),
+                    logs: l.logs.max(1),
                     record_bytes: bytes,
                     acks,
                     rate,
@@ -592,6 +605,7 @@ fn peers_cmd(a: PeersArgs) -> Result<(), String> {
         for &c in &a.concurrency {
             let p = AppendPlan {
                 log: "peers".to_string(),
+                logs: 1,
                 record_bytes: a.record_bytes,
                 acks: Acks::Sync,
                 rate: 0.0,

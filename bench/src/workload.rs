@@ -146,6 +146,9 @@ pub async fn create_log(client: &Client, log: &str) -> Result<(), String> {
 #[derive(Clone, Debug)]
 pub struct AppendPlan {
     pub log: String,
+    /// Logs the appends are spread over, round robin: `log` alone when 1, else `log-0`,
+    /// `log-1`, ... (spread over a node's shards by their names).
+    pub logs: usize,
     pub record_bytes: usize,
     pub acks: Acks,
     /// Operations per second (open loop), or 0 for a closed loop of `concurrency` workers.
@@ -173,7 +176,7 @@ impl AppendPlan {
 
     fn params(&self) -> serde_json::Value {
         json!({
-            "log": self.log, "record_bytes": self.record_bytes, "acks": self.acks.name(),
+            "log": self.log, "logs": self.logs, "record_bytes": self.record_bytes, "acks": self.acks.name(),
             "rate": self.rate, "concurrency": if self.rate > 0.0 { None } else { Some(self.concurrency) },
             "connections": self.connections, "warmup_s": self.warmup.as_secs_f64(),
             "duration_s": self.duration.as_secs_f64(),
@@ -190,10 +193,22 @@ impl AppendPlan {
     }
 
     fn load_label(&self) -> String {
-        if self.rate > 0.0 {
+        let load = if self.rate > 0.0 {
             format!("r{}", self.rate)
         } else {
             format!("c{}", self.concurrency)
+        };
+        match self.logs {
+            0 | 1 => load,
+            n => format!("{load}-l{n}"),
+        }
+    }
+
+    /// The names of the logs appended to.
+    pub fn log_names(&self) -> Vec<String> {
+        match self.logs {
+            0 | 1 => vec![self.log.clone()],
+            n => (0..n).map(|i| format!("{}-{i}", self.log)).collect(),
         }
     }
 }
@@ -273,20 +288,25 @@ async fn append_as(
     quiet: bool,
 ) -> Result<Run, String> {
     let clients = clients(target, target.servers(), plan.connections).await?;
-    create_log(&clients[0], &plan.log).await?;
+    let logs = Arc::new(plan.log_names());
+    for log in logs.iter() {
+        create_log(&clients[0], log).await?;
+    }
     let progress = Progress::start(&name, plan.warmup + plan.duration, !quiet);
     let before = target.scrape();
     let record = Bytes::from(payload(plan.record_bytes));
-    let (log, acks) = (plan.log.clone(), plan.acks);
+    let acks = plan.acks;
     let shared = Arc::new(clients);
     let cs = shared.clone();
+    let names = logs.clone();
     let out = pace::run(
         plan.mode(),
         plan.warmup,
         plan.duration,
         move |i, _| {
             let client = cs[i as usize % cs.len()].clone();
-            append_one(client, log.clone(), record.clone(), acks)
+            let log = names[i as usize % names.len()].clone();
+            append_one(client, log, record.clone(), acks)
         },
         stop,
         &progress,
@@ -300,7 +320,7 @@ async fn append_as(
             "append of one {}-byte record at acks={} to {}: from its intended send time to its receipt",
             plan.record_bytes,
             plan.acks.name(),
-            plan.log
+            logs.join(", ")
         ),
         plan.params(),
         &out,
@@ -560,6 +580,7 @@ async fn wait_durable(
 
 fn live_plan(plan: &CatchupPlan, duration: Duration) -> AppendPlan {
     AppendPlan {
+        logs: 1,
         log: format!("{}-live", plan.log),
         record_bytes: 1024,
         acks: Acks::Sync,

@@ -376,3 +376,54 @@ fn durable_refuses_a_block_o_direct_cannot_write() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 4096"));
 }
+
+#[test]
+fn append_spreads_over_logs_on_nodes_with_the_shards_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "append",
+            "--spawn",
+            "1",
+            "--shards",
+            "2",
+            "--logs",
+            "4",
+            "--log",
+            "spread",
+            "--acks",
+            "leader",
+            "--rate",
+            "100",
+            "--warmup",
+            "300ms",
+            "--duration",
+            "1s",
+            "--no-floor",
+        ],
+    );
+    let run = run(&r, "append-n1-leader-1k-r100-l4");
+    assert_eq!(run["latency"]["count"], 100, "{run}");
+    assert!(run["errors"].as_object().unwrap().is_empty(), "{run}");
+    assert_eq!(run["params"]["logs"], 4, "{run}");
+    let measures = run["measures"].as_str().unwrap();
+    for i in 0..4 {
+        assert!(measures.contains(&format!("spread-{i}")), "{measures}");
+    }
+    // A node needs at least one shard.
+    let usage = Command::new(BIN)
+        .args([
+            "append",
+            "--spawn",
+            "1",
+            "--shards",
+            "0",
+            "--no-floor",
+            "--quiet",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2), "{usage:?}");
+}
