@@ -558,6 +558,9 @@ fn durable_cmd(a: DurableArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The nodes' allocation counter (a `replog` built with `count-allocations`).
+const ALLOCATIONS: &str = "replog_allocations_total";
+
 fn peers_cmd(a: PeersArgs) -> Result<(), String> {
     use bench::peers::{self, PeerPlan, Row, SyncFloor};
     let known = ["replog", "postgres", "nats"];
@@ -622,23 +625,21 @@ fn peers_cmd(a: PeersArgs) -> Result<(), String> {
                 duration: a.duration,
                 ..p
             };
+            let allocs_before = target.counter_sum(ALLOCATIONS);
             let cpu_before = peers::tree_cpu_secs(&target.pids());
             let run = rt.block_on(workload::append(&target, &p, a.quiet))?;
             let cpu = peers::tree_cpu_secs(&target.pids()) - cpu_before;
+            let allocs = target.counter_sum(ALLOCATIONS);
             let errors: u64 = run.errors.values().sum();
             let ops = run.throughput_ops_s;
             let done = (run.latency.count + errors).max(1);
             let cpu_per_op = cpu * 1e6 / done as f64;
             let d = peers::REPLOG_DURABILITY;
-            rows.push(Row::new(
-                "replog",
-                d,
-                c,
-                &run.latency,
-                ops,
-                errors,
-                cpu_per_op,
-            ));
+            let mut row = Row::new("replog", d, c, &run.latency, ops, errors, cpu_per_op);
+            row.server_allocations_per_op = allocs_before
+                .zip(allocs)
+                .map(|(b, a)| (a - b) / done as f64);
+            rows.push(row);
         }
         target.finish()?;
     }

@@ -49,6 +49,9 @@ pub struct Row {
     /// CPU time the system's server processes used per operation (all their threads and
     /// child processes; not the load generator's), in microseconds.
     pub server_cpu_us_per_op: f64,
+    /// Memory allocations the servers made per operation, where they count them (replog
+    /// built with `count-allocations`).
+    pub server_allocations_per_op: Option<f64>,
 }
 
 impl Row {
@@ -71,6 +74,7 @@ impl Row {
             ops_per_sec: ops,
             errors,
             server_cpu_us_per_op: cpu_us_per_op,
+            server_allocations_per_op: None,
         }
     }
 }
@@ -776,6 +780,9 @@ pub fn table(rows: &[Row], floor: Option<SyncFloor>, skipped: &BTreeMap<String, 
         );
         if r.errors > 0 {
             s += &format!("          ({} operations failed)\n", r.errors);
+        }
+        if let Some(n) = r.server_allocations_per_op {
+            s += &format!("          ({n:.1} allocations per operation in the servers)\n");
         }
     }
     for (system, why) in skipped {

@@ -102,6 +102,27 @@ impl Target {
         }
     }
 
+    /// The sum over the nodes of the counter `name` in their metrics, if every node exports
+    /// it (as `replog_allocations_total` is only by a build with `count-allocations`).
+    pub fn counter_sum(&self, name: &str) -> Option<f64> {
+        let scraped = self.scrape();
+        if scraped.is_empty() {
+            return None;
+        }
+        scraped
+            .iter()
+            .map(|(_, text)| {
+                text.lines().find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+            })
+            .sum()
+    }
+
     /// The process ids of the nodes this tool started (none for an existing cluster).
     pub fn pids(&self) -> Vec<u32> {
         match self {

@@ -314,6 +314,14 @@ fn peers_measures_every_system_installed_and_stops_what_it_started() {
             assert!(!r["durability"].as_str().unwrap().is_empty());
             // Each peer row carries replog's ratios to it; replog's own rows none.
             assert_eq!(r["replog_p50_ratio"].is_f64(), system != "replog", "{r}");
+            // The nodes count their allocations (this workspace's tests build replog with
+            // every feature, count-allocations among them); the peers do not.
+            let allocations = r["server_allocations_per_op"].as_f64();
+            assert_eq!(
+                allocations.is_some_and(|n| n > 0.0),
+                system == "replog",
+                "{r}"
+            );
         }
     }
     // Everything it started is gone: no process runs from its directory, which is empty.

@@ -7,6 +7,11 @@
 
 use std::process::ExitCode;
 
+/// With `count-allocations`, every allocation is counted (`replog_allocations_total`).
+#[cfg(feature = "count-allocations")]
+#[global_allocator]
+static ALLOCATOR: server::alloc::Counting = server::alloc::Counting;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

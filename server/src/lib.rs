@@ -11,6 +11,7 @@
 //!
 //! The wire protocol is the `protocol` crate and `docs/protocol.md`.
 
+pub mod alloc;
 pub mod cli;
 mod common;
 pub mod config;

@@ -344,6 +344,12 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        if let Some(n) = crate::alloc::allocations() {
+            let _ = writeln!(
+                out,
+                "# HELP replog_allocations_total Memory allocations made by this process (a build with count-allocations).\n# TYPE replog_allocations_total counter\nreplog_allocations_total {n}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP replog_connections_open Client connections open now.\n# TYPE replog_connections_open gauge\nreplog_connections_open {}",

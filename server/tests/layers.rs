@@ -8,7 +8,7 @@ use std::path::Path;
 /// Lowest first.
 const LAYERS: &[&[&str]] = &[
     // Where things are on disk, the configuration, atomic files, metrics.
-    &["layout", "config", "files", "metrics"],
+    &["alloc", "layout", "config", "files", "metrics"],
     &["snapshots", "tls"],
     // The embedded controller (its own files under controller/).
     &["controller"],
