@@ -7,8 +7,10 @@ use std::path::Path;
 
 /// Lowest first.
 const LAYERS: &[&[&str]] = &[
+    // The counting allocator (metrics read its count).
+    &["alloc"],
     // Where things are on disk, the configuration, atomic files, metrics.
-    &["alloc", "layout", "config", "files", "metrics"],
+    &["layout", "config", "files", "metrics"],
     &["snapshots", "tls"],
     // The embedded controller (its own files under controller/).
     &["controller"],
