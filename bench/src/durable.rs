@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -173,23 +173,10 @@ impl Drop for Punts {
     }
 }
 
-/// A file of `len` bytes, zero-filled and synced, opened with `flags` added.
+/// A file of `len` bytes, zero-filled and synced ([`crate::floor`]'s), opened again with
+/// `flags` added.
 fn prewritten(path: &Path, len: usize, flags: i32) -> Result<File, String> {
-    {
-        let f = File::options()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| format!("create {}: {e}", path.display()))?;
-        let zeros = vec![0u8; 1 << 20];
-        for pos in (0..len).step_by(zeros.len()) {
-            let n = (len - pos).min(zeros.len());
-            f.write_all_at(&zeros[..n], pos as u64)
-                .map_err(|e| format!("zero-fill {}: {e}", path.display()))?;
-        }
-        f.sync_all()
-            .map_err(|e| format!("fsync {}: {e}", path.display()))?;
-    }
+    drop(crate::floor::prewritten(path, len)?);
     File::options()
         .write(true)
         .custom_flags(flags)

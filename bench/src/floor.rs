@@ -145,7 +145,7 @@ pub fn measure(dir: &Path, plan: FloorPlan) -> Result<Floor, String> {
 }
 
 /// A file of `len` bytes, zero-filled and synced, opened for io_uring.
-fn prewritten(path: &Path, len: usize) -> Result<std::fs::File, String> {
+pub(crate) fn prewritten(path: &Path, len: usize) -> Result<std::fs::File, String> {
     let file = std::fs::File::options()
         .read(true)
         .write(true)

@@ -523,6 +523,18 @@ impl Node {
         );
     }
 
+    /// `not_leader`, naming the leader on record if it is another node.
+    fn not_leader(&self, record: Option<&LogRecord>) -> Rep {
+        let leader = record
+            .and_then(|r| r.leader.as_deref())
+            .filter(|l| *l != self.id)
+            .map(node_idx);
+        Rep::Error {
+            code: ErrorCode::NotLeader,
+            leader,
+        }
+    }
+
     fn reply(&self, w: &mut World, client: usize, id: u64, rep: Rep) {
         w.send(self.idx, client, Msg::Reply { id, rep });
     }
@@ -803,15 +815,7 @@ impl Node {
         let now = self.now_ms(w);
         let lease_ok = self.lease_ok(w);
         let record = self.record(name);
-        let hint = record
-            .as_ref()
-            .and_then(|r| r.leader.as_deref())
-            .filter(|l| *l != self.id)
-            .map(node_idx);
-        let not_leader = Rep::Error {
-            code: ErrorCode::NotLeader,
-            leader: hint,
-        };
+        let not_leader = self.not_leader(record.as_ref());
         let leading_in = self.leading(name);
         if may_write(&self.id, leading_in, record.as_ref(), lease_ok).is_err() {
             return self.reply(w, client, id, not_leader);
@@ -1338,13 +1342,8 @@ impl Node {
             return self.reply(w, client, id, error(ErrorCode::LogNotFound));
         };
         let RoleState::Leading(l) = &st.role else {
-            let leader = self
-                .record(name)
-                .and_then(|r| r.leader)
-                .filter(|l| *l != self.id)
-                .map(|l| node_idx(&l));
-            let code = ErrorCode::NotLeader;
-            return self.reply(w, client, id, Rep::Error { code, leader });
+            let rep = self.not_leader(self.record(name).as_ref());
+            return self.reply(w, client, id, rep);
         };
         let committed = l.repl.commit_offset().min(log.durable_end());
         let admitted = st
