@@ -37,6 +37,10 @@ pub struct Run {
     /// Per-stage latency inside the nodes during this run (from their metrics).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageSummary>,
+    /// Where an append's time went: the leader's stages in order plus the transport, against
+    /// what the client measured (appends only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
     #[serde(skip)]
     pub hist: Hist,
 }
@@ -59,8 +63,49 @@ impl Run {
             ratio_p99: None,
             extra: serde_json::Value::Null,
             stages: Vec::new(),
+            budget: None,
             hist,
         }
+    }
+
+    /// Add up the run's latency budget from its stages: the node that served the requests
+    /// (the one with the most `request` stages) and its [`PATH_STAGES`] means, plus
+    /// `transport_us` (the QUIC round trip measured beside the run), against the client's mean.
+    pub fn add_budget(&mut self, transport_us: Option<f64>) {
+        let Some(node) = self
+            .stages
+            .iter()
+            .filter(|s| s.stage == "request")
+            .max_by_key(|s| s.count)
+            .map(|s| s.node.clone())
+        else {
+            return;
+        };
+        let stages: Vec<BudgetStage> = PATH_STAGES
+            .iter()
+            .filter_map(|&stage| {
+                let s = self
+                    .stages
+                    .iter()
+                    .find(|s| s.node == node && s.stage == stage)?;
+                Some(BudgetStage {
+                    stage: stage.to_string(),
+                    mean_us: s.mean_us,
+                })
+            })
+            .collect();
+        let node_us: f64 = stages.iter().map(|s| s.mean_us).sum();
+        let total_us = node_us + transport_us.unwrap_or(0.0);
+        let client_mean_us = self.latency.mean_us;
+        self.budget = Some(Budget {
+            node,
+            stages,
+            node_us,
+            transport_us,
+            total_us,
+            client_mean_us,
+            ratio: (client_mean_us > 0.0).then(|| total_us / client_mean_us),
+        });
     }
 
     /// Set the floor and compute the ratios.
@@ -70,6 +115,45 @@ impl Run {
         self.ratio_p50 = (p50_us > 0.0).then(|| self.latency.p50_us / p50_us);
         self.ratio_p99 = (p99_us > 0.0).then(|| self.latency.p99_us / p99_us);
     }
+}
+
+/// The stages of an append on the node that serves it, in order (the server's
+/// `metrics::Stage::PATH`): their sum is the append's time inside that node.
+pub const PATH_STAGES: [&str; 7] = [
+    "request",
+    "receive",
+    "submitted",
+    "written",
+    "durable",
+    "replicated",
+    "sent",
+];
+
+/// One stage of a [`Budget`].
+#[derive(Clone, Debug, Serialize)]
+pub struct BudgetStage {
+    pub stage: String,
+    pub mean_us: f64,
+}
+
+/// An append's latency budget: the serving node's stages (means over the run) plus the
+/// transport, against the mean the client measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Budget {
+    /// The node whose stages these are.
+    pub node: String,
+    pub stages: Vec<BudgetStage>,
+    /// The sum of the stages: the append's mean time inside the node.
+    pub node_us: f64,
+    /// The mean QUIC round trip (1 KiB request and answer, back to back) measured beside the
+    /// run, standing for the time outside the node; absent without a floor.
+    pub transport_us: Option<f64>,
+    /// `node_us + transport_us`.
+    pub total_us: f64,
+    /// The mean latency the client measured.
+    pub client_mean_us: f64,
+    /// `total_us / client_mean_us`: 1.0 when the budget accounts for all of it.
+    pub ratio: Option<f64>,
 }
 
 /// Everything one invocation measured.
@@ -205,6 +289,31 @@ impl Report {
                     s.node, s.stage, s.count, s.mean_us, s.p50_us, s.p99_us
                 );
             }
+        }
+        for r in &self.runs {
+            let Some(b) = &r.budget else { continue };
+            let _ = writeln!(
+                out,
+                "\n{}: latency budget (means, µs; stages on {}, in order):",
+                r.name, b.node
+            );
+            for s in &b.stages {
+                let _ = writeln!(out, "  {:<28}{:>10.1}", s.stage, s.mean_us);
+            }
+            let _ = writeln!(out, "  {:<28}{:>10.1}", "= inside the node", b.node_us);
+            if let Some(t) = b.transport_us {
+                let _ = writeln!(out, "  {:<28}{:>10.1}", "+ QUIC round trip", t);
+            }
+            let _ = writeln!(out, "  {:<28}{:>10.1}", "= budget", b.total_us);
+            let _ = writeln!(
+                out,
+                "  {:<28}{:>10.1}{}",
+                "client mean",
+                b.client_mean_us,
+                b.ratio
+                    .map(|x| format!("   (budget / client = {x:.2})"))
+                    .unwrap_or_default()
+            );
         }
         for n in &self.notes {
             let _ = writeln!(out, "note: {n}");

@@ -43,6 +43,41 @@ fn stage_count(run: &serde_json::Value, node: &str, stage: &str) -> u64 {
         .map_or(0, |s| s["count"].as_u64().unwrap())
 }
 
+/// The count and the total (µs: mean x count) of a stage on a node.
+fn stage_total(run: &serde_json::Value, node: &str, stage: &str) -> (u64, f64) {
+    run["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["node"] == node && s["stage"] == stage)
+        .map_or((0, 0.0), |s| {
+            let n = s["count"].as_u64().unwrap();
+            (n, s["mean_us"].as_f64().unwrap() * n as f64)
+        })
+}
+
+/// Stages that split another add up to it: each sample is recorded in whole microseconds
+/// (each part truncated on its own, so the parts may fall short by up to one µs apiece) and
+/// the histograms keep three significant digits.
+fn assert_splits(run: &serde_json::Value, whole: &str, parts: &[&str]) {
+    let (n, total) = stage_total(run, "node-1", whole);
+    assert!(n >= 100, "{whole}: {run}");
+    let mut sum = 0.0;
+    for p in parts {
+        let (m, t) = stage_total(run, "node-1", p);
+        assert_eq!(
+            m, n,
+            "{p} is recorded for every append that has {whole}: {run}"
+        );
+        sum += t;
+    }
+    let slack = parts.len() as f64 * n as f64 + total * 0.005;
+    assert!(
+        (total - sum).abs() <= slack,
+        "{parts:?} add up to {sum} µs, {whole} to {total} µs: {run}"
+    );
+}
+
 #[test]
 fn floor_reports_every_figure() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,6 +139,60 @@ fn append_on_a_spawned_cluster_reports_latency_ratios_stages_and_files() {
         let hgrm = std::fs::read_to_string(out.join(format!("{name}.hgrm"))).unwrap();
         let points = bench::hist::parse_hgrm(&hgrm).unwrap();
         assert_eq!(points.last().unwrap().total_count, 100);
+    }
+    // The latency budget: the leader's stages in order, adding up to the stages that span
+    // them, and to the append's time in the node.
+    let sync = run(&r, "append-n3-sync-1k-r100");
+    let leader = run(&r, "append-n3-leader-1k-r100");
+    assert_splits(sync, "leader_flush", &["submitted", "written", "durable"]);
+    assert_splits(leader, "leader_flush", &["submitted", "written", "durable"]);
+    assert_splits(sync, "commit", &["leader_flush", "replicated"]);
+    for (run, path) in [
+        (
+            sync,
+            &[
+                "request",
+                "receive",
+                "submitted",
+                "written",
+                "durable",
+                "replicated",
+                "sent",
+            ][..],
+        ),
+        (
+            leader,
+            &[
+                "request",
+                "receive",
+                "submitted",
+                "written",
+                "durable",
+                "sent",
+            ][..],
+        ),
+    ] {
+        let b = &run["budget"];
+        assert_eq!(b["node"], "node-1", "{run}");
+        let stages: Vec<&str> = b["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap())
+            .collect();
+        assert_eq!(stages, path, "{run}");
+        let sum: f64 = b["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["mean_us"].as_f64().unwrap())
+            .sum();
+        assert!((b["node_us"].as_f64().unwrap() - sum).abs() < 1e-6, "{b}");
+        let transport = b["transport_us"].as_f64().unwrap();
+        assert!(transport > 0.0, "{b}");
+        assert!((b["total_us"].as_f64().unwrap() - (sum + transport)).abs() < 1e-6);
+        assert_eq!(b["client_mean_us"], run["latency"]["mean_us"], "{b}");
+        assert!(b["ratio"].as_f64().unwrap() > 0.0, "{b}");
     }
     assert!(stage_count(run(&r, "append-n3-sync-1k-r100"), "node-1", "commit") >= 100);
     assert_eq!(

@@ -44,6 +44,7 @@ mod log;
 mod recovery;
 mod segment;
 mod store;
+pub mod submit;
 
 pub use format::batch;
 pub use format::{BatchHeader, BatchView, Epoch, Offset, ProducerMeta, Record, BATCH_HEADER_LEN};
@@ -54,6 +55,9 @@ mod types {
 pub use config::{LogConfig, RetentionPolicy, SEGMENT_LOOKAHEAD};
 pub use epochs::EpochEntry;
 pub use error::{CorruptionKind, Error, Result};
-pub use log::{Appended, BatchRef, Batches, Damage, Log, ReadBatches, Scrubbed, SCAN_BYTES};
+pub use log::{
+    Appended, BatchRef, Batches, Damage, Log, ReadBatches, Scrubbed, WriteTimes, SCAN_BYTES,
+    WRITE_TIMES_KEPT,
+};
 pub use recovery::RecoveryReport;
 pub use store::{validate_log_name, Store, LOG_NAME_BYTES_MAX};

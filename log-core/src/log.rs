@@ -58,6 +58,23 @@ pub struct Appended {
     pub next: Offset,
 }
 
+/// How many of its latest writes' timings a log keeps for [`Log::write_times`].
+pub const WRITE_TIMES_KEPT: usize = 64;
+
+/// When one write of queued batches was submitted to the kernel and when it completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteTimes {
+    /// The end offset the write reached: it wrote the records below it (from the previous
+    /// write's end).
+    pub end: Offset,
+    /// The write was handed to the kernel (tokio-uring, submitted at once: see
+    /// [`crate::submit`]).
+    pub submitted: Instant,
+    /// The write completed: its records were in the page cache (durable too, with durable
+    /// writes on).
+    pub written: Instant,
+}
+
 /// A handle to an open log. Cloning gives another handle to the same log; the log closes (after
 /// writing and flushing everything queued) when the last handle is dropped or [`Log::close`] is
 /// awaited. `!Send`: a log belongs to the thread that opened it.
@@ -92,6 +109,8 @@ struct Inner {
     durable_writes: Cell<bool>,
     /// fdatasyncs the syncer has completed ([`Log::fdatasyncs`]).
     fdatasyncs: Cell<u64>,
+    /// The latest writes' timings, oldest first ([`Log::write_times`]).
+    write_times: RefCell<std::collections::VecDeque<WriteTimes>>,
     _lock: std::fs::File,
 }
 
@@ -490,6 +509,7 @@ impl Log {
             appended: Notify::new(),
             durable_writes: Cell::new(false),
             fdatasyncs: Cell::new(0),
+            write_times: RefCell::new(std::collections::VecDeque::with_capacity(WRITE_TIMES_KEPT)),
             _lock: lock,
         });
         // Nothing is prepared yet: the next segment is, once this one is half full.
@@ -568,6 +588,16 @@ impl Log {
     /// How many fdatasyncs of its segments the syncer has completed since the log was opened.
     pub fn fdatasyncs(&self) -> u64 {
         self.inner.fdatasyncs.get()
+    }
+
+    /// The timings of the write that wrote the record just below `next` (the one ending an
+    /// append), while it is among the latest [`WRITE_TIMES_KEPT`] writes.
+    pub fn write_times(&self, next: Offset) -> Option<WriteTimes> {
+        let times = self.inner.write_times.borrow();
+        let i = times.partition_point(|w| w.end < next);
+        let w = times.get(i)?;
+        // The write before it ended at or below the record, so this write carried it.
+        (i > 0 || w.end == next || times.len() < WRITE_TIMES_KEPT).then_some(*w)
     }
 
     /// Whether each write is durable as it completes ([`Log::set_durable_writes`]).
@@ -1452,6 +1482,8 @@ impl Inner {
         st.written = end;
         st.flushed = st.flushed.min(end);
         st.generation += 1;
+        // Offsets from `end` on will be written again: the kept timings stay in order.
+        self.write_times.borrow_mut().retain(|w| w.end <= end);
         st.written_waiters.truncate(end);
         st.flushed_waiters.truncate(end);
         if st.epochs.truncate(end) {
@@ -1558,12 +1590,14 @@ async fn write_batches(
             let st = inner.st.borrow();
             (st.flushed == st.written, st.generation)
         };
+        let submitted = Instant::now();
         let res = if durable {
             let (res, b) = write_all_dsync(&file, buf, start..end, pos).await;
             buf = b;
             res
         } else {
-            let (res, slice) = file.write_all_at(buf.slice(start..end), pos).await;
+            let write = std::pin::pin!(file.write_all_at(buf.slice(start..end), pos));
+            let (res, slice) = crate::submit::Now::new(write).await;
             buf = slice.into_inner();
             res
         };
@@ -1573,6 +1607,17 @@ async fn write_batches(
             return Err(Error::io("write", path)(e));
         }
         fault_check(&inner.dir, "write")?;
+        {
+            let mut times = inner.write_times.borrow_mut();
+            if times.len() == WRITE_TIMES_KEPT {
+                times.pop_front();
+            }
+            times.push_back(WriteTimes {
+                end: batches[j - 1].next,
+                submitted,
+                written: Instant::now(),
+            });
+        }
         {
             let mut st = inner.st.borrow_mut();
             let st = &mut *st;
@@ -1656,9 +1701,9 @@ async fn write_all_dsync(
             buf,
             _file: file.clone(),
         };
-        let (res, b) = tokio_uring::UnsubmittedOneshot::new(data, DsyncDone, sqe)
-            .submit()
-            .await;
+        let write = tokio_uring::UnsubmittedOneshot::new(data, DsyncDone, sqe).submit();
+        crate::submit::queued();
+        let (res, b) = write.await;
         buf = b;
         match res {
             Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
@@ -1693,8 +1738,7 @@ async fn syncer_task(inner: Rc<Inner>) {
             inner.syncer_wake.notified().await;
             continue;
         };
-        let res = file
-            .sync_data()
+        let res = crate::submit::Now::new(std::pin::pin!(file.sync_data()))
             .await
             .map_err(Error::io("fdatasync", &inner.dir))
             .and_then(|()| fault_check(&inner.dir, "fdatasync"));

@@ -40,6 +40,43 @@ fn append_flush_read_and_reopen() {
 }
 
 #[test]
+fn each_write_keeps_when_it_was_submitted_and_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let before = std::time::Instant::now();
+        // One write per append: each waits for the one before it.
+        let mut ends = Vec::new();
+        for i in 0..(log_core::WRITE_TIMES_KEPT + 6) {
+            let a = log
+                .try_append(Epoch(1), &[format!("r{i}").as_bytes(), b"x"])
+                .unwrap();
+            log.wait_written(a.next).await.unwrap();
+            ends.push(a.next);
+        }
+        let last = *ends.last().unwrap();
+        let w = log.write_times(last).expect("the latest write is kept");
+        assert_eq!(w.end, last);
+        assert!(before <= w.submitted && w.submitted <= w.written);
+        // A record in the middle of the latest write's range belongs to it as well.
+        assert_eq!(log.write_times(Offset(last.0 - 1)).unwrap().end, last);
+        // The oldest writes are forgotten, never answered with a later write's times.
+        assert_eq!(log.write_times(ends[0]), None);
+        let kept = ends[ends.len() - log_core::WRITE_TIMES_KEPT + 1];
+        assert_eq!(log.write_times(kept).unwrap().end, kept);
+        // After a truncation the offsets are written again, and timed again.
+        let cut = ends[ends.len() - 3];
+        log.truncate_after(cut).await.unwrap();
+        let a = log.try_append(Epoch(2), &[b"again".as_slice()]).unwrap();
+        log.wait_written(a.next).await.unwrap();
+        let again = log.write_times(a.next).unwrap();
+        assert_eq!(again.end, a.next);
+        assert!(again.submitted >= w.written);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn rolls_segments_and_reads_across_them() {
     let dir = tempfile::tempdir().unwrap();
     tokio_uring::start(async {

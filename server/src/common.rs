@@ -43,6 +43,8 @@ pub(crate) enum ShardMsg {
         send: quinn::SendStream,
         /// The request side, for streams that carry more than one request (replication).
         recv: Option<quinn::RecvStream>,
+        /// When the stream was accepted (the start of the `request` stage).
+        accepted: std::time::Instant,
     },
     /// Describe the logs this shard owns (and, on a leader, their replication).
     ListLogs(oneshot::Sender<(Vec<LogInfo>, Vec<LogReplication>)>),

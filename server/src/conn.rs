@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protocol::{ErrorCode, LogInfo, LogReplication, Request, Response, StatusResponse};
@@ -113,7 +113,7 @@ pub(crate) async fn handle_incoming(shard: Rc<Shard>, incoming: quinn::Incoming)
         return;
     }
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio_uring::spawn(serve_stream(shard.clone(), send, recv));
+        tokio_uring::spawn(serve_stream(shard.clone(), send, recv, Instant::now()));
     }
 }
 
@@ -157,7 +157,13 @@ async fn handle_peer(shard: Rc<Shard>, conn: quinn::Connection) {
         tokio_uring::spawn(control_frames(shard.clone(), conn.clone(), control));
     }
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio_uring::spawn(serve_peer_stream(shard.clone(), conn.clone(), send, recv));
+        tokio_uring::spawn(serve_peer_stream(
+            shard.clone(),
+            conn.clone(),
+            send,
+            recv,
+            Instant::now(),
+        ));
     }
 }
 
@@ -206,6 +212,7 @@ async fn serve_peer_stream(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    accepted: Instant,
 ) {
     let cfg = &shard.common.config;
     let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
@@ -245,7 +252,7 @@ async fn serve_peer_stream(
         }
     };
     let recv = matches!(req, Request::Replicate(_)).then_some(recv);
-    forward(shard, &log, req, send, recv).await;
+    forward(shard, &log, req, send, recv, accepted).await;
 }
 
 /// The first stream must carry a valid token. Never logs the token.
@@ -282,7 +289,12 @@ async fn authenticate(shard: &Rc<Shard>, conn: &quinn::Connection) -> bool {
     ok
 }
 
-async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(
+    shard: Rc<Shard>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    accepted: Instant,
+) {
     let cfg = &shard.common.config;
     let req = match read_request(&mut recv, cfg, &cfg.protocol_limits()).await {
         Ok(r) => r,
@@ -294,11 +306,11 @@ async fn serve_stream(shard: Rc<Shard>, mut send: quinn::SendStream, mut recv: q
         Err(ReadFail::Gone) => return,
     };
     drop(recv);
-    route(shard, req, send).await;
+    route(shard, req, send, accepted).await;
 }
 
 /// Serve a request here, or hand it with its stream to the shard that owns the log.
-async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
+async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream, accepted: Instant) {
     let log = match &req {
         r if r.is_peer() => {
             let msg = "peer requests are accepted only from nodes, on the replog-peer/1 ALPN";
@@ -365,7 +377,7 @@ async fn route(shard: Rc<Shard>, req: Request, mut send: quinn::SendStream) {
         }
     };
     let log = log.clone();
-    forward(shard, &log, req, send, None).await
+    forward(shard, &log, req, send, None, accepted).await
 }
 
 /// Serve a request for `log` here if this shard owns it, else hand it to the owner.
@@ -375,10 +387,11 @@ async fn forward(
     req: Request,
     send: quinn::SendStream,
     recv: Option<quinn::RecvStream>,
+    accepted: Instant,
 ) {
     let owner = crate::shard_of(log, shard.common.shards.len());
     if owner == shard.id {
-        return crate::service::serve(shard, req, send, recv).await;
+        return crate::service::serve(shard, req, send, recv, accepted).await;
     }
     shard
         .common
@@ -387,7 +400,12 @@ async fn forward(
         .forwarded
         .fetch_add(1, Ordering::Relaxed);
     if let Err(e) = shard.common.shards[owner]
-        .send(ShardMsg::Stream { req, send, recv })
+        .send(ShardMsg::Stream {
+            req,
+            send,
+            recv,
+            accepted,
+        })
         .await
     {
         if let ShardMsg::Stream { mut send, .. } = e.0 {

@@ -37,45 +37,92 @@ pub const STAGE_BUCKETS_S: &[f64] = &[
 ];
 
 /// The stages of an append's path that `replog_stage_latency_seconds` times, each the value of
-/// its `stage` label. On a leader (or standalone node) the stages of one append follow each
-/// other: `receive`, then `leader_flush`, and for acks=sync/quorum `commit`, which starts where
-/// `leader_flush` starts (the leader waits for its own flush, then for the replicas).
+/// its `stage` label.
+///
+/// On a leader (or standalone node) the stages of one append follow each other and add up to
+/// its time in the node, from its stream accepted to its receipt handed to QUIC: `request`,
+/// `receive`, `submitted`, `written`, `durable`, then for acks=sync/quorum `replicated`, then
+/// `sent` (docs/replication.md §8, "the latency budget"). `leader_flush` (= submitted + written +
+/// durable) and `commit` (= leader_flush + replicated) are kept as they were: both start when
+/// the append is queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// Leader or standalone: from the request's stream accepted (on the shard whose connection
+    /// it came on) to the append starting on the shard that owns the log: reading and decoding
+    /// the request, and the hop to the owning shard when there is one.
+    Request,
     /// Leader or standalone: from the shard that owns the log starting to serve the (decoded)
     /// append request to the append queued into the log. It includes the admission checks and
-    /// waiting for room in a full write queue; a request forwarded from the shard that
-    /// accepted it starts on the owning shard, so the forwarding hop is not included (the same
-    /// start as `replog_append_latency_seconds`).
+    /// waiting for room in a full write queue (the same start as
+    /// `replog_append_latency_seconds`).
     Receive,
+    /// Leader or standalone: from the append queued to the write carrying it handed to the
+    /// kernel (the log's writer task taking the queue; disk operations are submitted at once).
+    Submitted,
+    /// Leader or standalone: from that write submitted to its completion (the records are in
+    /// the page cache, readable).
+    Written,
+    /// Leader or standalone: from the write's completion to the append seeing the leader's
+    /// fdatasync that covers it.
+    Durable,
     /// Leader or standalone: from the append queued to the node's own fdatasync covering it
     /// (the same value as `replog_flush_latency_seconds`; appends with acks=none have none).
     LeaderFlush,
+    /// Leader, acks=sync/quorum appends only: from the leader's own flush seen to the requested
+    /// commit level reached (the followers' acknowledgements that they hold it durably).
+    Replicated,
+    /// Leader, acks=sync/quorum appends only: from the append queued to the requested commit
+    /// level reached (not recorded for appends acknowledged degraded).
+    Commit,
+    /// Leader or standalone: from the append's level reached to its receipt written into the
+    /// stream (confirming the leadership, encoding, handing the frame to QUIC).
+    Sent,
     /// Follower: from a replication frame with records read whole off the stream to the frame
     /// stored (queued into the local log).
     FollowerReceive,
     /// Follower: from a frame stored to the follower's fdatasync covering its last record.
     FollowerFlush,
-    /// Leader, acks=sync/quorum appends only: from the append queued to the requested commit
-    /// level reached (not recorded for appends acknowledged degraded).
-    Commit,
 }
 
 impl Stage {
     /// Every stage, in the order they are rendered.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 11] = [
+        Stage::Request,
         Stage::Receive,
+        Stage::Submitted,
+        Stage::Written,
+        Stage::Durable,
         Stage::LeaderFlush,
+        Stage::Replicated,
+        Stage::Commit,
+        Stage::Sent,
         Stage::FollowerReceive,
         Stage::FollowerFlush,
-        Stage::Commit,
+    ];
+
+    /// The stages one append passes through on a leader, in order: their sum is its time in
+    /// the node (acks=leader has no `replicated`, acks=none neither the write stages).
+    pub const PATH: [Stage; 7] = [
+        Stage::Request,
+        Stage::Receive,
+        Stage::Submitted,
+        Stage::Written,
+        Stage::Durable,
+        Stage::Replicated,
+        Stage::Sent,
     ];
 
     /// The `stage` label value.
     pub fn name(self) -> &'static str {
         match self {
+            Stage::Request => "request",
             Stage::Receive => "receive",
+            Stage::Submitted => "submitted",
+            Stage::Written => "written",
+            Stage::Durable => "durable",
             Stage::LeaderFlush => "leader_flush",
+            Stage::Replicated => "replicated",
+            Stage::Sent => "sent",
             Stage::FollowerReceive => "follower_receive",
             Stage::FollowerFlush => "follower_flush",
             Stage::Commit => "commit",
@@ -84,10 +131,17 @@ impl Stage {
 }
 
 /// What one successful (not duplicate) append measured, for [`Metrics::record_append`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct AppendTimes {
     /// Request decoded to receipt ready.
     pub total: Duration,
+    /// [`Stage::Request`].
+    pub request: Duration,
+    /// [`Stage::Submitted`], [`Stage::Written`] and [`Stage::Durable`], when the leader waited
+    /// for its flush and the log still knew the write's timings.
+    pub write: Option<[Duration; 3]>,
+    /// [`Stage::Replicated`]; `None` unless acks=sync/quorum reached without degrading.
+    pub replicated: Option<Duration>,
     /// [`Stage::Receive`].
     pub receive: Duration,
     /// [`Stage::LeaderFlush`], also `replog_flush_latency_seconds`; `None` for acks=none.
@@ -182,7 +236,19 @@ impl Metrics {
     pub fn record_append(&self, shard: usize, t: AppendTimes) {
         let mut h = self.shards[shard].lock().unwrap();
         h.append.saturating_record(micros(t.total));
+        h.stages[Stage::Request as usize].saturating_record(micros(t.request));
         h.stages[Stage::Receive as usize].saturating_record(micros(t.receive));
+        if let Some(w) = t.write {
+            for (stage, d) in [Stage::Submitted, Stage::Written, Stage::Durable]
+                .into_iter()
+                .zip(w)
+            {
+                h.stages[stage as usize].saturating_record(micros(d));
+            }
+        }
+        if let Some(r) = t.replicated {
+            h.stages[Stage::Replicated as usize].saturating_record(micros(r));
+        }
         if let Some(f) = t.flush {
             h.flush.saturating_record(micros(f));
             h.stages[Stage::LeaderFlush as usize].saturating_record(micros(f));
@@ -412,7 +478,7 @@ impl Metrics {
         render_histogram(
             &mut out,
             "replog_stage_latency_seconds",
-            "Time an append spends in each stage: receive (request served on the owning shard to queued in the log), leader_flush (queued to the leader's fdatasync), commit (queued to acks=sync/quorum reached), follower_receive (replication frame read to stored), follower_flush (frame stored to the follower's fdatasync).",
+            "Time an append spends in each stage. In order on a leader, adding up to its time in the node: request (stream accepted to served on the owning shard), receive (to queued in the log), submitted (to its write handed to the kernel), written (to the write completed), durable (to the leader's fdatasync seen), replicated (to acks=sync/quorum reached), sent (to the receipt written into the stream). Also leader_flush (queued to the leader's fdatasync), commit (queued to acks=sync/quorum reached), follower_receive (replication frame read to stored), follower_flush (frame stored to the follower's fdatasync).",
             STAGE_BUCKETS_S,
             &series,
         );
@@ -599,6 +665,7 @@ mod tests {
                 receive: Duration::from_micros(20),
                 flush: Some(Duration::from_micros(120)),
                 commit: None,
+                ..Default::default()
             },
         );
         m.record_append(
@@ -608,6 +675,7 @@ mod tests {
                 receive: Duration::from_micros(20),
                 flush: None,
                 commit: None,
+                ..Default::default()
             },
         );
         m.record_error(protocol::ErrorCode::OffsetConflict);
@@ -666,6 +734,7 @@ mod tests {
                 receive: Duration::from_micros(12),
                 flush: Some(Duration::from_micros(700)),
                 commit: Some(Duration::from_micros(1_500)),
+                ..Default::default()
             },
         );
         m.record_append(
@@ -675,6 +744,7 @@ mod tests {
                 receive: Duration::from_micros(150),
                 flush: None,
                 commit: None,
+                ..Default::default()
             },
         );
         m.record_stage(1, Stage::Receive, Duration::from_micros(1_500));

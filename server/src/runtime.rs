@@ -45,7 +45,7 @@ pub(crate) fn run(
     mut rx: mpsc::Receiver<ShardMsg>,
     ready: std::sync::mpsc::Sender<Result<(), Error>>,
 ) {
-    tokio_uring::start(async move {
+    log_core::submit::start(async move {
         let shard = Rc::new(Shard {
             id,
             common: common.clone(),
@@ -105,8 +105,19 @@ pub(crate) fn run(
 
         let done = loop {
             match rx.recv().await {
-                Some(ShardMsg::Stream { req, send, recv }) => {
-                    tokio_uring::spawn(crate::service::serve(shard.clone(), req, send, recv));
+                Some(ShardMsg::Stream {
+                    req,
+                    send,
+                    recv,
+                    accepted,
+                }) => {
+                    tokio_uring::spawn(crate::service::serve(
+                        shard.clone(),
+                        req,
+                        send,
+                        recv,
+                        accepted,
+                    ));
                 }
                 Some(ShardMsg::ListLogs(reply)) => {
                     let _ = reply.send(shard.describe());

@@ -53,6 +53,7 @@ pub(crate) async fn serve(
     req: Request,
     mut send: quinn::SendStream,
     recv: Option<quinn::RecvStream>,
+    accepted: Instant,
 ) {
     let log_name = match &req {
         Request::CreateLog { name, .. } => Some(name.clone()),
@@ -69,7 +70,18 @@ pub(crate) async fn serve(
             None => create(&shard, &name, no_wait).await.map(|()| Response::Ok),
         },
         Request::Transfer { log, to } => transfer(&shard, &log, &to).map(|()| Response::Ok),
-        Request::Append(a) => append(&shard, a, &mut send).await.map(Response::Receipt),
+        Request::Append(a) => match append(&shard, a, &mut send, accepted).await {
+            Ok((receipt, reached)) => {
+                reply(&shard.common, &mut send, &Response::Receipt(receipt)).await;
+                if let Some(reached) = reached {
+                    let sent = reached.elapsed();
+                    let m = &shard.common.metrics;
+                    m.record_stage(shard.id, crate::metrics::Stage::Sent, sent);
+                }
+                return;
+            }
+            Err(f) => Err(f),
+        },
         Request::Read(r) => match read(&shard, &r, &mut send).await {
             Ok(()) => return,
             Err(f) => Err(f),
@@ -437,11 +449,14 @@ fn abandoned(send: &mut quinn::SendStream) -> bool {
     send.stopped().now_or_never().is_some()
 }
 
+/// Store an append and wait for its level. Returns its receipt and, unless it was a duplicate,
+/// when the level was reached (the start of the `sent` stage).
 async fn append(
     shard: &Shard,
     a: AppendRequest,
     send: &mut quinn::SendStream,
-) -> Result<Receipt, Fail> {
+    accepted: Instant,
+) -> Result<(Receipt, Option<Instant>), Fail> {
     let started = Instant::now();
     if let Some(f) = not_leader(shard, &a.log) {
         return Err(f);
@@ -542,20 +557,24 @@ async fn append(
     };
     let queued = Instant::now();
     // When the leader's own fdatasync covered the append (for the flush latency histogram and
-    // the leader_flush stage), and when acks=sync/quorum was reached (the commit stage).
-    let flushed_after;
-    let mut committed_after = None;
+    // the leader_flush stage), when acks=sync/quorum was reached (the commit stage), and when
+    // the append's level was reached (the start of the sent stage).
+    let flushed_at;
+    let mut committed_at = None;
+    let reached;
     let next = Offset(appended.next);
     let (level, holders, degraded) = match (&repl, a.acks) {
         (Some(r), Acks::Sync | Acks::Quorum) => {
             // The leader's own flush counts too: wait for it first (it is usually the shorter).
             wait_level(&e.log, Acks::Leader, next, deadline).await?;
-            flushed_after = Some(queued.elapsed());
+            flushed_at = Some(Instant::now());
             r.observe(&a.log, &shard.common, &e.log);
-            match r.wait(&a.log, &shard.common, a.acks, next, deadline).await {
+            let waited = r.wait(&a.log, &shard.common, a.acks, next, deadline).await;
+            reached = Instant::now();
+            match waited {
                 Ok((holders, true)) => (Acks::Leader, holders, true),
                 Ok((holders, false)) => {
-                    committed_after = Some(queued.elapsed());
+                    committed_at = Some(reached);
                     (a.acks, holders, false)
                 }
                 Err(crate::replication::WaitFail::Deadline) => {
@@ -598,7 +617,8 @@ async fn append(
         }
         _ => {
             wait_level(&e.log, a.acks, next, deadline).await?;
-            flushed_after = (a.acks != Acks::None).then(|| queued.elapsed());
+            reached = Instant::now();
+            flushed_at = (a.acks != Acks::None).then_some(reached);
             let holders = match (&repl, a.acks) {
                 (_, Acks::None) => Vec::new(),
                 (Some(r), _) => {
@@ -641,13 +661,28 @@ async fn append(
         m.c.append_records
             .fetch_add(count as u64, Ordering::Relaxed);
         m.c.append_bytes.fetch_add(bytes, Ordering::Relaxed);
+        // The write that carried the append, as the log timed it: queued -> submitted ->
+        // written, then on to the leader's flush seen.
+        let write = flushed_at.and_then(|flushed| {
+            let w = e.log.write_times(next)?;
+            Some([
+                w.submitted.saturating_duration_since(queued),
+                w.written.saturating_duration_since(w.submitted),
+                flushed.saturating_duration_since(w.written),
+            ])
+        });
         m.record_append(
             shard.id,
             crate::metrics::AppendTimes {
                 total: started.elapsed(),
+                request: started.saturating_duration_since(accepted),
                 receive: queued.saturating_duration_since(started),
-                flush: flushed_after,
-                commit: committed_after,
+                write,
+                flush: flushed_at.map(|f| f.saturating_duration_since(queued)),
+                replicated: committed_at
+                    .zip(flushed_at)
+                    .map(|(c, f)| c.saturating_duration_since(f)),
+                commit: committed_at.map(|c| c.saturating_duration_since(queued)),
             },
         );
     }
@@ -655,7 +690,7 @@ async fn append(
     if degraded {
         flags |= RECEIPT_DEGRADED;
     }
-    Ok(Receipt {
+    let receipt = Receipt {
         first: appended.first,
         next: appended.next,
         epoch: appended.epoch,
@@ -663,7 +698,9 @@ async fn append(
         flags,
         replicas: holders.len() as u16,
         holders,
-    })
+    };
+    // A duplicate's stages are not recorded: the original append's were.
+    Ok((receipt, (!duplicate).then_some(reached)))
 }
 
 /// The answer to an append that [`Admission`] refused.

@@ -67,7 +67,7 @@ impl RaftLog {
         let thread = std::thread::Builder::new()
             .name("controller-log".into())
             .spawn(move || {
-                tokio_uring::start(async move {
+                log_core::submit::start(async move {
                     let mut log = match open_and_read(&dir, start).await {
                         Ok((log, loaded)) => {
                             let _ = ready_tx.send(Ok(loaded));
