@@ -215,6 +215,10 @@ struct CatchupArgs {
     /// node's default).
     #[arg(long)]
     catchup_rate: Option<u64>,
+    /// The leader's `replication.catchup_live_latency_factor` (0: no pacing by the live
+    /// tail; default: the node's default).
+    #[arg(long)]
+    catchup_live_factor: Option<f64>,
     /// Longest the catch-up may take.
     #[arg(long, default_value = "600s", value_parser = parse_duration)]
     timeout: Duration,
@@ -752,9 +756,13 @@ fn catchup_cmd(a: CatchupArgs, command: String) -> Result<(), String> {
     if a.cluster.spawn != Some(3) {
         return Err("usage: catchup runs on a cluster it starts: --spawn 3".into());
     }
-    let toml = a.catchup_rate.map_or(String::new(), |r| {
-        format!("[replication]\ncatchup_bytes_per_sec_max = {r}\n")
-    });
+    let mut toml = String::from("[replication]\n");
+    if let Some(r) = a.catchup_rate {
+        toml += &format!("catchup_bytes_per_sec_max = {r}\n");
+    }
+    if let Some(f) = a.catchup_live_factor {
+        toml += &format!("catchup_live_latency_factor = {f:?}\n");
+    }
     let (mut target, floor) = setup(&a.cluster, toml, a.output.quiet)?;
     let plan = CatchupPlan {
         log: format!(
@@ -789,10 +797,19 @@ fn catchup_cmd(a: CatchupArgs, command: String) -> Result<(), String> {
         notes.push("catch-up floor: min(QUIC bulk, sequential write+fdatasync); target 0.8x, live p99 at most 2x".into());
     }
     notes.push(match a.catchup_rate {
-        Some(0) => "catch-up rate: unlimited".into(),
-        Some(r) => format!("catch-up rate limit: {r} bytes/s"),
+        Some(0) => "catch-up rate: no cap".into(),
+        Some(r) => format!("catch-up rate cap: {r} bytes/s"),
         None => {
-            "catch-up rate limit: the node's default (replication.catchup_bytes_per_sec_max)".into()
+            "catch-up rate cap: the node's default (replication.catchup_bytes_per_sec_max)".into()
+        }
+    });
+    notes.push(match a.catchup_live_factor {
+        Some(0.0) => "catch-up pacing by the live tail: off".into(),
+        Some(f) => {
+            format!("catch-up paced to keep the live acknowledgements within {f}x their base")
+        }
+        None => {
+            "catch-up pacing: the node's default (replication.catchup_live_latency_factor)".into()
         }
     });
     finish(

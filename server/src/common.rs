@@ -33,6 +33,9 @@ pub(crate) struct Common {
     pub control: Option<Arc<crate::controller::node::NodeController>>,
     /// What the background scrub found, for `status` (kept until the node stops).
     pub damaged: std::sync::Mutex<Vec<protocol::Damaged>>,
+    /// How fast followers acknowledge the live frames of every log this node leads, for
+    /// pacing catch-ups (milliseconds from [`Common::started`]).
+    pub live_tail: std::sync::Mutex<node_core::catchup::LiveTail>,
 }
 
 /// Messages between shards.
@@ -53,6 +56,11 @@ pub(crate) enum ShardMsg {
 }
 
 impl Common {
+    /// Milliseconds since the node started (the clock of [`Common::live_tail`]).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// The followers of `name` when this node leads it: the controller's replicas, or the
     /// configured followers.
     pub fn followers_of(&self, name: &str) -> Vec<String> {

@@ -23,7 +23,7 @@ pub struct NodeConfig {
 
 /// The embedded controller: the cluster's members (the same list, in the same order, on every
 /// node) and its failure detection. No members: no controller.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerSection {
     /// Every node of the cluster as `id=host:port` (its QUIC address), this node included.
@@ -86,7 +86,7 @@ impl ControllerSection {
 /// The node's place in replication. Until the controller decides leadership, it is fixed here:
 /// a node with `leader` set follows that node for every log; a node with `followers` leads
 /// every log it holds and accepts those followers; a node with neither runs standalone.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicationSection {
     /// On a follower: the leader's QUIC address.
@@ -124,9 +124,13 @@ pub struct ReplicationSection {
     /// Most bytes of batches in one replication frame (a single larger batch goes alone).
     pub frame_bytes_max: u32,
     /// Bulk catch-up (a follower more than `catchup_bytes_min` behind) is sent at no more than
-    /// this many bytes a second per follower and log, so that it leaves CPU, network and the
-    /// followers' disks to the live tail (0 = no limit).
+    /// this many bytes a second per follower and log (0 = no cap).
     pub catchup_bytes_per_sec_max: u64,
+    /// Bulk catch-up is paced by the live tail: its rate halves while the followers'
+    /// acknowledgements of live frames take more than this many times their lowest of the
+    /// last minute, and grows otherwise, up to `catchup_bytes_per_sec_max`
+    /// (`node_core::catchup`). 0 turns the pacing off: catch-up then runs at the cap.
+    pub catchup_live_latency_factor: f64,
     /// Retention keeps what a registered follower still needs (connected or not), unless that
     /// is more than this many bytes: then the follower will bootstrap when it returns.
     pub retention_pin_bytes_max: u64,
@@ -147,7 +151,8 @@ impl Default for ReplicationSection {
             insufficient_replicas: "reject".into(),
             catchup_bytes_min: 4 << 20,
             frame_bytes_max: 1 << 20,
-            catchup_bytes_per_sec_max: 64 << 20,
+            catchup_bytes_per_sec_max: 0,
+            catchup_live_latency_factor: 2.0,
             retention_pin_bytes_max: 16 << 30,
         }
     }
@@ -406,6 +411,12 @@ impl NodeConfig {
                 r.followers.len()
             )));
         }
+        let factor = r.catchup_live_latency_factor;
+        if !(factor == 0.0 || (1.0..=100.0).contains(&factor)) {
+            return Err(Error::Config(format!(
+                "replication.catchup_live_latency_factor = {factor}: use 0 (no pacing) or 1 to 100"
+            )));
+        }
         self.replication_config()?;
         let c = &self.controller;
         if !c.members.is_empty() {
@@ -630,6 +641,17 @@ mod tests {
         let mut c = base();
         c.log.scrub_interval_ms = 0;
         assert!(err(c).contains("scrub_interval_ms"));
+        // The catch-up pacing factor: 0 (off), or 1 to 100 times the live tail's base.
+        for ok in [0.0, 1.0, 2.0, 100.0] {
+            let mut c = base();
+            c.replication.catchup_live_latency_factor = ok;
+            c.validate().unwrap();
+        }
+        for bad in [0.5, 100.5, -1.0, f64::NAN] {
+            let mut c = base();
+            c.replication.catchup_live_latency_factor = bad;
+            assert!(err(c).contains("catchup_live_latency_factor"), "{bad}");
+        }
         // A standalone node has no followers: the sync set is empty whatever sync_replicas says.
         assert_eq!(base().replication_config().unwrap().sync_replicas, 0);
         assert!(valid_node_id("node-1") && valid_node_id("a"));

@@ -11,14 +11,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use log_core::{Epoch, Log, Offset};
+use node_core::catchup::Pacer;
 use node_core::log::{Outbound, Outgoing, StreamRefusal};
 use protocol::{ErrorCode, ReplicateRequest, Request};
 
+use crate::common::Common;
 use crate::replication::{pin_name, Replication};
 use crate::shard::{LogEntry, Shard};
 
 /// Frames sent to a follower and not yet acknowledged: (end offset, when sent), oldest first.
-type InFlight = RefCell<VecDeque<(u64, Instant)>>;
+/// Each frame in flight: its end offset, when it went out, and whether it was live (not
+/// catch-up).
+type InFlight = RefCell<VecDeque<(u64, Instant, bool)>>;
 /// Most frames per follower stream whose send time is kept for the acknowledgement latency
 /// histogram (older ones are forgotten, not measured).
 const IN_FLIGHT_TIMED_MAX: usize = 4096;
@@ -132,15 +136,20 @@ pub(crate) async fn serve(
                         let mut newest = None;
                         {
                             let mut q = in_flight.borrow_mut();
-                            while q.front().is_some_and(|&(end, _)| end <= durable) {
+                            while q.front().is_some_and(|&(end, _, _)| end <= durable) {
                                 newest = q.pop_front();
                             }
                         }
-                        if let Some((_, at)) = newest {
-                            shard
-                                .common
-                                .metrics
-                                .record_follower_ack(shard.id, at.elapsed());
+                        if let Some((_, at, live)) = newest {
+                            let c = &shard.common;
+                            let latency = at.elapsed();
+                            c.metrics.record_follower_ack(shard.id, latency);
+                            if live {
+                                let us = latency.as_micros() as u64;
+                                let mut tail =
+                                    c.live_tail.lock().unwrap_or_else(|p| p.into_inner());
+                                tail.record(c.now_ms(), us);
+                            }
                         }
                         entry.log.pin(&pin_name(&follower), Offset(durable));
                         let events =
@@ -186,6 +195,38 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// A catch-up under way on this stream: its pacer, and its place among the node's catch-ups
+/// (which keep the live tail's base from moving) until it is dropped.
+struct Catchup<'a>(Pacer, &'a Common);
+
+impl<'a> Catchup<'a> {
+    fn start(c: &'a Common) -> Catchup<'a> {
+        let r = &c.config.replication;
+        c.live_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .catchup_started();
+        Catchup(
+            Pacer::new(
+                c.now_ms(),
+                r.catchup_bytes_per_sec_max,
+                r.catchup_live_latency_factor,
+            ),
+            c,
+        )
+    }
+}
+
+impl Drop for Catchup<'_> {
+    fn drop(&mut self) {
+        self.1
+            .live_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .catchup_ended();
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn send_loop(
     shard: &Shard,
@@ -200,9 +241,8 @@ async fn send_loop(
     let cfg = &shard.common.config.replication;
     let epoch: Epoch = entry.epoch;
     let mut bulk = false;
-    // Bulk bytes sent since bulk mode began, and when it began (for the rate limit).
-    let mut bulk_sent = 0u64;
-    let mut bulk_since = Instant::now();
+    // The catch-up's rate while in bulk mode.
+    let mut pacer: Option<Catchup> = None;
     loop {
         if !current(repl) || shard.closing.get() {
             return;
@@ -219,7 +259,7 @@ async fn send_loop(
             let now_bulk = behind > cfg.catchup_bytes_min;
             if now_bulk != bulk {
                 bulk = now_bulk;
-                (bulk_sent, bulk_since) = (0, Instant::now());
+                pacer = bulk.then(|| Catchup::start(&shard.common));
                 let _ = send.set_priority(if bulk { -1 } else { 0 });
                 let mut peers = repl.peers.borrow_mut();
                 if let Some(p) = peers.get_mut(follower) {
@@ -256,20 +296,22 @@ async fn send_loop(
                 if q.len() == IN_FLIGHT_TIMED_MAX {
                     q.pop_front();
                 }
-                q.push_back((read.next_offset.0, Instant::now()));
+                q.push_back((read.next_offset.0, Instant::now(), !bulk));
             }
             let m = &shard.common.metrics.c;
             m.replicated_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            if bulk {
-                bulk_sent += len as u64;
-                let rate = cfg.catchup_bytes_per_sec_max;
-                let due = if rate == 0 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs_f64(bulk_sent as f64 / rate as f64)
-                };
-                if let Some(ahead) = due.checked_sub(bulk_since.elapsed()) {
-                    tokio::time::sleep(ahead).await;
+            if let Some(Catchup(p, _)) = pacer.as_mut() {
+                let c = &shard.common;
+                let now = c.now_ms();
+                let reading = c
+                    .live_tail
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reading(now);
+                p.adjust(now, reading);
+                let wait = p.sent(now, len as u64);
+                if wait > 0 {
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
             }
             continue;
@@ -277,6 +319,7 @@ async fn send_loop(
         if bulk {
             // Caught up with what is written: live again.
             bulk = false;
+            pacer = None;
             let _ = send.set_priority(0);
             if let Some(p) = repl.peers.borrow_mut().get_mut(follower) {
                 (p.catchup_done, p.catchup_total) = (0, 0);

@@ -264,6 +264,7 @@ impl Node {
             log_count: Default::default(),
             control,
             damaged: Default::default(),
+            live_tail: Default::default(),
         });
         let mut threads = Vec::new();
         let mut ready = Vec::new();
