@@ -36,6 +36,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use memmap2::Mmap;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -92,7 +93,14 @@ impl Drop for Handle {
         self.0.st.borrow_mut().closed = true;
         self.0.writer_wake.notify_one();
         self.0.syncer_wake.notify_one();
+        self.0.taken.notify_waiters();
     }
+}
+
+/// See [`Log::taken_offset`].
+fn taken_offset(st: &State) -> Offset {
+    let inflight = st.inflight.as_ref().and_then(|f| f.batches.last());
+    inflight.map_or(st.written, |b| b.next.max(st.written))
 }
 
 struct Inner {
@@ -105,6 +113,9 @@ struct Inner {
     room: Notify,
     /// Woken when a batch is queued (and on failure), for [`Log::wait_appended`].
     appended: Notify,
+    /// Woken when the writer takes queued batches to write (and on failure, truncation and
+    /// close), for [`Log::wait_taken_past`].
+    taken: Notify,
     /// Each write is durable when it completes ([`Log::set_durable_writes`]).
     durable_writes: Cell<bool>,
     /// fdatasyncs the syncer has completed ([`Log::fdatasyncs`]).
@@ -122,6 +133,9 @@ struct State {
     pending: Vec<u8>,
     pending_batches: Vec<PendingBatch>,
     spare: Vec<u8>,
+    /// What the writer is writing now: readable from memory before it is written
+    /// ([`Log::read_unwritten`]).
+    inflight: Option<Inflight>,
     next_offset: Offset,
     written: Offset,
     flushed: Offset,
@@ -170,6 +184,12 @@ pub struct Scrubbed {
     /// The crc32c of all its batches end to end, to compare with another replica's copy.
     pub crc: u32,
     pub damaged: Vec<Damage>,
+}
+
+/// Batches the writer took and is writing, shared with readers of the unwritten tail.
+struct Inflight {
+    bytes: Bytes,
+    batches: Rc<Vec<PendingBatch>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -486,6 +506,7 @@ impl Log {
                 pending: Vec::new(),
                 pending_batches: Vec::new(),
                 spare: Vec::new(),
+                inflight: None,
                 next_offset: end,
                 written: end,
                 flushed: end,
@@ -507,6 +528,7 @@ impl Log {
             syncer_wake: Notify::new(),
             room: Notify::new(),
             appended: Notify::new(),
+            taken: Notify::new(),
             durable_writes: Cell::new(false),
             fdatasyncs: Cell::new(0),
             write_times: RefCell::new(std::collections::VecDeque::with_capacity(WRITE_TIMES_KEPT)),
@@ -533,6 +555,7 @@ impl Log {
         inner.syncer_wake.notify_one();
         // Waiters for appends that will never come end with `Closed`.
         inner.appended.notify_waiters();
+        inner.taken.notify_waiters();
         drop(self);
         for t in tasks {
             t.await.expect("log task panicked");
@@ -828,6 +851,63 @@ impl Log {
             self.wait_written(written.plus(1)).await
         } else {
             self.wait_appended(written).await
+        }
+    }
+
+    /// The end of what the writer has taken: every record below it is written, or in the write
+    /// under way and readable from memory with [`Log::read_unwritten`].
+    pub fn taken_offset(&self) -> Offset {
+        taken_offset(&self.inner.st.borrow())
+    }
+
+    /// Whole batches from `from` of the write under way (taken by the writer, not yet in the
+    /// page cache), as they will be stored: their bytes, at most `bytes_max` of them (but at
+    /// least one batch), and the offset after them. `None` when `from` does not start a batch
+    /// of that write: below [`Log::end_offset`] read the segments with [`Log::read`].
+    ///
+    /// A leader sends these to its followers while its own write runs. They are not durable
+    /// here yet and may still be lost with this node; a reader must never be served them.
+    pub fn read_unwritten(&self, from: Offset, bytes_max: usize) -> Option<(Bytes, Offset)> {
+        let st = self.inner.st.borrow();
+        let f = st.inflight.as_ref()?;
+        let (mut pos, mut start, mut end, mut next) = (0usize, None, 0usize, from);
+        for b in f.batches.iter() {
+            match start {
+                None if b.base == from => start = Some(pos),
+                None if b.base > from => return None,
+                _ => {}
+            }
+            if let Some(s) = start {
+                if end > s && pos + b.len - s > bytes_max {
+                    break;
+                }
+                end = pos + b.len;
+                next = b.next;
+            }
+            pos += b.len;
+        }
+        let s = start?;
+        Some((Bytes::slice(&f.bytes, s..end), next))
+    }
+
+    /// Wait until [`Log::taken_offset`] passes `offset`: a record at `offset` is written or
+    /// being written. Fails once the log is closed or failed.
+    pub async fn wait_taken_past(&self, offset: Offset) -> Result<()> {
+        loop {
+            let taken = self.inner.taken.notified();
+            {
+                let st = self.inner.st.borrow();
+                if let Some(e) = &st.failure {
+                    return Err(self.inner.failed(e));
+                }
+                if taken_offset(&st) > offset {
+                    return Ok(());
+                }
+                if st.closed {
+                    return Err(Error::Closed);
+                }
+            }
+            taken.await;
         }
     }
 
@@ -1310,8 +1390,10 @@ impl Inner {
         }
         st.written_waiters.fail_all(&err);
         st.flushed_waiters.fail_all(&err);
+        st.inflight = None;
         self.room.notify_waiters();
         self.appended.notify_waiters();
+        self.taken.notify_waiters();
         self.failed(&err)
     }
 
@@ -1484,6 +1566,7 @@ impl Inner {
         st.generation += 1;
         // Offsets from `end` on will be written again: the kept timings stay in order.
         self.write_times.borrow_mut().retain(|w| w.end <= end);
+        self.taken.notify_waiters();
         st.written_waiters.truncate(end);
         st.flushed_waiters.truncate(end);
         if st.epochs.truncate(end) {
@@ -1518,8 +1601,13 @@ async fn writer_task(inner: Rc<Inner>) {
                 Some(None)
             } else {
                 let spare = std::mem::take(&mut st.spare);
-                let buf = std::mem::replace(&mut st.pending, spare);
-                Some(Some((buf, std::mem::take(&mut st.pending_batches))))
+                let buf = Bytes::from(std::mem::replace(&mut st.pending, spare));
+                let batches = Rc::new(std::mem::take(&mut st.pending_batches));
+                st.inflight = Some(Inflight {
+                    bytes: buf.clone(),
+                    batches: batches.clone(),
+                });
+                Some(Some((buf, batches)))
             }
         };
         let (buf, batches) = match work {
@@ -1534,10 +1622,22 @@ async fn writer_task(inner: Rc<Inner>) {
             Some(Some(work)) => work,
         };
         inner.room.notify_waiters();
+        inner.taken.notify_waiters();
+        let len = buf.len();
         match write_batches(&inner, buf, &batches).await {
-            Ok(mut buf) => {
-                buf.clear();
-                inner.st.borrow_mut().spare = buf;
+            Ok(buf) => {
+                let mut st = inner.st.borrow_mut();
+                st.inflight = None;
+                // The buffer comes back for the next batches unless a reader of the unwritten
+                // tail still holds part of it (a replication frame QUIC has not sent yet).
+                st.spare = match buf.try_into_mut() {
+                    Ok(b) => {
+                        let mut v = Vec::from(b);
+                        v.clear();
+                        v
+                    }
+                    Err(_) => Vec::with_capacity(len),
+                };
             }
             Err(e) => {
                 let mut st = inner.st.borrow_mut();
@@ -1549,11 +1649,7 @@ async fn writer_task(inner: Rc<Inner>) {
 }
 
 /// Write queued batches into the active segment, rolling when the next batch does not fit.
-async fn write_batches(
-    inner: &Rc<Inner>,
-    mut buf: Vec<u8>,
-    batches: &[PendingBatch],
-) -> Result<Vec<u8>> {
+async fn write_batches(inner: &Rc<Inner>, buf: Bytes, batches: &[PendingBatch]) -> Result<Bytes> {
     let mut start = 0usize;
     let mut i = 0usize;
     while i < batches.len() {
@@ -1592,14 +1688,10 @@ async fn write_batches(
         };
         let submitted = Instant::now();
         let res = if durable {
-            let (res, b) = write_all_dsync(&file, buf, start..end, pos).await;
-            buf = b;
-            res
+            write_all_dsync(&file, Bytes::slice(&buf, start..end), pos).await
         } else {
-            let write = std::pin::pin!(file.write_all_at(buf.slice(start..end), pos));
-            let (res, slice) = crate::submit::Now::new(write).await;
-            buf = slice.into_inner();
-            res
+            let write = std::pin::pin!(file.write_all_at(Bytes::slice(&buf, start..end), pos));
+            crate::submit::Now::new(write).await.0
         };
         if let Err(e) = res {
             // The path is looked up only on failure: the hot path does no allocation for it.
@@ -1649,42 +1741,40 @@ async fn write_batches(
     Ok(buf)
 }
 
-/// What a durable write keeps alive while the kernel has it: the buffer and the file.
+/// What a durable write keeps alive while the kernel has it: the bytes and the file.
 struct DsyncWrite {
-    buf: Vec<u8>,
+    _buf: Bytes,
     _file: Rc<tokio_uring::fs::File>,
 }
 
-/// A durable write's completion: the bytes written, and the buffer back.
+/// A durable write's completion: the bytes written.
 struct DsyncDone;
 
 impl tokio_uring::OneshotOutputTransform for DsyncDone {
-    type Output = (io::Result<usize>, Vec<u8>);
+    type Output = io::Result<usize>;
     type StoredData = DsyncWrite;
 
     fn transform_oneshot_output(
         self,
-        data: DsyncWrite,
+        _data: DsyncWrite,
         cqe: io_uring::cqueue::Entry,
     ) -> Self::Output {
-        let res = match cqe.result() {
+        match cqe.result() {
             n if n >= 0 => Ok(n as usize),
             e => Err(io::Error::from_raw_os_error(-e)),
-        };
-        (res, data.buf)
+        }
     }
 }
 
-/// Write `buf[range]` at `pos` with writes that complete once their data is durable
-/// (`RWF_DSYNC`), resubmitting short writes.
+/// Write `buf` at `pos` with writes that complete once their data is durable (`RWF_DSYNC`),
+/// resubmitting short writes.
 async fn write_all_dsync(
     file: &Rc<tokio_uring::fs::File>,
-    mut buf: Vec<u8>,
-    range: std::ops::Range<usize>,
+    buf: Bytes,
     mut pos: u64,
-) -> (io::Result<()>, Vec<u8>) {
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let (mut start, end) = (range.start, range.end);
+    let (mut start, end) = (0, buf.len());
     while start < end {
         let chunk = &buf[start..end];
         let sqe = io_uring::opcode::Write::new(
@@ -1695,27 +1785,25 @@ async fn write_all_dsync(
         .offset(pos)
         .rw_flags(libc::RWF_DSYNC)
         .build();
-        // The buffer moves into the operation: its heap memory stays where the entry points
-        // until the completion gives it back.
+        // A reference to the bytes moves into the operation: their memory stays where the
+        // entry points until the completion.
         let data = DsyncWrite {
-            buf,
+            _buf: buf.clone(),
             _file: file.clone(),
         };
         let write = tokio_uring::UnsubmittedOneshot::new(data, DsyncDone, sqe).submit();
         crate::submit::queued();
-        let (res, b) = write.await;
-        buf = b;
-        match res {
-            Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+        match write.await {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 start += n;
                 pos += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (Err(e), buf),
+            Err(e) => return Err(e),
         }
     }
-    (Ok(()), buf)
+    Ok(())
 }
 
 /// The syncer task: see the module doc.

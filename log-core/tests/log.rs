@@ -76,6 +76,78 @@ fn each_write_keeps_when_it_was_submitted_and_completed() {
     });
 }
 
+/// The stored bytes of the batches from `from` to `until`.
+fn stored(log: &Log, from: Offset, until: Offset) -> Vec<u8> {
+    let read = log.read(from, until, 1 << 30).unwrap();
+    assert_eq!(read.next_offset, until);
+    read.batches.iter().flat_map(|b| b.to_vec()).collect()
+}
+
+#[test]
+fn the_write_under_way_is_readable_from_memory_as_it_will_be_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    tokio_uring::start(async {
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        assert_eq!(log.taken_offset(), Offset(0));
+        assert!(log.read_unwritten(Offset(0), 1 << 20).is_none());
+        let mut seen_in_memory = 0;
+        for round in 0..200u64 {
+            // Three batches queued at once: the writer takes them together.
+            let a = log
+                .try_append(Epoch(1), &[format!("a{round}").as_bytes(), b"x"])
+                .unwrap();
+            let b = log
+                .try_append(Epoch(1), &[format!("b{round}").as_bytes()])
+                .unwrap();
+            let c = log
+                .try_append(Epoch(1), &[b"c".as_slice(), b"cc", b"ccc"])
+                .unwrap();
+            log.wait_taken_past(a.first).await.unwrap();
+            assert!(log.taken_offset() >= c.next);
+            let early = log.read_unwritten(a.first, 1 << 20);
+            // Not a batch start, and a batch start with room for one batch only.
+            let mid = log.read_unwritten(Offset(a.first.0 + 1), 1 << 20);
+            let one = log.read_unwritten(b.first, 1);
+            log.wait_written(c.next).await.unwrap();
+            let Some((bytes, next)) = early else {
+                // The write had completed by then: nothing is left in memory.
+                assert!(log.end_offset() >= c.next);
+                continue;
+            };
+            seen_in_memory += 1;
+            assert_eq!(next, c.next);
+            assert_eq!(
+                bytes.to_vec(),
+                stored(&log, a.first, c.next),
+                "round {round}"
+            );
+            assert!(mid.is_none());
+            let (one, after) = one.expect("the write is still under way");
+            assert_eq!(after, c.first);
+            assert_eq!(one.to_vec(), stored(&log, b.first, c.first));
+        }
+        assert!(
+            seen_in_memory > 0,
+            "the writer's batches were never seen in memory"
+        );
+        // Once written, the segments have it and memory does not.
+        let end = log.end_offset();
+        assert_eq!(log.taken_offset(), end);
+        assert!(log.read_unwritten(Offset(end.0 - 1), 1 << 20).is_none());
+        // Waiting past the end waits for the next append; closing ends the wait.
+        let waiting = log.clone();
+        let wait = tokio_uring::spawn(async move { waiting.wait_taken_past(end).await });
+        let d = log.try_append(Epoch(1), &[b"d".as_slice()]).unwrap();
+        wait.await.unwrap().unwrap();
+        log.wait_written(d.next).await.unwrap();
+        let waiting = log.clone();
+        let wait = tokio_uring::spawn(async move { waiting.wait_taken_past(d.next).await });
+        tokio::task::yield_now().await;
+        log.close().await.unwrap();
+        assert!(matches!(wait.await.unwrap(), Err(Error::Closed)));
+    });
+}
+
 #[test]
 fn rolls_segments_and_reads_across_them() {
     let dir = tempfile::tempdir().unwrap();

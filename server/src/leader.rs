@@ -248,9 +248,13 @@ async fn send_loop(
             return;
         }
         let changed = repl.changed.notified();
+        // The followers get what this node has written, and what its writer is writing: the
+        // leader's write and the followers' run side by side. (Only what the leader itself
+        // holds durably can be committed, so nothing not yet durable here is ever served.)
         let written = log.end_offset();
+        let taken = log.taken_offset();
         let commit = repl.commit().0;
-        let next = out.borrow().next(written.0, commit);
+        let next = out.borrow().next(taken.0, commit);
         if let Outgoing::Records { from } = next {
             let pos = Offset(from);
             // A follower far behind is served at bulk priority (the live tail of every other
@@ -266,22 +270,39 @@ async fn send_loop(
                     (p.catchup_done, p.catchup_total) = (0, if bulk { behind } else { 0 });
                 }
             }
-            let read = match log.read(pos, written, cfg.frame_bytes_max as usize) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(follower, error = %e, "reading for a follower failed");
+            let max = cfg.frame_bytes_max as usize;
+            let (mut chunks, next_offset, len) = if pos < written {
+                // Written: straight from the segments' mappings.
+                let read = match log.read(pos, written, max) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(follower, error = %e, "reading for a follower failed");
+                        return;
+                    }
+                };
+                let len: usize = read.batches.iter().map(|b| b.len()).sum();
+                let mut chunks: Vec<Bytes> = Vec::with_capacity(read.batches.len() + 1);
+                chunks.push(Bytes::new());
+                chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
+                (chunks, read.next_offset, len)
+            } else if let Some((bytes, next)) = log.read_unwritten(pos, max) {
+                // Being written: from the writer's buffer.
+                let len = bytes.len();
+                (vec![Bytes::new(), bytes], next, len)
+            } else {
+                // Not at a batch start of the write under way (cannot happen: streams move
+                // by whole batches); wait for it to be written and read it from there.
+                if log.wait_written(pos.plus(1)).await.is_err() {
                     return;
                 }
+                continue;
             };
-            let len: usize = read.batches.iter().map(|b| b.len()).sum();
-            let mut chunks: Vec<Bytes> = Vec::with_capacity(read.batches.len() + 1);
-            chunks.push(Bytes::copy_from_slice(&protocol::encode_replicated_prefix(
+            chunks[0] = Bytes::copy_from_slice(&protocol::encode_replicated_prefix(
                 epoch.0,
                 commit,
-                read.next_offset.0,
+                next_offset.0,
                 len,
-            )));
-            chunks.extend(read.batches.into_iter().map(|b| b.into_bytes()));
+            ));
             if !crate::wire::write_all(&shard.common, send, &mut chunks).await {
                 return;
             }
@@ -290,13 +311,13 @@ async fn send_loop(
                     p.catchup_done += len as u64;
                 }
             }
-            out.borrow_mut().sent(read.next_offset.0, commit);
+            out.borrow_mut().sent(next_offset.0, commit);
             {
                 let mut q = in_flight.borrow_mut();
                 if q.len() == IN_FLIGHT_TIMED_MAX {
                     q.pop_front();
                 }
-                q.push_back((read.next_offset.0, Instant::now(), !bulk));
+                q.push_back((next_offset.0, Instant::now(), !bulk));
             }
             let m = &shard.common.metrics.c;
             m.replicated_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -330,7 +351,7 @@ async fn send_loop(
             // Nothing new to send, but the commit offset moved: followers serve reads up to it.
             // New records usually follow at once and carry the commit offset with them, so a
             // frame for the commit offset alone waits a moment for them.
-            match tokio::time::timeout(COMMIT_LINGER, log.wait_written_past(pos)).await {
+            match tokio::time::timeout(COMMIT_LINGER, log.wait_taken_past(pos)).await {
                 Ok(Ok(())) => continue,
                 // Closed (the log changed role) or failed: this stream is over.
                 Ok(Err(_)) => return,
@@ -346,7 +367,7 @@ async fn send_loop(
             out.borrow_mut().sent(pos.0, commit);
             continue;
         }
-        let more = log.wait_written_past(pos);
+        let more = log.wait_taken_past(pos);
         tokio::select! {
             r = more => {
                 if r.is_err() {
