@@ -132,7 +132,9 @@ struct State {
     /// Encoded batches queued for the writer, and their metadata.
     pending: Vec<u8>,
     pending_batches: Vec<PendingBatch>,
+    /// The buffers of the last write, cleared, for the next batches.
     spare: Vec<u8>,
+    spare_batches: Vec<PendingBatch>,
     /// What the writer is writing now: readable from memory before it is written
     /// ([`Log::read_unwritten`]).
     inflight: Option<Inflight>,
@@ -214,33 +216,37 @@ enum Wake {
     Truncated,
 }
 
+/// Tasks waiting for a horizon to reach an offset, in offset order. Appends wait in the order
+/// they were queued, so a new waiter almost always goes at the back and a horizon moving
+/// wakes from the front: no allocation but each waiter's channel once the queue has grown.
 #[derive(Default)]
-struct Waiters(BTreeMap<Offset, Vec<oneshot::Sender<Wake>>>);
+struct Waiters(std::collections::VecDeque<(Offset, oneshot::Sender<Wake>)>);
 
 impl Waiters {
     fn add(&mut self, offset: Offset) -> oneshot::Receiver<Wake> {
         let (tx, rx) = oneshot::channel();
-        self.0.entry(offset).or_default().push(tx);
+        let at = self.0.partition_point(|(o, _)| *o <= offset);
+        self.0.insert(at, (offset, tx));
         rx
     }
     /// Wake every waiter for an offset at or below `horizon`.
     fn reach(&mut self, horizon: Offset) {
-        let later = self.0.split_off(&horizon.plus(1));
-        for tx in std::mem::replace(&mut self.0, later)
-            .into_values()
-            .flatten()
-        {
-            let _ = tx.send(Wake::Reached);
+        while self.0.front().is_some_and(|(o, _)| *o <= horizon) {
+            if let Some((_, tx)) = self.0.pop_front() {
+                let _ = tx.send(Wake::Reached);
+            }
         }
     }
     fn fail_all(&mut self, err: &Arc<Error>) {
-        for tx in std::mem::take(&mut self.0).into_values().flatten() {
+        for (_, tx) in self.0.drain(..) {
             let _ = tx.send(Wake::Failed(err.clone()));
         }
     }
     fn truncate(&mut self, end: Offset) {
-        for tx in self.0.split_off(&end.plus(1)).into_values().flatten() {
-            let _ = tx.send(Wake::Truncated);
+        while self.0.back().is_some_and(|(o, _)| *o > end) {
+            if let Some((_, tx)) = self.0.pop_back() {
+                let _ = tx.send(Wake::Truncated);
+            }
         }
     }
 }
@@ -506,6 +512,7 @@ impl Log {
                 pending: Vec::new(),
                 pending_batches: Vec::new(),
                 spare: Vec::new(),
+                spare_batches: Vec::new(),
                 inflight: None,
                 next_offset: end,
                 written: end,
@@ -1602,7 +1609,8 @@ async fn writer_task(inner: Rc<Inner>) {
             } else {
                 let spare = std::mem::take(&mut st.spare);
                 let buf = Bytes::from(std::mem::replace(&mut st.pending, spare));
-                let batches = Rc::new(std::mem::take(&mut st.pending_batches));
+                let spare_batches = std::mem::take(&mut st.spare_batches);
+                let batches = Rc::new(std::mem::replace(&mut st.pending_batches, spare_batches));
                 st.inflight = Some(Inflight {
                     bytes: buf.clone(),
                     batches: batches.clone(),
@@ -1638,6 +1646,10 @@ async fn writer_task(inner: Rc<Inner>) {
                     }
                     Err(_) => Vec::with_capacity(len),
                 };
+                if let Ok(mut b) = Rc::try_unwrap(batches) {
+                    b.clear();
+                    st.spare_batches = b;
+                }
             }
             Err(e) => {
                 let mut st = inner.st.borrow_mut();

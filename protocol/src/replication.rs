@@ -262,9 +262,8 @@ impl Leader {
 
     /// How many sync-set places are empty (the durability debt while degraded).
     pub fn sync_shortfall(&self) -> usize {
-        self.config
-            .sync_replicas
-            .saturating_sub(self.sync_set().len())
+        let members = self.followers.values().filter(|f| f.in_sync_set).count();
+        self.config.sync_replicas.saturating_sub(members)
     }
 
     /// Lag of a follower behind the leader's end, in records.
@@ -373,29 +372,30 @@ impl Leader {
     /// Where an append ending at `next` stands for level `acks`.
     pub fn progress(&self, acks: Acks, next: u64) -> Progress {
         let leader_durable = self.flushed >= next;
-        let durable_followers: Vec<&String> = self
-            .followers
-            .iter()
-            .filter(|(_, f)| f.durable >= next)
-            .map(|(id, _)| id)
-            .collect();
-        let holders = |followers: &[&String]| {
-            let mut r: Vec<String> = Vec::new();
+        let durable_followers = || {
+            self.followers
+                .iter()
+                .filter(move |(_, f)| f.durable >= next)
+                .map(|(id, _)| id)
+        };
+        // Built only for the answer (it is the receipt's list of holders).
+        let holders = || {
+            let mut r: Vec<String> = Vec::with_capacity(1 + self.followers.len());
             if leader_durable {
                 r.push(self.id.clone());
             }
-            r.extend(followers.iter().map(|s| s.to_string()));
+            r.extend(durable_followers().cloned());
             r
         };
         match acks {
             Acks::None => Progress::Done {
-                replicas: holders(&durable_followers),
+                replicas: holders(),
                 degraded: false,
             },
             Acks::Leader => {
                 if leader_durable {
                     Progress::Done {
-                        replicas: holders(&durable_followers),
+                        replicas: holders(),
                         degraded: false,
                     }
                 } else {
@@ -410,7 +410,7 @@ impl Leader {
                 }
                 if leader_durable && self.required_durable() >= next {
                     Progress::Done {
-                        replicas: holders(&durable_followers),
+                        replicas: holders(),
                         degraded: short,
                     }
                 } else {
@@ -430,10 +430,10 @@ impl Leader {
                 // A majority, and committed: failover elects from the sync set (policy
                 // `sync_set`), so an append the sync set lacks could be lost with the leader
                 // even when a majority holds it.
-                let have = usize::from(leader_durable) + durable_followers.len();
+                let have = usize::from(leader_durable) + durable_followers().count();
                 if have >= need && leader_durable && self.required_durable() >= next {
                     Progress::Done {
-                        replicas: holders(&durable_followers),
+                        replicas: holders(),
                         degraded: false,
                     }
                 } else {
