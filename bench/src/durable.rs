@@ -13,7 +13,8 @@
 //!
 //! each also with `IOSQE_ASYNC` (forced to an io-wq worker thread), and with the number of
 //! requests io_uring handed to io-wq worker threads per write, counted by the kernel's
-//! `io_uring:io_uring_queue_async_work` tracepoint when tracefs can be used (root).
+//! `io_uring:io_uring_queue_async_work` tracepoint when tracefs can be used (root). Then the
+//! same kinds of write through tokio-uring and glommio ([`crate::runtimes`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -67,6 +68,8 @@ impl Mode {
 /// One mode's figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// What submits the requests: the io_uring crate directly (`io_uring`), or a runtime.
+    pub runtime: String,
     pub mode: String,
     /// Every request forced to an io-wq worker (`IOSQE_ASYNC`).
     pub forced_async: bool,
@@ -77,13 +80,27 @@ pub struct Row {
 }
 
 /// A 4096-aligned buffer (O_DIRECT needs aligned memory, offset and length).
-struct Aligned {
+pub(crate) struct Aligned {
     ptr: *mut u8,
     layout: std::alloc::Layout,
 }
 
+// SAFETY: the memory stays where it is for the buffer's life (it is never reallocated), and
+// all of it is initialised in `new`.
+unsafe impl tokio_uring::buf::IoBuf for Aligned {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+    fn bytes_init(&self) -> usize {
+        self.layout.size()
+    }
+    fn bytes_total(&self) -> usize {
+        self.layout.size()
+    }
+}
+
 impl Aligned {
-    fn new(len: usize) -> Aligned {
+    pub(crate) fn new(len: usize) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(len, 4096).expect("a valid layout");
         // SAFETY: the layout has a non-zero size (len >= 1 is checked by the caller).
         let ptr = unsafe { std::alloc::alloc(layout) };
@@ -137,12 +154,12 @@ impl Punts {
     }
 
     /// Clear what was counted.
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let _ = std::fs::write(self.root.join("trace"), "");
     }
 
     /// Events of this process counted since the last clear.
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         let pid = std::process::id().to_string();
         std::fs::read_to_string(self.root.join("trace"))
             .unwrap_or_default()
@@ -182,6 +199,16 @@ fn prewritten(path: &Path, len: usize, flags: i32) -> Result<File, String> {
         .custom_flags(flags)
         .open(path)
         .map_err(|e| format!("open {} with flags {flags:#x}: {e}", path.display()))
+}
+
+/// A new pre-written file of `len` bytes in `dir`, named after `name`.
+pub(crate) fn prewritten_path(dir: &Path, name: &str, len: usize) -> Result<PathBuf, String> {
+    let path = dir.join(format!(
+        "durable-{}",
+        name.replace([' ', '|', '+', '.'], "-")
+    ));
+    drop(crate::floor::prewritten(&path, len)?);
+    Ok(path)
 }
 
 /// Submit `entries` and wait for all their completions; an error names the failed one.
@@ -277,6 +304,7 @@ fn measure(
             punted = p.count();
         }
         Ok(Row {
+            runtime: "io_uring".to_string(),
             mode: mode.name().to_string(),
             forced_async,
             latency: Summary::of(&h),
@@ -316,21 +344,33 @@ pub fn measure_all(
             )?);
         }
     }
+    // The same kinds of write through the runtimes a node could run on.
+    for way in crate::runtimes::Way::ALL {
+        rows.push(crate::runtimes::measure(
+            dir,
+            way,
+            block,
+            warmup,
+            samples,
+            punts.as_ref(),
+        )?);
+    }
     Ok(rows)
 }
 
 /// The table.
 pub fn table(rows: &[Row], block: usize) -> String {
     let mut s = format!(
-        "{block}-byte writes made durable one at a time, pre-written files\n{:<24} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "mode", "async", "p50 us", "p99 us", "p99.9 us", "writes/s", "io-wq/w"
+        "{block}-byte writes made durable one at a time, pre-written files\n{:<16} {:<24} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "runtime", "mode", "async", "p50 us", "p99 us", "p99.9 us", "writes/s", "io-wq/w"
     );
     for r in rows {
         let punts = r
             .io_wq_per_write
             .map_or("-".to_string(), |p| format!("{p:.2}"));
         s += &format!(
-            "{:<24} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9}\n",
+            "{:<16} {:<24} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9}\n",
+            r.runtime,
             r.mode,
             if r.forced_async { "forced" } else { "-" },
             r.latency.p50_us,

@@ -22,4 +22,5 @@ pub mod pace;
 pub mod peers;
 pub mod progress;
 pub mod report;
+pub mod runtimes;
 pub mod workload;

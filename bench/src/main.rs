@@ -34,7 +34,8 @@ enum Cmd {
     /// fdatasync'd write bandwidth, QUIC round trip (1 KiB) and bulk throughput on loopback.
     Floor(FloorArgs),
     /// The ways to make one small write durable with io_uring (write + fdatasync, linked,
-    /// RWF_DSYNC, O_DSYNC, O_DIRECT|O_DSYNC), with and without io-wq, side by side.
+    /// RWF_DSYNC, O_DSYNC, O_DIRECT|O_DSYNC), with and without io-wq, side by side, then
+    /// through the tokio-uring and glommio runtimes.
     Durable(DurableArgs),
     /// Append latency and throughput, open loop at a rate or closed loop.
     Append(AppendArgs),

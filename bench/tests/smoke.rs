@@ -449,10 +449,28 @@ fn durable_measures_every_mode_and_counts_io_wq_hand_offs() {
         "O_DSYNC write",
         "O_DIRECT|O_DSYNC write",
     ];
-    assert_eq!(rows.len(), 2 * modes.len(), "{stdout}");
+    // Every mode through io_uring directly, without and with IOSQE_ASYNC, then the same kinds
+    // of write through tokio-uring and glommio.
+    let runtimes = [
+        ("tokio-uring 0.5", "write+fdatasync"),
+        ("tokio-uring 0.5", "O_DIRECT|O_DSYNC write"),
+        ("glommio 0.9", "buffered write+fdatasync"),
+        ("glommio 0.9", "DMA write+fdatasync"),
+        ("glommio 0.9", "DMA O_DSYNC write"),
+    ];
+    assert_eq!(rows.len(), 2 * modes.len() + runtimes.len(), "{stdout}");
     for (i, r) in rows.iter().enumerate() {
-        assert_eq!(r["mode"], modes[i % modes.len()], "{r}");
-        assert_eq!(r["forced_async"], i >= modes.len(), "{r}");
+        if i < 2 * modes.len() {
+            assert_eq!(r["runtime"], "io_uring", "{r}");
+            assert_eq!(r["mode"], modes[i % modes.len()], "{r}");
+            assert_eq!(r["forced_async"], i >= modes.len(), "{r}");
+        } else {
+            let (runtime, mode) = runtimes[i - 2 * modes.len()];
+            assert_eq!(
+                (r["runtime"].as_str(), r["mode"].as_str()),
+                (Some(runtime), Some(mode))
+            );
+        }
         assert_eq!(r["latency"]["count"], 20, "{r}");
         assert!(r["writes_per_sec"].as_f64().unwrap() > 0.0, "{r}");
     }
