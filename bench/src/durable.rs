@@ -192,7 +192,7 @@ impl Drop for Punts {
 
 /// A file of `len` bytes, zero-filled and synced ([`crate::floor`]'s), opened again with
 /// `flags` added.
-fn prewritten(path: &Path, len: usize, flags: i32) -> Result<File, String> {
+pub(crate) fn prewritten(path: &Path, len: usize, flags: i32) -> Result<File, String> {
     drop(crate::floor::prewritten(path, len)?);
     File::options()
         .write(true)
@@ -201,14 +201,12 @@ fn prewritten(path: &Path, len: usize, flags: i32) -> Result<File, String> {
         .map_err(|e| format!("open {} with flags {flags:#x}: {e}", path.display()))
 }
 
-/// A new pre-written file of `len` bytes in `dir`, named after `name`.
-pub(crate) fn prewritten_path(dir: &Path, name: &str, len: usize) -> Result<PathBuf, String> {
-    let path = dir.join(format!(
+/// Where the file written for the mode `name` goes in `dir`.
+pub(crate) fn file_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(
         "durable-{}",
         name.replace([' ', '|', '+', '.'], "-")
-    ));
-    drop(crate::floor::prewritten(&path, len)?);
-    Ok(path)
+    ))
 }
 
 /// Submit `entries` and wait for all their completions; an error names the failed one.
@@ -244,10 +242,7 @@ fn measure(
     samples: usize,
     punts: Option<&Punts>,
 ) -> Result<Row, String> {
-    let path = dir.join(format!(
-        "durable-{}",
-        mode.name().replace([' ', '|', '+'], "-")
-    ));
+    let path = file_path(dir, mode.name());
     let n = warmup + samples;
     let file = prewritten(&path, n * block, mode.open_flags());
     let result = file.and_then(|file| {

@@ -118,7 +118,7 @@ impl Run {
 }
 
 /// The stages of an append on the node that serves it, in order (the server's
-/// `metrics::Stage::PATH`): their sum is the append's time inside that node.
+/// `metrics::Stage` documents them): their sum is the append's time inside that node.
 pub const PATH_STAGES: [&str; 7] = [
     "request",
     "receive",

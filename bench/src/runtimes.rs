@@ -8,11 +8,10 @@
 //! - glommio `DMA write+fdatasync`: `DmaFile::write_at` (O_DIRECT) then `fdatasync`;
 //! - glommio `DMA O_DSYNC write`: `DmaFile::write_at` on a file opened with `O_DSYNC` too.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::durable::{prewritten_path, Punts, Row};
+use crate::durable::{file_path, prewritten, Punts, Row};
 use crate::hist::{self, Summary};
 
 /// What one runtime does to make a write durable.
@@ -38,6 +37,14 @@ impl Way {
         match self {
             Way::TokioUringWriteFdatasync | Way::TokioUringDirectDsync => "tokio-uring 0.5",
             _ => "glommio 0.9",
+        }
+    }
+
+    /// Flags the file is opened with (glommio opens its files itself).
+    fn open_flags(self) -> i32 {
+        match self {
+            Way::TokioUringDirectDsync => libc::O_DIRECT | libc::O_DSYNC,
+            _ => 0,
         }
     }
 
@@ -94,22 +101,13 @@ where
 }
 
 fn tokio_uring_way(
-    path: &Path,
+    std_file: std::fs::File,
     way: Way,
     block: usize,
     warmup: usize,
     samples: usize,
     punts: Option<&Punts>,
 ) -> Result<Timed, String> {
-    let flags = match way {
-        Way::TokioUringDirectDsync => libc::O_DIRECT | libc::O_DSYNC,
-        _ => 0,
-    };
-    let std_file = std::fs::File::options()
-        .write(true)
-        .custom_flags(flags)
-        .open(path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
     tokio_uring::start(async {
         let file = tokio_uring::fs::File::from_std(std_file);
         // An aligned buffer, handed back and forth between writes.
@@ -213,17 +211,17 @@ pub fn measure(
     samples: usize,
     punts: Option<&Punts>,
 ) -> Result<Row, String> {
-    let path = prewritten_path(
-        dir,
-        &format!("{}-{}", way.runtime(), way.name()),
-        (warmup + samples) * block,
-    )?;
-    let timed = match way {
+    let path = file_path(dir, &format!("{}-{}", way.runtime(), way.name()));
+    let file = prewritten(&path, (warmup + samples) * block, way.open_flags());
+    let timed = file.and_then(|file| match way {
         Way::TokioUringWriteFdatasync | Way::TokioUringDirectDsync => {
-            tokio_uring_way(&path, way, block, warmup, samples, punts)
+            tokio_uring_way(file, way, block, warmup, samples, punts)
         }
-        _ => glommio_way(&path, way, block, warmup, samples, punts),
-    };
+        _ => {
+            drop(file);
+            glommio_way(&path, way, block, warmup, samples, punts)
+        }
+    });
     let _ = std::fs::remove_file(&path);
     let t = timed?;
     Ok(Row {

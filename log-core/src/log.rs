@@ -900,43 +900,36 @@ impl Log {
     /// Wait until [`Log::taken_offset`] passes `offset`: a record at `offset` is written or
     /// being written. Fails once the log is closed or failed.
     pub async fn wait_taken_past(&self, offset: Offset) -> Result<()> {
-        loop {
-            let taken = self.inner.taken.notified();
-            {
-                let st = self.inner.st.borrow();
-                if let Some(e) = &st.failure {
-                    return Err(self.inner.failed(e));
-                }
-                if taken_offset(&st) > offset {
-                    return Ok(());
-                }
-                if st.closed {
-                    return Err(Error::Closed);
-                }
-            }
-            taken.await;
-        }
+        self.wait_until(&self.inner.taken, |st| taken_offset(st) > offset)
+            .await
     }
 
     /// Wait until `next_offset() > offset`: a record at `offset` has been appended (not
     /// necessarily written). For readers waiting at the end of the log. Fails with
     /// [`Error::Closed`] once the log is closed and nothing more will be appended.
     pub async fn wait_appended(&self, offset: Offset) -> Result<()> {
+        self.wait_until(&self.inner.appended, |st| st.next_offset > offset)
+            .await
+    }
+
+    /// Wait until `reached` holds, looking again each time `wake` is notified; fails once the
+    /// log has failed, or is closed without `reached` holding.
+    async fn wait_until(&self, wake: &Notify, reached: impl Fn(&State) -> bool) -> Result<()> {
         loop {
-            let appended = self.inner.appended.notified();
+            let woken = wake.notified();
             {
                 let st = self.inner.st.borrow();
                 if let Some(e) = &st.failure {
                     return Err(self.inner.failed(e));
                 }
-                if st.next_offset > offset {
+                if reached(&st) {
                     return Ok(());
                 }
                 if st.closed {
                     return Err(Error::Closed);
                 }
             }
-            appended.await;
+            woken.await;
         }
     }
 

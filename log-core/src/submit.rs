@@ -84,18 +84,14 @@ pub fn start<F: Future>(fut: F) -> F::Output {
     out
 }
 
-/// Whether this thread submits disk operations at once (where [`start`] found its ring).
-pub fn active() -> bool {
-    ENABLED.get() && RING.get().is_some()
-}
-
 /// Turn submitting at once on or off on this thread (for measuring what it is worth).
 pub fn set_enabled(on: bool) {
     ENABLED.set(on);
 }
 
-/// Hand everything queued on this thread's ring to the kernel now.
-fn submit_queued() {
+/// Hand everything queued on this thread's ring to the kernel now (after tokio-uring's
+/// `UnsubmittedOneshot::submit`, which queues its operation right away).
+pub(crate) fn queued() {
     let Some(fd) = RING.get() else { return };
     if !ENABLED.get() {
         return;
@@ -140,16 +136,10 @@ impl<F: Future + Unpin> Future for Now<F> {
         let out = Pin::new(&mut self.inner).poll(cx);
         if out.is_pending() && !self.submitted {
             self.submitted = true;
-            submit_queued();
+            queued();
         }
         out
     }
-}
-
-/// Submit what an operation pushed onto the ring when it was created (tokio-uring's
-/// `UnsubmittedOneshot::submit` queues it right away).
-pub(crate) fn queued() {
-    submit_queued();
 }
 
 #[cfg(test)]

@@ -253,16 +253,20 @@ impl Leader {
 
     /// Members of the sync set, by id.
     pub fn sync_set(&self) -> Vec<&str> {
+        self.sync_members().collect()
+    }
+
+    /// Members of the sync set, by id, without collecting them.
+    fn sync_members(&self) -> impl Iterator<Item = &str> {
         self.followers
             .iter()
             .filter(|(_, f)| f.in_sync_set)
             .map(|(id, _)| id.as_str())
-            .collect()
     }
 
     /// How many sync-set places are empty (the durability debt while degraded).
     pub fn sync_shortfall(&self) -> usize {
-        let members = self.followers.values().filter(|f| f.in_sync_set).count();
+        let members = self.sync_members().count();
         self.config.sync_replicas.saturating_sub(members)
     }
 

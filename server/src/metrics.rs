@@ -100,18 +100,6 @@ impl Stage {
         Stage::FollowerFlush,
     ];
 
-    /// The stages one append passes through on a leader, in order: their sum is its time in
-    /// the node (acks=leader has no `replicated`, acks=none neither the write stages).
-    pub const PATH: [Stage; 7] = [
-        Stage::Request,
-        Stage::Receive,
-        Stage::Submitted,
-        Stage::Written,
-        Stage::Durable,
-        Stage::Replicated,
-        Stage::Sent,
-    ];
-
     /// The `stage` label value.
     pub fn name(self) -> &'static str {
         match self {
