@@ -214,9 +214,40 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
+/// Attempts at starting a cluster whose members' ports are fixed up front (with a
+/// controller): a port found free can be taken by another process before its node binds it.
+pub const SPAWN_ATTEMPTS_MAX: usize = 3;
+
 impl Cluster {
-    /// Start `spec.nodes` nodes with data in `dir`: the leader first, then its followers.
+    /// Start `spec.nodes` nodes with data in `dir`: the leader first, then its followers. With a
+    /// controller, a node that fails to start (its port taken meanwhile) makes the whole
+    /// cluster start again on other ports, with empty data, up to [`SPAWN_ATTEMPTS_MAX`] times.
     pub fn spawn(spec: &ClusterSpec, dir: &Path) -> Result<Cluster, String> {
+        let attempts = if spec.controller.is_some() {
+            SPAWN_ATTEMPTS_MAX
+        } else {
+            1
+        };
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            match Self::spawn_once(spec, dir) {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    // The nodes of this attempt were stopped when dropped; their data goes.
+                    for i in 1..=spec.nodes.max(1) {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("node-{i}")));
+                    }
+                    if attempt < attempts {
+                        eprintln!("replog-bench: starting the cluster again: {e}");
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn spawn_once(spec: &ClusterSpec, dir: &Path) -> Result<Cluster, String> {
         let ca_dir = dir.join("dev-ca");
         let config = dir.join("node.toml");
         std::fs::write(&config, &spec.config_toml).map_err(|e| e.to_string())?;
@@ -472,6 +503,54 @@ pub fn stage_summaries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in `replog` that notes each start in `log` and exits at once, as a node whose
+    /// port was taken does.
+    fn failing_replog(dir: &Path, log: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("replog");
+        let script = format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", log.display());
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_cluster_with_fixed_ports_is_started_again_a_bounded_number_of_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let starts = dir.path().join("starts");
+        let spec = |controller| ClusterSpec {
+            nodes: 3,
+            sync_replicas: 1,
+            config_toml: String::new(),
+            replog: failing_replog(dir.path(), &starts),
+            controller,
+        };
+        let err = Cluster::spawn(&spec(Some(1000)), dir.path())
+            .err()
+            .expect("no node starts");
+        assert!(err.contains("node-1 did not start"), "{err}");
+        let lines = std::fs::read_to_string(&starts).unwrap();
+        assert_eq!(lines.lines().count(), SPAWN_ATTEMPTS_MAX, "{lines}");
+        // The attempts fixed other ports for their members (the kernel's free ports could
+        // repeat one set, never all three).
+        let members: std::collections::BTreeSet<&str> = lines
+            .lines()
+            .map(|l| {
+                l.split("--member ")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        assert!(members.len() > 1, "{lines}");
+        // Without a controller the ports are the kernel's own choice: one attempt.
+        std::fs::remove_file(&starts).unwrap();
+        assert!(Cluster::spawn(&spec(None), dir.path()).is_err());
+        assert_eq!(std::fs::read_to_string(&starts).unwrap().lines().count(), 1);
+    }
 
     const SCRAPE: &str = "\
 # HELP replog_stage_latency_seconds Per-stage latency.
