@@ -526,9 +526,9 @@ mod tests {
             replog: failing_replog(dir.path(), &starts),
             controller,
         };
-        let err = Cluster::spawn(&spec(Some(1000)), dir.path())
-            .err()
-            .expect("no node starts");
+        let Err(err) = Cluster::spawn(&spec(Some(1000)), dir.path()) else {
+            panic!("no node starts, yet the cluster did");
+        };
         assert!(err.contains("node-1 did not start"), "{err}");
         let lines = std::fs::read_to_string(&starts).unwrap();
         assert_eq!(lines.lines().count(), SPAWN_ATTEMPTS_MAX, "{lines}");

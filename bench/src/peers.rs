@@ -31,6 +31,10 @@ const NATS_STREAM: &str = "replog-bench";
 /// Publishes of one NATS worker that may fail in a row before the run is given up.
 const NATS_FAILURES_MAX: u64 = 1000;
 
+/// Attempts at starting the NATS cluster: its ports are found free and then bound by the
+/// servers, and another process can take one in between (the server then exits).
+pub const NATS_START_ATTEMPTS_MAX: usize = 3;
+
 /// What one row measures, and how.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -570,11 +574,40 @@ fn start_nats(bin: &Path, dir: &Path) -> Result<(Vec<Proc>, Vec<String>), String
     Ok((procs, urls))
 }
 
-/// Create the R3 file-backed stream, retrying while the cluster elects its JetStream leader.
-async fn nats_stream(url: &str) -> Result<async_nats::jetstream::Context, String> {
+/// Why the NATS cluster could not be used.
+enum NatsFail {
+    /// A server exited (its port was taken, for one): start the cluster again.
+    Exited(String),
+    Other(String),
+}
+
+/// The first server of `procs` that has exited, with the end of its log (`n{i}.log` in `dir`).
+fn nats_exited(procs: &mut [Proc], dir: &Path) -> Option<String> {
+    procs.iter_mut().enumerate().find_map(|(i, p)| {
+        let status = p.child.try_wait().ok()??;
+        let log = std::fs::read_to_string(dir.join(format!("n{i}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        Some(format!(
+            "{} exited ({status}): {}",
+            p.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ))
+    })
+}
+
+/// Create the R3 file-backed stream, retrying while the cluster elects its JetStream leader;
+/// stops early when a server has exited.
+async fn nats_stream(
+    url: &str,
+    procs: &mut [Proc],
+    dir: &Path,
+) -> Result<async_nats::jetstream::Context, NatsFail> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
+        if let Some(e) = nats_exited(procs, dir) {
+            return Err(NatsFail::Exited(e));
+        }
         if let Ok(Ok(client)) =
             tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url)).await
         {
@@ -593,9 +626,9 @@ async fn nats_stream(url: &str) -> Result<async_nats::jetstream::Context, String
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!(
+    Err(NatsFail::Other(format!(
         "the NATS JetStream stream: not created within {READY_TIMEOUT:?} ({last})"
-    ))
+    )))
 }
 
 /// One closed-loop run of `workers` publishers, each waiting for its acknowledgement.
@@ -662,11 +695,31 @@ pub fn nats(
         .prefix("replog-bench-nats-")
         .tempdir_in(&plan.dir)
         .map_err(|e| format!("a temporary directory under {}: {e}", plan.dir.display()))?;
-    let (mut procs, urls) = start_nats(bin, tmp.path())?;
+    // Each attempt in a directory of its own, on ports found free anew.
+    let mut attempt = 0;
+    let (mut procs, js) = loop {
+        attempt += 1;
+        let dir = tmp.path().join(format!("attempt-{attempt}"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let (mut procs, urls) = start_nats(bin, &dir)?;
+        match rt.block_on(nats_stream(&urls[0], &mut procs, &dir)) {
+            Ok(js) => break (procs, js),
+            Err(fail) => {
+                while let Some(mut p) = procs.pop() {
+                    p.stop();
+                }
+                match fail {
+                    NatsFail::Exited(e) if attempt < NATS_START_ATTEMPTS_MAX => {
+                        eprintln!("replog-bench: starting NATS again: {e}");
+                    }
+                    NatsFail::Exited(e) | NatsFail::Other(e) => return Err(e),
+                }
+            }
+        }
+    };
     let pids: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
     let payload = bytes::Bytes::from(vec![0x42u8; plan.record_bytes]);
     let result = rt.block_on(async {
-        let js = nats_stream(&urls[0]).await?;
         let mut rows = Vec::new();
         for &c in concurrency {
             nats_run(&js, c, payload.clone(), plan.warmup).await?;
@@ -789,4 +842,47 @@ pub fn table(rows: &[Row], floor: Option<SyncFloor>, skipped: &BTreeMap<String, 
         s += &format!("{system}: skipped: {why}\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nats_cluster_whose_server_exits_is_started_again_a_bounded_number_of_times() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in nats-server that notes each start and exits, as one whose port was taken.
+        let starts = dir.path().join("starts");
+        let bin = dir.path().join("nats-server");
+        let script = format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", starts.display());
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plan = PeerPlan {
+            dir: dir.path().to_path_buf(),
+            record_bytes: 1024,
+            warmup: Duration::from_millis(10),
+            duration: Duration::from_millis(10),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let Err(err) = nats(&bin, &plan, &[1], &rt) else {
+            panic!("no server stays up, yet NATS ran");
+        };
+        assert!(err.contains("exited"), "{err}");
+        // Each attempt in a directory of its own; a server that exited had noted its start.
+        let lines = std::fs::read_to_string(&starts).unwrap();
+        let attempts: std::collections::BTreeSet<&str> = lines
+            .lines()
+            .filter_map(|l| l.split('/').find(|part| part.starts_with("attempt-")))
+            .collect();
+        let expected: std::collections::BTreeSet<String> = (1..=NATS_START_ATTEMPTS_MAX)
+            .map(|i| format!("attempt-{i}"))
+            .collect();
+        let expected: std::collections::BTreeSet<&str> =
+            expected.iter().map(String::as_str).collect();
+        assert_eq!(attempts, expected, "{lines}");
+    }
 }
